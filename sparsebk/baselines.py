@@ -1,0 +1,166 @@
+"""Baseline a user would reach for instead of a sparse BK LM: a standard causal Transformer.
+
+Architecture only (no training, no Ray). Pre-LayerNorm GPT-style blocks with standard
+softmax attention over a causal mask, learned absolute position embeddings and an output
+head tied to the token embedding. `TransformerConfig.matching(lm_config)` builds one of the
+same width (d_model), depth (n_layers), vocabulary and context (n_seq) as a sparse BK LM, so
+the two compare on the same tokenizer and data.
+
+The forward pass returns the same dict keys as `SparseBKLM` where they make sense
+("logits", and with targets "loss" and "ce_loss", which are equal here), so one
+benchmark loop can drive both models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    n_seq: int
+    d_model: int
+    n_layers: int
+    n_heads: int = 4
+    d_ff: int | None = None  # hidden width of the MLP; None -> 4 * d_model
+    dropout_p: float = 0.1
+    tie_weights: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_seq", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"TransformerConfig.d_model={self.d_model} must be divisible by "
+                f"n_heads={self.n_heads}; pick n_heads among the divisors of d_model")
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 1:
+            raise ValueError(f"TransformerConfig.d_ff must be a positive int or None, got {self.d_ff!r}")
+        if not (0.0 <= float(self.dropout_p) < 1.0):
+            raise ValueError(f"TransformerConfig.dropout_p must be in [0, 1), got {self.dropout_p!r}")
+
+    @classmethod
+    def matching(cls, lm_config, **overrides) -> "TransformerConfig":
+        """Same vocab, context, width, depth and dropout as an `LMConfig` (or its dict)."""
+        src = lm_config if isinstance(lm_config, dict) else lm_config.to_dict()
+        kwargs = {k: src[k] for k in ("vocab_size", "n_seq", "d_model", "n_layers", "dropout_p")}
+        # 4 heads (64 wide at d_model=256, as in GPT-2); any width not divisible by 4 gets 1 head
+        kwargs["n_heads"] = 4 if kwargs["d_model"] % 4 == 0 else 1
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TransformerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TransformerConfig: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout_p = cfg.dropout_p
+        self.resid_drop = nn.Dropout(cfg.dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # each (B, T, D)
+        q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, D/H)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout_p if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.out = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout_p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.out(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TransformerLM(nn.Module):
+    """Causal Transformer LM: tokens (B, T) int64, T <= n_seq -> dict with "logits" (B, T, V)."""
+
+    def __init__(self, config: TransformerConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.n_seq, config.d_model)
+        self.drop = nn.Dropout(config.dropout_p)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual output projections by depth so the residual stream's
+        # variance does not grow with n_layers at init
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.out.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        B, T = tokens.shape
+        if T > self.config.n_seq:
+            raise ValueError(f"sequence length {T} exceeds n_seq={self.config.n_seq}")
+        pos = torch.arange(T, device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, D)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        out = {"logits": logits}
+        if targets is not None:
+            if targets.shape != tokens.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} must equal tokens shape "
+                                 f"{tuple(tokens.shape)}")
+            ce = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T))
+            out["ce_loss"] = ce
+            out["loss"] = ce
+        return out
