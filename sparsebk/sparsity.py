@@ -125,6 +125,9 @@ def sparsity_loss(mask: torch.Tensor, target: Target, loss_type: str = "l2", *,
 
     density = m.mean()  # ()
     current = 1.0 - density
+    if isinstance(target, torch.Tensor):
+        # keep the loss in the mask's compute dtype (a float64 target must not promote it)
+        target = target.to(dtype=current.dtype, device=current.device)
     if loss_type == "kl":
         # (1 - m).mean() rather than 1 - density: exact near sparsity 0
         return _bernoulli_kl(target, (1.0 - m).mean(), density)
