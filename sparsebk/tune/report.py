@@ -1,0 +1,199 @@
+"""Tables, plots and the markdown report of a sweep; `sparsebk report DIR` regenerates them.
+
+Outputs under DIR/report/: results.csv/.parquet (one row per trial), pareto.csv/.parquet
+(the front of best validation perplexity against achieved sparsity), pareto.png (every trial,
+coloured by loss_type, the front drawn), sparsity_vs_target.png (measured sparsity and its
+target over steps for the front's trials) and report.md (per asked sparsity level: the best
+configuration and its perplexity cost against the densest trial).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from sparsebk.tune.pareto import best_at_levels, pareto_front
+from sparsebk.tune.results import (SWEEP_FILE, TrialRecord, collect_trials, is_sweep_dir,
+                                   results_table, write_tables)
+
+logger = logging.getLogger(__name__)
+
+SPARSITY_COL = "mean_sparsity_last"   # achieved sparsity used for the front and the levels
+PPL_COL = "best_val_ppl"
+
+
+def _sweep_meta(sweep_dir: Path) -> dict:
+    f = sweep_dir / SWEEP_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def _usable(df: pd.DataFrame) -> pd.Series:
+    """Trials that count for the front and the levels: evaluated, and not failed."""
+    return df[PPL_COL].notna() & df[SPARSITY_COL].notna() & (df["status"] != "ERROR")
+
+
+def front_table(df: pd.DataFrame) -> pd.DataFrame:
+    ok = df[_usable(df)].reset_index(drop=True)
+    idx = pareto_front(ok[PPL_COL].tolist(), ok[SPARSITY_COL].tolist())
+    return ok.iloc[idx].reset_index(drop=True)
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ok = df[df[PPL_COL].notna() & df[SPARSITY_COL].notna()]
+    groups = ok.groupby("loss_type", dropna=False) if "loss_type" in ok else [("all", ok)]
+    for name, g in groups:
+        ax.scatter(g[SPARSITY_COL], g[PPL_COL], label=str(name), alpha=0.8, s=36)
+    if len(front):
+        ax.step(front[SPARSITY_COL], front[PPL_COL], where="post", color="k", lw=1.2,
+                label="Pareto front")
+        ax.scatter(front[SPARSITY_COL], front[PPL_COL], facecolors="none", edgecolors="k", s=90)
+    ax.set_xlabel(f"achieved sparsity ({SPARSITY_COL})")
+    ax.set_ylabel("best validation perplexity")
+    ax.set_title("Sweep: perplexity vs achieved sparsity")
+    ax.legend(title="loss_type", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sparsity_curves(records: list[TrialRecord], trial_ids: list[str], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_id = {r.trial_id: r for r in records}
+    for k, tid in enumerate(trial_ids):
+        h = by_id[tid].history
+        steps = [row.get("step", i) for i, row in enumerate(h)]
+        colour = f"C{k % 10}"
+        ax.plot(steps, [row.get("sparsity", math.nan) for row in h], color=colour,
+                marker="o", ms=3, label=f"{tid} measured")
+        ax.plot(steps, [row.get("target_sparsity", math.nan) for row in h], color=colour,
+                ls="--", label=f"{tid} target")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sparsity (mean over layers)")
+    ax.set_title("Pareto-front trials: measured sparsity vs target")
+    ax.grid(alpha=0.3)
+    if trial_ids:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+def _md_table(df: pd.DataFrame, cols: list[str]) -> str:
+    cols = [c for c in cols if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
+                    param_names: list[str], name: str) -> str:
+    counts = df["stop_reason"].value_counts().to_dict()
+    out = [f"# Sweep report: {name}", "",
+           f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
+           f"Achieved sparsity = mean measured sparsity over the last evaluations "
+           f"(`{SPARSITY_COL}`); perplexity = best validation perplexity. Failed trials are "
+           f"listed but take no part in the front or the levels.", ""]
+    valid = df[_usable(df)].reset_index(drop=True)
+    out.append("## Best configuration per sparsity level")
+    out.append("")
+    if valid.empty:
+        out.append("No trial reached an evaluation.")
+    else:
+        choices = best_at_levels(valid[PPL_COL].tolist(), valid[SPARSITY_COL].tolist(), levels)
+        dense = valid.iloc[choices[0].dense_index]
+        out.append(f"Densest trial (baseline): `{dense['trial_id']}`, sparsity "
+                   f"{dense[SPARSITY_COL]:.3f}, perplexity {dense[PPL_COL]:.2f}.")
+        out.append("")
+        out.append("| level | trial | sparsity | ppl | ppl cost | cost % | configuration |")
+        out.append("|---|---|---|---|---|---|---|")
+        for c in choices:
+            if c.index is None:
+                out.append(f"| {c.level:.2f} | none reached it | | | | | |")
+                continue
+            row = valid.iloc[c.index]
+            conf = ", ".join(f"{p}={_fmt(row[p])}" for p in param_names if p in row)
+            out.append(f"| {c.level:.2f} | `{row['trial_id']}` | {c.sparsity:.3f} | {c.ppl:.2f} "
+                       f"| {c.ppl_cost:+.2f} | {100 * c.ppl_cost_rel:+.1f}% | {conf} |")
+    out += ["", "## Pareto front", "",
+            _md_table(front, ["trial_id", *param_names, SPARSITY_COL, PPL_COL, "stop_reason"]),
+            "", "## All trials", "",
+            _md_table(df, ["trial_id", *param_names, "stop_reason", "evaluations",
+                           PPL_COL, "final_sparsity", SPARSITY_COL, "tokens_per_s", "retries",
+                           "error"]),
+            "", "Plots: `pareto.png`, `sparsity_vs_target.png`.", ""]
+    return "\n".join(out)
+
+
+def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
+                levels: list[float] | None = None, last_k: int | None = None) -> dict:
+    """Regenerate every table and plot of a sweep from its stored results; returns paths."""
+    sweep_dir = Path(sweep_dir)
+    meta = _sweep_meta(sweep_dir)
+    levels = levels or meta.get("sparsity_levels") or [0.3, 0.5, 0.7]
+    last_k = last_k or meta.get("last_k") or 3
+    out = Path(out_dir) if out_dir else sweep_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    records = collect_trials(sweep_dir)
+    df = results_table(records, last_k=last_k)
+    param_names = [c for c in (meta.get("space") or {}) if c in df.columns] or \
+        sorted({k for r in records for k in r.params})
+    front = front_table(df) if len(df) else df
+    paths = {
+        "results": write_tables(df, out, "results"),
+        "pareto": write_tables(front, out, "pareto"),
+        "pareto_png": plot_pareto(df, front, out / "pareto.png"),
+        "curves_png": plot_sparsity_curves(records, front["trial_id"].tolist() if len(front) else [],
+                                           out / "sparsity_vs_target.png"),
+    }
+    md = out / "report.md"
+    md.write_text(markdown_report(df, front, list(levels), param_names,
+                                  meta.get("name", sweep_dir.name)))
+    paths["report_md"] = md
+    logger.info("report of %d trials written to %s", len(df), out)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sparsebk report",
+                                 description="Regenerate the tables, Pareto front, plots and "
+                                             "markdown report of a sweep from its stored results.")
+    ap.add_argument("dir", help="the sweep folder (STORAGE/NAME, holding experiment_state-*.json)")
+    ap.add_argument("--out", help="output folder (default DIR/report)")
+    ap.add_argument("--levels", type=float, nargs="+", help="sparsity levels to answer for")
+    args = ap.parse_args(argv)
+    d = Path(args.dir).expanduser()
+    if not is_sweep_dir(d):
+        runs = sorted(p.parent for p in d.glob("*/experiment_state-*.json"))
+        hint = f"; sweep folders inside it: {[str(r) for r in runs]}" if runs else ""
+        print(f"sparsebk report: {d} is not a sweep folder (no experiment_state-*.json){hint}")
+        return 2
+    paths = make_report(d, args.out, levels=args.levels)
+    print((Path(paths["report_md"])).read_text())
+    for k, v in paths.items():
+        print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
+    return 0
