@@ -1,0 +1,41 @@
+"""Data: corpora -> offline tokenisers -> Parquet token blocks -> torch / Ray Data loaders.
+
+Names are imported lazily so that `import sparsebk.data` does not pull in pyarrow or Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "prepare_dataset": "sparsebk.data.prepare",
+    "load_manifest": "sparsebk.data.manifest",
+    "check_dataset": "sparsebk.data.manifest",
+    "MANIFEST_NAME": "sparsebk.data.manifest",
+    "load_blocks": "sparsebk.data.loading",
+    "ray_datasets": "sparsebk.data.loading",
+    "get_tokenizer": "sparsebk.data.tokenizers",
+    "load_tokenizer": "sparsebk.data.tokenizers",
+    "TOKENIZER_NAMES": "sparsebk.data.tokenizers",
+    "Tokenizer": "sparsebk.data.tokenizers",
+    "WordTokenizer": "sparsebk.data.tokenizers",
+    "ByteTokenizer": "sparsebk.data.tokenizers",
+    "GPT2Tokenizer": "sparsebk.data.tokenizers",
+    "PTB_TOKENS": "sparsebk.data.corpora",
+    "PTB_VOCAB": "sparsebk.data.corpora",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparsebk.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

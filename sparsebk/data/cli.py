@@ -1,0 +1,45 @@
+"""`sparsebk prepare-data`: tokenise PTB or your text into Parquet blocks (idempotent)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sparsebk prepare-data", description=__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--corpus", choices=["ptb"], default="ptb",
+                     help="built-in corpus (default: Penn Treebank, Mikolov's LM splits)")
+    src.add_argument("--text", metavar="PATH",
+                     help="your text instead: a file, a directory of .txt files, or a glob")
+    p.add_argument("--tokenizer", choices=["word", "byte", "gpt2"], default="word")
+    p.add_argument("--block-len", type=int, default=128, help="input tokens per block (default 128)")
+    p.add_argument("--rows-per-file", type=int, default=4096, help="blocks per Parquet file")
+    p.add_argument("--valid-fraction", type=float, default=0.05, help="--text only")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="--text only")
+    p.add_argument("--max-vocab", type=int, default=None, help="word tokenizer only")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from sparsebk.data.manifest import load_manifest
+    from sparsebk.data.prepare import prepare_dataset
+
+    try:
+        out = prepare_dataset(args.out, corpus="text" if args.text else args.corpus, text=args.text,
+                              tokenizer=args.tokenizer, block_len=args.block_len,
+                              rows_per_file=args.rows_per_file, valid_fraction=args.valid_fraction,
+                              test_fraction=args.test_fraction, max_vocab=args.max_vocab)
+    except ValueError as e:
+        print(f"sparsebk prepare-data: {e}", file=sys.stderr)
+        return 2
+    m = load_manifest(out)
+    print(f"{out}: tokenizer {m['tokenizer']['name']} (vocab {m['vocab_size']}), block_len {m['block_len']}")
+    for split, info in m["splits"].items():
+        print(f"  {split:<5} {info['tokens']:>10,} tokens  {info['rows']:>7,} blocks  {len(info['files'])} files")
+    return 0

@@ -1,0 +1,68 @@
+"""Read a prepared dataset: a plain pyarrow -> torch loader, and Ray Data datasets for Ray Train.
+
+Both check the dataset against its manifest and against what the caller can take
+(`vocab_size`, `block_len` = the model's n_seq) before returning anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sparsebk.data.manifest import MANIFEST_NAME, TOKENS_COLUMN, check_dataset
+
+
+def _split_files(root: Path, manifest: dict, split: str) -> list[Path]:
+    return [root / entry["path"] for entry in manifest["splits"][split]["files"]]
+
+
+def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
+                block_len: int | None = None, verify_checksums: bool = True):
+    """All blocks of one split as a torch.LongTensor (R, block_len + 1); row[:-1] -> row[1:].
+
+    Reads every row: each row must hold exactly block_len + 1 ids in [0, vocab_size).
+    """
+    import pyarrow.parquet as pq
+    import torch
+
+    root = Path(path)
+    m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=[split],
+                      verify_checksums=verify_checksums)
+    width = m["block_len"] + 1
+    parts = []
+    for fpath in _split_files(root, m, split):
+        col = pq.read_table(fpath, columns=[TOKENS_COLUMN]).column(0).combine_chunks()
+        offsets = col.offsets.to_numpy()
+        lengths = np.diff(offsets)
+        bad = np.flatnonzero(lengths != width)
+        if bad.size:
+            raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {bad[0]} has {lengths[bad[0]]} ids, not "
+                             f"block_len + 1 = {width} ({root / MANIFEST_NAME} field block_len)")
+        values = col.values.to_numpy()[offsets[0]:offsets[-1]]
+        if values.size and (values.max() >= m["vocab_size"] or values.min() < 0):
+            row = int(np.flatnonzero(((values >= m["vocab_size"]) | (values < 0)).reshape(-1, width).any(1))[0])
+            raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {row} has a token id outside "
+                             f"[0, vocab_size={m['vocab_size']}) ({root / MANIFEST_NAME} field vocab_size)")
+        parts.append(values.reshape(-1, width))
+    blocks = np.concatenate(parts) if parts else np.empty((0, width), dtype=np.int32)
+    return torch.from_numpy(blocks.astype(np.int64))
+
+
+def ray_datasets(path: str | Path, splits: Sequence[str] = ("train", "valid", "test"), *,
+                 vocab_size: int | None = None, block_len: int | None = None,
+                 verify_checksums: bool = True) -> dict:
+    """{split: ray.data.Dataset} read with `ray.data.read_parquet` from the split's files.
+
+    Each row is {"tokens": block_len + 1 int32 ids}; `iter_torch_batches` yields "tokens"
+    as an int32 tensor (B, block_len + 1). Pass them to `TorchTrainer(datasets=...)`.
+    """
+    import ray.data
+
+    root = Path(path).resolve()
+    m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=list(splits),
+                      verify_checksums=verify_checksums)
+    return {split: ray.data.read_parquet([str(f) for f in _split_files(root, m, split)],
+                                         columns=[TOKENS_COLUMN])
+            for split in splits}
