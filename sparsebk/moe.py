@@ -62,12 +62,18 @@ class MoEFFN(nn.Module):
         self.experts = nn.ModuleList(ExpertFFN(d_model, self.d_ff) for _ in range(num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Router probabilities (M, E) in float32, chosen weights (M, k) and experts (M, k)."""
-        probs = torch.softmax(self.router(x).float(), dim=-1)
+        """Router probabilities (M, E) (float32 at least), chosen weights (M, k) and experts (M, k)."""
+        logits = self.router(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # a softmax over experts in half precision rounds the weights
+        probs = torch.softmax(logits, dim=-1)
         top_p, top_e = probs.topk(self.top_k, dim=-1)
         return probs, top_p, top_e
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_mask: optional bool (M,); only those tokens count in the balance loss (the
+        dense reference of the sparse layer runs every token but balances the computed ones)."""
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFFN expects tokens of shape (M, {self.d_model}), got {tuple(x.shape)}")
         m, k, n_exp = x.shape[0], self.top_k, self.num_experts
@@ -88,9 +94,15 @@ class MoEFFN(nn.Module):
         ys = torch.cat(outs, dim=0) * top_p.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
         y = x.new_zeros(m, self.d_model).index_add(0, token_of, ys)  # (M, D)
 
-        denom = max(m, 1)  # an empty batch gives aux = 0, still attached to the router
-        frac = counts_t.to(probs.dtype) / (denom * k)  # (E,)
-        mean_p = probs.sum(dim=0) / denom  # (E,)
+        if token_mask is None:
+            denom = max(m, 1)  # an empty batch gives aux = 0, still attached to the router
+            frac = counts_t.to(probs.dtype) / (denom * k)  # (E,)
+            mean_p = probs.sum(dim=0) / denom  # (E,)
+        else:
+            w = token_mask.to(probs.dtype)  # (M,)
+            denom = w.sum().clamp_min(1.0)
+            frac = torch.bincount(flat_e, weights=w.repeat_interleave(k), minlength=n_exp) / (denom * k)
+            mean_p = (probs * w.unsqueeze(-1)).sum(dim=0) / denom
         aux = n_exp * (frac * mean_p).sum()
         return y, aux
 

@@ -1,0 +1,299 @@
+"""Sparse BK layer: a learned per-position mask decides where the expensive work happens.
+
+    mask  = GumbelSigmoid(predictor(x))                       (B, N)  1 = compute, 0 = skip
+    h_c   = MoE(x_c)                                          (M, D)  computed positions only
+    v     = scatter(v_proj(h_c)), 0 at skipped positions      (B, N)
+    g     = BK-core on H0 + diag(v) (causal by default)       (B, N)  complex, full sequence
+    y_i   = mask_i * (h_i + W_out [Re g_i, Im g_i] + b)       at a computed position i
+    y_i   = W_out f_j + b                                     at a skipped position i
+
+where f_j are the BK features of j, the last computed position at or before i (zero features
+when there is none): a causal carry-forward, left neighbours only. A skipped position therefore
+costs no expert FFN and no projection: its output is a row copy of an already projected row.
+The BK-core runs over the whole sequence because it is a cheap O(N) scalar chain; skipping
+inside it would save nothing.
+
+The mask is straight-through (exactly 0/1 forward): multiplying the computed outputs by it
+hands the task gradient to the importance predictor, and the sparsity loss is built from the
+same live mask.
+
+`use_sparse_computation=False` computes every position densely and selects with the mask:
+the same outputs (to rounding) at full cost; it is the reference the sparse path is tested
+against. Host syncs: the sparse path reads the number of computed positions (one sync per
+layer) and the MoE reads its per-expert counts (one more): dynamic sparsity needs both.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from sparsebk.bk_core import resolvent_diagonal, resolvent_features
+from sparsebk.gate import GumbelSigmoidGate
+from sparsebk.moe import MoEFFN
+from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
+
+__all__ = ["SparseBKCore", "SparseMoEResNetBKLayer", "get_sparsity_loss", "get_balanced_loss",
+           "get_sparsity_stats"]
+
+
+def _check_target(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"target_sparsity={value!r} must be a float in [0, 1)")
+    return float(value)
+
+
+def _check_dims(d_model, n_seq) -> None:
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 2:
+        raise ValueError(f"d_model={d_model!r} must be an int >= 2")
+    if isinstance(n_seq, bool) or not isinstance(n_seq, int) or n_seq < 1:
+        raise ValueError(f"n_seq={n_seq!r} must be an int >= 1")
+
+
+class SparseBKCore(nn.Module):
+    """Importance predictor + Gumbel-sigmoid gate + BK-core + causal feature interpolation.
+
+    forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N), sparsity_ratio 0-dim).
+    The predictor scores position i from x_i alone, so the mask is causal. `target_sparsity`
+    and `tau` may be set at any step (the scheduler does).
+    """
+
+    def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
+                 *, causal: bool = True, z: complex = 1j):
+        super().__init__()
+        _check_dims(d_model, n_seq)
+        self.d_model, self.n_seq, self.causal, self.z = d_model, n_seq, bool(causal), complex(z)
+        if not self.z.imag > 0:
+            raise ValueError(f"z={z!r} must have Im z > 0")
+        self.importance_predictor = nn.Linear(d_model, 1)
+        self.gate = GumbelSigmoidGate(tau)
+        self.target_sparsity = target_sparsity
+
+    @property
+    def target_sparsity(self) -> float:
+        return self._target_sparsity
+
+    @target_sparsity.setter
+    def target_sparsity(self, value: float) -> None:
+        self._target_sparsity = _check_target(value)
+
+    @property
+    def tau(self) -> float:
+        return self.gate.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.gate.tau = value
+
+    def compute_mask(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Straight-through mask (B, N) from x (B, N, D); `force_mask` fixes its forward value."""
+        logits = self.importance_predictor(x).squeeze(-1)  # (B, N)
+        return self.gate(logits, force=force_mask)
+
+    def bk_features(self, v: torch.Tensor) -> torch.Tensor:
+        """(Re, Im) of the resolvent diagonal of H0 + diag(v): (B, N) -> (B, N, 2)."""
+        diag = (v if v.dtype == torch.float64 else v.float()) - 2.0  # H0 diagonal is -2
+        # validate=False: the finiteness check is a host sync; v is finite by construction
+        g = resolvent_diagonal(diag, self.z, causal=self.causal, validate=False)
+        return resolvent_features(g).to(v.dtype)
+
+    @staticmethod
+    def carry_index(mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) index of the last computed position j <= i, or -1 where there is none."""
+        pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+        return torch.where(mask > 0.5, pos, -1).cummax(dim=-1).values
+
+    @classmethod
+    def interpolate(cls, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Replace the features (B, N, C) of skipped positions by those of the last computed
+        position to their left (zeros before the first computed one). Causal."""
+        src = cls.carry_index(mask)  # (B, N)
+        carried = features.gather(1, src.clamp_min(0).unsqueeze(-1).expand_as(features))
+        return torch.where((src >= 0).unsqueeze(-1), carried, 0.0)
+
+    def forward(self, x: torch.Tensor, v: torch.Tensor, use_sparse_computation: bool = True,
+                force_mask: torch.Tensor | None = None):
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
+        if v.shape != x.shape[:2]:
+            raise ValueError(f"v must have shape {tuple(x.shape[:2])}, got {tuple(v.shape)}")
+        if x.shape[1] > self.n_seq:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds n_seq={self.n_seq}")
+        mask = self.compute_mask(x, force_mask)
+        if use_sparse_computation:
+            # skipped positions contribute the bare H0 (v = 0) and take interpolated features
+            v = torch.where(mask > 0.5, v, 0.0)
+            features = self.interpolate(self.bk_features(v), mask)
+        else:
+            features = self.bk_features(v)
+        return features, mask, 1.0 - mask.mean()
+
+    def sparsity_loss(self, mask: torch.Tensor, loss_type: str = "l2") -> torch.Tensor:
+        return sparsity_loss(mask, self._target_sparsity, loss_type)
+
+    def balanced_sparsity_loss(self, mask: torch.Tensor, accuracy_loss: torch.Tensor,
+                               sparsity_weight: float = 1.0, accuracy_weight: float = 1.0,
+                               loss_type: str = "l2"):
+        return balanced_sparsity_loss(mask, accuracy_loss, self._target_sparsity,
+                                      sparsity_weight=sparsity_weight,
+                                      accuracy_weight=accuracy_weight, loss_type=loss_type)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_seq={self.n_seq}, target_sparsity={self._target_sparsity}, "
+                f"causal={self.causal}")
+
+
+class SparseMoEResNetBKLayer(nn.Module):
+    """forward(x (B, N, D), force_mask=None) -> (B, N, D); see the module docstring.
+
+    After a forward, `last_mask` (live, (B, N)) and `last_aux_loss` (MoE balance loss) hold
+    that call's values; the loss getters read them.
+    """
+
+    def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
+                 dropout_p: float = 0.1, target_sparsity: float = 0.5,
+                 sparsity_loss_weight: float = 0.01, sparsity_loss_type: str = "adaptive",
+                 use_sparse_computation: bool = True, *, tau: float = 1.0,
+                 d_ff: int | None = None, causal: bool = True):
+        super().__init__()
+        _check_dims(d_model, n_seq)
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
+        if sparsity_loss_type not in LOSS_TYPES:
+            raise ValueError(f"sparsity_loss_type={sparsity_loss_type!r} is not one of {LOSS_TYPES}")
+        self.d_model, self.n_seq = d_model, n_seq
+        self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal)
+        self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
+        self.v_proj = nn.Linear(d_model, 1)
+        self.output_proj = nn.Linear(2, d_model)
+        self.dropout = nn.Dropout(dropout_p)
+        self.sparsity_loss_weight = sparsity_loss_weight
+        self.sparsity_loss_type = sparsity_loss_type
+        self.use_sparse_computation = bool(use_sparse_computation)
+        self.last_mask: torch.Tensor | None = None
+        self.last_aux_loss: torch.Tensor | None = None
+
+    @property
+    def sparsity_loss_weight(self) -> float:
+        return self._sparsity_loss_weight
+
+    @sparsity_loss_weight.setter
+    def sparsity_loss_weight(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and value >= 0):
+            raise ValueError(f"sparsity_loss_weight={value!r} must be a non-negative finite number")
+        self._sparsity_loss_weight = float(value)
+
+    def forward(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
+        if x.shape[1] > self.n_seq:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds n_seq={self.n_seq}")
+        mask = self.sparse_bk_core.compute_mask(x, force_mask)  # (B, N)
+        if self.use_sparse_computation:
+            y, aux = self._sparse_forward(x, mask)
+        else:
+            y, aux = self._dense_forward(x, mask)
+        self.last_mask, self.last_aux_loss = mask, aux
+        # dropout over the full (B, N, D) output: the RNG draws do not depend on the mask
+        return self.dropout(y)
+
+    def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor):
+        B, N, D = x.shape
+        keep = mask.reshape(-1) > 0.5  # (B N,)
+        idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
+        h, aux = self.moe(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
+        v_c = self.v_proj(h).squeeze(-1)  # (M,)
+        v = v_c.new_zeros(B * N).index_copy(0, idx, v_c).view(B, N)
+        feats = self.sparse_bk_core.bk_features(v).reshape(B * N, 2).index_select(0, idx)  # (M, 2)
+        spec = self.output_proj(feats)  # (M, D)
+        out = mask.reshape(-1).index_select(0, idx).unsqueeze(-1) * (h + spec)  # (M, D)
+
+        # row of the output table each position copies: 0 = projected zero features,
+        # r >= 1 = the r-th computed position (flat order), i.e. the last computed j <= i
+        src = self.sparse_bk_core.carry_index(mask)  # (B, N)
+        rank = keep.cumsum(0)  # (B N,) rank of a computed position, 1-based
+        base = torch.arange(B, device=x.device).unsqueeze(1) * N
+        row = torch.where(src >= 0, rank[(base + src.clamp_min(0)).reshape(-1)].view(B, N), 0)
+        table = torch.cat([self.output_proj(spec.new_zeros(1, 2)), spec], dim=0)  # (M + 1, D)
+        y = table.index_select(0, row.reshape(-1)).index_copy(0, idx, out)  # (B N, D)
+        return y.view(B, N, D), aux
+
+    def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor):
+        """Every position computed, the mask applied by selection: the sparse path's reference."""
+        B, N, D = x.shape
+        keep = mask > 0.5  # (B, N)
+        h, aux = self.moe(x.reshape(B * N, D), token_mask=keep.reshape(-1))
+        h = h.view(B, N, D)
+        v = torch.where(keep, self.v_proj(h).squeeze(-1), 0.0)  # (B, N)
+        feats = self.sparse_bk_core.bk_features(v)  # (B, N, 2)
+        out = mask.unsqueeze(-1) * (h + self.output_proj(feats))
+        carried = self.output_proj(SparseBKCore.interpolate(feats, mask))
+        return torch.where(keep.unsqueeze(-1), out, carried), aux
+
+    def _mask(self) -> torch.Tensor:
+        if self.last_mask is None:
+            raise RuntimeError("no mask yet: call the layer's forward before asking for its losses or stats")
+        return self.last_mask
+
+    def get_sparsity_loss(self, loss_type: str | None = None) -> torch.Tensor:
+        """sparsity_loss_weight * sparsity loss of the last forward's live mask (differentiable)."""
+        loss_type = self.sparsity_loss_type if loss_type is None else loss_type
+        return self._sparsity_loss_weight * sparsity_loss(
+            self._mask(), self.sparse_bk_core.target_sparsity, loss_type)
+
+    def get_balanced_loss(self, accuracy_loss: torch.Tensor, sparsity_weight: float | None = None,
+                          accuracy_weight: float = 1.0):
+        """(accuracy_weight * accuracy_loss + sparsity_weight * sparsity_loss, info dict);
+        sparsity_weight defaults to this layer's sparsity_loss_weight."""
+        sw = self._sparsity_loss_weight if sparsity_weight is None else sparsity_weight
+        return balanced_sparsity_loss(self._mask(), accuracy_loss, self.sparse_bk_core.target_sparsity,
+                                      sparsity_weight=sw, accuracy_weight=accuracy_weight,
+                                      loss_type=self.sparsity_loss_type)
+
+    @torch.no_grad()
+    def get_sparsity_stats(self) -> dict:
+        """Plain floats (a host sync: call it for monitoring, not every step)."""
+        mask = self._mask()
+        return {"sparsity_ratio": float(1.0 - mask.float().mean()),
+                "num_computed": float(mask.float().sum(-1).mean()),  # per sequence
+                "target_sparsity": self.sparse_bk_core.target_sparsity}
+
+
+def _sparse_layers(module: nn.Module) -> list[SparseMoEResNetBKLayer]:
+    layers = [m for m in module.modules() if isinstance(m, SparseMoEResNetBKLayer)]
+    if not layers:
+        raise ValueError(f"{type(module).__name__} contains no SparseMoEResNetBKLayer")
+    return layers
+
+
+def get_sparsity_loss(module: nn.Module, loss_type: str | None = None) -> torch.Tensor:
+    """Sum over the module's sparse layers of their weighted sparsity losses."""
+    return sum(layer.get_sparsity_loss(loss_type) for layer in _sparse_layers(module))
+
+
+def get_balanced_loss(module: nn.Module, accuracy_loss: torch.Tensor,
+                      sparsity_weight: float | None = None, accuracy_weight: float = 1.0):
+    """accuracy_weight * accuracy_loss + sum_l w_l * sparsity_loss_l, with w_l = sparsity_weight
+    or, when None, each layer's own sparsity_loss_weight. Returns (total, info)."""
+    parts = []
+    for layer in _sparse_layers(module):
+        w = layer.sparsity_loss_weight if sparsity_weight is None else sparsity_weight
+        parts.append(w * sparsity_loss(layer._mask(), layer.sparse_bk_core.target_sparsity,
+                                       layer.sparsity_loss_type))
+    sp = sum(parts)
+    total = accuracy_weight * accuracy_loss + sp
+    info = {"total_loss": total.detach(), "accuracy_loss": accuracy_loss.detach(),
+            "sparsity_loss": sp.detach(), "layer_sparsity_loss": [p.detach() for p in parts],
+            "accuracy_weight": float(accuracy_weight)}
+    return total, info
+
+
+def get_sparsity_stats(module: nn.Module) -> dict:
+    """Means over the module's sparse layers, plus the per-layer stats under "layers"."""
+    per = [layer.get_sparsity_stats() for layer in _sparse_layers(module)]
+    out = {k: sum(p[k] for p in per) / len(per) for k in ("sparsity_ratio", "num_computed", "target_sparsity")}
+    out["layers"] = per
+    return out
