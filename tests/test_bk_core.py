@@ -1,0 +1,305 @@
+"""BK-core against trusted references: dense inverses, gradcheck, the float64 loop, plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsebk._scan import linear_scan, ratio_scan
+from sparsebk.bk_core import resolvent_diagonal, resolvent_diagonal_reference, resolvent_features
+from conftest import requires_cuda
+
+Z_VALUES = [1j, 0.3 + 0.5j, -1 + 2j]
+N_VALUES = [1, 2, 3, 17, 128, 512]
+B = 2
+
+
+def _inputs(n, dtype=torch.float64, seed=0, batch=B, per_batch_offdiag=False):
+    g = torch.Generator().manual_seed(seed)
+    diag = -4 * torch.rand(batch, n, generator=g, dtype=torch.float64)  # [-4, 0]
+    shape = (batch, n - 1) if per_batch_offdiag else (n - 1,)
+    off = 0.5 + torch.rand(*shape, generator=g, dtype=torch.float64)  # [0.5, 1.5]
+    return diag.to(dtype), off.to(dtype)
+
+
+def _dense_h(diag_row, off_row):
+    """Dense complex128 H for one sequence."""
+    h = torch.diag(diag_row.double()).to(torch.complex128)
+    if diag_row.numel() > 1:
+        o = off_row.double().to(torch.complex128)
+        h = h + torch.diag(o, 1) + torch.diag(o, -1)
+    return h
+
+
+def _dense_diag(diag, off, z, positions=None):
+    """Bidirectional G_ii (positions None) or causal g_i at `positions`, by torch.linalg.inv."""
+    out = []
+    for b in range(diag.shape[0]):
+        o = off[b] if off.dim() == 2 else off
+        h = _dense_h(diag[b], o)
+        n = h.shape[0]
+        if positions is None:
+            eye = torch.eye(n, dtype=torch.complex128)
+            out.append(torch.linalg.inv(h - z * eye).diagonal())
+        else:
+            vals = []
+            for i in positions:
+                eye = torch.eye(i + 1, dtype=torch.complex128)
+                vals.append(torch.linalg.inv(h[: i + 1, : i + 1] - z * eye)[i, i])
+            out.append(torch.stack(vals))
+    return torch.stack(out)
+
+
+def _causal_positions(n):
+    if n <= 128:
+        return list(range(n))
+    return sorted({0, 1, 2, 63, 64, 65, n // 2, n - 2, n - 1})  # dense inverses of every block are slow
+
+
+@pytest.mark.parametrize("n", N_VALUES)
+@pytest.mark.parametrize("z", Z_VALUES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_dense_inverse(n, z, causal):
+    diag, off = _inputs(n, per_batch_offdiag=(n % 2 == 1))
+    pos = _causal_positions(n) if causal else None
+    ref = _dense_diag(diag, off, z, pos)
+    scale = ref.abs().max()
+
+    got64 = resolvent_diagonal(diag, z, offdiag=off, causal=causal)
+    assert got64.dtype == torch.complex128
+    got64 = got64 if pos is None else got64[:, pos]
+    assert (got64 - ref).abs().max() <= 1e-10 * scale
+
+    got32 = resolvent_diagonal(diag.float(), z, offdiag=off.float(), causal=causal)
+    assert got32.dtype == torch.complex64
+    got32 = got32 if pos is None else got32[:, pos]
+    assert (got32.to(torch.complex128) - ref).abs().max() <= 1e-5 * scale
+
+    ref_loop = resolvent_diagonal_reference(diag, z, offdiag=off, causal=causal)
+    ref_loop = ref_loop if pos is None else ref_loop[:, pos]
+    assert (ref_loop - ref).abs().max() <= 1e-10 * scale
+
+
+def test_default_offdiag_is_the_laplacian():
+    diag, _ = _inputs(33)
+    ones = torch.ones(32, dtype=torch.float64)
+    ref = _dense_diag(diag, ones, 1j)
+    assert (resolvent_diagonal(diag) - ref).abs().max() <= 1e-12
+    # z as a 0-dim tensor gives the same as the python scalar
+    zt = torch.tensor(1j, dtype=torch.complex128)
+    assert (resolvent_diagonal(diag, zt) - ref).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_diag_and_z(causal):
+    diag, off = _inputs(23, per_batch_offdiag=True)
+    diag.requires_grad_()
+    z = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    fn = lambda d, zz: resolvent_diagonal(d, zz, offdiag=off, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (diag, z), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_long_sequence_several_chunks(causal):
+    # N = 150 spans several chunks in both scans; default off-diagonal, z = 1j as a tensor
+    diag, _ = _inputs(150, batch=1)
+    diag.requires_grad_()
+    z = torch.tensor(-1 + 2j, dtype=torch.complex128, requires_grad=True)
+    fn = lambda d, zz: resolvent_diagonal(d, zz, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (diag, z), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float32_gradient_matches_float64_reference(causal):
+    diag, off = _inputs(300, seed=3)
+    w = torch.randn(B, 300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    d64 = diag.clone().requires_grad_()
+    z64 = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    (resolvent_features(resolvent_diagonal_reference(d64, z64, offdiag=off, causal=causal)) * w).sum().backward()
+
+    d32 = diag.float().requires_grad_()
+    z32 = torch.tensor(0.3 + 0.5j, dtype=torch.complex64, requires_grad=True)
+    (resolvent_features(resolvent_diagonal(d32, z32, offdiag=off.float(), causal=causal))
+     * w.float()).sum().backward()
+
+    assert d32.grad.dtype == torch.float32 and z32.grad.dtype == torch.complex64
+    assert (d32.grad.double() - d64.grad).abs().max() <= 1e-5 * d64.grad.abs().max()
+    assert abs(complex(z32.grad) - complex(z64.grad)) <= 1e-5 * abs(complex(z64.grad))
+
+
+def test_causal_mode_is_exactly_causal():
+    n = 200
+    diag, off = _inputs(n, seed=5)
+    base = resolvent_diagonal(diag, offdiag=off, causal=True)
+    for j in [0, 1, 57, 64, 128, 199]:
+        bumped = diag.clone()
+        bumped[:, j] += 1.7
+        out = resolvent_diagonal(bumped, offdiag=off, causal=True)
+        assert torch.equal(out[:, :j], base[:, :j])
+        assert (out[:, j] != base[:, j]).all()
+
+    # and the gradient of g_i has no component on later positions (exact zeros)
+    d = diag.clone().requires_grad_()
+    i = 100
+    g = resolvent_diagonal(d, offdiag=off, causal=True)
+    (g[:, i].real + g[:, i].imag).sum().backward()
+    assert torch.count_nonzero(d.grad[:, i + 1:]) == 0
+    assert (d.grad[:, i] != 0).all()
+
+
+def test_bidirectional_mode_sees_the_future():
+    diag, off = _inputs(20, seed=6)
+    bumped = diag.clone()
+    bumped[:, 15] += 1.0
+    a = resolvent_diagonal(diag, offdiag=off)
+    b = resolvent_diagonal(bumped, offdiag=off)
+    assert ((a[:, 10] - b[:, 10]).abs() > 1e-8).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_matches_reference_at_4096(causal):
+    g = torch.Generator().manual_seed(7)
+    diag = -2 + 20 * torch.rand(B, 4096, generator=g, dtype=torch.float64) - 10
+    fast = resolvent_diagonal(diag, 0.3 + 0.5j, causal=causal)
+    ref = resolvent_diagonal_reference(diag, 0.3 + 0.5j, causal=causal)
+    assert (fast - ref).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_finite_and_bounded_at_65536(dtype, causal):
+    g = torch.Generator().manual_seed(8)
+    diag = (-2 + 20 * torch.rand(2, 65536, generator=g, dtype=torch.float64) - 10).to(dtype)
+    diag.requires_grad_()
+    out = resolvent_diagonal(diag, 1j, causal=causal)
+    assert torch.isfinite(torch.view_as_real(out)).all()
+    assert out.abs().max() <= 1.0 + 1e-5  # |G_ii| <= 1 / Im z
+    out.abs().sum().backward()
+    assert torch.isfinite(diag.grad).all()
+    if dtype == torch.float64 and causal:  # causal outputs depend on the prefix only
+        ref = resolvent_diagonal_reference(diag.detach()[:, :3000], 1j, causal=True)
+        assert (out.detach()[:, :3000] - ref).abs().max() <= 1e-10
+
+
+def test_features_are_real_and_imaginary_parts():
+    g = torch.complex(torch.randn(3, 5), torch.randn(3, 5)).requires_grad_()
+    f = resolvent_features(g)
+    assert f.shape == (3, 5, 2) and f.dtype == torch.float32
+    assert torch.equal(f[..., 0], g.real) and torch.equal(f[..., 1], g.imag)
+    f[..., 1].sum().backward()  # d/dIm: PyTorch's complex gradient is dL/dRe + i dL/dIm = i
+    assert torch.equal(g.grad, torch.full((3, 5), 1j, dtype=torch.complex64))
+    assert resolvent_features(g.detach().to(torch.complex128)).dtype == torch.float64
+    with pytest.raises(ValueError, match="complex"):
+        resolvent_features(torch.randn(3, 5))
+
+
+def test_empty_batch():
+    out = resolvent_diagonal(torch.zeros(0, 4))
+    assert out.shape == (0, 4) and out.dtype == torch.complex64
+
+
+# --- the scans against plain loops, for chunk lengths that do and do not divide N -------------
+
+@pytest.mark.parametrize("n,chunk", [(1, 1), (7, 1), (7, 3), (16, 4), (16, 16), (29, 5), (30, 64)])
+def test_scans_match_plain_loops(n, chunk):
+    g = torch.Generator().manual_seed(n * 100 + chunk)
+    s = torch.complex(torch.randn(3, n, generator=g, dtype=torch.float64) * 3,
+                      -0.2 - torch.rand(3, n, generator=g, dtype=torch.float64))
+    kk = (0.1 + torch.rand(3, n, generator=g, dtype=torch.float64)).to(s.dtype)
+    kk[:, 0] = 0
+    want = [s[:, 0]]
+    for i in range(1, n):
+        want.append(s[:, i] - kk[:, i] / want[-1])
+    assert (ratio_scan(s, kk, chunk) - torch.stack(want, 1)).abs().max() <= 1e-12
+
+    u = torch.randn(3, n, generator=g, dtype=torch.float64)
+    w = 1.5 * torch.randn(3, n, generator=g, dtype=torch.float64)
+    x = [u[:, 0]]
+    for i in range(1, n):
+        x.append(u[:, i] + w[:, i] * x[-1])
+    x = torch.stack(x, 1)
+    assert (linear_scan(u, w, chunk) - x).abs().max() <= 1e-12 * max(1.0, x.abs().max().item())
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    (dict(diag=torch.zeros(5)), "shape \\(B, N\\)"),
+    (dict(diag=torch.zeros(2, 3, 4)), "shape \\(B, N\\)"),
+    (dict(diag=torch.zeros(2, 0)), "N = 0"),
+    (dict(diag=torch.zeros(2, 4, dtype=torch.int64)), "float32 or float64"),
+    (dict(diag=torch.zeros(2, 4, dtype=torch.complex64)), "float32 or float64"),
+    (dict(diag=[[0.0, 1.0]]), "torch.Tensor"),
+    (dict(diag=torch.zeros(2, 4), z=1.0), "Im z > 0"),
+    (dict(diag=torch.zeros(2, 4), z=0.5 + 0j), "Im z > 0"),
+    (dict(diag=torch.zeros(2, 4), z=1 - 1j), "Im z > 0"),
+    (dict(diag=torch.zeros(2, 4), z=complex("nan+1j")), "finite"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor(2.0 - 0.1j)), "Im z > 0"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor(2.0)), "real tensor"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor([1j])), "0-dim"),
+    (dict(diag=torch.zeros(2, 4), z="1j"), "complex number"),
+    (dict(diag=torch.tensor([[0.0, float("nan"), 0.0]])), "finite; diag\\[0, 1\\] = nan"),
+    (dict(diag=torch.tensor([[0.0, 0.0], [0.0, float("inf")]])), "finite; diag\\[1, 1\\] = inf"),
+    (dict(diag=torch.zeros(2, 4), offdiag=torch.ones(4)), "shape \\(N-1,\\) = \\(3,\\)"),
+    (dict(diag=torch.zeros(2, 4), offdiag=torch.ones(3, 3)), "got shape \\(3, 3\\)"),
+    (dict(diag=torch.zeros(2, 4), offdiag=torch.ones(2, 3, 1)), "got shape"),
+    (dict(diag=torch.zeros(2, 4), offdiag=torch.ones(3, dtype=torch.int64)), "real floating"),
+    (dict(diag=torch.zeros(2, 4), offdiag=torch.tensor([1.0, float("inf"), 1.0])), "offdiag must be finite"),
+    (dict(diag=torch.zeros(2, 4), offdiag=[1.0, 1.0, 1.0]), "offdiag must be None or a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("fn", [resolvent_diagonal, resolvent_diagonal_reference])
+@pytest.mark.parametrize("kwargs,message", BAD_INPUTS)
+def test_bad_input_raises(fn, kwargs, message):
+    kwargs = dict(kwargs)
+    diag = kwargs.pop("diag")
+    with pytest.raises(ValueError, match=message):
+        fn(diag, **kwargs)
+
+
+def test_offdiag_requiring_grad_is_refused():
+    off = torch.ones(3, requires_grad=True)
+    with pytest.raises(ValueError, match="offdiag"):
+        resolvent_diagonal(torch.zeros(2, 4), offdiag=off)
+    # the reference differentiates through offdiag: compare with the dense-inverse formula
+    # dG_jj/db_i = -2 G_ji G_j,i+1 (symmetric H)
+    diag, off = _inputs(6, seed=9, batch=1)
+    off.requires_grad_()
+    resolvent_diagonal_reference(diag, 1j, offdiag=off)[0, 2].real.backward()
+    ginv = torch.linalg.inv(_dense_h(diag[0], off.detach()) - 1j * torch.eye(6, dtype=torch.complex128))
+    want = torch.stack([(-2 * ginv[2, i] * ginv[2, i + 1]).real for i in range(5)])
+    assert (off.grad - want).abs().max() <= 1e-12
+
+
+def test_validate_false_skips_value_checks_only():
+    with pytest.raises(ValueError, match="shape"):
+        resolvent_diagonal(torch.zeros(5), validate=False)
+    # a python z is always checked (no host sync needed)
+    with pytest.raises(ValueError, match="Im z"):
+        resolvent_diagonal(torch.zeros(1, 3), -1j, validate=False)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(causal, dtype):
+    diag, off = _inputs(1000, dtype=dtype, seed=10, per_batch_offdiag=True)
+    z_cpu = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    z_gpu = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, device="cuda", requires_grad=True)
+    d_cpu = diag.clone().requires_grad_()
+    d_gpu = diag.cuda().requires_grad_()
+    out_cpu = resolvent_diagonal(d_cpu, z_cpu, offdiag=off, causal=causal)
+    out_gpu = resolvent_diagonal(d_gpu, z_gpu, offdiag=off.cuda(), causal=causal)
+    assert out_gpu.device.type == "cuda"
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert (out_gpu.cpu() - out_cpu).abs().max() <= tol
+    out_cpu.abs().sum().backward()
+    out_gpu.abs().sum().backward()
+    assert (d_gpu.grad.cpu() - d_cpu.grad).abs().max() <= tol * max(1.0, d_cpu.grad.abs().max().item())
+    assert abs(complex(z_gpu.grad.cpu()) - complex(z_cpu.grad)) <= tol * max(1.0, abs(complex(z_cpu.grad)))
