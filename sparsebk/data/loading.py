@@ -63,6 +63,4 @@ def ray_datasets(path: str | Path, splits: Sequence[str] = ("train", "valid", "t
     root = Path(path).resolve()
     m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=list(splits),
                       verify_checksums=verify_checksums)
-    return {split: ray.data.read_parquet([str(f) for f in _split_files(root, m, split)],
-                                         columns=[TOKENS_COLUMN])
-            for split in splits}
+    return {split: ray.data.read_parquet([str(f) for f in _split_files(root, m, split)]) for split in splits}
