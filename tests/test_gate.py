@@ -1,0 +1,87 @@
+"""Gumbel-sigmoid gate: Bernoulli(sigmoid(l)) hard samples, straight-through gradient, eval determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsebk import GumbelSigmoidGate, gumbel_sigmoid
+
+
+def test_hard_sample_is_exactly_binary_and_bernoulli_sigmoid():
+    torch.manual_seed(0)
+    levels = torch.tensor([-2.0, 0.0, 1.5])
+    logits = levels.repeat_interleave(100_000)
+    mask = gumbel_sigmoid(logits, tau=0.7)  # tau does not change P(mask = 1)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    freq = mask.view(3, -1).mean(dim=1)
+    expected = torch.sigmoid(levels)  # logistic noise: P(l + L > 0) = sigmoid(l)
+    # binomial std at n = 1e5 is <= 0.0016; 0.006 is ~4 std
+    assert torch.allclose(freq, expected, atol=6e-3), (freq, expected)
+    # a single Gumbel sample would give 1 - exp(-1) = 0.632 at logit 0
+    assert abs(freq[1].item() - 0.5) < 6e-3
+
+
+def test_straight_through_gradient_is_the_sigmoid_derivative():
+    logits = torch.tensor([-1.0, 0.3, 2.0], dtype=torch.float64, requires_grad=True)
+    tau = 0.5
+    mask = gumbel_sigmoid(logits, tau, noise=False)
+    assert mask.tolist() == [0.0, 1.0, 1.0]
+    weights = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    (mask * weights).sum().backward()
+    s = [1 / (1 + math.exp(-l / tau)) for l in (-1.0, 0.3, 2.0)]
+    hand = [w * si * (1 - si) / tau for w, si in zip((1.0, 2.0, 3.0), s)]
+    assert logits.grad.tolist() == pytest.approx(hand, rel=1e-12)
+
+
+def test_soft_sample_is_the_relaxed_value():
+    logits = torch.tensor([-1.0, 0.0, 3.0])
+    soft = gumbel_sigmoid(logits, 2.0, hard=False, noise=False)
+    assert torch.allclose(soft, torch.sigmoid(logits / 2.0))
+
+
+def test_eval_mode_is_deterministic_and_uses_no_randomness():
+    gate = GumbelSigmoidGate(tau=1.0).eval()
+    logits = torch.randn(4, 9)
+    state = torch.get_rng_state()
+    a, b = gate(logits), gate(logits)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b)
+    assert torch.equal(a, (logits > 0).float())
+
+
+def test_seed_fixes_the_training_noise():
+    gate = GumbelSigmoidGate().train()
+    logits = torch.zeros(8, 16)
+    torch.manual_seed(3)
+    a = gate(logits)
+    torch.manual_seed(3)
+    b = gate(logits)
+    torch.manual_seed(4)
+    c = gate(logits)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_forced_mask_keeps_the_soft_gradient():
+    logits = torch.tensor([[0.5, -0.5, 1.0]], requires_grad=True)
+    force = torch.tensor([[0.0, 1.0, 1.0]])
+    mask = gumbel_sigmoid(logits, 1.0, noise=False, force=force)
+    assert torch.equal(mask.detach(), force)
+    mask.sum().backward()
+    s = torch.sigmoid(logits.detach())
+    assert torch.allclose(logits.grad, s * (1 - s))
+
+
+def test_tau_is_settable_and_validated():
+    gate = GumbelSigmoidGate(tau=2.0)
+    gate.tau = 0.25
+    assert gate.tau == 0.25
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="tau"):
+            gate.tau = bad
+        with pytest.raises(ValueError, match="tau"):
+            gumbel_sigmoid(torch.zeros(3), bad)
+    with pytest.raises(ValueError, match="force has shape"):
+        gumbel_sigmoid(torch.zeros(2, 3), force=torch.zeros(3))
