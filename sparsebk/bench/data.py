@@ -1,0 +1,106 @@
+"""`sparsebk bench data --out DIR`: how fast the data path delivers blocks for the `small` preset.
+
+Measures, on PTB (word level) at the small preset's block length:
+  prepare   first preparation (tokenise + write Parquet) and the idempotent reuse the training
+            job pays on every start (manifest + checksum verification);
+  plain     `load_blocks` of the train split into a LongTensor (pyarrow), with and without
+            checksum verification;
+  ray       one pass of `ray_datasets(...)["train"].iter_torch_batches(batch_size=B)`, as a
+            Ray Train worker consumes it (local Ray), plus the time to its first batch.
+Rates are blocks/s and tokens/s (block_len input tokens per block). The model's tokens/s
+for the same preset comes from `sparsebk bench training`; the loader must be far faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from sparsebk.bench.common import format_table, time_call, write_result
+
+
+def _small_block_len() -> int:
+    from sparsebk.lm import LMConfig
+
+    return LMConfig.preset("small").n_seq
+
+
+def _row(name: str, seconds: float, blocks: int, block_len: int, note: str = "") -> dict:
+    return {"path": name, "seconds": seconds, "blocks": blocks,
+            "blocks_per_s": blocks / seconds if seconds > 0 else float("inf"),
+            "tokens_per_s": blocks * block_len / seconds if seconds > 0 else float("inf"), "note": note}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsebk bench data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_out", help="directory for data.json")
+    p.add_argument("--data-dir", default=None, help="where to prepare PTB (default: a temporary directory)")
+    p.add_argument("--block-len", type=int, default=None, help="default: the small preset's n_seq")
+    p.add_argument("--batch-size", type=int, default=16, help="Ray Data batch size (blocks)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ray-cpus", type=int, default=2)
+    p.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
+    args = p.parse_args(argv)
+
+    from sparsebk.data import load_blocks, load_manifest, prepare_dataset, ray_datasets
+
+    block_len = args.block_len or _small_block_len()
+    tmp = tempfile.TemporaryDirectory(prefix="sparsebk-bench-data-") if args.data_dir is None else None
+    root = Path(args.data_dir or tmp.name) / f"ptb-word-{block_len}"
+    rows = []
+
+    t0 = time.perf_counter()
+    fresh = not (root / "manifest.json").exists()
+    prepare_dataset(root, block_len=block_len)
+    first = time.perf_counter() - t0
+    n_train = load_manifest(root)["splits"]["train"]["rows"]
+    n_all = sum(s["rows"] for s in load_manifest(root)["splits"].values())
+    rows.append(_row("prepare (first)" if fresh else "prepare (existing dir)", first, n_all, block_len,
+                     "tokenise + write all splits" if fresh else "reused"))
+    reuse = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=args.repeats)["median_s"]
+    rows.append(_row("prepare (reuse)", reuse, n_all, block_len, "manifest + sha256 check"))
+    for verify in (True, False):
+        t = time_call(lambda: load_blocks(root, "train", verify_checksums=verify), repeats=args.repeats)
+        rows.append(_row("load_blocks train", t["median_s"], n_train, block_len,
+                         "with sha256" if verify else "no sha256"))
+
+    if not args.no_ray:
+        import ray
+
+        started_here = not ray.is_initialized()
+        if started_here:
+            ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        try:
+            for rep in range(args.repeats):
+                ds = ray_datasets(root, ("train",))["train"]
+                t0 = time.perf_counter()
+                first_batch, first_n, n = None, 0, 0
+                for batch in ds.iter_torch_batches(batch_size=args.batch_size):
+                    n += batch["tokens"].shape[0]
+                    if first_batch is None:
+                        first_batch, first_n = time.perf_counter() - t0, n
+                total = time.perf_counter() - t0
+                assert n == n_train, (n, n_train)
+                rows.append(_row(f"ray pass #{rep + 1} (whole)", total, n, block_len,
+                                 f"batch {args.batch_size}; includes {first_batch:.2f} s to the first batch"))
+                # after the first batch: the rate a training step sees once the pipeline runs
+                rows.append(_row(f"ray pass #{rep + 1} (after 1st batch)", total - first_batch, n - first_n,
+                                 block_len, "steady streaming"))
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    print(f"PTB word level, block_len {block_len} (small preset), {n_train} train blocks")
+    print(format_table(rows, ["path", "seconds", "blocks", "blocks_per_s", "tokens_per_s", "note"]))
+    path = write_result(args.out, "data", {"block_len": block_len, "batch_size": args.batch_size,
+                                           "train_blocks": n_train, "rows": rows,
+                                           "command": "sparsebk bench data " + " ".join(argv)})
+    print(f"wrote {path}")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
