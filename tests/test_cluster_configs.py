@@ -264,12 +264,106 @@ def test_rayjob_entrypoints_name_existing_scripts_and_configs():
 
 def test_train_rayjob_config_loads_into_train_config():
     """The training RayJob's config + overrides load into the train helper's TrainConfig."""
-    load_config = pytest.importorskip("sparsebk.train.config").load_config
+    from sparsebk.train.config import load_config
+
     job = next(j for j in rayjobs() if "ray_jobs/train.py" in j["spec"]["entrypoint"])
     _, config, overrides = entrypoint_args(job["spec"]["entrypoint"])
     assert config == GPU_PRESET
     cfg = load_config(ROOT / config, overrides)
     assert cfg.run.use_gpu is True
+
+
+# ----------------------------------------------------------------------------- presets fit nodes
+
+GPUS_PER_WORKER = 1  # sparsebk/train/driver.py: one Ray Train worker process per GPU
+
+
+def cpu_quantity(q) -> float:
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def launcher_gpu_nodes() -> list[dict]:
+    """(name, gpus, cpus, max_nodes) of the launcher's GPU worker node types."""
+    cfg = load_docs(LAUNCHER)[0]
+    return [dict(where=f"launcher {n}", gpus=t["resources"]["GPU"], cpus=t["resources"]["CPU"],
+                 max_nodes=t.get("max_workers", 0))
+            for n, t in cfg["available_node_types"].items()
+            if n != cfg["head_node_type"] and t["resources"].get("GPU", 0) > 0]
+
+
+def kuberay_gpu_groups() -> list[dict]:
+    out = []
+    for where, doc in k8s_docs():
+        if doc.get("kind") != "RayCluster":
+            continue
+        for g in doc["spec"].get("workerGroupSpecs") or []:
+            (c,) = [c for c in g["template"]["spec"]["containers"] if c["name"].startswith("ray-")]
+            lim = c["resources"]["limits"]
+            if int(lim.get("nvidia.com/gpu", 0)) > 0:
+                out.append(dict(where=f"{where} group {g['groupName']}", gpus=int(lim["nvidia.com/gpu"]),
+                                cpus=cpu_quantity(lim["cpu"]), max_nodes=g["maxReplicas"]))
+    return out
+
+
+def fit_problems(node: dict, workers: int, cpus_per_worker: float) -> list[str]:
+    """Why `workers` processes of (cpus_per_worker CPU, 1 GPU) cannot all be placed."""
+    per_node = node["gpus"] // GPUS_PER_WORKER
+    problems = []
+    if cpus_per_worker * per_node > node["cpus"]:
+        problems.append(f"{node['where']}: {per_node} workers x {cpus_per_worker} CPU > {node['cpus']} CPUs")
+    if per_node * node["max_nodes"] < workers:
+        problems.append(f"{node['where']}: {node['max_nodes']} nodes x {per_node} GPU workers < {workers} workers")
+    return problems
+
+
+def test_gpu_preset_fits_every_gpu_node_type():
+    """workers x GPUs per worker fits the GPU node types at their autoscaling maximum, with
+    each worker's CPUs, and the head takes no training worker (it has no GPU)."""
+    from sparsebk.train.config import load_config
+
+    cfg = load_config(ROOT / GPU_PRESET, [])
+    assert cfg.run.use_gpu is True and cfg.run.num_workers >= 2
+    nodes = launcher_gpu_nodes() + kuberay_gpu_groups()
+    assert len(nodes) >= 2, nodes
+    for node in nodes:
+        assert node["gpus"] >= 2, f"{node['where']} is not a multi-GPU node type"
+        assert not fit_problems(node, cfg.run.num_workers, cfg.run.cpus_per_worker)
+    head = load_docs(LAUNCHER)[0]
+    assert head["available_node_types"][head["head_node_type"]]["resources"].get("GPU") == 0
+    # The checker itself: a node type one GPU short, and one short of CPUs, are caught.
+    assert fit_problems(dict(where="x", gpus=4, cpus=64, max_nodes=1), 5, 4)
+    assert fit_problems(dict(where="y", gpus=4, cpus=15, max_nodes=2), 8, 4)
+    assert not fit_problems(dict(where="z", gpus=4, cpus=16, max_nodes=2), 8, 4)
+
+
+def test_gpu_preset_storage_is_shared_by_every_node():
+    """Checkpoints, metrics and the dataset of a multi-node run live where every pod/container
+    sees the same files: under a ReadWriteMany volume (KubeRay) or the NFS mount (launcher)."""
+    from sparsebk.train.config import load_config
+
+    cfg = load_config(ROOT / GPU_PRESET, [])
+    paths = {"run.storage_path": cfg.run.storage_path, "data.dir": cfg.data.dir}
+    pvcs = {d["metadata"]["name"]: d for _, d in k8s_docs() if d.get("kind") == "PersistentVolumeClaim"}
+    for where, doc in k8s_docs():
+        if doc.get("kind") != "RayCluster":
+            continue
+        for pod, ps in pod_specs(doc):
+            claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in ps.get("volumes") or []
+                      if "persistentVolumeClaim" in v}
+            (c,) = [c for c in ps["containers"] if c["name"].startswith("ray-")]
+            shared = [m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims
+                      and "ReadWriteMany" in pvcs[claims[m["name"]]]["spec"]["accessModes"]]
+            for field, path in paths.items():
+                assert any(path.startswith(m.rstrip("/") + "/") for m in shared), \
+                    f"{where} {pod}: {field}={path} is not under a ReadWriteMany mount ({shared})"
+    opts = load_docs(LAUNCHER)[0]["docker"]["run_options"]
+    binds = [o.split()[1].split(":")[1] for o in opts if o.startswith("-v ")]
+    init = " ".join(load_docs(LAUNCHER)[0]["initialization_commands"])
+    for field, path in paths.items():
+        mount = [b for b in binds if path.startswith(b.rstrip("/") + "/")]
+        assert mount and f"mount -t nfs4" in init and mount[0] in init, \
+            f"launcher: {field}={path} is not on the NFS mount bound into the containers"
 
 
 # ----------------------------------------------------------------------------- security
