@@ -36,6 +36,8 @@ KINDS = ("value", "choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_KEYS = {
     "loss_type": "model.sparsity_loss_type",
     "sparsity_weight": "schedule.final_weight",
+    # The training loss has no accuracy weight yet (ce + weighted sparsity + aux); sweeping
+    # it fails at validation, naming this field, until training grows one.
     "accuracy_weight": "optim.accuracy_weight",
     "schedule_type": "schedule.schedule_type",
     "final_sparsity": "schedule.final_sparsity",
@@ -131,6 +133,7 @@ class SearchConfig:
     metric: str = "val_loss"   # single objective (and the ASHA metric)
     mode: str = "min"
     multi_objective: bool = True  # optuna only: (val_loss min, sparsity max)
+    points_to_evaluate: list = field(default_factory=list)  # random/optuna: these come first
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -140,6 +143,12 @@ class SearchConfig:
             raise ValueError(f"search.num_samples: {self.num_samples!r} must be an integer >= 1")
         if self.mode not in ("min", "max"):
             raise ValueError(f"search.mode: {self.mode!r} must be 'min' or 'max'")
+        if not isinstance(self.points_to_evaluate, list) or \
+                any(not isinstance(pt, dict) for pt in self.points_to_evaluate):
+            raise ValueError(f"search.points_to_evaluate: {self.points_to_evaluate!r} must be a "
+                             f"list of {{parameter: value}} mappings")
+        if self.points_to_evaluate and self.algorithm == "grid":
+            raise ValueError("search.points_to_evaluate: not used by algorithm 'grid'")
 
 
 @dataclass
@@ -168,7 +177,8 @@ class SweepConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     asha: AshaConfig = field(default_factory=AshaConfig)
     max_concurrent_trials: int | None = None  # None: from cluster resources / per-trial need
-    trial_cpus: float = 0.0    # the trial function only waits on its Train controller
+    trial_cpus: float = 0.01   # the trial function only waits on its Train controller
+                               # (Tune refuses a zero request)
     max_retries: int = 0       # a failing trial is re-run this many times, then recorded
     sparsity_levels: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
     last_k: int = 3            # evaluations averaged for "mean achieved sparsity"
@@ -199,13 +209,33 @@ class SweepConfig:
             if alg != "grid" and p.kind == "grid":
                 raise ValueError(f"space.{p.name}: grid is only for search.algorithm 'grid' "
                                  f"(got {alg!r}); use choice: [...]")
+        for i, pt in enumerate(self.search.points_to_evaluate):
+            for n, v in pt.items():
+                p = self.space.get(n)
+                if p is None or p.kind == "value":
+                    raise ValueError(f"search.points_to_evaluate[{i}].{n}: not a varied "
+                                     f"parameter of space")
+                if p.kind == "choice" and v not in p.values:
+                    raise ValueError(f"search.points_to_evaluate[{i}].{n}: {v!r} is not one "
+                                     f"of {p.values}")
+                if p.kind in ("uniform", "loguniform", "randint") and not (
+                        isinstance(v, (int, float)) and p.low <= v <= p.high):
+                    raise ValueError(f"search.points_to_evaluate[{i}].{n}: {v!r} is outside "
+                                     f"[{p.low}, {p.high}]")
+        if alg == "optuna":
+            for p in self.space.values():
+                if p.kind == "choice" and any(v is not None and not isinstance(
+                        v, (bool, int, float, str)) for v in p.values):
+                    raise ValueError(f"space.{p.name}.choice: optuna takes only scalar "
+                                     f"choices (None, bool, number, string); got {p.values!r}")
         if self.max_concurrent_trials is not None and (
                 not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
             raise ValueError(f"max_concurrent_trials: {self.max_concurrent_trials!r} must be an "
                              f"integer >= 1 or null (from cluster resources)")
         _number("trial_cpus", self.trial_cpus)
-        if self.trial_cpus < 0:
-            raise ValueError(f"trial_cpus: {self.trial_cpus!r} must be >= 0")
+        if self.trial_cpus <= 0:
+            raise ValueError(f"trial_cpus: {self.trial_cpus!r} must be > 0 (Tune needs a "
+                             f"non-empty request; 0.01 is enough)")
         if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) \
                 or self.max_retries < 0:
             raise ValueError(f"max_retries: {self.max_retries!r} must be an integer >= 0")

@@ -1,0 +1,235 @@
+"""Tuner setup, restore and the end-of-sweep report.
+
+    cfg = load_sweep_config("ray_jobs/configs/sweep-tiny.yaml")
+    summary = run_sweep(cfg)        # needs a running Ray; resumes an interrupted sweep
+
+`prepare_sweep` does every check that can fail (sweep fields, each parameter's extreme values
+applied to the real training config, the dataset) before Ray Tune starts a trial. The sweep
+lives in STORAGE/NAME: Tune's experiment state and trial folders, `sweep.json` (the sweep
+config), `train_runs/<trial_id>/` (each trial's Train run and checkpoints), `trial_status/`
+(attempt logs and completion markers) and `report/`.
+
+Running the same sweep again resumes it (`Tuner.restore`): finished and failed trials are
+kept, unfinished ones continue, and the searcher goes on from its saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsebk.tune.config import SweepConfig
+from sparsebk.tune.results import SWEEP_FILE
+from sparsebk.tune.trial import apply_params, run_trial
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedSweep:
+    cfg: SweepConfig
+    base_train: dict            # the training config every trial starts from
+    keys: dict[str, str]        # parameter -> dotted training field
+    sweep_dir: Path
+    max_t: int                  # evaluations of a full-length trial (ASHA's horizon)
+    num_workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+
+
+def _where(cfg: SweepConfig) -> str:
+    return cfg.source
+
+
+def check_against_train(cfg: SweepConfig):
+    """Load the training config and apply every parameter's extreme values to it, one at a
+    time, so a value the trainer would reject fails now. Returns the base TrainConfig."""
+    from sparsebk.train.config import TrainConfig, load_config
+
+    where = _where(cfg)
+    train_path = cfg.resolve_path(cfg.train_config)
+    try:
+        base = load_config(train_path, cfg.train_overrides)
+    except ValueError as e:
+        raise ValueError(f"{where}: train_config/train_overrides: {e}") from None
+    base_d = base.to_dict()
+    for p in cfg.space.values():
+        for v in p.extremes():
+            try:
+                t = TrainConfig.from_dict(apply_params(base_d, {p.name: v}, {p.name: p.key}))
+                t.lm_config(t.model.get("vocab_size", 2))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{where}: space.{p.name} (training field {p.key}) "
+                                 f"value {v!r} is rejected by the training config: {e}") from None
+    if cfg.asha.enabled and cfg.search.metric not in ("val_loss", "val_ppl", "sparsity"):
+        raise ValueError(f"{where}: search.metric: {cfg.search.metric!r} is not reported by "
+                         f"training (val_loss, val_ppl, sparsity)")
+    return base
+
+
+def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep:
+    """Validate everything and resolve paths; starts nothing."""
+    base = check_against_train(cfg)
+    if check_data:
+        from sparsebk.data import check_dataset
+        from sparsebk.train.driver import ensure_dataset
+
+        try:
+            manifest = check_dataset(ensure_dataset(base.data), block_len=base.data.block_len)
+            base.lm_config(manifest["vocab_size"])
+        except ValueError as e:
+            raise ValueError(f"{_where(cfg)}: training data/model: {e}") from None
+    storage = Path(cfg.storage_path).expanduser() if cfg.storage_path \
+        else Path(base.run.storage_path) / "sweeps"
+    evals = math.ceil(base.optim.max_steps / base.run.eval_every)
+    return PreparedSweep(cfg=cfg, base_train=base.to_dict(),
+                         keys={n: p.key for n, p in cfg.space.items()},
+                         sweep_dir=storage.resolve() / cfg.name,
+                         max_t=cfg.asha.max_t or evals, num_workers=base.run.num_workers,
+                         cpus_per_worker=base.run.cpus_per_worker, use_gpu=base.run.use_gpu)
+
+
+def param_space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for n, p in cfg.space.items():
+        if p.kind == "value":
+            space[n] = p.values[0]
+        elif p.kind == "choice":
+            space[n] = tune.choice(p.values)
+        elif p.kind == "grid":
+            space[n] = tune.grid_search(p.values)
+        elif p.kind == "uniform":
+            space[n] = tune.uniform(p.low, p.high)
+        elif p.kind == "loguniform":
+            space[n] = tune.loguniform(p.low, p.high)
+        elif p.kind == "randint":
+            space[n] = tune.randint(int(p.low), int(p.high))
+    return space
+
+
+def search_algorithm(cfg: SweepConfig):
+    s = cfg.search
+    points = [dict(pt) for pt in s.points_to_evaluate] or None
+    if s.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        if s.multi_objective:  # the front itself: low validation loss, high sparsity
+            return OptunaSearch(metric=["val_loss", "sparsity"], mode=["min", "max"],
+                                seed=s.seed, points_to_evaluate=points)
+        return OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed, points_to_evaluate=points)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=s.seed)
+
+
+def trial_scheduler(cfg: SweepConfig, max_t: int):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not cfg.asha.enabled:
+        return FIFOScheduler()
+    # time_attr: one Tune iteration per evaluation report of the trial's Train run
+    return ASHAScheduler(time_attr="training_iteration", metric=cfg.search.metric,
+                         mode=cfg.search.mode, max_t=max(max_t, cfg.asha.grace_period),
+                         grace_period=cfg.asha.grace_period,
+                         reduction_factor=cfg.asha.reduction_factor)
+
+
+def max_concurrent(prep: PreparedSweep, resources: dict) -> int:
+    """Trials that fit the cluster at once: each needs num_workers x cpus_per_worker CPUs
+    (and a GPU per worker with use_gpu); one CPU stays free for Ray Data's read tasks."""
+    if prep.cfg.max_concurrent_trials is not None:
+        return prep.cfg.max_concurrent_trials
+    per_trial = prep.num_workers * prep.cpus_per_worker + prep.cfg.trial_cpus
+    cpus = float(resources.get("CPU", 0.0))
+    n = math.floor((cpus - 1.0) / per_trial) if per_trial > 0 else 10**6
+    if prep.use_gpu and prep.num_workers > 0:
+        n = min(n, math.floor(float(resources.get("GPU", 0.0)) / prep.num_workers))
+    return max(1, n)
+
+
+def _trainable(prep: PreparedSweep):
+    from ray import tune
+
+    fn = tune.with_parameters(run_trial, base_train=prep.base_train, keys=prep.keys,
+                              sweep_dir=str(prep.sweep_dir), sweep_name=prep.cfg.name)
+    return tune.with_resources(fn, {"cpu": prep.cfg.trial_cpus})
+
+
+def _check_stored_config(prep: PreparedSweep) -> bool:
+    """True when SWEEP_DIR holds a sweep of this same config (resume); ValueError when it
+    holds a different one (resuming would mix two sweeps)."""
+    f = prep.sweep_dir / SWEEP_FILE
+    if not f.is_file():
+        return False
+    stored = json.loads(f.read_text())
+    now = json.loads(json.dumps(_sweep_record(prep), default=str))
+    if stored.get("config") != now["config"]:
+        raise ValueError(f"{_where(prep.cfg)}: {prep.sweep_dir} holds a sweep with a different "
+                         f"config; pick another name (or storage_path) or move that folder")
+    return True
+
+
+def _sweep_record(prep: PreparedSweep) -> dict:
+    return {"name": prep.cfg.name, "config": prep.cfg.to_dict(), "base_train": prep.base_train,
+            "space": list(prep.cfg.space), "sparsity_levels": prep.cfg.sparsity_levels,
+            "last_k": prep.cfg.last_k}
+
+
+def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
+    """A new Tuner, or the restored one when SWEEP_DIR holds this sweep's state."""
+    import ray
+    from ray import tune
+
+    trainable = _trainable(prep)
+    if resume and _check_stored_config(prep) and tune.Tuner.can_restore(str(prep.sweep_dir)):
+        logger.info("resuming sweep from %s", prep.sweep_dir)
+        return tune.Tuner.restore(str(prep.sweep_dir), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=False,
+                                  restart_errored=False), True
+    prep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = prep.sweep_dir / (SWEEP_FILE + ".tmp")
+    tmp.write_text(json.dumps(_sweep_record(prep), indent=2, default=str))
+    tmp.replace(prep.sweep_dir / SWEEP_FILE)
+    n = max_concurrent(prep, ray.cluster_resources())
+    logger.info("sweep %s: up to %d concurrent trials", prep.cfg.name, n)
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(prep.cfg),
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(prep.cfg),
+                                    scheduler=trial_scheduler(prep.cfg, prep.max_t),
+                                    num_samples=prep.cfg.search.num_samples,
+                                    max_concurrent_trials=n),
+        run_config=tune.RunConfig(name=prep.sweep_dir.name,
+                                  storage_path=str(prep.sweep_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=prep.cfg.max_retries),
+                                  callbacks=callbacks, verbose=1),
+    )
+    return tuner, False
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = True, callbacks=None, report: bool = True,
+              prepared: PreparedSweep | None = None) -> dict:
+    """Run (or resume) the sweep to the end, then write tables, plots and report.md.
+
+    Failed trials are recorded (after `max_retries` re-runs each) and never stop the sweep.
+    Returns {"sweep_dir", "resumed", "trials": {status: count}, "report": {...paths}}.
+    """
+    prep = prepared or prepare_sweep(cfg)
+    tuner, resumed = build_tuner(prep, callbacks=callbacks, resume=resume)
+    grid = tuner.fit()
+    statuses: dict[str, int] = {}
+    for r in grid:
+        key = "ERROR" if r.error is not None else "OK"
+        statuses[key] = statuses.get(key, 0) + 1
+    out = {"sweep_dir": str(prep.sweep_dir), "resumed": resumed, "trials": statuses}
+    if report:
+        from sparsebk.tune.report import make_report
+
+        out["report"] = {k: [str(x) for x in v] if isinstance(v, list) else str(v)
+                         for k, v in make_report(prep.sweep_dir).items()}
+    return out

@@ -1,0 +1,100 @@
+"""One Tune trial = one Ray Train run (the Train V2 pattern).
+
+Under Ray Train V2 a Tuner cannot wrap a TorchTrainer. A trial is a plain function that
+builds the trial's training config from the sampled parameters, creates its own schedule
+actor, builds a TorchTrainer whose RunConfig carries a `TuneReportCallback` (made here,
+inside the trial, where the Tune session exists) and fits it. Every `ray.train.report` of
+rank 0 then reaches Tune as one trial result, which ASHA and the searcher see.
+
+Isolation between trials: the schedule actor's name carries the trial id and a random
+suffix; the Train run is named after the trial id under SWEEP_DIR/train_runs, so trials never
+share checkpoints, and a retried trial (same id) resumes its own Train run from its latest
+checkpoint. A trial stopped by the scheduler is killed with its actor process; the Train
+controller and the schedule actor are owned by that process and end with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+from sparsebk.tune.results import COMPLETED_DIR, completion_marker
+
+logger = logging.getLogger(__name__)
+
+TRAIN_RUNS_DIR = "train_runs"
+
+
+def set_dotted(d: dict, key: str, value) -> None:
+    """d["a"]["b"] = value for key "a.b" (sections created as needed)."""
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{key}: {p!r} is not a section of the training config")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_params(base_train: dict, params: dict, keys: dict[str, str]) -> dict:
+    """The training-config dict of one trial: the base with each parameter at its key."""
+    d = copy.deepcopy(base_train)
+    for name, value in params.items():
+        if name in keys:
+            set_dotted(d, keys[name], copy.deepcopy(value))
+    return d
+
+
+def attempts_file(sweep_dir: str | os.PathLike, trial_id: str) -> Path:
+    return Path(sweep_dir) / COMPLETED_DIR / f"{trial_id}.attempts"
+
+
+def _append_attempt(sweep_dir: str, trial_id: str) -> int:
+    f = attempts_file(sweep_dir, trial_id)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    with open(f, "a") as fh:
+        fh.write(f"{time.time():.3f} pid={os.getpid()}\n")
+    return len(f.read_text().splitlines())
+
+
+def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir: str,
+              sweep_name: str) -> None:
+    """The Tune trainable: train one configuration; raise on failure (Tune records it)."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sparsebk.train.actor import create_schedule_actor
+    from sparsebk.train.config import TrainConfig
+    from sparsebk.train.driver import build_trainer
+
+    trial_id = tune.get_context().get_trial_id()
+    attempt = _append_attempt(sweep_dir, trial_id)
+    cfg = TrainConfig.from_dict(apply_params(base_train, config, keys))
+    n_layers = cfg.lm_config(cfg.model.get("vocab_size", 2)).n_layers
+    actor = create_schedule_actor(
+        cfg.schedule, n_layers, name=f"sparsebk-sched-{sweep_name}-{trial_id}-{uuid.uuid4().hex[:8]}")
+    logger.info("trial %s attempt %d: %s", trial_id, attempt, config)
+    try:
+        trainer = build_trainer(cfg, schedule_actor=actor, callbacks=[TuneReportCallback()],
+                                run_name=trial_id,
+                                storage_path=str(Path(sweep_dir) / TRAIN_RUNS_DIR),
+                                where=f"trial {trial_id}")
+        result = trainer.fit()
+    finally:
+        ray.kill(actor, no_restart=True)
+    metrics = dict(result.metrics or {})
+    if metrics.get("stopped"):
+        raise RuntimeError(f"trial {trial_id}: training stopped: {metrics['stopped']}")
+    marker = completion_marker(sweep_dir, trial_id)
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"trial_id": trial_id, "attempt": attempt,
+                               "step": metrics.get("step"), "val_loss": metrics.get("val_loss"),
+                               "test_ppl": metrics.get("test_ppl")}, default=str))
+    tmp.replace(marker)
