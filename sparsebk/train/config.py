@@ -27,6 +27,7 @@ import yaml
 TOKENIZERS = ("word", "byte", "gpt2")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
+_SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
 
 
@@ -288,6 +289,8 @@ def apply_override(d: dict, item: str) -> None:
     if not all(parts):
         raise ValueError(f"override {item!r}: empty key part")
     value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str) and _SCI_RE.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-3 as a string; users mean the number
     node = d
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})

@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
     writer = MetricsWriter(run_dir) if rank == 0 else None
     sched_log = run_dir / "schedule" / f"rank{rank}.jsonl"
     sched_log.parent.mkdir(parents=True, exist_ok=True)
-    sched_file = open(sched_log, "a")
+    sched_file = open(sched_log, "a", buffering=1)  # line-buffered: a crash loses no line
     valid = load_blocks(dataset_dir, "valid")
     shard = ray.train.get_dataset_shard("train")  # [ray]
 
