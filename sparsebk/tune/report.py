@@ -23,7 +23,7 @@ from sparsebk.tune.results import (SWEEP_FILE, TrialRecord, collect_trials, is_s
 
 logger = logging.getLogger(__name__)
 
-SPARSITY_COL = "mean_sparsity_last"   # achieved sparsity used for the front and the levels
+SPARSITY_COL = "achieved_sparsity"  # mean over the last evaluations   # achieved sparsity used for the front and the levels
 PPL_COL = "best_val_ppl"
 
 
@@ -54,7 +54,8 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path) -> Path:
     for name, g in groups:
         ax.scatter(g[SPARSITY_COL], g[PPL_COL], label=str(name), alpha=0.8, s=36)
     if len(front):
-        ax.step(front[SPARSITY_COL], front[PPL_COL], where="post", color="k", lw=1.2,
+        # staircase: the best ppl reachable at sparsity >= x
+        ax.step(front[SPARSITY_COL], front[PPL_COL], where="pre", color="k", lw=1.2,
                 label="Pareto front")
         ax.scatter(front[SPARSITY_COL], front[PPL_COL], facecolors="none", edgecolors="k", s=90)
     ax.set_xlabel(f"achieved sparsity ({SPARSITY_COL})")
@@ -142,7 +143,7 @@ def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
             _md_table(front, ["trial_id", *param_names, SPARSITY_COL, PPL_COL, "stop_reason"]),
             "", "## All trials", "",
             _md_table(df, ["trial_id", *param_names, "stop_reason", "evaluations",
-                           PPL_COL, "final_sparsity", SPARSITY_COL, "tokens_per_s", "retries",
+                           PPL_COL, SPARSITY_COL, "achieved_sparsity_final", "target_sparsity_final", "tokens_per_s", "retries",
                            "error"]),
             "", "Plots: `pareto.png`, `sparsity_vs_target.png`.", ""]
     return "\n".join(out)

@@ -36,7 +36,9 @@ class TrialRecord:
         if self.status == "ERROR":
             return "error"
         if self.status == "TERMINATED":
-            return "completed" if self.completed else "early_stopped"
+            # the final evaluation (step == max_steps) also carries the test loss
+            reached_end = bool(self.history) and "test_loss" in self.history[-1]
+            return "completed" if self.completed or reached_end else "early_stopped"
         return "unfinished"
 
 
@@ -120,8 +122,9 @@ def _col(history: list[dict], key: str) -> list[float]:
 
 
 def results_table(records: list[TrialRecord], *, last_k: int = 3) -> pd.DataFrame:
-    """One row per trial: parameters, best validation ppl/loss, achieved sparsity (final and
-    mean over the last `last_k` evaluations), target, tokens/s, status, stop reason."""
+    """One row per trial: parameters, best validation ppl/loss, achieved sparsity (mean over
+    the last `last_k` evaluations, and the final one), target, tokens/s, status, stop reason.
+    Parameter columns keep their names; measured columns never reuse a parameter's name."""
     param_names = sorted({k for r in records for k in r.params})
     rows = []
     for r in records:
@@ -140,9 +143,9 @@ def results_table(records: list[TrialRecord], *, last_k: int = 3) -> pd.DataFram
             "last_step": int(steps[-1]) if steps else None,
             "best_val_loss": min(losses) if losses else math.nan,
             "best_val_ppl": min(ppls) if ppls else math.nan,
-            "final_sparsity": sp[-1] if sp else math.nan,
-            "mean_sparsity_last": sum(sp[-last_k:]) / len(sp[-last_k:]) if sp else math.nan,
-            "final_target_sparsity": tgt[-1] if tgt else math.nan,
+            "achieved_sparsity": sum(sp[-last_k:]) / len(sp[-last_k:]) if sp else math.nan,
+            "achieved_sparsity_final": sp[-1] if sp else math.nan,
+            "target_sparsity_final": tgt[-1] if tgt else math.nan,
             "tokens_per_s": sum(tps) / len(tps) if tps else math.nan,
             "retries": r.num_failures,
             "error": r.error or "",

@@ -112,7 +112,9 @@ def param_space(cfg: SweepConfig) -> dict:
     return space
 
 
-def search_algorithm(cfg: SweepConfig):
+def search_algorithm(cfg: SweepConfig, max_concurrent_trials: int):
+    """The searcher; random and grid take the concurrency limit themselves (Tune's
+    TuneConfig.max_concurrent_trials only wraps a Searcher, not the variant generator)."""
     s = cfg.search
     points = [dict(pt) for pt in s.points_to_evaluate] or None
     if s.algorithm == "optuna":
@@ -124,7 +126,8 @@ def search_algorithm(cfg: SweepConfig):
         return OptunaSearch(metric=s.metric, mode=s.mode, seed=s.seed, points_to_evaluate=points)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=s.seed)
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=s.seed,
+                                 max_concurrent=max_concurrent_trials)
 
 
 def trial_scheduler(cfg: SweepConfig, max_t: int):
@@ -132,9 +135,11 @@ def trial_scheduler(cfg: SweepConfig, max_t: int):
 
     if not cfg.asha.enabled:
         return FIFOScheduler()
-    # time_attr: one Tune iteration per evaluation report of the trial's Train run
+    # time_attr: one Tune iteration per evaluation report of the trial's Train run. ASHA
+    # stops a trial when it reaches max_t; one past the last evaluation lets a full-length
+    # trial return from its Train run by itself (and record that it completed).
     return ASHAScheduler(time_attr="training_iteration", metric=cfg.search.metric,
-                         mode=cfg.search.mode, max_t=max(max_t, cfg.asha.grace_period),
+                         mode=cfg.search.mode, max_t=max(max_t, cfg.asha.grace_period) + 1,
                          grace_period=cfg.asha.grace_period,
                          reduction_factor=cfg.asha.reduction_factor)
 
@@ -200,10 +205,10 @@ def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(prep.cfg),
-        tune_config=tune.TuneConfig(search_alg=search_algorithm(prep.cfg),
+        tune_config=tune.TuneConfig(search_alg=search_algorithm(prep.cfg, n),
                                     scheduler=trial_scheduler(prep.cfg, prep.max_t),
                                     num_samples=prep.cfg.search.num_samples,
-                                    max_concurrent_trials=n),
+                                    max_concurrent_trials=n if prep.cfg.search.algorithm == "optuna" else None),
         run_config=tune.RunConfig(name=prep.sweep_dir.name,
                                   storage_path=str(prep.sweep_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=prep.cfg.max_retries),
