@@ -337,14 +337,10 @@ def test_gpu_preset_fits_every_gpu_node_type():
     assert not fit_problems(dict(where="z", gpus=4, cpus=16, max_nodes=2), 8, 4)
 
 
-def test_gpu_preset_storage_is_shared_by_every_node():
-    """Checkpoints, metrics and the dataset of a multi-node run live where every pod/container
-    sees the same files: under a ReadWriteMany volume (KubeRay) or the NFS mount (launcher)."""
-    from sparsebk.train.config import load_config
-
-    cfg = load_config(ROOT / GPU_PRESET, [])
-    paths = {"run.storage_path": cfg.run.storage_path, "data.dir": cfg.data.dir}
+def kuberay_shared_mounts() -> list[tuple[str, list[str]]]:
+    """(pod, mount paths of ReadWriteMany claims) for every pod of every RayCluster."""
     pvcs = {d["metadata"]["name"]: d for _, d in k8s_docs() if d.get("kind") == "PersistentVolumeClaim"}
+    out = []
     for where, doc in k8s_docs():
         if doc.get("kind") != "RayCluster":
             continue
@@ -352,18 +348,64 @@ def test_gpu_preset_storage_is_shared_by_every_node():
             claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in ps.get("volumes") or []
                       if "persistentVolumeClaim" in v}
             (c,) = [c for c in ps["containers"] if c["name"].startswith("ray-")]
-            shared = [m["mountPath"] for m in c.get("volumeMounts") or [] if m["name"] in claims
-                      and "ReadWriteMany" in pvcs[claims[m["name"]]]["spec"]["accessModes"]]
-            for field, path in paths.items():
-                assert any(path.startswith(m.rstrip("/") + "/") for m in shared), \
-                    f"{where} {pod}: {field}={path} is not under a ReadWriteMany mount ({shared})"
-    opts = load_docs(LAUNCHER)[0]["docker"]["run_options"]
-    binds = [o.split()[1].split(":")[1] for o in opts if o.startswith("-v ")]
-    init = " ".join(load_docs(LAUNCHER)[0]["initialization_commands"])
+            out.append((f"{where} {pod}", [m["mountPath"] for m in c.get("volumeMounts") or []
+                                           if m["name"] in claims
+                                           and "ReadWriteMany" in pvcs[claims[m["name"]]]["spec"]["accessModes"]]))
+    return out
+
+
+def launcher_shared_mounts() -> list[str]:
+    """Container paths bound from a host path that initialization_commands mount over NFS."""
+    cfg = load_docs(LAUNCHER)[0]
+    init = " ".join(cfg["initialization_commands"])
+    binds = [o.split()[1].split(":")[1] for o in cfg["docker"]["run_options"] if o.startswith("-v ")]
+    return [b for b in binds if "mount -t nfs4" in init and b in init]
+
+
+def _under(path: str, mounts: list[str]) -> bool:
+    return any(str(path).startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_gpu_preset_storage_is_shared_by_every_node():
+    """Checkpoints, metrics and the dataset of a multi-node run live where every pod/container
+    sees the same files: under a ReadWriteMany volume (KubeRay) or the NFS mount (launcher)."""
+    from sparsebk.train.config import load_config
+
+    cfg = load_config(ROOT / GPU_PRESET, [])
+    paths = {"run.storage_path": cfg.run.storage_path, "data.dir": cfg.data.dir}
+    pods = kuberay_shared_mounts()
+    assert pods
+    for pod, mounts in pods:
+        for field, path in paths.items():
+            assert _under(path, mounts), f"{pod}: {field}={path} is not under a ReadWriteMany mount {mounts}"
     for field, path in paths.items():
-        mount = [b for b in binds if path.startswith(b.rstrip("/") + "/")]
-        assert mount and f"mount -t nfs4" in init and mount[0] in init, \
-            f"launcher: {field}={path} is not on the NFS mount bound into the containers"
+        assert _under(path, launcher_shared_mounts()), f"launcher: {field}={path} is not on the NFS mount"
+    assert not _under("/tmp/ray/x", ["/mnt/shared"]) and _under("/mnt/shared/a", ["/mnt/shared/"])
+
+
+def test_sweep_rayjob_fits_the_gpu_nodes_and_keeps_everything_shared():
+    """The sweep RayJob: the file's train_overrides all survive the cluster's override, the
+    sweep folder, each trial's data and runs are on the shared volume, and the concurrent
+    trials' GPU workers fit the GPU worker group at its maximum."""
+    from sparsebk.tune.config import load_sweep_config
+    from sparsebk.tune.sweep import max_concurrent, prepare_sweep
+
+    job = next(j for j in rayjobs() if "ray_jobs/sweep.py" in j["spec"]["entrypoint"])
+    _, config, overrides = entrypoint_args(job["spec"]["entrypoint"])
+    as_written = load_sweep_config(ROOT / config)
+    cfg = load_sweep_config(ROOT / config, overrides)
+    dropped = [o for o in as_written.train_overrides if o not in cfg.train_overrides]
+    assert not dropped, f"the RayJob's train_overrides drop {dropped} from {config}"
+    prep = prepare_sweep(cfg, check_data=False)
+    paths = {"sweep folder": prep.sweep_dir, "data.dir": prep.base_train["data"]["dir"],
+             "run.storage_path": prep.base_train["run"]["storage_path"]}
+    for pod, mounts in kuberay_shared_mounts():
+        for what, path in paths.items():
+            assert _under(path, mounts), f"{pod}: the sweep's {what} {path} is not shared"
+    trials = max_concurrent(prep, {})  # the explicit max_concurrent_trials; {}: nothing inferred
+    assert prep.use_gpu and trials >= 2
+    for node in kuberay_gpu_groups():
+        assert not fit_problems(node, trials * prep.num_workers, prep.cpus_per_worker)
 
 
 # ----------------------------------------------------------------------------- security
