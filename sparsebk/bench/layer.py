@@ -1,0 +1,125 @@
+"""`sparsebk bench layer --out DIR`: what a skipped position buys in one sparse BK layer.
+
+Times one SparseMoEResNetBKLayer forward + backward (task loss + weighted sparsity loss + MoE
+balance loss, as in training) with forced masks at several sparsities. A forced mask replaces
+only the gate's hard forward value, so it runs exactly the code path of a learned mask. Each
+mask skips round(s * N) random positions of every sequence. Sparsities are timed round-robin
+(one call each per round) so that load drifting on a shared machine hits all of them alike.
+
+Two clocks per call: wall time, and this process's CPU time. On a shared CPU box other jobs
+steal cores and inflate wall time unevenly; with --threads 1 the CPU time counts the work done.
+Prints the measured speed-up against sparsity 0 beside the ideal 1 / (1 - s), the dense
+reference path at sparsity 0, and the sparsity loss's share of the layer forward; writes
+DIR/layer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from sparsebk.bench.common import format_table, time_call, write_result
+from sparsebk.layers import SparseMoEResNetBKLayer
+
+
+def forced_mask(batch: int, n: int, sparsity: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, N) 0/1 mask skipping exactly round(sparsity * n) random positions per row."""
+    skip = round(sparsity * n)
+    order = torch.rand(batch, n, generator=generator).argsort(dim=1)
+    mask = torch.ones(batch, n)
+    mask.scatter_(1, order[:, :skip], 0.0)
+    return mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsebk bench layer", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench-results")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.1, help="the layer's dropout_p (default 0.1)")
+    p.add_argument("--sparsities", default="0,0.3,0.5,0.7")
+    p.add_argument("--rounds", type=int, default=7, help="timed calls per sparsity (median taken)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    if 0.0 not in sparsities:
+        sparsities.insert(0, 0.0)
+    dev = torch.device(args.device)
+
+    torch.manual_seed(0)
+    layer = SparseMoEResNetBKLayer(args.d_model, args.n_seq, num_experts=args.experts,
+                                   top_k=args.top_k, dropout_p=args.dropout).to(dev).train()
+    x = torch.randn(args.batch, args.n_seq, args.d_model, device=dev, requires_grad=True)
+    gen = torch.Generator().manual_seed(1)
+    masks = {s: forced_mask(args.batch, args.n_seq, s, gen).to(dev) for s in sparsities}
+
+    def step(s: float, sparse: bool = True):
+        layer.use_sparse_computation = sparse
+        y = layer(x, force_mask=masks[s])
+        loss = y.square().mean() + layer.get_sparsity_loss() + 0.01 * layer.last_aux_loss
+        loss.backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    cases = [(s, True) for s in sparsities] + [(0.0, False)]
+    for case in cases:  # warm-up: allocator, kernels, thread pools
+        step(*case)
+    wall: dict[tuple, list[float]] = {c: [] for c in cases}
+    cpu: dict[tuple, list[float]] = {c: [] for c in cases}
+    for _ in range(args.rounds):
+        for case in cases:
+            c0, w0 = time.process_time(), time.perf_counter()
+            step(*case)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            wall[case].append(time.perf_counter() - w0)
+            cpu[case].append(time.process_time() - c0)
+    med_w = {c: statistics.median(t) for c, t in wall.items()}
+    med_c = {c: statistics.median(t) for c, t in cpu.items()}
+    base_w, base_c = med_w[(0.0, True)], med_c[(0.0, True)]
+    rows = []
+    for case in cases:
+        s, sparse = case
+        rows.append({"path": "sparse" if sparse else "dense-ref", "sparsity": s,
+                     "wall_ms": 1e3 * med_w[case], "speedup_wall": base_w / med_w[case],
+                     "cpu_ms": 1e3 * med_c[case], "speedup_cpu": base_c / med_c[case],
+                     "ideal": 1.0 / (1.0 - s) if sparse else 1.0})
+
+    # share of the sparsity loss in the layer forward (training mode, graph built), at s = 0.5
+    s_mid = 0.5 if 0.5 in masks else sparsities[-1]
+    layer.use_sparse_computation = True
+    fwd = time_call(lambda: layer(x, force_mask=masks[s_mid]), repeats=args.rounds, warmup=1)
+    loss = time_call(lambda: layer.get_sparsity_loss(), repeats=50, warmup=5)
+    share = {"sparsity": s_mid, "layer_forward_ms": 1e3 * fwd["median_s"],
+             "sparsity_loss_ms": 1e3 * loss["median_s"],
+             "share_percent": 100.0 * loss["median_s"] / fwd["median_s"]}
+
+    print(f"one layer fwd+bwd: d_model={args.d_model} N={args.n_seq} B={args.batch} "
+          f"experts={args.experts} top-{args.top_k} dropout={args.dropout} device={dev} "
+          f"threads={torch.get_num_threads()}")
+    print(format_table(rows))
+    print()
+    print(format_table([share]))
+    config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
+                                            "rounds", "device")}
+    config["threads"] = torch.get_num_threads()
+    path = write_result(args.out, "layer", {"config": config, "rows": rows, "sparsity_loss_share": share,
+                                            "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t
+                                                           for (s, sp), t in wall.items()},
+                                            "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t
+                                                          for (s, sp), t in cpu.items()}})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
