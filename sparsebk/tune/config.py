@@ -203,7 +203,7 @@ class SweepConfig:
             raise ValueError(f"space: training field(s) {dup} set by more than one parameter")
         alg = self.search.algorithm
         for p in self.space.values():
-            if alg == "grid" and p.kind not in ("value", "grid", "choice"):
+            if alg == "grid" and p.kind not in ("value", "grid"):
                 raise ValueError(f"space.{p.name}: {p.kind} cannot be enumerated by "
                                  f"search.algorithm 'grid'; use grid: [...]")
             if alg != "grid" and p.kind == "grid":

@@ -1,0 +1,269 @@
+"""Ray Tune sweeps of the `tiny` preset (1 worker per trial) on a local Ray.
+
+Two sweeps, each started once per module: an ASHA sweep whose points include a trial that
+raises (retried once, then recorded) and two slow learners for ASHA to stop; and a sweep that
+is interrupted after its first trial and resumed. Results are checked against what the
+trials' own Train runs wrote (metrics.jsonl) and the Pareto definition, not against the
+sweep's own numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray import tune
+
+from sparsebk.tune.config import load_sweep_config
+from sparsebk.tune.pareto import dominates
+from sparsebk.tune.results import collect_trials
+from sparsebk.tune.sweep import run_sweep
+from sparsebk.tune.trial import attempts_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
+TRAIN_OVERRIDES = ["run.num_workers=1", "run.max_failures=0", "run.plots=false",
+                   "run.eval_batches=1", f"data.dir={REPO / 'data' / 'tiny-bytes'}"]
+
+
+def write_sweep(tmp: Path, name: str, text: str) -> Path:
+    f = tmp / f"{name}.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.fixture(scope="module")
+def ray_fast(request):
+    """ray_local, with Train's controller polling its workers every 0.2 s instead of 2 s
+    (each report waits for a poll); workers inherit the variable from the raylet."""
+    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    try:
+        yield request.getfixturevalue("ray_local")
+    finally:
+        if old is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+
+
+# ---------------------------------------------------------------- bad configs (no Ray)
+
+def _bad(tmp_path, body: str, *match: str):
+    from sparsebk.tune import cli
+
+    f = write_sweep(tmp_path, "bad", body)
+    store = tmp_path / "store"
+    with pytest.raises(ValueError) as e:
+        load_and_prepare(f)
+    for m in (str(f), *match):
+        assert m in str(e.value), str(e.value)
+    assert cli.main(["--config", str(f)]) == 2
+    assert not store.exists()  # nothing started, nothing written
+
+
+def load_and_prepare(f):
+    from sparsebk.tune.sweep import prepare_sweep
+
+    return prepare_sweep(load_sweep_config(f), check_data=False)
+
+
+GOOD = f"""
+name: ok
+train_config: {TINY}
+storage_path: STORE
+space:
+  loss_type: {{choice: [l2, adaptive]}}
+"""
+
+
+@pytest.mark.parametrize("edit, match", [
+    (("storage_path: STORE", "storage_path: STORE\nsurprise: 1"), ["unknown field", "surprise"]),
+    (("space:", "search: {algorithm: bayes}\nspace:"), ["search.algorithm", "bayes"]),
+    (("{choice: [l2, adaptive]}", "{choice: [l2, l3]}"),
+     ["space.loss_type", "model.sparsity_loss_type", "'l3'"]),
+    (("{choice: [l2, adaptive]}", "{loguniform: [0.0, 0.1]}"), ["space.loss_type.loguniform", "> 0"]),
+    (("  loss_type:", "  final_sparsity: {uniform: [0.2, 1.5]}\n  loss_type:"),
+     ["space.final_sparsity", "schedule.final_sparsity", "1.5"]),
+    (("  loss_type:", "  accuracy_weight: {choice: [0.5, 1.0]}\n  loss_type:"),
+     ["space.accuracy_weight", "optim.accuracy_weight"]),
+    (("  loss_type:", "  dropout: {uniform: [0.0, 0.2]}\n  loss_type:"),
+     ["space.dropout", "key:"]),
+    (("space:", "search: {algorithm: grid}\nspace:"), ["space.loss_type", "grid"]),
+    (("storage_path: STORE", "storage_path: STORE\ntrain_overrides: [optim.lr=-1]"),
+     ["train_config/train_overrides", "optim.lr"]),
+])
+def test_bad_sweep_config_fails_before_any_trial(tmp_path, edit, match):
+    body = GOOD.replace(*edit).replace("STORE", str(tmp_path / "store"))
+    _bad(tmp_path, body, *match)
+
+
+# ---------------------------------------------------------------- the ASHA sweep
+
+ASHA_SWEEP = f"""
+name: asha
+train_config: {TINY}
+train_overrides: {json.dumps(TRAIN_OVERRIDES + ["optim.max_steps=20", "run.eval_every=5"])}
+storage_path: STORE
+search:
+  algorithm: random
+  num_samples: 4
+  points_to_evaluate:
+    - {{lr: 3.0e-3, loss_type: l2, inject_faults: []}}
+    - {{lr: 3.0e-3, loss_type: adaptive, inject_faults: ["raise@2", "raise@3"]}}
+    - {{lr: 1.0e-7, loss_type: l2, inject_faults: []}}
+    - {{lr: 1.0e-7, loss_type: adaptive, inject_faults: []}}
+space:
+  lr: {{choice: [3.0e-3, 1.0e-7]}}
+  loss_type: {{choice: [l2, adaptive]}}
+  inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"]]}}
+  tau: 1.0
+asha: {{enabled: true, grace_period: 1, reduction_factor: 2}}
+max_concurrent_trials: 3
+max_retries: 1
+sparsity_levels: [0.1, 0.2, 0.9]
+last_k: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_fast, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("asha")
+    f = write_sweep(tmp, "asha", ASHA_SWEEP.replace("STORE", str(tmp / "store")))
+    summary = run_sweep(load_sweep_config(f))
+    df = pd.read_csv(Path(summary["sweep_dir"]) / "report" / "results.csv")
+    by_key = {(r.lr, r.loss_type): r for r in df.itertuples()}
+    return summary, df, by_key
+
+
+def _train_evals(sweep_dir: Path, trial_id: str) -> list[dict]:
+    """The evaluations the trial's own Train run wrote (last record per step)."""
+    recs = {}
+    for line in (sweep_dir / "train_runs" / trial_id / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "eval":
+            recs[r["step"]] = r
+    return [recs[k] for k in sorted(recs)]
+
+
+def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
+    summary, df, by_key = asha_sweep
+    sweep_dir = Path(summary["sweep_dir"])
+    assert len(df) == 4 and summary["resumed"] is False
+    good = by_key[(3e-3, "l2")]
+    assert good.stop_reason == "completed" and good.evaluations == 4 and good.last_step == 20
+    slow = [by_key[(1e-7, "l2")], by_key[(1e-7, "adaptive")]]
+    stopped = [r for r in slow if r.stop_reason == "early_stopped"]
+    assert stopped, df[["trial_id", "lr", "stop_reason", "evaluations"]]
+    assert all(r.evaluations < 4 and r.best_val_loss > good.best_val_loss for r in stopped)
+    # each trial ran its own Train run; the table agrees with what that run wrote
+    for r in df.itertuples():
+        if r.stop_reason == "error":
+            continue
+        evals = _train_evals(sweep_dir, r.trial_id)
+        assert len(evals) >= r.evaluations
+        seen = evals[:r.evaluations]
+        assert r.best_val_loss == pytest.approx(min(e["val_loss"] for e in seen))
+        assert r.achieved_sparsity == pytest.approx(
+            sum(e["sparsity"] for e in seen[-2:]) / len(seen[-2:]))
+        assert r.target_sparsity_final == pytest.approx(seen[-1]["target_sparsity"])
+
+
+def test_failing_trial_is_retried_then_recorded(asha_sweep):
+    summary, df, by_key = asha_sweep
+    bad = by_key[(3e-3, "adaptive")]
+    assert bad.status == "ERROR" and bad.stop_reason == "error"
+    assert "injected failure at step 3" in bad.error  # the retry got past step 2, then failed
+    assert bad.retries == 1
+    assert len(attempts_file(summary["sweep_dir"], bad.trial_id).read_text().splitlines()) == 2
+    assert summary["trials"] == {"OK": 3, "ERROR": 1}  # the sweep went on and finished
+
+
+def test_sweep_writes_tables_front_plots_and_report(asha_sweep):
+    summary, df, _ = asha_sweep
+    out = Path(summary["sweep_dir"]) / "report"
+    pq = pd.read_parquet(out / "results.parquet")
+    assert list(pq["trial_id"]) == list(df["trial_id"])
+    assert pq["best_val_ppl"].tolist() == pytest.approx(df["best_val_ppl"].tolist(), nan_ok=True)
+    for png in ("pareto.png", "sparsity_vs_target.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the front is exactly the non-dominated non-failed trials (quadratic definition)
+    ok = df[df["status"] != "ERROR"]
+    pts = {r.trial_id: (r.best_val_ppl, r.achieved_sparsity) for r in ok.itertuples()}
+    want = {t for t, p in pts.items() if not any(dominates(q, p) for u, q in pts.items() if u != t)}
+    front = pd.read_csv(out / "pareto.csv")
+    assert set(front["trial_id"]) == want and set(pd.read_parquet(out / "pareto.parquet")
+                                                  ["trial_id"]) == want
+    md = (out / "report.md").read_text()
+    dense = ok.loc[ok["achieved_sparsity"].idxmin()]
+    assert f"Densest trial (baseline): `{dense.trial_id}`" in md
+    lvl = ok[ok["achieved_sparsity"] >= 0.1]
+    if len(lvl):
+        best = lvl.loc[lvl["best_val_ppl"].idxmin()]
+        cost = best.best_val_ppl - dense.best_val_ppl
+        assert f"| 0.10 | `{best.trial_id}` |" in md and f"{cost:+.2f}" in md
+    assert "| 0.90 | none reached it |" in md
+    # `sparsebk report DIR` regenerates the same table from the stored results
+    from sparsebk.tune.report import main as report_main
+
+    assert report_main([summary["sweep_dir"], "--out", str(out.parent / "again")]) == 0
+    again = pd.read_csv(out.parent / "again" / "results.csv")
+    pd.testing.assert_frame_equal(again, df)
+
+
+# ---------------------------------------------------------------- interrupt and resume
+
+class InterruptOnce(tune.Callback):
+    """Interrupts the driver (SIGUSR1: Tune saves its state and returns) when the first
+    trial completes; a marker file keeps the restored copy of this callback quiet."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+RESUME_SWEEP = f"""
+name: resume
+train_config: {TINY}
+train_overrides: {json.dumps(TRAIN_OVERRIDES + ["optim.max_steps=10", "run.eval_every=5"])}
+storage_path: STORE
+search: {{algorithm: grid}}
+space:
+  lr: {{grid: [3.0e-3, 2.0e-3]}}
+asha: {{enabled: false}}
+max_concurrent_trials: 1
+"""
+
+
+def test_interrupted_sweep_resumes_and_runs_only_the_rest(ray_fast, tmp_path):
+    f = write_sweep(tmp_path, "resume", RESUME_SWEEP.replace("STORE", str(tmp_path / "store")))
+    cfg = load_sweep_config(f)
+    marker = tmp_path / "interrupted"
+    first = run_sweep(cfg, callbacks=[InterruptOnce(str(marker))], report=False)
+    sweep_dir = Path(first["sweep_dir"])
+    done_first = marker.read_text()
+    before = {r.trial_id: r for r in collect_trials(sweep_dir)}
+    assert before[done_first].stop_reason == "completed"
+    assert sum(r.stop_reason == "completed" for r in before.values()) == 1
+
+    second = run_sweep(cfg)
+    assert second["resumed"] is True
+    after = collect_trials(sweep_dir)
+    assert len(after) == 2 and all(r.stop_reason == "completed" for r in after)
+    assert {r.params["lr"] for r in after} == {3e-3, 2e-3}
+    # the trial finished before the interruption did not run again
+    assert len(attempts_file(sweep_dir, done_first).read_text().splitlines()) == 1
+    for r in after:
+        assert [e["step"] for e in _train_evals(sweep_dir, r.trial_id)] == [5, 10]
+    assert (sweep_dir / "report" / "report.md").is_file()
