@@ -12,7 +12,7 @@ positions copy features from the left only. Architecture only: no Ray, no distri
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Sequence
 
 import torch
@@ -96,8 +96,7 @@ class LMConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown LMConfig field(s) {unknown}; known fields: {sorted(known)}")
-        missing = [f.name for f in fields(cls) if f.name not in d and f.default is f.default_factory]
-        missing = [m for m in missing if m in ("vocab_size", "n_seq", "d_model", "n_layers")]
+        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
         if missing:
             raise ValueError(f"LMConfig is missing required field(s) {missing}")
         return cls(**d)

@@ -131,6 +131,19 @@ def test_changing_token_j_changes_no_logit_before_j(mode):
         assert (a[:, j] - b[:, j]).abs().max() > 1e-3  # token j itself is seen at j
 
 
+def test_the_causality_check_catches_a_bidirectional_core():
+    """Teeth: with the bidirectional resolvent (G_ii sees the whole sequence) the same check fails."""
+    torch.manual_seed(1)
+    model = debug_model(torch.float64).eval()
+    for layer in model.layers:
+        layer.sparse_bk_core.causal = False
+    tokens = torch.randint(0, 64, (4, 32))
+    changed = tokens.clone()
+    changed[:, 13] = (changed[:, 13] + 17) % 64
+    leak = (model(tokens)["logits"][:, :13] - model(changed)["logits"][:, :13]).abs().max()
+    assert leak > 1e-6
+
+
 # ----------------------------------------------------------------------------- training
 def test_every_parameter_gets_a_gradient_in_a_training_step():
     torch.manual_seed(3)

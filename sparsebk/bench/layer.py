@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="timed calls per sparsity (median taken)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--lm-presets", default="small",
+                   help="comma-separated LMConfig presets whose full training step is timed "
+                        "(tokens/s); empty to skip")
+    p.add_argument("--lm-batch", type=int, default=16)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +122,46 @@ def main(argv: list[str] | None = None) -> int:
                                             "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t
                                                           for (s, sp), t in cpu.items()}})
     print(f"wrote {path}")
+    presets = [n for n in args.lm_presets.split(",") if n]
+    if presets:
+        lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds) for name in presets]
+        print()
+        print(format_table(lm_rows))
+        path = write_result(args.out, "layer", {"config": config, "rows": rows, "sparsity_loss_share": share,
+                                                "lm_steps": lm_rows})
     return 0
+
+
+def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int) -> dict:
+    """Tokens/s of one full training step (forward, backward, AdamW) of a preset LM at n_seq."""
+    from sparsebk.lm import LMConfig, SparseBKLM
+
+    torch.manual_seed(0)
+    cfg = LMConfig.preset(name)
+    model = SparseBKLM(cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.n_seq + 1), device=dev)
+
+    def step():
+        out = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    wall, cpu = [], []
+    step()
+    for _ in range(rounds):
+        c0, w0 = time.process_time(), time.perf_counter()
+        step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    w, c = statistics.median(wall), statistics.median(cpu)
+    n_tok = batch * cfg.n_seq
+    return {"preset": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "batch": batch, "seq": cfg.n_seq, "step_wall_ms": 1e3 * w, "tokens_per_s_wall": n_tok / w,
+            "step_cpu_ms": 1e3 * c, "tokens_per_s_cpu": n_tok / c}
 
 
 if __name__ == "__main__":
