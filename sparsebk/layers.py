@@ -218,7 +218,8 @@ class SparseMoEResNetBKLayer(nn.Module):
         base = torch.arange(B, device=x.device).unsqueeze(1) * N
         row = torch.where(src >= 0, rank[(base + src.clamp_min(0)).reshape(-1)].view(B, N), 0)
         table = torch.cat([self.output_proj(spec.new_zeros(1, 2)), spec], dim=0)  # (M + 1, D)
-        y = table.index_select(0, row.reshape(-1)).index_copy(0, idx, out)  # (B N, D)
+        # under autocast the projections may be half precision while h is float32: one dtype
+        y = table.to(out.dtype).index_select(0, row.reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
 
     def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor):

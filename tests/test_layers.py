@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 from sparsebk import (AdaptiveSparsityScheduler, MoEFFN, SparseBKCore, SparseMoEResNetBKLayer,
                       get_balanced_loss, get_sparsity_loss, get_sparsity_stats)
 
@@ -387,3 +388,14 @@ def test_seed_usage_example_runs_as_written():
             f"Target sparsity: {stats['target_sparsity']:.3f}")
     assert 0.0 <= stats['sparsity_ratio'] <= 1.0 and 0.0 <= stats['num_computed'] <= 128
     assert "Target sparsity: 0.20" in text
+
+
+@requires_cuda
+def test_cuda_layer_matches_cpu():
+    torch.manual_seed(12)
+    layer = make_layer(num_experts=3).eval()
+    x = torch.randn(2, 10, 8, dtype=D64)
+    force = (torch.rand(2, 10) < 0.5).double()
+    ref = layer(x, force_mask=force)
+    got = layer.cuda()(x.cuda(), force_mask=force.cuda())
+    assert torch.allclose(got.cpu(), ref, atol=1e-10)

@@ -182,3 +182,16 @@ def test_debug_lm_learns_and_reaches_its_sparsity_target():
     assert last < 0.3 * first, (first, last)
     achieved = torch.stack(sp_hist[-20:]).mean(0)  # (L,) measured, per layer
     assert torch.all((achieved - target).abs() < 0.05), achieved
+
+
+def test_bf16_autocast_step_tracks_float32():
+    """Mixed precision (as on GPUs) runs through the gathers and the BK-core, close to float32."""
+    torch.manual_seed(5)
+    model = debug_model(dropout_p=0.0).eval()
+    tokens = torch.randint(0, 64, (4, 32))
+    ref = model(tokens, tokens.roll(-1, 1))["ce_loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(tokens, tokens.roll(-1, 1))
+    out["loss"].backward()
+    assert abs(out["ce_loss"].item() - ref.item()) < 0.05
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
