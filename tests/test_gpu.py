@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
 
 # |G_ii| <= 1/Im z = 1 for z = 1j, so absolute tolerances are on the scale of the values.
-BK_TOL = {torch.float32: dict(rtol=2e-5, atol=2e-6), torch.float64: dict(rtol=1e-11, atol=1e-12)}
+# The float32 bound is the one tests/test_bk_core.py holds float32 to against float64.
+BK_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
 @pytest.fixture
@@ -75,7 +76,9 @@ def test_bk_core_on_cuda_equals_cpu(dtype, causal, N, with_offdiag, z):
     # And both against the float64 loop reference (the trusted one).
     ref = resolvent_diagonal_reference(diag.double(), z, offdiag=None if off is None else off.double(),
                                        causal=causal)
-    torch.testing.assert_close(g_gpu.to(ref.dtype), ref, **BK_TOL[dtype])
+    scale = max(1.0, ref.abs().max().item())
+    torch.testing.assert_close(g_gpu.to(ref.dtype), ref, rtol=BK_TOL[dtype]["rtol"],
+                               atol=BK_TOL[dtype]["atol"] * scale)
 
 
 def _debug_model(seed: int = 0, **overrides):
