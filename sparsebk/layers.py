@@ -15,7 +15,8 @@ inside it would save nothing.
 
 The mask is straight-through (exactly 0/1 forward): multiplying the computed outputs by it
 hands the task gradient to the importance predictor, and the sparsity loss is built from the
-same live mask.
+same live mask. (At a skipped position the computed output does not exist, so its logit gets
+the sparsity-loss gradient only, as with tokens that bypass a block in Mixture-of-Depths.)
 
 `use_sparse_computation=False` computes every position densely and selects with the mask:
 the same outputs (to rounding) at full cost; it is the reference the sparse path is tested
