@@ -33,6 +33,27 @@ def _row(name: str, seconds: float, blocks: int, block_len: int, note: str = "")
             "tokens_per_s": blocks * block_len / seconds if seconds > 0 else float("inf"), "note": note}
 
 
+def _model_step_seconds(batch_size: int, block_len: int, repeats: int) -> float:
+    """Median seconds of one training step of the small preset on random ids (CPU or GPU)."""
+    import torch
+
+    from sparsebk.lm import LMConfig, SparseBKLM
+
+    cfg = LMConfig.preset("small")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = SparseBKLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, block_len + 1), device=device)
+
+    def step():
+        out = model(x[:, :-1], x[:, 1:])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return time_call(step, repeats=repeats, warmup=1)["median_s"]
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sparsebk bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +64,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ray-cpus", type=int, default=2)
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
+    p.add_argument("--no-model", action="store_true",
+                   help="skip timing one training step of the small model (for the loader's share)")
     args = p.parse_args(argv)
 
     from sparsebk.data import load_blocks, load_manifest, prepare_dataset, ray_datasets
@@ -95,10 +118,25 @@ def main(argv: list[str]) -> int:
             if started_here:
                 ray.shutdown()
 
+    shares = []
+    if not args.no_model:
+        step = _model_step_seconds(args.batch_size, block_len, args.repeats)
+        rows.append(_row("model train step (small)", step, args.batch_size, block_len,
+                         "forward + backward + AdamW, one process"))
+        for r in rows:
+            if r["path"].startswith(("load_blocks", "ray pass")):
+                per_batch = args.batch_size / r["blocks_per_s"]  # loader seconds per training batch
+                shares.append({"loader": f"{r['path']} ({r['note'].split(';')[0]})",
+                               "loader_s_per_batch": per_batch, "model_step_s": step,
+                               "share_of_step": per_batch / (per_batch + step)})
+
     print(f"PTB word level, block_len {block_len} (small preset), {n_train} train blocks")
     print(format_table(rows, ["path", "seconds", "blocks", "blocks_per_s", "tokens_per_s", "note"]))
+    if shares:
+        print("\nloader time per batch next to one training step of the small model (serial worst case)")
+        print(format_table(shares))
     path = write_result(args.out, "data", {"block_len": block_len, "batch_size": args.batch_size,
-                                           "train_blocks": n_train, "rows": rows,
+                                           "train_blocks": n_train, "rows": rows, "shares": shares,
                                            "command": "sparsebk bench data " + " ".join(argv)})
     print(f"wrote {path}")
     if tmp is not None:
