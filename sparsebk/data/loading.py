@@ -60,6 +60,8 @@ def ray_datasets(path: str | Path, splits: Sequence[str] = ("train", "valid", "t
     """
     import ray.data
 
+    if isinstance(splits, str):
+        splits = (splits,)  # a lone name, not its characters
     root = Path(path).resolve()
     m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=list(splits),
                       verify_checksums=verify_checksums)
