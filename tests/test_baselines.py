@@ -123,7 +123,16 @@ def test_bad_config_names_field(field, value, match):
         TransformerConfig.from_dict({**CFG, "n_head": 2})
 
 
-def test_learns_a_deterministic_sequence():
+@pytest.fixture()
+def one_thread():
+    """Tiny models on a loaded shared machine: one thread avoids OpenMP barrier stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_learns_a_deterministic_sequence(one_thread):
     """Next token = (token + 3) mod V: a perfect model has loss 0; chance is log V."""
     torch.manual_seed(0)
     model = TransformerLM(TransformerConfig(vocab_size=17, n_seq=12, d_model=32, n_layers=1,

@@ -1,0 +1,373 @@
+"""`sparsebk bench quality --out DIR [--budget-s S]`: what sparsity costs and buys on PTB.
+
+Trains the `small` LM preset on Penn Treebank (word level, 10k vocabulary) once per target
+sparsity, plus a causal Transformer of the same width and depth, each for the same fixed
+wall-clock budget of training time on this machine, with the same seed (same initial weights
+for every BK variant) and the same data order; then reports valid and test perplexity,
+achieved sparsity per layer, training and evaluation tokens/s, and tokens seen.
+
+Why a compact single-process loop here and not Ray Train: the question is model quality per
+unit of compute, and a wall-clock budget is only fair when nothing else shares the clock (no
+actor calls, no data pipeline threads, no DDP). The loop reuses the training package's
+optimizer settings (`OptimConfig`: AdamW, warmup + cosine, clipping) and drives the seed's
+`AdaptiveSparsityScheduler` exactly as the schedule actor does, with one difference forced by
+the budget: the number of steps is unknown in advance, so the scheduler's step and the cosine
+LR decay are indexed by the fraction of the budget spent (see `_schedule_step`).
+
+The dense point is target 0 on the same code path as the sparse points (same model, same
+gate, same scheduler; only the target differs), and its achieved sparsity is reported like
+the others'. `use_sparse_computation=False` is not a dense model here: in this model it
+evaluates every position and then applies the learned mask by selection (the sparse path's
+reference, same outputs at full cost), so its quality would be the masked model's.
+
+Evaluation scores every token of the split once, in independent windows of `block_len`
+tokens (no state carried across windows), in eval mode (no gate noise, no dropout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sparsebk.bench.common import format_table, write_result
+
+log = logging.getLogger(__name__)
+
+# test perplexity on PTB (Mikolov splits) from the literature, printed beside our numbers
+ANCHORS = {"Kneser-Ney 5-gram": 141.2, "small LSTM (Zaremba et al. 2014)": 114.5,
+           "medium LSTM (Zaremba et al. 2014)": 82.7}
+DENSE = "bk-dense"
+TRANSFORMER = "transformer"
+
+
+@dataclass
+class QualitySettings:
+    preset: str = "small"
+    targets: tuple = (0.0, 0.3, 0.5, 0.7)
+    budget_s: float = 300.0  # training wall-clock per model (evaluation not counted)
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 2e-3
+    ramp_frac: float = 0.3  # sparsity target ramps from 0 to its final value over this budget fraction
+    curve_points: int = 10  # validation-subset evaluations during training (clock paused)
+    curve_eval_blocks: int = 32
+    eval_blocks: int | None = None  # None = whole valid/test split
+    transformer: bool = True
+    data_dir: str = "data/ptb-word"
+    dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
+    model_overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.targets = tuple(float(t) for t in self.targets)
+        if not self.targets or any(not 0.0 <= t < 1.0 for t in self.targets):
+            raise ValueError(f"targets={list(self.targets)}: each target sparsity must be in [0, 1)")
+        for name in ("budget_s", "lr", "ramp_frac"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r} must be a positive number")
+        if self.ramp_frac > 1:
+            raise ValueError(f"ramp_frac={self.ramp_frac} must be in (0, 1]")
+        for name in ("batch_size", "curve_points", "curve_eval_blocks"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.eval_blocks is not None and self.eval_blocks < 1:
+            raise ValueError(f"eval_blocks={self.eval_blocks!r} must be a positive integer or None")
+
+
+def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
+    """(manifest, {split: LongTensor (R, block_len + 1)}); prepares PTB on first use."""
+    from sparsebk.data import check_dataset, load_blocks, prepare_dataset
+
+    path = Path(s.dataset) if s.dataset else prepare_dataset(
+        s.data_dir, corpus="ptb", tokenizer="word", block_len=block_len)
+    manifest = check_dataset(path, block_len=block_len)
+    blocks = {split: load_blocks(path, split) for split in ("train", "valid", "test")}
+    manifest["path"] = str(path)
+    return manifest, blocks
+
+
+def _schedule_step(frac: float, s: QualitySettings, warmup_steps: int) -> int:
+    """Scheduler step for the fraction of the budget spent: the ramp ends at `ramp_frac`."""
+    return min(warmup_steps, int(warmup_steps * frac / s.ramp_frac))
+
+
+def _lr(step: int, frac: float, peak: float, optim) -> float:
+    """Linear warmup over `optim.warmup_steps` steps, cosine decay over the budget fraction."""
+    warm = min(1.0, (step + 1) / max(1, optim.warmup_steps))
+    cos = 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
+    return peak * warm * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cos)
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """Mean next-token CE over all tokens of `blocks`, per-layer sparsity, tokens/s."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    sparsity = None
+    t0 = time.perf_counter()
+    for i in range(0, len(blocks), batch_size):
+        b = blocks[i:i + batch_size]
+        out = model(b[:, :-1])
+        logits = out["logits"]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
+                                 reduction="sum").double()
+        if "layer_sparsity" in out:
+            s = out["layer_sparsity"].double() * len(b)
+            sparsity = s if sparsity is None else sparsity + s
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    tokens = blocks.shape[0] * (blocks.shape[1] - 1)
+    loss = (total / tokens).item()
+    res = {"loss": loss, "ppl": math.exp(loss), "tokens": tokens,
+           "tokens_per_s": tokens / seconds}
+    if sparsity is not None:
+        res["layer_sparsity"] = (sparsity / len(blocks)).tolist()
+    return res
+
+
+def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: float | None,
+              optim, sched_kwargs: dict | None) -> dict:
+    """Train `model` for `s.budget_s` seconds of training time; evaluate; return the record."""
+    from sparsebk.scheduler import AdaptiveSparsityScheduler
+
+    torch.manual_seed(s.seed + 1)  # gate noise and dropout: the same stream for every variant
+    order_gen = torch.Generator().manual_seed(s.seed)  # the data order: the same for every variant
+    train = blocks["train"]
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=optim.betas,
+                            weight_decay=optim.weight_decay)
+    scheduler = AdaptiveSparsityScheduler(**sched_kwargs) if sched_kwargs else None
+    curve_blocks = blocks["valid"][: s.curve_eval_blocks]
+    curve, next_point = [], 1
+    perm, pos, step, spent = torch.randperm(len(train), generator=order_gen), 0, 0, 0.0
+    loss_sum = torch.zeros(())
+    sp_sum, n_since = None, 0
+    state = {"sparsity_target": 0.0, "loss_weight": 0.0}
+    model.train()
+    while spent < s.budget_s:
+        t0 = time.perf_counter()
+        frac = spent / s.budget_s
+        if scheduler is not None:
+            state = scheduler.state_at(_schedule_step(frac, s, scheduler.config.warmup_steps))
+            model.set_sparsity_schedule(state["sparsity_target"], state["loss_weight"])
+        lr = _lr(step, frac, s.lr, optim)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        if pos + s.batch_size > len(perm):  # next epoch, same generator: same order everywhere
+            perm, pos = torch.randperm(len(train), generator=order_gen), 0
+        batch = train[perm[pos:pos + s.batch_size]]  # (B, block_len + 1)
+        pos += s.batch_size
+        out = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        opt.step()
+        loss_sum += out["ce_loss"].detach()
+        if "layer_sparsity" in out:
+            sp_sum = out["layer_sparsity"].detach() if sp_sum is None else sp_sum + out["layer_sparsity"].detach()
+        n_since += 1
+        step += 1
+        spent += time.perf_counter() - t0
+        if spent >= next_point * s.budget_s / s.curve_points or spent >= s.budget_s:
+            v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
+            point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
+                     "train_ce": (loss_sum / n_since).item(), "valid_subset_loss": v["loss"],
+                     "valid_subset_ppl": v["ppl"], "lr": lr, "target": state["sparsity_target"],
+                     "loss_weight": state["loss_weight"]}
+            if sp_sum is not None:
+                point["train_layer_sparsity"] = (sp_sum / n_since).tolist()
+            curve.append(point)
+            log.info("%s step %d %.0fs train_ce %.3f valid_subset_ppl %.1f", name, step, spent,
+                     point["train_ce"], v["ppl"])
+            loss_sum, sp_sum, n_since = torch.zeros(()), None, 0
+            next_point = int(spent * s.curve_points / s.budget_s) + 1
+    tokens_seen = step * s.batch_size * (train.shape[1] - 1)
+    eval_blocks = {k: blocks[k][: s.eval_blocks] if s.eval_blocks else blocks[k] for k in ("valid", "test")}
+    valid = evaluate(model, eval_blocks["valid"], s.batch_size)
+    test = evaluate(model, eval_blocks["test"], s.batch_size)
+    layer_sp = test.get("layer_sparsity")
+    return {
+        "model": name, "target_sparsity": target, "params": sum(p.numel() for p in model.parameters()),
+        "steps": step, "tokens_seen": tokens_seen, "train_s": spent,
+        "train_tokens_per_s": tokens_seen / spent,
+        "valid_loss": valid["loss"], "valid_ppl": valid["ppl"],
+        "test_loss": test["loss"], "test_ppl": test["ppl"],
+        "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],
+        "test_tokens": test["tokens"],
+        "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
+        "layer_sparsity": layer_sp, "curve": curve,
+    }
+
+
+def run_quality(s: QualitySettings) -> dict:
+    from sparsebk.baselines import TransformerConfig, TransformerLM
+    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.train.config import OptimConfig
+
+    base = LMConfig.preset(s.preset, **s.model_overrides)
+    manifest, blocks = load_data(s, base.n_seq)
+    cfg = LMConfig.from_dict({**base.to_dict(), "vocab_size": manifest["vocab_size"]})
+    optim = OptimConfig(lr=s.lr)
+    results = []
+    for target in s.targets:
+        torch.manual_seed(s.seed)  # the same initial weights for every BK variant
+        name = DENSE if target == 0.0 else f"bk-sparse-{target:g}"
+        model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
+        sched = dict(initial_sparsity=0.0, final_sparsity=target,
+                     initial_weight=cfg.sparsity_loss_weight / 10,
+                     final_weight=cfg.sparsity_loss_weight, warmup_steps=1000,
+                     schedule_type="cosine")
+        log.info("training %s for %.0f s", name, s.budget_s)
+        results.append(train_one(name, model, blocks, s, target=target, optim=optim, sched_kwargs=sched))
+    if s.transformer:
+        torch.manual_seed(s.seed)
+        tcfg = TransformerConfig.matching(cfg)
+        log.info("training %s for %.0f s", TRANSFORMER, s.budget_s)
+        results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
+                                 optim=optim, sched_kwargs=None))
+    return {"settings": asdict(s), "model_config": cfg.to_dict(),
+            "dataset": {"path": manifest["path"], "vocab_size": manifest["vocab_size"],
+                        "block_len": manifest["block_len"],
+                        "tokenizer": manifest.get("tokenizer", {}).get("name")},
+            "anchors_test_ppl": ANCHORS, "results": results, "goal": goal_check(results)}
+
+
+def goal_check(results: list[dict]) -> dict | None:
+    """The issue's goal at 0.5: test ppl within 3% of dense, and faster per token."""
+    by = {r["model"]: r for r in results}
+    dense, half = by.get(DENSE), by.get("bk-sparse-0.5")
+    if dense is None or half is None:
+        return None
+    ppl_ratio = half["test_ppl"] / dense["test_ppl"]
+    train_speedup = half["train_tokens_per_s"] / dense["train_tokens_per_s"]
+    eval_speedup = half["eval_tokens_per_s"] / dense["eval_tokens_per_s"]
+    return {"test_ppl_ratio": ppl_ratio, "train_speedup": train_speedup,
+            "eval_speedup": eval_speedup, "achieved_sparsity": half["achieved_sparsity"],
+            "ppl_within_3pct": ppl_ratio <= 1.03, "faster_per_token": train_speedup > 1.0}
+
+
+def tables(record: dict) -> str:
+    rows = []
+    dense = next((r for r in record["results"] if r["model"] == DENSE), None)
+    for r in record["results"]:
+        sp = r["layer_sparsity"]
+        rows.append({
+            "model": r["model"], "target": "-" if r["target_sparsity"] is None else r["target_sparsity"],
+            "achieved": "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}",
+            "per layer": "-" if sp is None else " ".join(f"{x:.2f}" for x in sp),
+            "valid ppl": r["valid_ppl"], "test ppl": r["test_ppl"],
+            "test vs dense": "-" if dense is None else f"{r['test_ppl'] / dense['test_ppl']:.3f}",
+            "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),
+            "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"]})
+    s = record["settings"]
+    out = [f"PTB word-level quality, {s['budget_s']:g} s training budget per model (seed {s['seed']}, "
+           f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
+           "Literature anchors (PTB test perplexity):",
+           format_table([{"model": k, "test ppl": v} for k, v in ANCHORS.items()])]
+    g = record["goal"]
+    if g:
+        out += ["", "Goal at target 0.5 (test ppl within 3% of dense; faster per token):",
+                format_table([{"test ppl / dense": f"{g['test_ppl_ratio']:.3f}",
+                               "within 3%": "yes" if g["ppl_within_3pct"] else "no",
+                               "train speed-up": f"{g['train_speedup']:.2f}x",
+                               "eval speed-up": f"{g['eval_speedup']:.2f}x",
+                               "achieved sparsity": g["achieved_sparsity"]}])]
+    return "\n".join(out)
+
+
+def plots(record: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = record["results"]
+    bk = [r for r in res if r["model"] != TRANSFORMER]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    xs = [r["achieved_sparsity"] or 0.0 for r in bk]
+    ax.plot(xs, [r["test_ppl"] for r in bk], "o-", label="sparse BK (test)")
+    ax.plot(xs, [r["valid_ppl"] for r in bk], "s--", alpha=0.6, label="sparse BK (valid)")
+    for r, x in zip(bk, xs):
+        ax.annotate(f"target {r['target_sparsity']:g}", (x, r["test_ppl"]), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    for r in res:
+        if r["model"] == TRANSFORMER:
+            ax.plot([0.0], [r["test_ppl"]], "r*", markersize=12, label="Transformer (test)")
+    for (k, v), style in zip(ANCHORS.items(), (":", "-.", "--")):
+        ax.axhline(v, color="gray", linestyle=style, linewidth=0.8, label=k)
+    ax.set_xlabel("achieved sparsity (eval, mean over layers)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"PTB, {record['settings']['budget_s']:g} s per model")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p1 = out_dir / "quality_ppl_vs_sparsity.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in res:
+        c = r["curve"]
+        a1.plot([p["train_s"] for p in c], [p["valid_subset_ppl"] for p in c], "o-", ms=3, label=r["model"])
+        a2.plot([p["tokens"] for p in c], [math.exp(min(p["train_ce"], 30)) for p in c], "o-", ms=3,
+                label=r["model"])
+    a1.set_xlabel("training seconds")
+    a1.set_ylabel("valid-subset perplexity")
+    a2.set_xlabel("tokens seen")
+    a2.set_ylabel("train perplexity (mean since last point)")
+    for a in (a1, a2):
+        a.set_yscale("log")
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    p2 = out_dir / "quality_curves.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="sparsebk bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default 300)")
+    p.add_argument("--targets", default="0,0.3,0.5,0.7", help="comma-separated target sparsities; 0 = dense")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--data-dir", default="data/ptb-word", help="where PTB is prepared (reused)")
+    p.add_argument("--dataset", default=None, help="an already prepared dataset dir instead of PTB")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="LMConfig override, e.g. --set d_model=128 (repeatable)")
+    p.add_argument("--no-transformer", action="store_true")
+    p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    overrides = {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        import yaml
+
+        overrides[key] = yaml.safe_load(value)
+    s = QualitySettings(
+        preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
+        budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
+        lr=a.lr, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
+        model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
+                                      if a.quick else {}))
+    record = run_quality(s)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record["plots"] = [p.name for p in plots(record, out)]
+    print(tables(record))
+    write_result(out, "quality", record)
+    print(f"\nwrote {out / 'quality.json'}, {', '.join(record['plots'])}")
+    return 0
