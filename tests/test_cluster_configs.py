@@ -123,9 +123,9 @@ def exposure_problems(doc: dict) -> list[str]:
     cluster_specs = {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec") or {}]}.get(kind, [])
     for cs in cluster_specs:
         head = cs.get("headGroupSpec") or {}
-        stype = head.get("serviceType") or ((head.get("headService") or {}).get("spec") or {}).get("type")
-        if stype in ("LoadBalancer", "NodePort"):
-            problems.append(f"{kind} head service type {stype}")
+        for stype in (head.get("serviceType"), ((head.get("headService") or {}).get("spec") or {}).get("type")):
+            if stype in ("LoadBalancer", "NodePort"):
+                problems.append(f"{kind} head service type {stype}")
         if head.get("enableIngress"):
             problems.append(f"{kind} head enableIngress is true")
     return problems
@@ -488,6 +488,9 @@ def test_checkers_flag_hand_made_bad_configs():
     assert auth_problems(cluster(good_env), {"other"}), "token from an unknown Secret not seen"
     assert auth_problems(cluster(good_env, mode="disabled"), {"s"}), "authOptions.mode disabled not seen"
     assert exposure_problems(cluster(good_env, service="NodePort"))
+    via_head_service = cluster(good_env)
+    via_head_service["spec"]["headGroupSpec"]["headService"] = {"spec": {"type": "LoadBalancer"}}
+    assert exposure_problems(via_head_service), "a LoadBalancer headService not seen"
     assert image_ray_version("rayproject/ray:2.59.1-py311-gpu") == "2.59.1"
     assert image_ray_version("rayproject/ray:latest-gpu") is None
     assert entrypoint_args("python a.py --config b.yaml --set x.y=1 --set z=2") == ("a.py", "b.yaml", ["x.y=1", "z=2"])
