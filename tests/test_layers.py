@@ -399,3 +399,13 @@ def test_cuda_layer_matches_cpu():
     ref = layer(x, force_mask=force)
     got = layer.cuda()(x.cuda(), force_mask=force.cuda())
     assert torch.allclose(got.cpu(), ref, atol=1e-10)
+
+
+def test_benchmark_forced_masks_skip_exactly_the_asked_fraction():
+    from sparsebk.bench.layer import forced_mask
+
+    gen = torch.Generator().manual_seed(0)
+    for s in (0.0, 0.3, 0.5, 0.7):
+        mask = forced_mask(4, 512, s, gen)
+        assert set(mask.unique().tolist()) <= {0.0, 1.0}
+        assert mask.sum(1).tolist() == [512 - round(s * 512)] * 4
