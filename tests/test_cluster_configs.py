@@ -529,3 +529,14 @@ def test_setup_installs_this_package():
     text = DOCKERFILE.read_text()
     assert re.search(r"^COPY .*pyproject\.toml", text, flags=re.M)
     assert re.search(r"^RUN pip install [^\n]*\s\.\s", text + " ", flags=re.M), "Dockerfile must pip install ."
+
+
+def test_torch_pin_is_the_same_everywhere():
+    """The cluster images install the torch the Makefile installs locally (one tested version)."""
+    pins = {
+        "Makefile": re.findall(r"torch==([\w.]+)", (ROOT / "Makefile").read_text()),
+        "cluster/Dockerfile": re.findall(r"torch==([\w.]+)", DOCKERFILE.read_text()),
+        "launcher setup_commands": re.findall(r"torch==([\w.]+)", " ".join(load_docs(LAUNCHER)[0]["setup_commands"])),
+    }
+    assert all(pins.values()), f"a torch pin is missing: {pins}"
+    assert len({v for vs in pins.values() for v in vs}) == 1, f"torch pins differ: {pins}"
