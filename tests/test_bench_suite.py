@@ -95,6 +95,14 @@ def test_suite_runs_records_and_renders(tmp_path, fake_modules):
     assert [r["name"] for r in saved["runs"]] == list(benches)
     assert saved["machine"]["cpu_count"] == os.cpu_count()
 
+    # a later run into the same DIR that skips `fake` still reports fake's last tables, marked
+    rec2 = suite.run_suite(out, skip=["fake", "broken", "skipme"], benchmarks=benches, echo=False)
+    md2 = (out / "BENCHMARKS.md").read_text()
+    assert rec2["runs"][0]["previous"]["args"] == ["--out", str(out), "--quick", "--n", "4"]
+    assert "## fake\n\nNot rerun by this command" in md2
+    assert "**Squares (quick=True):**\n\n" + format_table(fake["rows"]) in md2
+    assert "## skipme\n\nSkipped" in md2
+
 
 def test_suite_rejects_unknown_skip(tmp_path):
     with pytest.raises(ValueError, match="nope"):

@@ -60,7 +60,7 @@ class QualitySettings:
     curve_eval_blocks: int = 32
     eval_blocks: int | None = None  # None = whole valid/test split
     transformer: bool = True
-    data_dir: str = "data/ptb-word"
+    data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
     model_overrides: dict = field(default_factory=dict)
 
@@ -87,7 +87,7 @@ def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
     from sparsebk.data import check_dataset, load_blocks, prepare_dataset
 
     path = Path(s.dataset) if s.dataset else prepare_dataset(
-        s.data_dir, corpus="ptb", tokenizer="word", block_len=block_len)
+        s.data_dir or f"data/ptb-word-{block_len}", corpus="ptb", tokenizer="word", block_len=block_len)
     manifest = check_dataset(path, block_len=block_len)
     blocks = {split: load_blocks(path, split) for split in ("train", "valid", "test")}
     manifest["path"] = str(path)
@@ -341,7 +341,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--data-dir", default="data/ptb-word", help="where PTB is prepared (reused)")
+    p.add_argument("--data-dir", default=None, help="where PTB is prepared and reused (default data/ptb-word-<n_seq>)")
     p.add_argument("--dataset", default=None, help="an already prepared dataset dir instead of PTB")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="LMConfig override, e.g. --set d_model=128 (repeatable)")

@@ -9,6 +9,11 @@ live; its stderr (logging) goes to DIR/logs/<name>.stderr.log. Afterwards the su
 - DIR/BENCHMARKS.md: the machine (cores, torch and Ray versions, device, load average), then per
   benchmark the command that made it and the markdown tables it printed, and links to its PNGs.
 
+`--args 'NAME=ARGS'` passes extra arguments to one benchmark (e.g. `--args 'quality=--budget-s
+180'`). Each run's record is kept in DIR/logs/<name>.run.json, so a benchmark run earlier into
+the same DIR (say the long quality run) and `--skip`ped now still appears in the markdown,
+marked as such, with the command and time of that run.
+
 The tables are taken from the benchmarks' printed output (lines starting with "|", as
 `format_table` prints them), so the markdown shows exactly what the benchmark showed.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import shlex
 import signal
@@ -97,7 +103,12 @@ def _run_one(name: str, module: str, args: list[str], log_dir: Path, timeout_s: 
     wall = time.perf_counter() - t0
     timed_out = rc < 0 and wall >= timeout_s
     return {"name": name, "module": module, "args": args, "rc": rc, "timed_out": timed_out,
-            "wall_s": wall, "stdout": "".join(lines), "stderr_log": str(stderr_path)}
+            "wall_s": wall, "stdout": "".join(lines), "stderr_log": str(stderr_path),
+            "finished_utc": _now()}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bool = False,
@@ -119,12 +130,15 @@ def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bo
         raise ValueError(f"extra_args: unknown benchmark(s) {unknown}; choose from {sorted(benchmarks)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _now()
     load_before = os.getloadavg()
     runs = []
     for name, module in benchmarks.items():
         if name in skip:
-            runs.append({"name": name, "module": module, "skipped": True})
+            # a skipped benchmark keeps the record of its last run in this DIR, if any
+            last = out / "logs" / f"{name}.run.json"
+            prev = json.loads(last.read_text()) if last.exists() else None
+            runs.append({"name": name, "module": module, "skipped": True, "previous": prev})
             continue
         args = ["--out", str(out)]
         quick_used = quick and supports_option(module, "--quick")
@@ -140,12 +154,13 @@ def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bo
             p.name for p in out.glob("*")
             if p.is_file() and (p not in before or p.stat().st_mtime > before[p]))
         runs.append(run)
+        (out / "logs" / f"{name}.run.json").write_text(json.dumps(run, indent=1))
         if echo and run["rc"] != 0:
             tail = Path(run["stderr_log"]).read_text()[-2000:]
             print(f"=== {name} FAILED (exit {run['rc']}); stderr tail:\n{tail}", flush=True)
     record = {
         "command": command or f"sparsebk bench all --out {out}",
-        "started_utc": started.isoformat(timespec="seconds"),
+        "started_utc": started,
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
         "quick": quick,
@@ -173,8 +188,12 @@ def render_markdown(record: dict, machine: dict) -> str:
     for run in record["runs"]:
         lines += [f"## {run['name']}", ""]
         if run.get("skipped"):
-            lines += ["Skipped in this run (`--skip`).", ""]
-            continue
+            if not run.get("previous"):
+                lines += ["Skipped in this run (`--skip`).", ""]
+                continue
+            run = run["previous"]
+            lines += [f"Not rerun by this command (`--skip`): tables from its run that finished "
+                      f"{run['finished_utc']}.", ""]
         cmd = shlex.join(["sparsebk", "bench", run["name"], *run["args"]])
         status = "ok" if run["rc"] == 0 else (
             "TIMED OUT" if run["timed_out"] else f"FAILED with exit code {run['rc']}")
@@ -204,11 +223,19 @@ def main(argv: list[str]) -> int:
                    help=f"skip a benchmark (repeatable): one of {', '.join(names)}")
     p.add_argument("--quick", action="store_true",
                    help="small sizes/budgets (a smoke run), passed to benchmarks that offer --quick")
+    p.add_argument("--args", action="append", default=[], metavar="NAME=ARGS",
+                   help="extra arguments for one benchmark, e.g. --args 'quality=--budget-s 180'")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per-benchmark wall-clock limit")
     args = p.parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for item in args.args:
+        name, sep, rest = item.partition("=")
+        if not sep or name not in names:
+            p.error(f"--args {item!r}: expected NAME=ARGS with NAME one of {', '.join(names)}")
+        extra.setdefault(name, []).extend(shlex.split(rest))
     command = shlex.join(["sparsebk", "bench", "all", *argv])
     record = run_suite(args.out, skip=args.skip, quick=args.quick, timeout_s=args.timeout_s,
-                       command=command)
+                       extra_args=extra, command=command)
     print(f"\nwrote {Path(args.out) / 'BENCHMARKS.md'} and {Path(args.out) / 'suite.json'}")
     failed = [r["name"] for r in record["runs"] if not r.get("skipped") and r["rc"] != 0]
     if failed:
