@@ -44,8 +44,10 @@ NO_QUICK = textwrap.dedent('''
     def main(argv):
         p = argparse.ArgumentParser()
         p.add_argument("--out")
-        p.parse_args(argv)  # would exit 2 on an unknown --quick
-        print("| a |\\n|---|\\n| 1 |")
+        p.add_argument("--rounds-max")
+        p.add_argument("--rounds", default="7")
+        a = p.parse_args(argv)  # would exit 2 on an unknown --quick
+        print("| rounds |\\n|---|\\n| %s |" % a.rounds)
         return 0
 ''')
 
@@ -67,7 +69,9 @@ def test_extract_tables_keeps_caption_and_rows():
     assert suite.extract_tables(text) == [f"**Caption here:**\n\n{table}", "**trailing**\n\n| a |\n|---|"]
 
 
-def test_suite_runs_records_and_renders(tmp_path, fake_modules):
+def test_suite_runs_records_and_renders(tmp_path, fake_modules, monkeypatch):
+    # smaller sizes for a benchmark without --quick: only the options its --help names
+    monkeypatch.setitem(suite.QUICK_ARGS, "noquick", [("--absent", "1"), ("--rounds", "2")])
     out = tmp_path / "out"
     benches = {"fake": "fakebench", "broken": "brokenbench", "noquick": "noquickbench",
                "skipme": "does_not_exist"}
@@ -75,9 +79,9 @@ def test_suite_runs_records_and_renders(tmp_path, fake_modules):
                           extra_args={"fake": ["--n", "4"]}, echo=False, command="sparsebk bench all --x")
     runs = {r["name"]: r for r in rec["runs"]}
     assert runs["skipme"]["skipped"] is True
-    assert runs["fake"]["rc"] == 0 and runs["fake"]["quick"] is True
+    assert runs["fake"]["rc"] == 0 and runs["fake"]["quick"] == ["--quick"]
     assert runs["fake"]["args"] == ["--out", str(out), "--quick", "--n", "4"]
-    assert runs["noquick"]["rc"] == 0 and runs["noquick"]["quick"] is False
+    assert runs["noquick"]["rc"] == 0 and runs["noquick"]["quick"] == ["--rounds", "2"]
     assert runs["broken"]["rc"] == 3
     assert "a clear reason" in (out / "logs" / "broken.stderr.log").read_text()
     assert runs["fake"]["outputs"] == ["fake.json"]
@@ -88,6 +92,7 @@ def test_suite_runs_records_and_renders(tmp_path, fake_modules):
     assert md == rec["markdown"]
     assert "**Squares (quick=True):**\n\n" + format_table(fake["rows"]) in md
     assert "Made by `sparsebk bench all --x`" in md
+    assert "| rounds |\n|---|\n| 2 |" in md
     assert "FAILED with exit code 3" in md and "## skipme\n\nSkipped" in md
     m = machine_info()
     assert f"| {m['cpu_count']} " in md and m["torch"] in md and str(m["ray"]) in md

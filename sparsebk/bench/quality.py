@@ -142,8 +142,11 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     torch.manual_seed(s.seed + 1)  # gate noise and dropout: the same stream for every variant
     order_gen = torch.Generator().manual_seed(s.seed)  # the data order: the same for every variant
     train = blocks["train"]
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=optim.betas,
-                            weight_decay=optim.weight_decay)
+    # as the training loop does: weight decay on matrices and embeddings only
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=s.lr, betas=optim.betas)
     scheduler = AdaptiveSparsityScheduler(**sched_kwargs) if sched_kwargs else None
     curve_blocks = blocks["valid"][: s.curve_eval_blocks]
     curve, next_point = [], 1
@@ -203,6 +206,8 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
         "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],
         "test_tokens": test["tokens"],
         "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
+        # with gate noise, over the last curve interval (eval above is noise-free)
+        "train_layer_sparsity": curve[-1].get("train_layer_sparsity") if curve else None,
         "layer_sparsity": layer_sp, "curve": curve,
     }
 
@@ -261,8 +266,10 @@ def tables(record: dict) -> str:
         sp = r["layer_sparsity"]
         rows.append({
             "model": r["model"], "target": "-" if r["target_sparsity"] is None else r["target_sparsity"],
-            "achieved": "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}",
-            "per layer": "-" if sp is None else " ".join(f"{x:.2f}" for x in sp),
+            "eval sparsity": "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}",
+            "eval per layer": "-" if sp is None else " ".join(f"{x:.2f}" for x in sp),
+            "train sparsity": "-" if not r["train_layer_sparsity"] else
+            f"{sum(r['train_layer_sparsity']) / len(r['train_layer_sparsity']):.3f}",
             "valid ppl": r["valid_ppl"], "test ppl": r["test_ppl"],
             "test vs dense": "-" if dense is None else f"{r['test_ppl'] / dense['test_ppl']:.3f}",
             "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),

@@ -2,7 +2,8 @@
 
 Each benchmark listed in `sparsebk.bench.cli.BENCHMARKS` runs in its own Python process
 (a crash, a hung Ray worker or a changed thread setting in one cannot spoil the next), with
-`--out DIR`, plus `--quick` where the benchmark's own `--help` offers it. Its stdout is echoed
+`--out DIR`; with `--quick`, plus `--quick` where the benchmark's own `--help` offers it, or
+else the smaller sizes of QUICK_ARGS that its `--help` names. Its stdout is echoed
 live; its stderr (logging) goes to DIR/logs/<name>.stderr.log. Afterwards the suite writes
 
 - DIR/suite.json: per benchmark the command, exit code, wall time and the JSON files it wrote;
@@ -24,6 +25,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -40,17 +42,38 @@ _RUNNER = ("import importlib, sys; m = importlib.import_module(sys.argv[1]); "
            "sys.exit(int(m.main(sys.argv[2:]) or 0))")
 
 
+# Smoke-run sizes for benchmarks whose --help offers no --quick: (option, value) pairs, each
+# passed only when that benchmark's --help names the option (so a renamed option is dropped,
+# not an error).
+QUICK_ARGS: dict[str, list[tuple[str, str]]] = {
+    "bk-core": [("--sizes", "128,512"), ("--repeats", "3"), ("--min-time", "0.05"),
+                ("--max-reference-n", "512"), ("--max-dense-n", "128")],
+    "layer": [("--n-seq", "128"), ("--rounds", "2"), ("--lm-batch", "4")],
+    "data": [("--repeats", "1")],
+    "training": [("--steps", "10"), ("--repeats", "1")],
+}
+
+
 def _default_benchmarks() -> dict[str, str]:
     from sparsebk.bench.cli import BENCHMARKS
 
     return dict(BENCHMARKS)
 
 
-def supports_option(module: str, option: str) -> bool:
-    """Whether `module`'s `main(["--help"])` mentions `option` (a benchmark we do not own)."""
+def help_text(module: str) -> str:
+    """What `module`'s `main(["--help"])` prints (a benchmark we do not own)."""
     proc = subprocess.run([sys.executable, "-c", _RUNNER, module, "--help"],
                           capture_output=True, text=True, timeout=300)
-    return option in proc.stdout
+    return proc.stdout
+
+
+def quick_args(name: str, module: str) -> list[str]:
+    """`--quick` if the benchmark offers it, else the QUICK_ARGS its --help names."""
+    text = help_text(module)
+    if "--quick" in text:
+        return ["--quick"]
+    named = lambda opt: re.search(re.escape(opt) + r"(?![\w-])", text) is not None
+    return [x for opt, value in QUICK_ARGS.get(name, []) if named(opt) for x in (opt, value)]
 
 
 def extract_tables(text: str) -> list[str]:
@@ -140,11 +163,8 @@ def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bo
             prev = json.loads(last.read_text()) if last.exists() else None
             runs.append({"name": name, "module": module, "skipped": True, "previous": prev})
             continue
-        args = ["--out", str(out)]
-        quick_used = quick and supports_option(module, "--quick")
-        if quick_used:
-            args.append("--quick")
-        args += list(extra_args.get(name, ()))
+        quick_used = quick_args(name, module) if quick else []
+        args = ["--out", str(out), *quick_used, *extra_args.get(name, ())]
         if echo:
             print(f"\n=== sparsebk bench {name} {shlex.join(args)}", flush=True)
         before = {p: p.stat().st_mtime for p in out.glob("*")}
