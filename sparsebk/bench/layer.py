@@ -113,22 +113,19 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print()
     print(format_table([share]))
-    config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
-                                            "rounds", "device")}
-    config["threads"] = torch.get_num_threads()
-    path = write_result(args.out, "layer", {"config": config, "rows": rows, "sparsity_loss_share": share,
-                                            "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t
-                                                           for (s, sp), t in wall.items()},
-                                            "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t
-                                                          for (s, sp), t in cpu.items()}})
-    print(f"wrote {path}")
     presets = [n for n in args.lm_presets.split(",") if n]
-    if presets:
-        lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds) for name in presets]
+    lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds) for name in presets]
+    if lm_rows:
         print()
         print(format_table(lm_rows))
-        path = write_result(args.out, "layer", {"config": config, "rows": rows, "sparsity_loss_share": share,
-                                                "lm_steps": lm_rows})
+    config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
+                                            "rounds", "device", "lm_batch")}
+    config["threads"] = torch.get_num_threads()
+    path = write_result(args.out, "layer", {
+        "config": config, "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
+        "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in wall.items()},
+        "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in cpu.items()}})
+    print(f"wrote {path}")
     return 0
 
 
