@@ -385,3 +385,20 @@ def test_ray_data_reads_the_same_blocks(ray_local, ptb):
         ray_datasets(ptb, ("train",), block_len=64)
     with pytest.raises(ValueError, match=r"field vocab_size=10000 .* larger than the model's vocab_size=64"):
         ray_datasets(ptb, ("valid",), vocab_size=64)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_prepare_data_cli(tmp_path, text_file, capsys):
+    from sparsebk.cli import main
+
+    out = tmp_path / "cli"
+    args = ["prepare-data", "--text", str(text_file), "--tokenizer", "byte", "--block-len", "16", "--out", str(out)]
+    assert main(args) == 0
+    m = load_manifest(out)
+    assert m["args"]["block_len"] == 16 and m["tokenizer"]["name"] == "byte"
+    printed = capsys.readouterr().out
+    assert f"{m['splits']['train']['tokens']:,} tokens" in printed
+    assert main(args[:-3] + ["32", "--out", str(out)]) == 2  # refuses to mix: exit 2, message on stderr
+    assert "field args.block_len is 16 but 32 was asked for" in capsys.readouterr().err
