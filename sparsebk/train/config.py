@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 TOKENIZERS = ("word", "byte", "gpt2")
+LOADERS = ("ray", "local")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -57,7 +58,13 @@ class DataConfig:
     """Dataset location and batching. `dir` is written by `sparsebk.data.prepare_dataset` on
     first use and reused after (idempotent). `corpus: text` reads `text` (a file, a directory
     of .txt files or a glob); `ptb_lines: N` makes a small text corpus from the first N lines
-    of PTB's train split (the `tiny` preset: seconds to prepare)."""
+    of PTB's train split (the `tiny` preset: seconds to prepare).
+
+    `loader: ray` (default) feeds each worker its shard of a Ray Data dataset (streaming split);
+    a resumed run skips the batches its epoch had consumed. `loader: local` has every worker
+    read the train split's Parquet files itself (rows strided by rank, a seeded permutation
+    per epoch when shuffling): no Ray Data actors to start, and an exactly reproducible data
+    position after a restart. Both need the dataset on storage every worker can read."""
 
     dir: str = "data/ptb-word"
     corpus: str = "ptb"
@@ -68,7 +75,8 @@ class DataConfig:
     max_vocab: int | None = None
     batch_size: int = 16  # per worker
     prefetch_batches: int = 2
-    shuffle_buffer: int = 0  # rows; 0 = the stored order
+    loader: str = "ray"
+    shuffle_buffer: int = 0  # rows (Ray Data local shuffle); with loader local: > 0 = shuffle
     eval_batch_size: int = 32
 
     def __post_init__(self):
@@ -93,6 +101,8 @@ class DataConfig:
             _positive_int("data.max_vocab", self.max_vocab)
         _positive_int("data.batch_size", self.batch_size)
         _positive_int("data.prefetch_batches", self.prefetch_batches, allow_zero=True)
+        if self.loader not in LOADERS:
+            raise _err("data.loader", self.loader, f"choose one of {LOADERS}")
         _positive_int("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
         _positive_int("data.eval_batch_size", self.eval_batch_size)
 

@@ -80,6 +80,13 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
         d["run"]["name"] = run_name or cfg.run.name
         d["run"]["storage_path"] = storage_path or cfg.run.storage_path
         cfg = TrainConfig.from_dict(d)
+    try:  # the model section alone first: a bad field fails before any data work
+        pre = cfg.lm_config(cfg.model.get("vocab_size", 2))
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if cfg.data.block_len > pre.n_seq:
+        raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
+                         f"model's n_seq={pre.n_seq}")
     dataset_dir = ensure_dataset(cfg.data)
     manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len)
     try:
@@ -91,8 +98,10 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
         schedule_actor = create_schedule_actor(cfg.schedule, lm_cfg.n_layers)
     # Ray Data's progress bars would bury the progress lines in the job's log.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    datasets = ray_datasets(dataset_dir, splits=("train",), vocab_size=manifest["vocab_size"],
-                            block_len=cfg.data.block_len)
+    datasets = None
+    if cfg.data.loader == "ray":
+        datasets = ray_datasets(dataset_dir, splits=("train",),
+                                vocab_size=manifest["vocab_size"], block_len=cfg.data.block_len)
     loop_config = {"cfg": cfg.to_dict(), "lm": lm_cfg.to_dict(), "dataset_dir": str(dataset_dir),
                    "schedule_actor": schedule_actor}
     resources = {"CPU": cfg.run.cpus_per_worker}
@@ -123,14 +132,17 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     stays the latest one in the run directory)."""
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, where=where)
+    run_dir = Path(cfg.run.run_dir)
+    stopped_file = run_dir / "stopped.json"
+    stopped_file.unlink(missing_ok=True)  # from an earlier attempt of this run name
     result = trainer.fit()
     wall = time.perf_counter() - t0
     stats = ray.get(trainer.schedule_actor.stats.remote())
-    run_dir = Path(cfg.run.run_dir)
-    m = dict(result.metrics or {})
+    m = dict(result.metrics or {})  # the metrics reported with the latest checkpoint
     latest = result.checkpoint.path if result.checkpoint is not None else None
-    if m.get("stopped"):
-        raise RuntimeError(f"run {cfg.run.name} {m['stopped']}; last good checkpoint: {latest}")
+    if stopped_file.is_file():
+        reason = json.loads(stopped_file.read_text())["reason"]
+        raise RuntimeError(f"run {cfg.run.name} {reason}; last good checkpoint: {latest}")
 
     evals = read_metrics(run_dir).get("eval", [])
     best = min(evals, key=lambda r: r["val_loss"]) if evals else m

@@ -95,6 +95,21 @@ def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int,
     return acc[0].item() / tokens, (acc[2:] / tokens).tolist()
 
 
+def _local_batches(rows: torch.Tensor, cfg: TrainConfig, epoch: int, skip: int, rank: int,
+                   world: int):
+    """data.loader local: this rank's batches of one epoch from all rows (R, block_len + 1)."""
+    n = len(rows) // world * world  # equal shares: every rank runs the same number of steps
+    if cfg.data.shuffle_buffer:
+        g = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch)
+        order = torch.randperm(len(rows), generator=g)[:n]
+    else:
+        order = torch.arange(n)
+    mine = order[rank::world]
+    b = cfg.data.batch_size
+    for i in range(skip * b, len(mine) - b + 1, b):
+        yield rows[mine[i:i + b]]
+
+
 def _batches(shard, cfg: TrainConfig, epoch: int, skip: int):
     """This rank's training batches for one epoch, (B, block_len + 1) int64, after `skip`."""
     kw = {}
@@ -207,7 +222,13 @@ def train_loop_per_worker(config: dict) -> None:
     sched_log.parent.mkdir(parents=True, exist_ok=True)
     sched_file = open(sched_log, "a", buffering=1)  # line-buffered: a crash loses no line
     valid = load_blocks(dataset_dir, "valid")
-    shard = ray.train.get_dataset_shard("train")  # [ray]
+    if cfg.data.loader == "ray":
+        shard = ray.train.get_dataset_shard("train")  # [ray]
+        epoch_batches = lambda e, skip: _batches(shard, cfg, e, skip)  # noqa: E731
+    else:
+        train_rows = load_blocks(dataset_dir, "train")
+        epoch_batches = lambda e, skip: _local_batches(  # noqa: E731
+            train_rows, cfg, e, skip, rank, world)
 
     # Running sums since the last log line, kept on the device (no per-step host sync).
     win = torch.zeros(2 + n_layers, dtype=torch.float64, device=device)  # loss, steps, sparsity
@@ -221,7 +242,7 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     while step < max_steps and stopped is None:
         got_batch = False
-        batches = _batches(shard, cfg, epoch, batch_in_epoch)
+        batches = epoch_batches(epoch, batch_in_epoch)
         while step < max_steps:
             t_wait = time.perf_counter()
             batch = next(batches, None)
@@ -308,6 +329,8 @@ def train_loop_per_worker(config: dict) -> None:
                    "stopped": stopped or ""}
         if rank == 0 and stopped:
             logger.error(stopped)
+            # The driver reads this (Ray's Result.metrics are the last checkpoint's).
+            (run_dir / "stopped.json").write_text(json.dumps({"step": step, "reason": stopped}))
         ray.train.report(metrics)  # [ray]
     sched_file.close()
     if writer is not None:

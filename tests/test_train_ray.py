@@ -1,0 +1,189 @@
+"""Ray Train runs of the `tiny` preset on CPU with 2 workers (one local Ray for the module).
+
+Scenarios are combined into few TorchTrainer runs to keep the module fast:
+  1. a clean run (DDP lowers the loss; ranks saw identical schedules; one actor call per step;
+     the distributed validation loss equals a single-process one), then the same run name
+     again with a larger budget (it resumes);
+  2. a run with injected faults: a worker raising, a worker hard-exiting, the schedule actor
+     killed, a NaN step -> it finishes with a continuous step sequence and schedule;
+  3. consecutive NaN steps -> a clear error, the last good checkpoint intact;
+  4. bad configs fail before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsebk.scheduler import AdaptiveSparsityScheduler
+from sparsebk.train.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("train")
+
+
+def tiny(workdir: Path, name: str, *overrides: str):
+    return load_config(TINY, [f"data.dir={workdir / 'data' / 'tiny'}",
+                              f"run.storage_path={workdir / 'runs'}", f"run.name={name}",
+                              *overrides])
+
+
+def schedule_records(run_dir: Path) -> dict[int, list[dict]]:
+    out = {}
+    for f in sorted((run_dir / "schedule").glob("rank*.jsonl")):
+        out[int(f.stem[4:])] = [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def attempts(records: list[dict]) -> list[list[int]]:
+    """Step sequences per worker process (attempt), in order."""
+    seqs: dict[int, list[int]] = defaultdict(list)
+    for r in records:
+        seqs[r["pid"]].append(r["step"])
+    return list(seqs.values())
+
+
+def assert_schedule_matches_reference(cfg, records: dict[int, list[dict]], n_layers: int):
+    ref = AdaptiveSparsityScheduler(**cfg.schedule)  # no accuracy_threshold: state_at is exact
+    for rank, recs in records.items():
+        for r in recs:
+            expect = ref.state_at(r["step"])
+            assert r["targets"] == pytest.approx([expect["sparsity_target"]] * n_layers), (rank, r)
+            assert r["weight"] == pytest.approx(expect["loss_weight"]), (rank, r)
+
+
+def reference_val_loss(state_dict, lm_cfg, blocks: torch.Tensor) -> float:
+    """Single-process token-mean cross-entropy of a model in eval mode."""
+    from sparsebk.lm import SparseBKLM
+
+    model = SparseBKLM(lm_cfg)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.eval()
+    with torch.no_grad():
+        logits = model(blocks[:, :-1])["logits"]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                               blocks[:, 1:].reshape(-1)).item()
+
+
+def latest_state(run_dir: Path) -> dict:
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+    return torch.load(run_dir / name / "state.pt", weights_only=True)
+
+
+def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
+    from sparsebk.data import load_blocks, load_manifest
+    from sparsebk.lm import SparseBKLM
+    from sparsebk.train.driver import run_training
+
+    cfg = tiny(workdir, "clean", "optim.max_steps=20", "run.eval_every=10")
+    summary = run_training(cfg)
+    run_dir = Path(cfg.run.run_dir)
+    assert summary["steps"] == 20
+    # One actor call per step, whatever the world size.
+    assert summary["actor_served"] == 20 and summary["actor_calls"] == 20
+
+    records = schedule_records(run_dir)
+    assert sorted(records) == [0, 1]
+    as_tuples = {r: [(x["step"], x["targets"], x["weight"]) for x in recs]
+                 for r, recs in records.items()}
+    assert as_tuples[0] == as_tuples[1]  # every rank used the same values at every step
+    assert [x[0] for x in as_tuples[0]] == list(range(1, 21))
+    lm_cfg = cfg.lm_config(vocab_size=load_manifest(cfg.data.dir)["vocab_size"])
+    assert_schedule_matches_reference(cfg, records, lm_cfg.n_layers)
+
+    # The all-reduced validation loss equals a single-process evaluation of the same weights
+    # on the same rows, and training lowered it well below the initial model's.
+    state = latest_state(run_dir)
+    assert state["step"] == 20
+    rows = cfg.run.eval_batches * cfg.data.eval_batch_size * cfg.run.num_workers
+    valid = load_blocks(cfg.data.dir, "valid")[:rows]
+    final = reference_val_loss(state["model"], lm_cfg, valid)
+    assert summary["best_val_loss"] == pytest.approx(final, rel=1e-4, abs=1e-4)
+    torch.manual_seed(cfg.run.seed * 1000)  # rank 0's seed: DDP starts from rank 0's weights
+    initial = reference_val_loss(SparseBKLM(lm_cfg).state_dict(), lm_cfg, valid)
+    assert final < initial - 1.0, (initial, final)
+    assert {p.name for p in (run_dir / "plots").glob("*.png")} == {
+        "loss_ppl.png", "sparsity.png", "weight.png"}
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
+
+    # The same command with the same run name resumes from step 20.
+    cfg2 = tiny(workdir, "clean", "optim.max_steps=30", "run.eval_every=10")
+    summary2 = run_training(cfg2)
+    assert summary2["steps"] == 30
+    assert summary2["actor_served"] == 10  # only the new steps were scheduled
+    records = schedule_records(run_dir)
+    for rank in (0, 1):
+        assert attempts(records[rank]) == [list(range(1, 21)), list(range(21, 31))]
+    assert_schedule_matches_reference(cfg2, records, lm_cfg.n_layers)
+
+
+def test_faults_worker_raise_exit_actor_kill_and_nan_step(ray_local, workdir):
+    from sparsebk.train.driver import run_training
+
+    # The plain-Parquet loader here (exact data position; no Ray Data actors to restart).
+    cfg = tiny(workdir, "faults", "optim.max_steps=20", "run.eval_every=5", "data.loader=local",
+               "run.max_failures=3", "run.inject_faults=[raise@7, kill_actor@9, nan@11, exit@14]")
+    summary = run_training(cfg)
+    run_dir = Path(cfg.run.run_dir)
+    assert summary["steps"] == 20
+    assert sorted(p.name for p in (run_dir / "faults").iterdir()) == [
+        "exit@14", "kill_actor@9", "raise@7"]
+    assert summary["bad_steps"] >= 1  # the NaN step was skipped and counted
+
+    records = schedule_records(run_dir)
+    n_layers = len(records[0][0]["targets"])
+    assert_schedule_matches_reference(cfg, records, n_layers)
+    for rank in (0, 1):
+        seqs = attempts(records[rank])
+        assert len(seqs) == 3  # two worker-group restarts; the actor kill needed none
+        for seq in seqs:  # each attempt: consecutive steps from a checkpoint (multiple of 5)
+            assert seq == list(range(seq[0], seq[0] + len(seq)))
+            assert (seq[0] - 1) % cfg.run.eval_every == 0
+        assert seqs[0][0] == 1 and seqs[-1][-1] == 20
+        assert seqs[1][0] <= 7 and seqs[2][0] <= 14  # resumed at or before the failure
+    # Identical values on both ranks wherever both recorded a step.
+    by_step = [{x["step"]: (x["targets"], x["weight"]) for x in records[r]} for r in (0, 1)]
+    for step in set(by_step[0]) & set(by_step[1]):
+        assert by_step[0][step] == by_step[1][step]
+    # The schedule timeline continued across the actor restart: one call per scheduled step.
+    assert summary["actor_calls"] == 20
+
+
+def test_consecutive_non_finite_steps_stop_with_clear_error(ray_local, workdir):
+    from sparsebk.train.driver import run_training
+
+    cfg = tiny(workdir, "nan", "optim.max_steps=20", "run.eval_every=5", "run.num_workers=1",
+               "data.loader=local",
+               "optim.max_bad_steps=2", "run.inject_faults=[nan@7, nan@8]", "run.max_failures=0")
+    with pytest.raises(RuntimeError, match=r"stopped at step 8: 2 consecutive non-finite steps"):
+        run_training(cfg)
+    state = latest_state(Path(cfg.run.run_dir))
+    assert state["step"] == 5  # the last good checkpoint is the latest
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_bad_configs_fail_before_workers_start(ray_local, workdir):
+    from sparsebk.train.driver import build_trainer
+
+    # The dataset has a byte vocabulary (> 256 ids); a smaller model vocabulary is refused.
+    with pytest.raises(ValueError, match="model.vocab_size=64"):
+        build_trainer(tiny(workdir, "bad1", "model.vocab_size=64"), where="tiny.yaml")
+    with pytest.raises(ValueError, match="data.batch_size=100000"):
+        build_trainer(tiny(workdir, "bad2", "data.batch_size=100000"), where="tiny.yaml")
+    with pytest.raises(ValueError, match="data.block_len=64 is longer than the model's n_seq=32"):
+        build_trainer(tiny(workdir, "bad3", "data.block_len=64",
+                           f"data.dir={workdir / 'data' / 'tiny64'}"), where="tiny.yaml")
+    assert not (workdir / "runs" / "bad1").exists()
