@@ -267,3 +267,37 @@ def test_interrupted_sweep_resumes_and_runs_only_the_rest(ray_fast, tmp_path):
     for r in after:
         assert [e["step"] for e in _train_evals(sweep_dir, r.trial_id)] == [5, 10]
     assert (sweep_dir / "report" / "report.md").is_file()
+
+
+# ---------------------------------------------------------------- pieces without trials
+
+def test_max_concurrent_from_resources_and_workers_per_trial(tmp_path):
+    from sparsebk.tune.sweep import max_concurrent
+
+    prep = load_and_prepare(write_sweep(tmp_path, "c", GOOD.replace("STORE", str(tmp_path))))
+    prep.num_workers, prep.cpus_per_worker, prep.use_gpu = 2, 1.0, False
+    # (9 CPUs - 1 kept for Ray Data) / (2 workers x 1 CPU + 0.01 for the trial) = 3.98 -> 3
+    assert max_concurrent(prep, {"CPU": 9.0}) == 3
+    assert max_concurrent(prep, {"CPU": 2.0}) == 1  # never below one
+    prep.num_workers, prep.cpus_per_worker, prep.use_gpu = 4, 2.0, True
+    assert max_concurrent(prep, {"CPU": 100.0, "GPU": 8.0}) == 2  # GPUs bound it
+    prep.cfg.max_concurrent_trials = 5
+    assert max_concurrent(prep, {"CPU": 1.0}) == 5  # an explicit limit wins
+
+
+def test_optuna_multi_objective_suggests_inside_the_space(tmp_path):
+    from sparsebk.tune.sweep import param_space, search_algorithm
+
+    body = GOOD.replace("STORE", str(tmp_path)).replace("space:", "search: {algorithm: optuna}\nspace:")
+    body += ("  sparsity_weight: {loguniform: [1.0e-3, 1.0e-1]}\n"
+             "  faults: {key: run.inject_faults, choice: [[], [\"raise@2\"]]}\n")
+    cfg = load_and_prepare(write_sweep(tmp_path, "o", body)).cfg
+    alg = search_algorithm(cfg, 2)
+    assert alg.metric == ["val_loss", "sparsity"] and alg.mode == ["min", "max"]
+    assert alg.set_search_properties(None, None, param_space(cfg))
+    for i in range(6):
+        s = alg.suggest(f"t{i}")
+        assert s["loss_type"] in ("l2", "adaptive")
+        assert 1e-3 <= s["sparsity_weight"] <= 1e-1
+        assert json.loads(s["faults"]) in ([], ["raise@2"])  # lists travel as JSON
+        alg.on_trial_complete(f"t{i}", {"val_loss": 3.0 + i, "sparsity": 0.1 * i})

@@ -116,6 +116,13 @@ class ParamSpec:
         raise ValueError(f"space.{name}: not a known parameter ({sorted(DEFAULT_KEYS)}); "
                          f"give `key: <section.field>` of the training config")
 
+    @property
+    def encoded(self) -> bool:
+        """Choices that are lists or mappings travel through Tune as JSON strings (Tune's
+        variant generator would read a list as nested parameters; Optuna takes scalars)."""
+        return self.kind in ("choice", "grid") and any(
+            isinstance(v, (list, dict, tuple)) for v in self.values)
+
     def extremes(self) -> list:
         """Values that bound what a trial can see: every listed value, or both ends."""
         if self.kind in ("value", "choice", "grid"):
@@ -222,12 +229,6 @@ class SweepConfig:
                         isinstance(v, (int, float)) and p.low <= v <= p.high):
                     raise ValueError(f"search.points_to_evaluate[{i}].{n}: {v!r} is outside "
                                      f"[{p.low}, {p.high}]")
-        if alg == "optuna":
-            for p in self.space.values():
-                if p.kind == "choice" and any(v is not None and not isinstance(
-                        v, (bool, int, float, str)) for v in p.values):
-                    raise ValueError(f"space.{p.name}.choice: optuna takes only scalar "
-                                     f"choices (None, bool, number, string); got {p.values!r}")
         if self.max_concurrent_trials is not None and (
                 not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
             raise ValueError(f"max_concurrent_trials: {self.max_concurrent_trials!r} must be an "

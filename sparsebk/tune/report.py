@@ -1,4 +1,5 @@
-"""Tables, plots and the markdown report of a sweep; `sparsebk report DIR` regenerates them.
+"""Tables, plots and the markdown report of a sweep; `sparsebk report DIR` regenerates them
+(for a single training run folder: its evaluation table and the run's plots).
 
 Outputs under DIR/report/: results.csv/.parquet (one row per trial), pareto.csv/.parquet
 (the front of best validation perplexity against achieved sparsity), pareto.png (every trial,
@@ -179,19 +180,37 @@ def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     return paths
 
 
+def make_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+    """A single training run: its evaluations as a table (CSV + Parquet) and the run's
+    plots (loss/ppl, measured sparsity vs target per layer, weight), from metrics.jsonl."""
+    from sparsebk.train.metrics import read_metrics, write_plots
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    evals = read_metrics(run_dir).get("eval", [])
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "kind"} for r in evals])
+    return {"evaluations": write_tables(df, out, "evaluations"), "plots": write_plots(run_dir)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sparsebk report",
                                  description="Regenerate the tables, Pareto front, plots and "
                                              "markdown report of a sweep from its stored results.")
-    ap.add_argument("dir", help="the sweep folder (STORAGE/NAME, holding experiment_state-*.json)")
+    ap.add_argument("dir", help="a sweep folder (STORAGE/NAME, holding experiment_state-*.json) "
+                                "or a training run folder (holding metrics.jsonl)")
     ap.add_argument("--out", help="output folder (default DIR/report)")
     ap.add_argument("--levels", type=float, nargs="+", help="sparsity levels to answer for")
     args = ap.parse_args(argv)
     d = Path(args.dir).expanduser()
+    if not is_sweep_dir(d) and (d / "metrics.jsonl").is_file():
+        for k, v in make_run_report(d, args.out).items():
+            print(f"{k}: {', '.join(map(str, v)) or '(none: no training records)'}")
+        return 0
     if not is_sweep_dir(d):
         runs = sorted(p.parent for p in d.glob("*/experiment_state-*.json"))
         hint = f"; sweep folders inside it: {[str(r) for r in runs]}" if runs else ""
-        print(f"sparsebk report: {d} is not a sweep folder (no experiment_state-*.json){hint}")
+        print(f"sparsebk report: {d} is neither a sweep folder (experiment_state-*.json) nor a "
+              f"run folder (metrics.jsonl){hint}")
         return 2
     paths = make_report(d, args.out, levels=args.levels)
     print((Path(paths["report_md"])).read_text())

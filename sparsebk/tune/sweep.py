@@ -92,17 +92,22 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
                          cpus_per_worker=base.run.cpus_per_worker, use_gpu=base.run.use_gpu)
 
 
+def _encode(p, v):
+    return json.dumps(v) if p.encoded else v
+
+
 def param_space(cfg: SweepConfig) -> dict:
     from ray import tune
 
     space = {}
     for n, p in cfg.space.items():
+        values = [_encode(p, v) for v in p.values]
         if p.kind == "value":
             space[n] = p.values[0]
         elif p.kind == "choice":
-            space[n] = tune.choice(p.values)
+            space[n] = tune.choice(values)
         elif p.kind == "grid":
-            space[n] = tune.grid_search(p.values)
+            space[n] = tune.grid_search(values)
         elif p.kind == "uniform":
             space[n] = tune.uniform(p.low, p.high)
         elif p.kind == "loguniform":
@@ -116,7 +121,8 @@ def search_algorithm(cfg: SweepConfig, max_concurrent_trials: int):
     """The searcher; random and grid take the concurrency limit themselves (Tune's
     TuneConfig.max_concurrent_trials only wraps a Searcher, not the variant generator)."""
     s = cfg.search
-    points = [dict(pt) for pt in s.points_to_evaluate] or None
+    points = [{n: _encode(cfg.space[n], v) for n, v in pt.items()}
+              for pt in s.points_to_evaluate] or None
     if s.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
@@ -161,7 +167,8 @@ def _trainable(prep: PreparedSweep):
     from ray import tune
 
     fn = tune.with_parameters(run_trial, base_train=prep.base_train, keys=prep.keys,
-                              sweep_dir=str(prep.sweep_dir), sweep_name=prep.cfg.name)
+                              sweep_dir=str(prep.sweep_dir), sweep_name=prep.cfg.name,
+                              encoded=[n for n, p in prep.cfg.space.items() if p.encoded])
     return tune.with_resources(fn, {"cpu": prep.cfg.trial_cpus})
 
 

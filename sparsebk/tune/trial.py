@@ -64,7 +64,7 @@ def _append_attempt(sweep_dir: str, trial_id: str) -> int:
 
 
 def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir: str,
-              sweep_name: str) -> None:
+              sweep_name: str, encoded: list[str] = ()) -> None:
     """The Tune trainable: train one configuration; raise on failure (Tune records it)."""
     import ray
     from ray import tune
@@ -76,7 +76,8 @@ def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir
 
     trial_id = tune.get_context().get_trial_id()
     attempt = _append_attempt(sweep_dir, trial_id)
-    cfg = TrainConfig.from_dict(apply_params(base_train, config, keys))
+    params = {n: json.loads(v) if n in encoded else v for n, v in config.items()}
+    cfg = TrainConfig.from_dict(apply_params(base_train, params, keys))
     n_layers = cfg.lm_config(cfg.model.get("vocab_size", 2)).n_layers
     actor = create_schedule_actor(
         cfg.schedule, n_layers, name=f"sparsebk-sched-{sweep_name}-{trial_id}-{uuid.uuid4().hex[:8]}")
