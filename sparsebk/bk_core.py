@@ -169,20 +169,22 @@ def resolvent_diagonal_reference(diag: torch.Tensor, z: complex | torch.Tensor =
     """
     diag, zt, k = _validate(diag, z, offdiag, validate=validate)
     B, N = diag.shape
-    s = diag.to(torch.float64) - zt.to(torch.complex128)  # (B, N)
-    k = k.to(torch.float64).expand(B, N - 1)
+    # lists of (B,) columns: unbind once, so that autograd's backward stays O(N) (indexing
+    # s[:, i] in the loop would make every step's backward write a full (B, N) zero tensor)
+    s = (diag.to(torch.float64) - zt.to(torch.complex128)).unbind(1)  # N x (B,)
+    k = k.to(torch.float64).expand(B, N - 1).unbind(1)  # (N - 1) x (B,)
 
-    alpha = [s[:, 0]]
+    alpha = [s[0]]
     for i in range(1, N):
-        alpha.append(s[:, i] - k[:, i - 1] / alpha[i - 1])
+        alpha.append(s[i] - k[i - 1] / alpha[i - 1])
     if causal:
         out = [1 / a for a in alpha]
     else:
         beta = [None] * N
-        beta[N - 1] = s[:, N - 1]
+        beta[N - 1] = s[N - 1]
         for i in range(N - 2, -1, -1):
-            beta[i] = s[:, i] - k[:, i] / beta[i + 1]
-        out = [1 / (alpha[i] + beta[i] - s[:, i]) for i in range(N)]
+            beta[i] = s[i] - k[i] / beta[i + 1]
+        out = [1 / (alpha[i] + beta[i] - s[i]) for i in range(N)]
     return torch.stack(out, dim=1).to(zt.dtype)
 
 
