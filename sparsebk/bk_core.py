@@ -29,13 +29,17 @@ _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
 
 def _validate(diag, z, offdiag, *, validate: bool = True):
-    """Check the inputs; return (diag, z as 0-dim complex tensor, k = offdiag^2 as (1|B, N-1))."""
+    """Check the inputs; return (diag, z, k = offdiag^2 as (1|B, N-1) in diag's dtype).
+
+    z comes back as a python complex, or as a 0-dim tensor in diag's complex dtype.
+    """
     if not isinstance(diag, torch.Tensor):
         raise ValueError(f"diag must be a torch.Tensor of shape (B, N), got {type(diag).__name__}")
     if diag.dim() != 2:
         raise ValueError(f"diag must have shape (B, N) (2 dims), got shape {tuple(diag.shape)}")
     if diag.dtype not in _COMPLEX_OF:
-        raise ValueError(f"diag must be float32 or float64 (real), got {diag.dtype}")
+        raise ValueError(f"diag must be float32 or float64 (real), got {diag.dtype}; "
+                         f"cast it first (e.g. diag.float() under autocast)")
     B, N = diag.shape
     if N == 0:
         raise ValueError("diag has N = 0 positions; the sequence length must be >= 1")
@@ -55,7 +59,7 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
         zc = complex(z)
         if not zc.imag > 0 or zc != zc or abs(zc) == float("inf"):
             raise ValueError(f"z must be finite with Im z > 0, got z = {zc}")
-        zt = torch.tensor(zc, dtype=cdtype, device=diag.device)
+        zt = zc  # a python scalar: no host-to-device copy, and `diag - zc` is already complex
     else:
         raise ValueError(f"z must be a complex number or a 0-dim complex tensor, got {type(z).__name__}")
 
@@ -155,7 +159,7 @@ def resolvent_diagonal(diag: torch.Tensor, z: complex | torch.Tensor = 1j, *,
         raise ValueError("the gradient with respect to offdiag is not implemented; "
                          "pass offdiag.detach() or use resolvent_diagonal_reference")
     if diag.shape[0] == 0:
-        return torch.empty(diag.shape, dtype=zt.dtype, device=diag.device)
+        return torch.empty(diag.shape, dtype=_COMPLEX_OF[diag.dtype], device=diag.device)
     return _ResolventDiagonal.apply(diag, zt, k, bool(causal))
 
 
@@ -171,7 +175,8 @@ def resolvent_diagonal_reference(diag: torch.Tensor, z: complex | torch.Tensor =
     B, N = diag.shape
     # lists of (B,) columns: unbind once, so that autograd's backward stays O(N) (indexing
     # s[:, i] in the loop would make every step's backward write a full (B, N) zero tensor)
-    s = (diag.to(torch.float64) - zt.to(torch.complex128)).unbind(1)  # N x (B,)
+    z64 = zt.to(torch.complex128) if isinstance(zt, torch.Tensor) else zt
+    s = (diag.to(torch.float64) - z64).unbind(1)  # N x (B,)
     k = k.to(torch.float64).expand(B, N - 1).unbind(1)  # (N - 1) x (B,)
 
     alpha = [s[0]]
@@ -185,7 +190,7 @@ def resolvent_diagonal_reference(diag: torch.Tensor, z: complex | torch.Tensor =
         for i in range(N - 2, -1, -1):
             beta[i] = s[i] - k[i] / beta[i + 1]
         out = [1 / (alpha[i] + beta[i] - s[i]) for i in range(N)]
-    return torch.stack(out, dim=1).to(zt.dtype)
+    return torch.stack(out, dim=1).to(_COMPLEX_OF[diag.dtype])
 
 
 def resolvent_features(g: torch.Tensor) -> torch.Tensor:

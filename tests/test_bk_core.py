@@ -99,6 +99,26 @@ def test_default_offdiag_is_the_laplacian():
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_zero_offdiag_splits_the_chain(causal):
+    # b_i = 0 decouples the operator into independent blocks: still the dense inverse
+    diag, off = _inputs(40, seed=11)
+    off[[0, 9, 10, 38]] = 0.0
+    pos = list(range(40)) if causal else None
+    ref = _dense_diag(diag, off, 0.3 + 0.5j, pos)
+    got = resolvent_diagonal(diag, 0.3 + 0.5j, offdiag=off, causal=causal)
+    assert (got - ref).abs().max() <= 1e-12
+
+
+def test_non_contiguous_inputs():
+    diag, off = _inputs(50, seed=12, batch=3, per_batch_offdiag=True)
+    want = resolvent_diagonal(diag, offdiag=off)
+    got = resolvent_diagonal(diag.t().contiguous().t(), offdiag=off.t().contiguous().t())
+    assert torch.equal(got, want)
+    row = diag[:1].expand(4, 50)  # stride 0 over the batch
+    assert torch.equal(resolvent_diagonal(row), resolvent_diagonal(row.contiguous()))
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck_diag_and_z(causal):
     diag, off = _inputs(12, per_batch_offdiag=True)
     diag.requires_grad_()
