@@ -197,6 +197,9 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
         for p in c:
             assert p["valid_subset_ppl"] == pytest.approx(math.exp(p["valid_subset_loss"]), rel=1e-12)
     assert res["transformer"]["layer_sparsity"] is None
+    # the dense point has its gates pinned open: nothing skipped, in training or in eval
+    assert res["bk-dense"]["layer_sparsity"] == [0.0] * dbg.n_layers
+    assert res["bk-dense"]["train_layer_sparsity"] == [0.0] * dbg.n_layers
     sp = res["bk-sparse-0.5"]["layer_sparsity"]
     assert len(sp) == dbg.n_layers and all(0.0 <= x <= 1.0 for x in sp)
     assert res["bk-sparse-0.5"]["achieved_sparsity"] == pytest.approx(sum(sp) / len(sp))

@@ -14,11 +14,14 @@ optimizer settings (`OptimConfig`: AdamW, warmup + cosine, clipping) and drives 
 the budget: the number of steps is unknown in advance, so the scheduler's step and the cosine
 LR decay are indexed by the fraction of the budget spent (see `_schedule_step`).
 
-The dense point is target 0 on the same code path as the sparse points (same model, same
-gate, same scheduler; only the target differs), and its achieved sparsity is reported like
-the others'. `use_sparse_computation=False` is not a dense model here: in this model it
-evaluates every position and then applies the learned mask by selection (the sparse path's
-reference, same outputs at full cost), so its quality would be the masked model's.
+The dense point is the same model with every gate pinned open (`pin_gates_open`: each
+importance predictor frozen at weight 0 and bias +30, so the mask is exactly 1 everywhere,
+noise or not: the logistic noise of a float32 uniform sample stays above -17). Two other
+candidates are not dense in this model: `use_sparse_computation=False` evaluates every
+position and then applies the learned mask by selection (the sparse path's reference: same
+outputs at full cost), and "target 0" leaves the learned gate free, which with the preset's
+sparsity loss weight still skips about half of the positions (measure it with
+`--dense-mode target0`).
 
 Evaluation scores every token of the split once, in independent windows of `block_len`
 tokens (no state carried across windows), in eval mode (no gate noise, no dropout).
@@ -45,6 +48,7 @@ ANCHORS = {"Kneser-Ney 5-gram": 141.2, "small LSTM (Zaremba et al. 2014)": 114.5
            "medium LSTM (Zaremba et al. 2014)": 82.7}
 DENSE = "bk-dense"
 TRANSFORMER = "transformer"
+DENSE_MODES = ("pinned", "target0")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class QualitySettings:
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
     model_overrides: dict = field(default_factory=dict)
+    dense_mode: str = "pinned"  # target 0 as: "pinned" (gates pinned open) or "target0" (gate learned)
 
     def __post_init__(self):
         self.targets = tuple(float(t) for t in self.targets)
@@ -78,6 +83,8 @@ class QualitySettings:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.dense_mode not in DENSE_MODES:
+            raise ValueError(f"dense_mode={self.dense_mode!r}: choose one of {DENSE_MODES}")
         if self.eval_blocks is not None and self.eval_blocks < 1:
             raise ValueError(f"eval_blocks={self.eval_blocks!r} must be a positive integer or None")
 
@@ -92,6 +99,16 @@ def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
     blocks = {split: load_blocks(path, split) for split in ("train", "valid", "test")}
     manifest["path"] = str(path)
     return manifest, blocks
+
+
+def pin_gates_open(model) -> None:
+    """Make every layer compute every position: gate logit +30, predictor frozen."""
+    for layer in model.layers:
+        pred = layer.sparse_bk_core.importance_predictor
+        with torch.no_grad():
+            pred.weight.zero_()
+            pred.bias.fill_(30.0)
+        pred.requires_grad_(False)
 
 
 def _schedule_step(frac: float, s: QualitySettings, warmup_steps: int) -> int:
@@ -224,12 +241,15 @@ def run_quality(s: QualitySettings) -> dict:
     results = []
     for target in s.targets:
         torch.manual_seed(s.seed)  # the same initial weights for every BK variant
-        name = DENSE if target == 0.0 else f"bk-sparse-{target:g}"
+        name = f"bk-sparse-{target:g}"
         model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
         sched = dict(initial_sparsity=0.0, final_sparsity=target,
                      initial_weight=cfg.sparsity_loss_weight / 10,
                      final_weight=cfg.sparsity_loss_weight, warmup_steps=1000,
                      schedule_type="cosine")
+        if target == 0.0 and s.dense_mode == "pinned":
+            name, sched = DENSE, None
+            pin_gates_open(model)
         log.info("training %s for %.0f s", name, s.budget_s)
         results.append(train_one(name, model, blocks, s, target=target, optim=optim, sched_kwargs=sched))
     if s.transformer:
@@ -353,6 +373,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="LMConfig override, e.g. --set d_model=128 (repeatable)")
     p.add_argument("--no-transformer", action="store_true")
+    p.add_argument("--dense-mode", choices=DENSE_MODES, default="pinned",
+                   help="target 0 as the model with gates pinned open (default) or the learned gate at target 0")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -368,6 +390,7 @@ def main(argv: list[str]) -> int:
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
         lr=a.lr, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
+        dense_mode=a.dense_mode,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
     record = run_quality(s)
