@@ -302,6 +302,14 @@ def test_offdiag_requiring_grad_is_refused():
     assert (off.grad - want).abs().max() <= 1e-12
 
 
+def test_huge_finite_diag_is_accepted():
+    # the sum of these overflows to inf in float32, yet every entry is finite
+    diag = torch.full((1, 8), 3e38)
+    out = resolvent_diagonal(diag, causal=True)
+    ref = resolvent_diagonal_reference(diag, causal=True)  # ~3.3e-39, a float32 subnormal
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+
+
 def test_validate_false_skips_value_checks_only():
     with pytest.raises(ValueError, match="shape"):
         resolvent_diagonal(torch.zeros(5), validate=False)
