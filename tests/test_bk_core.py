@@ -193,6 +193,8 @@ def test_fast_matches_reference_at_4096(causal):
     fast = resolvent_diagonal(diag, 0.3 + 0.5j, causal=causal)
     ref = resolvent_diagonal_reference(diag, 0.3 + 0.5j, causal=causal)
     assert (fast - ref).abs().max() <= 1e-10
+    fast32 = resolvent_diagonal(diag.float(), 0.3 + 0.5j, causal=causal)
+    assert (fast32.to(torch.complex128) - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -206,9 +208,9 @@ def test_finite_and_bounded_at_65536(dtype, causal):
     assert out.abs().max() <= 1.0 + 1e-5  # |G_ii| <= 1 / Im z
     out.abs().sum().backward()
     assert torch.isfinite(diag.grad).all()
-    if dtype == torch.float64 and causal:  # causal outputs depend on the prefix only
-        ref = resolvent_diagonal_reference(diag.detach()[:, :3000], 1j, causal=True)
-        assert (out.detach()[:, :3000] - ref).abs().max() <= 1e-10
+    if dtype == torch.float32 and causal:  # no error growth along the sequence (float64 loop)
+        ref = resolvent_diagonal_reference(diag.detach()[:1], 1j, causal=causal)
+        assert (out.detach()[:1] - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_features_are_real_and_imaginary_parts():
