@@ -30,7 +30,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
 TRAIN_OVERRIDES = ["run.num_workers=1", "run.max_failures=0", "run.plots=false",
-                   "run.eval_batches=1", f"data.dir={REPO / 'data' / 'tiny-bytes'}"]
+                   "run.eval_batches=1", "data.loader=local",
+                   f"data.dir={REPO / 'data' / 'tiny-bytes'}"]
 
 
 def write_sweep(tmp: Path, name: str, text: str) -> Path:
@@ -126,7 +127,7 @@ space:
   inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"]]}}
   tau: 1.0
 asha: {{enabled: true, grace_period: 1, reduction_factor: 2}}
-max_concurrent_trials: 3
+max_concurrent_trials: 2
 max_retries: 1
 sparsity_levels: [0.1, 0.2, 0.9]
 last_k: 2
@@ -275,10 +276,12 @@ def test_max_concurrent_from_resources_and_workers_per_trial(tmp_path):
     from sparsebk.tune.sweep import max_concurrent
 
     prep = load_and_prepare(write_sweep(tmp_path, "c", GOOD.replace("STORE", str(tmp_path))))
-    prep.num_workers, prep.cpus_per_worker, prep.use_gpu = 2, 1.0, False
-    # (9 CPUs - 1 kept for Ray Data) / (2 workers x 1 CPU + 0.01 for the trial) = 3.98 -> 3
-    assert max_concurrent(prep, {"CPU": 9.0}) == 3
-    assert max_concurrent(prep, {"CPU": 2.0}) == 1  # never below one
+    prep.num_workers, prep.cpus_per_worker, prep.use_gpu, prep.ray_data = 2, 1.0, False, True
+    # 9 CPUs / (2 workers x 1 CPU + 0.01 for the trial + 1 for its Ray Data reads) = 2.99 -> 2
+    assert max_concurrent(prep, {"CPU": 9.0}) == 2
+    prep.ray_data = False  # data.loader: local reads in the workers: 9 / 2.01 -> 4
+    assert max_concurrent(prep, {"CPU": 9.0}) == 4
+    assert max_concurrent(prep, {"CPU": 1.0}) == 1  # never below one
     prep.num_workers, prep.cpus_per_worker, prep.use_gpu = 4, 2.0, True
     assert max_concurrent(prep, {"CPU": 100.0, "GPU": 8.0}) == 2  # GPUs bound it
     prep.cfg.max_concurrent_trials = 5
