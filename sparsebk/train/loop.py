@@ -232,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # Running sums since the last log line, kept on the device (no per-step host sync).
     win = torch.zeros(2 + n_layers, dtype=torch.float64, device=device)  # loss, steps, sparsity
-    win_t0, win_steps, wait_s = time.perf_counter(), 0, 0.0
+    win_t0, win_steps, wait_s, sched_s = time.perf_counter(), 0, 0.0, 0.0
     bad_in_row = 0
     targets, weight = [0.0] * n_layers, 0.0
     tokens_per_step = world * cfg.data.batch_size * cfg.data.block_len
@@ -253,9 +253,11 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             batch_in_epoch += 1
             faults.before_step(step)
+            t_sched = time.perf_counter()
             values = client.get(step, prefetch=step < max_steps) if rank == 0 else None
             targets, weight = broadcast_schedule(values, n_layers, sched_group, world)
             net.set_sparsity_schedule(targets, weight)
+            sched_s += time.perf_counter() - t_sched
             sched_file.write(json.dumps({"step": step, "targets": targets, "weight": weight,
                                          "pid": os.getpid()}) + "\n")
 
@@ -300,6 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "lr": lr_sched.get_last_lr()[0],
                     "tokens_per_s": tokens_per_step * win_steps / max(elapsed, 1e-9),
                     "step_s": elapsed / win_steps, "data_wait_s": wait_s / win_steps,
+                    "schedule_s": sched_s / win_steps,
                     "eta_s": (max_steps - step) * elapsed / win_steps, "bad_steps": bad_total,
                 }
                 if rank == 0:
@@ -307,7 +310,7 @@ def train_loop_per_worker(config: dict) -> None:
                     writer.write("train", last_rec)
                 sched_file.flush()
                 win.zero_()
-                win_t0, win_steps, wait_s = time.perf_counter(), 0, 0.0
+                win_t0, win_steps, wait_s, sched_s = time.perf_counter(), 0, 0.0, 0.0
 
             if step % cfg.run.eval_every == 0 or step == max_steps:
                 best_val = _evaluate_and_report(**locals())

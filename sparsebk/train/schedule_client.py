@@ -75,20 +75,22 @@ class ScheduleClient:
                                        f"{self.retry_timeout_s:.0f} s: {e}") from e
                 logger.warning("schedule actor lost (%s); pushing the state of step %d back",
                                type(e).__name__, step - 1)
-                self._recover()
+                self._recover(deadline)
         self.held = state
         if prefetch:
             self.issue()
         return targets, weight
 
-    def _recover(self) -> None:
+    def _recover(self, deadline: float) -> None:
         self.recoveries += 1
         state = dict(self.held, last_val_loss=self.pending_val)
         while True:
             try:
                 ray.get(self.actor.load_state_dict.remote(state))
                 break
-            except ray.exceptions.RayActorError:
+            except ray.exceptions.RayActorError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("schedule actor did not come back after a restart") from e
                 time.sleep(0.2)  # still restarting
         late_val = self.reported_val
         self.reported_val = self.pending_val

@@ -1,0 +1,185 @@
+"""`sparsebk bench training --out DIR`: what Ray Train and the schedule actor cost.
+
+Same model, optimizer, batches and step count everywhere (the ptb-cpu preset by default):
+
+  plain        the training step in this process, plain PyTorch, a fixed in-process schedule
+  ray-1w       Ray Train, 1 worker, Ray Data shard, schedule from the actor (prefetched)
+  ray-1w-local Ray Train, 1 worker, the plain-Parquet loader (data.loader local)
+  ray-2w       Ray Train, 2 workers (DDP over gloo), Ray Data shards
+
+Per run, over 10-step windows after the first (warm-up) window: tokens/s at the median window
+and at the best one (the least disturbed on a shared machine), step time,
+the share of step time spent waiting for the next batch, and the share spent getting the
+schedule (rank 0: take the prefetched actor answer, issue the next call, broadcast).
+Also a micro-benchmark: one synchronous actor call vs one in-process scheduler step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsebk.bench.common import format_table, time_call, write_result
+
+CONFIGS = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs"
+
+
+def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
+    """The worker loop's step without Ray: same model, optimizer, LR, clipping, batches."""
+    from sparsebk.data import load_blocks
+    from sparsebk.lm import SparseBKLM
+    from sparsebk.train.actor import ScheduleState
+    from sparsebk.train.loop import _local_batches, lr_lambda
+
+    torch.manual_seed(cfg.run.seed * 1000)
+    model = SparseBKLM(lm_cfg)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.optim.lr, betas=cfg.optim.betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
+    schedule = ScheduleState(cfg.schedule, lm_cfg.n_layers)
+    rows = load_blocks(dataset_dir, "train")
+    batches = _local_batches(rows, cfg, 0, 0, 0, 1)
+    window_s, t0 = [], time.perf_counter()
+    for i in range(steps):
+        batch = next(batches)
+        targets, weight, _ = schedule.next()
+        model.set_sparsity_schedule(targets, weight)
+        out = model(batch[:, :-1], targets=batch[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        if bool(torch.isfinite(norm)):
+            opt.step()
+        sched.step()
+        if (i + 1) % window == 0:  # the same windows as the workers' log interval
+            window_s.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+    step_s = [w / window for w in window_s[1:]]  # drop the warm-up window
+    tokens = cfg.data.batch_size * cfg.data.block_len
+    return _row("plain", 1, step_s, tokens, [float("nan")] * len(step_s),
+                [float("nan")] * len(step_s))
+
+
+def _row(label, workers, step_s, tokens_per_step, data_s, sched_s) -> dict:
+    """Per-window step times -> median and best (least disturbed) throughput."""
+    med = statistics.median(step_s)
+    return {"run": label, "workers": workers, "steps": len(step_s) * 10,
+            "tokens_per_s_median": tokens_per_step / med,
+            "tokens_per_s_best": tokens_per_step / min(step_s),
+            "step_ms_median": 1e3 * med, "step_ms_best": 1e3 * min(step_s),
+            "data_share_pct": 100 * statistics.median(d / t for d, t in zip(data_s, step_s)),
+            "schedule_share_pct": 100 * statistics.median(c / t for c, t in zip(sched_s, step_s))}
+
+
+def ray_run(cfg, label: str) -> dict:
+    from sparsebk.train.driver import run_training
+    from sparsebk.train.metrics import read_metrics
+
+    summary = run_training(cfg)
+    recs = read_metrics(summary["run_dir"])["train"][1:]  # drop the warm-up window
+    tokens = cfg.run.num_workers * cfg.data.batch_size * cfg.data.block_len
+    row = _row(label, cfg.run.num_workers, [r["step_s"] for r in recs], tokens,
+               [r["data_wait_s"] for r in recs], [r["schedule_s"] for r in recs])
+    row.update(actor_calls=summary["actor_served"], run_dir=summary["run_dir"])
+    return row
+
+
+def actor_latency(cfg, n_layers: int) -> dict:
+    import ray
+
+    from sparsebk.train.actor import ScheduleState, create_schedule_actor
+
+    actor = create_schedule_actor(cfg.schedule, n_layers)
+    sync = time_call(lambda: ray.get(actor.next.remote()), repeats=200, warmup=20)
+    local = ScheduleState(cfg.schedule, n_layers)
+    inproc = time_call(local.next, repeats=200, warmup=20)
+    ray.kill(actor)
+    return {"actor_call_sync_ms": 1e3 * sync["median_s"],
+            "inprocess_step_ms": 1e3 * inproc["median_s"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sparsebk bench training", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--config", default=str(CONFIGS / "ptb-cpu.yaml"))
+    p.add_argument("--steps", type=int, default=60, help="steps per run (first 10 are warm-up)")
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import ray
+
+    from sparsebk.data import check_dataset
+    from sparsebk.train.config import load_config
+    from sparsebk.train.driver import ensure_dataset
+
+    out = Path(args.out).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    warmup = 10
+
+    def cfg_for(name: str, *extra: str):
+        return load_config(args.config, [
+            f"run.storage_path={out / 'training_runs'}", f"run.name={name}-{stamp}",
+            f"optim.max_steps={args.steps}", f"run.eval_every={args.steps}",
+            f"run.log_every={warmup}", "run.eval_batches=1", "run.plots=false",
+            *args.overrides, *extra])
+
+    base = cfg_for("plain", "run.num_workers=1")
+    dataset_dir = ensure_dataset(base.data)
+    lm_cfg = base.lm_config(check_dataset(dataset_dir)["vocab_size"])
+    rows = [plain_run(base, lm_cfg, dataset_dir, args.steps, warmup)]
+    print(f"plain: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
+
+    cpus = max(os.cpu_count() or 1, 4)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        micro = actor_latency(base, lm_cfg.n_layers)
+        for label, extra in (("ray-1w", ["run.num_workers=1"]),
+                             ("ray-1w-local", ["run.num_workers=1", "data.loader=local"]),
+                             ("ray-2w", ["run.num_workers=2"])):
+            rows.append(ray_run(cfg_for(label, *extra), label))
+            print(f"{label}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
+    finally:
+        ray.shutdown()
+
+    for r in rows:
+        r["vs_plain_median"] = r["tokens_per_s_median"] / rows[0]["tokens_per_s_median"]
+        r["vs_plain_best"] = r["tokens_per_s_best"] / rows[0]["tokens_per_s_best"]
+    one = next(r for r in rows if r["run"] == "ray-1w")
+    two = next(r for r in rows if r["run"] == "ray-2w")
+    goals = {
+        "ray_1w_vs_plain median (goal >= 0.95)": one["vs_plain_median"],
+        "ray_1w_vs_plain best (goal >= 0.95)": one["vs_plain_best"],
+        "schedule_share_pct ray-1w (goal <= 1)": one["schedule_share_pct"],
+        "schedule_share_pct ray-2w (goal <= 1)": two["schedule_share_pct"],
+        "data_share_pct ray-1w (goal <= 5)": one["data_share_pct"],
+        "data_share_pct ray-2w (goal <= 5)": two["data_share_pct"],
+        "2w_vs_1w tokens/s median": two["tokens_per_s_median"] / one["tokens_per_s_median"],
+        "2w_vs_1w tokens/s best": two["tokens_per_s_best"] / one["tokens_per_s_best"],
+        "load average (1 min) at the end": os.getloadavg()[0],
+        "actor call, synchronous (ms)": micro["actor_call_sync_ms"],
+        "in-process scheduler step (ms)": micro["inprocess_step_ms"],
+    }
+    cols = ["run", "workers", "steps", "tokens_per_s_median", "tokens_per_s_best",
+            "vs_plain_median", "vs_plain_best", "step_ms_median", "data_share_pct",
+            "schedule_share_pct"]
+    print(f"\nconfig {args.config}, {args.steps} steps per run ({warmup} warm-up), "
+          f"{os.cpu_count()} cores")
+    print(format_table(rows, cols))
+    print()
+    print(format_table([{"measure": k, "value": v} for k, v in goals.items()]))
+    path = write_result(out, "training", {"config": args.config, "steps": args.steps,
+                                          "warmup_steps": warmup, "rows": rows,
+                                          "summary": goals, "micro": micro})
+    print(f"\nwrote {path}")
+    return 0
