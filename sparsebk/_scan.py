@@ -58,20 +58,18 @@ def mobius_prefix(Q: torch.Tensor, R: torch.Tensor, T: torch.Tensor):
     determinants of (H - z) on blocks of positions, never zero for non-real z, and the
     normalised entries are ratios of resolvent entries, so they stay bounded.
     """
-    C = Q.shape[-1]
+    M = torch.stack([Q, R, T])  # (3, ..., C): one cat per level instead of three
+    C = M.shape[-1]
     d = 1
     while d < C:
-        q2, r2, t2 = Q[..., d:], R[..., d:], T[..., d:]  # later maps
-        Q1, R1, T1 = Q[..., :-d], R[..., :-d], T[..., :-d]  # earlier prefixes
+        q2, r2, t2 = M[..., d:].unbind(0)  # later maps
+        Q1, R1, T1 = M[..., :-d].unbind(0)  # earlier prefixes
         inv = (q2 * R1).add_(1).reciprocal_()
-        nQ = torch.addcmul(Q1, q2, T1).mul_(inv)
-        nR = torch.addcmul(r2, t2, R1).mul_(inv)
-        nT = torch.addcmul(r2 * Q1, t2, T1).mul_(inv)
-        Q = torch.cat([Q[..., :d], nQ], -1)
-        R = torch.cat([R[..., :d], nR], -1)
-        T = torch.cat([T[..., :d], nT], -1)
+        new = torch.stack([torch.addcmul(Q1, q2, T1), torch.addcmul(r2, t2, R1),
+                           torch.addcmul(r2 * Q1, t2, T1)]).mul_(inv)
+        M = torch.cat([M[..., :d], new], -1)
         d *= 2
-    return Q, R, T
+    return M.unbind(0)
 
 
 def linear_prefix(X: torch.Tensor, W: torch.Tensor):
