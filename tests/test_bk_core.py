@@ -342,6 +342,19 @@ def test_validate_false_skips_value_checks_only():
         resolvent_diagonal(torch.zeros(1, 3), -1j, validate=False)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_tensor_follows_the_input_device(causal):
+    # the meta device runs no kernels: any tensor made on a fixed device (CPU) would fail to
+    # mix with it, so this checks device-agnosticism on a machine without a GPU
+    d = torch.empty(4, 300, device="meta").requires_grad_()
+    z = torch.tensor(0.3 + 1j, dtype=torch.complex64, device="meta").requires_grad_()
+    off = torch.empty(4, 299, device="meta")
+    out = resolvent_diagonal(d, z, offdiag=off, causal=causal, validate=False)
+    assert out.device.type == "meta" and out.dtype == torch.complex64 and out.shape == (4, 300)
+    out.abs().sum().backward()
+    assert d.grad.device.type == "meta" and z.grad.device.type == "meta"
+
+
 # --- CUDA ---------------------------------------------------------------------------------------
 
 @requires_cuda
