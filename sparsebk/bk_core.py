@@ -47,7 +47,8 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
 
     if isinstance(z, torch.Tensor):
         if z.dim() != 0:
-            raise ValueError(f"z must be a complex scalar or a 0-dim tensor, got shape {tuple(z.shape)}")
+            raise ValueError(f"z must be a complex scalar or a 0-dim tensor, "
+                             f"got shape {tuple(z.shape)}")
         if z.device != diag.device:
             raise ValueError(f"z is on {z.device} but diag is on {diag.device}")
         if not z.is_complex():
@@ -61,19 +62,22 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
             raise ValueError(f"z must be finite with Im z > 0, got z = {zc}")
         zt = zc  # a python scalar: no host-to-device copy, and `diag - zc` is already complex
     else:
-        raise ValueError(f"z must be a complex number or a 0-dim complex tensor, got {type(z).__name__}")
+        raise ValueError(f"z must be a complex number or a 0-dim complex tensor, "
+                         f"got {type(z).__name__}")
 
     # a NaN or inf makes the sum non-finite (one reduction pass); a finite sum can only be a
     # false alarm from overflow, which the exact element-wise check then clears
-    if validate and not bool(diag.detach().sum().isfinite()) and not bool(torch.isfinite(diag).all()):
-        bad = (~torch.isfinite(diag)).nonzero()[0].tolist()
-        raise ValueError(f"diag must be finite; diag[{bad[0]}, {bad[1]}] = {diag[bad[0], bad[1]].item()}")
+    if validate and not bool(diag.detach().sum().isfinite()) \
+            and not bool(torch.isfinite(diag).all()):
+        b, i = (~torch.isfinite(diag)).nonzero()[0].tolist()
+        raise ValueError(f"diag must be finite; diag[{b}, {i}] = {diag[b, i].item()}")
 
     if offdiag is None:
         k = torch.ones(1, N - 1, dtype=diag.dtype, device=diag.device)
     else:
         if not isinstance(offdiag, torch.Tensor):
-            raise ValueError(f"offdiag must be None or a torch.Tensor, got {type(offdiag).__name__}")
+            raise ValueError(f"offdiag must be None or a torch.Tensor, "
+                             f"got {type(offdiag).__name__}")
         if offdiag.is_complex() or not offdiag.is_floating_point():
             raise ValueError(f"offdiag must be a real floating tensor, got {offdiag.dtype}")
         if offdiag.device != diag.device:
@@ -110,7 +114,8 @@ class _ResolventDiagonal(torch.autograd.Function):
             ctx.save_for_backward(out, kc)
         else:
             # the backward ratios are the forward ones of the reversed sequence; one scan does both
-            both = ratio_scan(torch.cat([s, s.flip(-1)]), torch.cat([kf, _shift_right(kc.flip(-1))]))
+            both = ratio_scan(torch.cat([s, s.flip(-1)]),
+                              torch.cat([kf, _shift_right(kc.flip(-1))]))  # (2B, N)
             alpha, beta = both[:B], both[B:].flip(-1)
             out = (alpha + beta - s).reciprocal()
             ctx.save_for_backward(out, kc, alpha.reciprocal(), beta.reciprocal())
@@ -149,7 +154,7 @@ def resolvent_diagonal(diag: torch.Tensor, z: complex | torch.Tensor = 1j, *,
     """Diagonal of (H - z)^-1 (or of the leading-block resolvents when causal), shape (B, N).
 
     diag: (B, N) float32/float64, the full diagonal of H (the model passes -2 + v).
-    z: complex scalar or 0-dim complex tensor, Im z > 0; its gradient is exact when it requires grad.
+    z: complex scalar or 0-dim complex tensor, Im z > 0; exact gradient when it requires grad.
     offdiag: None (all ones), (N-1,) or (B, N-1) real; no gradient (ValueError if it requires one).
     causal: g_i = [(H[0..i, 0..i] - z)^-1]_ii, which depends on diag[:, :i+1] only.
     validate: check values (finite diag/offdiag, Im z of a tensor z); each check is a host sync
