@@ -100,7 +100,20 @@ def _shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ResolventDiagonal(torch.autograd.Function):
-    """Forward by chunked scans; backward by the adjoint recurrences of DESIGN.md §1."""
+    """Forward by chunked scans; backward by the adjoint recurrences (DESIGN.md §1), O(N).
+
+    Reverse mode through the ratio recurrences. With gbar = dL/dRe G - i dL/dIm G, every
+    adjoint below is holomorphic and dL = Re(sum_j A_j ds_j + sum_j K_j dk_j):
+      causal:  abar_j = -gbar_j g_j^2 + (k_j / alpha_j^2) abar_{j+1}      (reverse scan)
+               A_j = abar_j,  K_j = -abar_{j+1} / alpha_j
+      bidir:   c_j = -gbar_j G_j^2 (adjoint of gamma_j = alpha_j + beta_j - s_j)
+               abar_j = c_j + (k_j / alpha_j^2) abar_{j+1}                (reverse scan)
+               bbar_j = c_j + (k_{j-1} / beta_j^2) bbar_{j-1}             (forward scan)
+               A_j = abar_j + bbar_j - c_j,  K_j = -abar_{j+1} / alpha_j - bbar_j / beta_{j+1}
+    The causal abar is -Q of DESIGN.md; the bidirectional A equals its -G^2 (Lambda + P - gbar).
+    Every product of consecutive weights k / alpha^2 (or k / beta^2) is a ratio of resolvent
+    entries, so the scans cannot overflow.
+    """
 
     @staticmethod
     def forward(ctx, diag, z, k, causal):
@@ -120,32 +133,40 @@ class _ResolventDiagonal(torch.autograd.Function):
             out = (alpha + beta - s).reciprocal()
             ctx.save_for_backward(out, kc, alpha.reciprocal(), beta.reciprocal())
         ctx.causal = causal
+        ctx.k_batch = k.shape[0]
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        # gbar = dL/dRe G - i dL/dIm G; the adjoint A_j = sum_i gbar_i dG_i/ds_j is holomorphic
         gbar = grad_out.conj()
+        pad_end = lambda x: torch.nn.functional.pad(x, (0, 1))  # noqa: E731
         if ctx.causal:
             g, kc = ctx.saved_tensors
             g2 = g * g
-            # Q_j = gbar_j g_j^2 + k_j g_j^2 Q_{j+1}: a linear scan over the reversed sequence
-            w = torch.nn.functional.pad(kc * g2[:, :-1], (0, 1)).flip(-1)
-            A = -linear_scan((gbar * g2).flip(-1), w).flip(-1)
+            w = pad_end(kc * g2[:, :-1]).flip(-1)  # k_j / alpha_j^2, reversed
+            abar = linear_scan((-gbar * g2).flip(-1), w).flip(-1)
+            A = abar
+            K = -abar[:, 1:] * g[:, :-1] if ctx.needs_input_grad[2] else None
         else:
             G, kc, ia, ib = ctx.saved_tensors
-            # Lambda_j = gbar_j + k_{j-1} / alpha_{j-1}^2 Lambda_{j-1}   (forward)
-            # P_j      = gbar_j + k_j / beta_{j+1}^2 P_{j+1}              (backward)
-            w_fwd = _shift_right(kc * (ia * ia)[:, :-1])
-            w_bwd = _shift_right((kc * (ib * ib)[:, 1:]).flip(-1))
             B = G.shape[0]
-            lp = linear_scan(torch.cat([gbar, gbar.flip(-1)]), torch.cat([w_fwd, w_bwd]))
-            A = -(G * G) * (lp[:B] + lp[B:].flip(-1) - gbar)
+            c = -gbar * (G * G)
+            w_a = pad_end(kc * (ia * ia)[:, :-1]).flip(-1)  # k_j / alpha_j^2, reversed
+            w_b = _shift_right(kc * (ib * ib)[:, 1:])  # k_{j-1} / beta_j^2
+            ab = linear_scan(torch.cat([c.flip(-1), c]), torch.cat([w_a, w_b]))  # (2B, N)
+            abar, bbar = ab[:B].flip(-1), ab[B:]
+            A = abar + bbar - c
+            K = None
+            if ctx.needs_input_grad[2]:
+                K = -(abar[:, 1:] * ia[:, :-1] + bbar[:, :-1] * ib[:, 1:])
         grad_diag = A.real if ctx.needs_input_grad[0] else None
         # s = diag - z, so dL = Re(sum_j A_j ds_j) gives dL/dz (PyTorch convention) = -conj(sum A)
         grad_z = -A.sum().conj() if ctx.needs_input_grad[1] else None
-        return grad_diag, grad_z, None, None
+        grad_k = None
+        if K is not None:  # k is (1, N-1) when shared over the batch
+            grad_k = K.real.sum(0, keepdim=True) if ctx.k_batch == 1 else K.real
+        return grad_diag, grad_z, grad_k, None
 
 
 def resolvent_diagonal(diag: torch.Tensor, z: complex | torch.Tensor = 1j, *,
@@ -155,16 +176,13 @@ def resolvent_diagonal(diag: torch.Tensor, z: complex | torch.Tensor = 1j, *,
 
     diag: (B, N) float32/float64, the full diagonal of H (the model passes -2 + v).
     z: complex scalar or 0-dim complex tensor, Im z > 0; exact gradient when it requires grad.
-    offdiag: None (all ones), (N-1,) or (B, N-1) real; no gradient (ValueError if it requires one).
+    offdiag: None (all ones), (N-1,) or (B, N-1) real; exact gradient when it requires grad.
     causal: g_i = [(H[0..i, 0..i] - z)^-1]_ii, which depends on diag[:, :i+1] only.
     validate: check values (finite diag/offdiag, Im z of a tensor z); each check is a host sync
         on CUDA, so a caller that guarantees them may pass False. Shapes are always checked.
     Returns complex64 for float32 input, complex128 for float64.
     """
     diag, zt, k = _validate(diag, z, offdiag, validate=validate)
-    if offdiag is not None and offdiag.requires_grad:
-        raise ValueError("the gradient with respect to offdiag is not implemented; "
-                         "pass offdiag.detach() or use resolvent_diagonal_reference")
     if diag.shape[0] == 0:
         return torch.empty(diag.shape, dtype=_COMPLEX_OF[diag.dtype], device=diag.device)
     return _ResolventDiagonal.apply(diag, zt, k, bool(causal))

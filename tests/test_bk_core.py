@@ -142,7 +142,7 @@ def test_gradcheck_long_sequence_several_chunks(causal):
 @pytest.mark.parametrize("offdiag_shape", ["none", "shared", "per_batch"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradients_match_reference_autograd(n, offdiag_shape, causal):
-    # every gradient (diag and z) against autograd through the float64 loop, eta down to 0.05
+    # every gradient (diag, z, offdiag) against autograd through the float64 loop, eta = 0.05
     g = torch.Generator().manual_seed(n)
     diag = 20 * torch.rand(3, n, generator=g, dtype=torch.float64) - 12
     off = {"none": None,
@@ -153,11 +153,15 @@ def test_gradients_match_reference_autograd(n, offdiag_shape, causal):
     for fn in (resolvent_diagonal, resolvent_diagonal_reference):
         d = diag.clone().requires_grad_()
         z = torch.tensor(0.7 + 0.05j, dtype=torch.complex128, requires_grad=True)
-        torch.autograd.backward(fn(d, z, offdiag=off, causal=causal), cot)
-        grads.append((d.grad, z.grad))
-    (d_fast, z_fast), (d_ref, z_ref) = grads
+        o = None if off is None else off.clone().requires_grad_()
+        torch.autograd.backward(fn(d, z, offdiag=o, causal=causal), cot)
+        grads.append((d.grad, z.grad, None if o is None else o.grad))
+    (d_fast, z_fast, o_fast), (d_ref, z_ref, o_ref) = grads
     assert (d_fast - d_ref).abs().max() <= 1e-10 * d_ref.abs().max()
     assert abs(complex(z_fast) - complex(z_ref)) <= 1e-10 * abs(complex(z_ref))
+    if off is not None and n > 1:
+        assert o_fast.shape == off.shape
+        assert (o_fast - o_ref).abs().max() <= 1e-10 * o_ref.abs().max()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -312,18 +316,32 @@ def test_bad_input_raises(fn, kwargs, message):
         fn(diag, **kwargs)
 
 
-def test_offdiag_requiring_grad_is_refused():
-    off = torch.ones(3, requires_grad=True)
-    with pytest.raises(ValueError, match="offdiag"):
-        resolvent_diagonal(torch.zeros(2, 4), offdiag=off)
-    # the reference differentiates through offdiag: compare with the dense-inverse formula
-    # dG_jj/db_i = -2 G_ji G_j,i+1 (symmetric H)
-    diag, off = _inputs(6, seed=9, batch=1)
+@pytest.mark.parametrize("causal", [False, True])
+def test_offdiag_gradient_matches_dense_inverse(causal):
+    # dG_jj/db_i = -2 G_ji G_j,i+1 for symmetric H (from d(H - z)^-1 = -(H - z)^-1 dH (H - z)^-1);
+    # causal: the same on the leading block H[0..j, 0..j]
+    diag, off = _inputs(9, seed=9, batch=1)
     off.requires_grad_()
-    resolvent_diagonal_reference(diag, 1j, offdiag=off)[0, 2].real.backward()
-    ginv = torch.linalg.inv(_dense_h(diag[0], off.detach()) - 1j * torch.eye(6, dtype=torch.complex128))
-    want = torch.stack([(-2 * ginv[2, i] * ginv[2, i + 1]).real for i in range(5)])
+    j = 6
+    out = resolvent_diagonal(diag, 0.3 + 0.5j, offdiag=off, causal=causal)
+    (out[0, j].real + 2 * out[0, j].imag).backward()
+    m = j + 1 if causal else 9
+    h = _dense_h(diag[0], off.detach())[:m, :m]
+    ginv = torch.linalg.inv(h - (0.3 + 0.5j) * torch.eye(m, dtype=torch.complex128))
+    dG = torch.zeros(8, dtype=torch.complex128)
+    dG[: m - 1] = torch.stack([-2 * ginv[j, i] * ginv[j, i + 1] for i in range(m - 1)])
+    want = dG.real + 2 * dG.imag
     assert (off.grad - want).abs().max() <= 1e-12
+    if causal:
+        assert torch.count_nonzero(off.grad[j:]) == 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_offdiag(causal):
+    diag, off = _inputs(13, seed=4, per_batch_offdiag=True)
+    off.requires_grad_()
+    fn = lambda o: resolvent_diagonal(diag, 0.3 + 0.5j, offdiag=o, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (off,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 def test_huge_finite_diag_is_accepted():
