@@ -330,6 +330,7 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
             ax.plot([0.0], [r["test_ppl"]], "r*", markersize=12, label="Transformer (test)")
     for (k, v), style in zip(ANCHORS.items(), (":", "-.", "--")):
         ax.axhline(v, color="gray", linestyle=style, linewidth=0.8, label=k)
+    ax.set_yscale("log")
     ax.set_xlabel("achieved sparsity (eval, mean over layers)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"PTB, {record['settings']['budget_s']:g} s per model")
@@ -339,18 +340,28 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     fig.savefig(p1, dpi=120)
     plt.close(fig)
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in res:
         c = r["curve"]
-        a1.plot([p["train_s"] for p in c], [p["valid_subset_ppl"] for p in c], "o-", ms=3, label=r["model"])
+        line, = a1.plot([p["train_s"] for p in c], [p["valid_subset_ppl"] for p in c], "o-", ms=3,
+                        label=r["model"])
         a2.plot([p["tokens"] for p in c], [math.exp(min(p["train_ce"], 30)) for p in c], "o-", ms=3,
                 label=r["model"])
+        if c and c[0].get("train_layer_sparsity") is not None:
+            t = [p["train_s"] for p in c]
+            a3.plot(t, [sum(p["train_layer_sparsity"]) / len(p["train_layer_sparsity"]) for p in c],
+                    "o-", ms=3, color=line.get_color(), label=r["model"])
+            a3.plot(t, [p["target"] for p in c], ":", color=line.get_color())
     a1.set_xlabel("training seconds")
     a1.set_ylabel("valid-subset perplexity")
     a2.set_xlabel("tokens seen")
     a2.set_ylabel("train perplexity (mean since last point)")
+    a3.set_xlabel("training seconds")
+    a3.set_ylabel("train-mode sparsity, layer mean (dotted: target)")
+    a3.set_ylim(-0.02, 1.02)
     for a in (a1, a2):
         a.set_yscale("log")
+    for a in (a1, a2, a3):
         a.legend(fontsize=7)
     fig.tight_layout()
     p2 = out_dir / "quality_curves.png"

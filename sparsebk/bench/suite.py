@@ -50,7 +50,7 @@ QUICK_ARGS: dict[str, list[tuple[str, str]]] = {
                 ("--max-reference-n", "512"), ("--max-dense-n", "128")],
     "layer": [("--n-seq", "128"), ("--rounds", "2"), ("--lm-batch", "4")],
     "data": [("--repeats", "1")],
-    "training": [("--steps", "10"), ("--repeats", "1")],
+    "training": [("--steps", "20")],  # its first 10 steps are warm-up
 }
 
 
