@@ -182,8 +182,9 @@ def test_failing_trial_is_retried_then_recorded(asha_sweep):
     bad = by_key[(3e-3, "adaptive")]
     assert bad.status == "ERROR" and bad.stop_reason == "error"
     assert "injected failure at step 3" in bad.error  # the retry got past step 2, then failed
-    assert bad.retries == 1
+    assert bad.failures == 2 and bad.attempts == 2  # max_retries: 1 -> two attempts, both failed
     assert len(attempts_file(summary["sweep_dir"], bad.trial_id).read_text().splitlines()) == 2
+    assert all(r.failures == 0 and r.attempts == 1 for r in df.itertuples() if r.trial_id != bad.trial_id)
     assert summary["trials"] == {"OK": 3, "ERROR": 1}  # the sweep went on and finished
 
 

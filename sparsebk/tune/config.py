@@ -135,7 +135,8 @@ class ParamSpec:
 @dataclass
 class SearchConfig:
     algorithm: str = "random"
-    num_samples: int = 4       # grid: repeats of the grid; random/optuna: trials
+    num_samples: int | None = None  # grid: repeats of the whole grid (default 1);
+                                    # random/optuna: trials (default 4)
     seed: int = 0
     metric: str = "val_loss"   # single objective (and the ASHA metric)
     mode: str = "min"
@@ -145,6 +146,8 @@ class SearchConfig:
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"search.algorithm: {self.algorithm!r} is not one of {ALGORITHMS}")
+        if self.num_samples is None:
+            self.num_samples = 1 if self.algorithm == "grid" else 4
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) \
                 or self.num_samples < 1:
             raise ValueError(f"search.num_samples: {self.num_samples!r} must be an integer >= 1")

@@ -144,7 +144,7 @@ def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
             _md_table(front, ["trial_id", *param_names, SPARSITY_COL, PPL_COL, "stop_reason"]),
             "", "## All trials", "",
             _md_table(df, ["trial_id", *param_names, "stop_reason", "evaluations",
-                           PPL_COL, SPARSITY_COL, "achieved_sparsity_final", "target_sparsity_final", "tokens_per_s", "retries",
+                           PPL_COL, SPARSITY_COL, "achieved_sparsity_final", "target_sparsity_final", "tokens_per_s", "attempts", "failures",
                            "error"]),
             "", "Plots: `pareto.png`, `sparsity_vs_target.png`.", ""]
     return "\n".join(out)

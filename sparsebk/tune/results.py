@@ -27,7 +27,8 @@ class TrialRecord:
     status: str                     # TERMINATED | ERROR | RUNNING | PENDING | PAUSED
     params: dict
     history: list[dict] = field(default_factory=list)   # evaluations, ascending step
-    num_failures: int = 0
+    num_failures: int = 0           # failed attempts (Tune's count)
+    attempts: int = 0               # starts of the trial function (its attempts log)
     error: str | None = None
     completed: bool = False         # the trial's Train run returned normally
 
@@ -88,6 +89,10 @@ def _first_error_line(trial_dir: Path) -> str | None:
     return lines[-1][:300] if lines else "unknown error"
 
 
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
 def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
     sweep_dir = Path(sweep_dir)
     state = _latest_state(sweep_dir)
@@ -107,6 +112,7 @@ def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
             num_failures=int(meta.get("num_failures", 0) or 0),
             error=_first_error_line(tdir) if trial["status"] == "ERROR" else None,
             completed=completion_marker(sweep_dir, tid).is_file(),
+            attempts=_count_lines(sweep_dir / COMPLETED_DIR / f"{tid}.attempts"),
         ))
     records.sort(key=lambda r: r.trial_id)
     return records
@@ -147,7 +153,8 @@ def results_table(records: list[TrialRecord], *, last_k: int = 3) -> pd.DataFram
             "achieved_sparsity_final": sp[-1] if sp else math.nan,
             "target_sparsity_final": tgt[-1] if tgt else math.nan,
             "tokens_per_s": sum(tps) / len(tps) if tps else math.nan,
-            "retries": r.num_failures,
+            "attempts": r.attempts,
+            "failures": r.num_failures,
             "error": r.error or "",
         })
         rows.append(row)
