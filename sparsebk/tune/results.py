@@ -52,7 +52,10 @@ def is_sweep_dir(path: str | Path) -> bool:
 
 
 def _latest_state(sweep_dir: Path) -> dict:
-    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # newest session by the timestamp in the name (a restored run rewrites older files too,
+    # so modification times do not order sessions)
+    states = sorted(sweep_dir.glob("experiment_state-*.json"),
+                    key=lambda p: (p.name, p.stat().st_mtime))
     if not states:
         raise ValueError(f"{sweep_dir}: no experiment_state-*.json; not a Tune sweep folder")
     return json.loads(states[-1].read_text())
