@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsebk sweep: {e}", file=sys.stderr)
         return 2
     connect_ray(args.address, args.num_cpus, prep.num_workers)
-    summary = run_sweep(cfg, prepared=prep)
+    try:
+        summary = run_sweep(cfg, prepared=prep)
+    except ValueError as e:  # e.g. the sweep folder holds a sweep of another config
+        print(f"sparsebk sweep: {e}", file=sys.stderr)
+        return 2
     report_md = summary.get("report", {}).get("report_md")
     if report_md:
         with open(report_md) as f:

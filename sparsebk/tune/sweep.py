@@ -208,6 +208,9 @@ def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
         return tune.Tuner.restore(str(prep.sweep_dir), trainable=trainable,
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
+    if any(prep.sweep_dir.glob("experiment_state-*.json")):
+        raise ValueError(f"{_where(prep.cfg)}: {prep.sweep_dir} already holds a sweep; resume it "
+                         f"or pick another name (or storage_path)")
     prep.sweep_dir.mkdir(parents=True, exist_ok=True)
     tmp = prep.sweep_dir / (SWEEP_FILE + ".tmp")
     tmp.write_text(json.dumps(_sweep_record(prep), indent=2, default=str))
