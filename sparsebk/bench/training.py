@@ -3,9 +3,12 @@
 Same model, optimizer, batches and step count everywhere (the ptb-cpu preset by default):
 
   plain        the training step in this process, plain PyTorch, a fixed in-process schedule
-  ray-1w       Ray Train, 1 worker, Ray Data shard, schedule from the actor (prefetched)
-  ray-1w-local Ray Train, 1 worker, the plain-Parquet loader (data.loader local)
-  ray-2w       Ray Train, 2 workers (DDP over gloo), Ray Data shards
+  ray-1w            Ray Train, 1 worker, Ray Data shard (the preset's prefetch_batches),
+                    schedule from the actor (prefetched)
+  ray-1w-prefetch2  the same with Ray Data prefetching 2 batches
+  ray-1w-local      Ray Train, 1 worker, the plain-Parquet loader (data.loader local)
+  ray-2w            Ray Train, 2 workers (DDP over gloo), Ray Data shards
+  ray-2w-local      Ray Train, 2 workers, the plain-Parquet loader
 
 Per run, over 10-step windows after the first (warm-up) window: tokens/s at the median window
 and at the best one (the least disturbed on a shared machine), step time,
@@ -145,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         micro = actor_latency(base, lm_cfg.n_layers)
         for label, extra in (("ray-1w", ["run.num_workers=1"]),
+                             ("ray-1w-prefetch2", ["run.num_workers=1", "data.prefetch_batches=2"]),
                              ("ray-1w-local", ["run.num_workers=1", "data.loader=local"]),
-                             ("ray-2w", ["run.num_workers=2"])):
+                             ("ray-2w", ["run.num_workers=2"]),
+                             ("ray-2w-local", ["run.num_workers=2", "data.loader=local"])):
             rows.append(ray_run(cfg_for(label, *extra), label))
             print(f"{label}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
     finally:

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +34,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from sparsebk.data import load_blocks
+from sparsebk.lm import LMConfig, SparseBKLM
 from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
@@ -158,8 +161,8 @@ class _FaultInjector:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    from sparsebk.data import load_blocks
-    from sparsebk.lm import LMConfig, SparseBKLM
+    """Run by every Ray Train worker. `config`: {"cfg": TrainConfig.to_dict(), "lm":
+    LMConfig.to_dict(), "dataset_dir": str, "schedule_actor": ActorHandle}."""
 
     cfg = TrainConfig.from_dict(config["cfg"])
     lm_cfg = LMConfig.from_dict(config["lm"])
@@ -313,7 +316,12 @@ def train_loop_per_worker(config: dict) -> None:
                 win_t0, win_steps, wait_s, sched_s = time.perf_counter(), 0, 0.0, 0.0
 
             if step % cfg.run.eval_every == 0 or step == max_steps:
-                best_val = _evaluate_and_report(**locals())
+                best_val = _evaluate_and_report(
+                    cfg=cfg, model=model, net=net, valid=valid, device=device, rank=rank,
+                    world=world, step=step, targets=targets, weight=weight, last_rec=last_rec,
+                    client=client, writer=writer, optimizer=optimizer, lr_sched=lr_sched,
+                    epoch=epoch, batch_in_epoch=batch_in_epoch, bad_total=bad_total,
+                    best_val=best_val, dataset_dir=dataset_dir, autocast=autocast)
                 win_t0 = time.perf_counter()  # evaluation time is not training throughput
         if not got_batch and batch_in_epoch == 0:
             raise ValueError(f"{dataset_dir}: rank {rank} got no training batch of "
@@ -346,13 +354,12 @@ def _eval_rows(cfg: TrainConfig) -> int | None:
     return cfg.run.eval_batches * cfg.data.eval_batch_size * max(1, cfg.run.num_workers)
 
 
-def _evaluate_and_report(*, cfg, model, net, valid, device, rank, world, step, max_steps,
-                         targets, weight, last_rec, client, writer, optimizer, lr_sched, epoch,
-                         batch_in_epoch, bad_total, best_val, dataset_dir, autocast, **_):
-    """Validation (all-reduced), the actor update, metrics, and the checkpoint report."""
-    import tempfile
-
-    from sparsebk.data import load_blocks
+def _evaluate_and_report(*, cfg, model, net, valid, device, rank, world, step, targets, weight,
+                         last_rec, client, writer, optimizer, lr_sched, epoch, batch_in_epoch,
+                         bad_total, best_val, dataset_dir, autocast) -> float:
+    """Validation (all-reduced), the actor update, metrics, and the checkpoint report (all
+    ranks call it: ray.train.report is a barrier). Returns the best validation loss so far."""
+    max_steps = cfg.optim.max_steps
 
     val_loss, spars = evaluate(model, valid, batch_size=cfg.data.eval_batch_size, device=device,
                                rank=rank, world=world, max_rows=_eval_rows(cfg),
