@@ -121,6 +121,9 @@ def _run_one(name: str, module: str, args: list[str], log_dir: Path, timeout_s: 
                 if echo:
                     print(line, end="", flush=True)
             rc = proc.wait()
+        except BaseException:  # interrupted or terminated: do not leave the benchmark running
+            stop()
+            raise
         finally:
             timer.cancel()
     wall = time.perf_counter() - t0
@@ -247,6 +250,8 @@ def main(argv: list[str]) -> int:
                    help="extra arguments for one benchmark, e.g. --args 'quality=--budget-s 180'")
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per-benchmark wall-clock limit")
     args = p.parse_args(argv)
+    # SIGTERM -> SystemExit, so the running benchmark's process group is ended with the suite
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     extra: dict[str, list[str]] = {}
     for item in args.args:
         name, sep, rest = item.partition("=")
