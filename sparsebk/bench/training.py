@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="steps per run (first 10 are warm-up)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args(argv)
+    if args.steps < 20:
+        p.error(f"--steps={args.steps}: needs >= 20 (a 10-step warm-up window, then windows "
+                "of 10 steps)")
     logging.basicConfig(level=logging.WARNING)
 
     import ray
