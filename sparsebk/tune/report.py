@@ -34,8 +34,12 @@ def _sweep_meta(sweep_dir: Path) -> dict:
 
 
 def _usable(df: pd.DataFrame) -> pd.Series:
-    """Trials that count for the front and the levels: evaluated, and not failed."""
-    return df[PPL_COL].notna() & df[SPARSITY_COL].notna() & (df["status"] != "ERROR")
+    """Trials that count for the front and the levels: evaluated, not failed, and trained to
+    full length. An early-stopped trial was measured after fewer steps (its gates barely
+    trained), so it is compared only when no trial completed."""
+    ok = df[PPL_COL].notna() & df[SPARSITY_COL].notna() & (df["status"] != "ERROR")
+    full = ok & (df["stop_reason"] == "completed")
+    return full if full.any() else ok
 
 
 def front_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -117,8 +121,9 @@ def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
     out = [f"# Sweep report: {name}", "",
            f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
            f"Achieved sparsity = mean measured sparsity over the last evaluations "
-           f"(`{SPARSITY_COL}`); perplexity = best validation perplexity. Failed trials are "
-           f"listed but take no part in the front or the levels.", ""]
+           f"(`{SPARSITY_COL}`); perplexity = best validation perplexity. The front and the levels "
+           f"use the trials trained to full length (all evaluated ones if none was); failed "
+           f"and early-stopped trials are listed below.", ""]
     valid = df[_usable(df)].reset_index(drop=True)
     out.append("## Best configuration per sparsity level")
     out.append("")
