@@ -66,6 +66,8 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("schedule.warmup_stepz=3", "warmup_stepz"),
     ("model.d_modle=8", "model.d_modle"),
     ("model.preset=huge", "huge"),
+    ("run.storage_path=s3://bucket/runs", "run.storage_path"),
+    ("data.dir=s3://bucket/data", "data.dir"),
 ])
 def test_bad_config_names_file_and_field(override, field):
     path = CONFIGS / "tiny.yaml"

@@ -82,8 +82,11 @@ class DataConfig:
     def __post_init__(self):
         if not isinstance(self.dir, str) or not self.dir:
             raise _err("data.dir", self.dir, "must be a non-empty path")
-        if "://" not in self.dir:
-            self.dir = str(Path(os.path.expanduser(self.dir)).resolve())
+        if "://" in self.dir:
+            # The data package reads and writes local (or network-mounted) paths only.
+            raise _err("data.dir", self.dir, "URIs are not supported; use a local path or a "
+                       "shared file system mounted on every node (e.g. /mnt/shared/...)")
+        self.dir = str(Path(os.path.expanduser(self.dir)).resolve())
         if self.corpus not in CORPORA:
             raise _err("data.corpus", self.corpus, f"choose one of {CORPORA}")
         if self.corpus == "text" and not self.text:
@@ -165,9 +168,13 @@ class RunConfig:
             raise _err("run.name", self.name, "use letters, digits, '_', '.', '-'")
         if not isinstance(self.storage_path, str) or not self.storage_path:
             raise _err("run.storage_path", self.storage_path, "must be a non-empty path")
-        if "://" not in self.storage_path:
-            # Ray needs an absolute path; relative paths mean relative to the launch directory.
-            self.storage_path = str(Path(os.path.expanduser(self.storage_path)).resolve())
+        if "://" in self.storage_path:
+            # Metrics, schedule records and plots are written with local file I/O next to Ray's
+            # checkpoints, so a bucket URI would silently land in a local "s3:" folder.
+            raise _err("run.storage_path", self.storage_path, "URIs are not supported; use a "
+                       "local path or a shared file system mounted on every node")
+        # Ray needs an absolute path; relative paths mean relative to the launch directory.
+        self.storage_path = str(Path(os.path.expanduser(self.storage_path)).resolve())
         _positive_int("run.num_workers", self.num_workers, allow_zero=True)
         if not isinstance(self.use_gpu, bool):
             raise _err("run.use_gpu", self.use_gpu, "must be true or false")
