@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,11 +15,19 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
+    # Ray Train's controller polls workers every 2 s by default, and each ray.train.report
+    # waits for that poll; tests report often. Read by the processes ray.init starts.
+    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
     # More logical CPUs than cores is fine: workers are mostly idle between steps.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False, address="local")
     yield ray
     ray.shutdown()
+    if old is None:
+        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+    else:
+        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
