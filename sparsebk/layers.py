@@ -58,18 +58,19 @@ class SparseBKCore(nn.Module):
 
     forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N), sparsity_ratio 0-dim).
     The predictor scores position i from x_i alone, so the mask is causal. `target_sparsity`
-    and `tau` may be set at any step (the scheduler does).
+    and `tau` may be set at any step (the scheduler does). `gate_eval_mode` ("quasi" or
+    "threshold") picks the deterministic eval mask (see sparsebk.gate).
     """
 
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
-                 *, causal: bool = True, z: complex = 1j):
+                 *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi"):
         super().__init__()
         _check_dims(d_model, n_seq)
         self.d_model, self.n_seq, self.causal, self.z = d_model, n_seq, bool(causal), complex(z)
         if not self.z.imag > 0:
             raise ValueError(f"z={z!r} must have Im z > 0")
         self.importance_predictor = nn.Linear(d_model, 1)
-        self.gate = GumbelSigmoidGate(tau)
+        self.gate = GumbelSigmoidGate(tau, eval_mode=gate_eval_mode)
         self.target_sparsity = target_sparsity
 
     @property
@@ -157,7 +158,7 @@ class SparseMoEResNetBKLayer(nn.Module):
                  dropout_p: float = 0.1, target_sparsity: float = 0.5,
                  sparsity_loss_weight: float = 0.01, sparsity_loss_type: str = "adaptive",
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
-                 d_ff: int | None = None, causal: bool = True):
+                 d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi"):
         super().__init__()
         _check_dims(d_model, n_seq)
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -165,7 +166,8 @@ class SparseMoEResNetBKLayer(nn.Module):
         if sparsity_loss_type not in LOSS_TYPES:
             raise ValueError(f"sparsity_loss_type={sparsity_loss_type!r} is not one of {LOSS_TYPES}")
         self.d_model, self.n_seq = d_model, n_seq
-        self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal)
+        self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal,
+                                           gate_eval_mode=gate_eval_mode)
         self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
         self.v_proj = nn.Linear(d_model, 1)
         self.output_proj = nn.Linear(2, d_model)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsebk.gate import EVAL_MODES
 from sparsebk.layers import SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES
 
@@ -57,6 +58,9 @@ class LMConfig:
     tau: float = 1.0
     use_sparse_computation: bool = True
     moe_aux_weight: float = 0.01
+    # eval-mode mask: "quasi" (fixed per-position logistic offsets: eval sparsity follows the
+    # training rate) or "threshold" (logit > 0); see sparsebk.gate
+    gate_eval_mode: str = "quasi"
 
     def __post_init__(self):
         def bad(name, why):
@@ -79,6 +83,8 @@ class LMConfig:
             bad("sparsity_loss_type", f"must be one of {LOSS_TYPES}")
         if not _is_num(self.tau) or self.tau <= 0:
             bad("tau", "must be a positive finite number")
+        if self.gate_eval_mode not in EVAL_MODES:
+            bad("gate_eval_mode", f"must be one of {EVAL_MODES}")
         if not isinstance(self.use_sparse_computation, bool):
             bad("use_sparse_computation", "must be true or false")
 
@@ -115,7 +121,8 @@ class Block(nn.Module):
             cfg.d_model, cfg.n_seq, num_experts=cfg.num_experts, top_k=cfg.top_k,
             dropout_p=cfg.dropout_p, target_sparsity=cfg.target_sparsity,
             sparsity_loss_weight=cfg.sparsity_loss_weight, sparsity_loss_type=cfg.sparsity_loss_type,
-            use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau)
+            use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
+            gate_eval_mode=cfg.gate_eval_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.layer(self.norm(x))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparsebk import GumbelSigmoidGate, gumbel_sigmoid
+from sparsebk.gate import quasi_logistic_offsets
 
 
 def test_hard_sample_is_exactly_binary_and_bernoulli_sigmoid():
@@ -42,14 +43,70 @@ def test_soft_sample_is_the_relaxed_value():
     assert torch.allclose(soft, torch.sigmoid(logits / 2.0))
 
 
-def test_eval_mode_is_deterministic_and_uses_no_randomness():
-    gate = GumbelSigmoidGate(tau=1.0).eval()
+@pytest.mark.parametrize("eval_mode", ["quasi", "threshold"])
+def test_eval_mode_is_deterministic_and_uses_no_randomness(eval_mode):
+    gate = GumbelSigmoidGate(tau=1.0, eval_mode=eval_mode).eval()
     logits = torch.randn(4, 9)
     state = torch.get_rng_state()
     a, b = gate(logits), gate(logits)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a, b)
-    assert torch.equal(a, (logits > 0).float())
+    if eval_mode == "threshold":
+        assert torch.equal(a, (logits > 0).float())
+
+
+def test_quasi_offsets_by_hand():
+    inv_phi = (math.sqrt(5) - 1) / 2
+    hand = []
+    for i in range(1, 6):
+        u = i * inv_phi - math.floor(i * inv_phi)
+        hand.append(math.log(u / (1 - u)))
+    got = quasi_logistic_offsets(5, dtype=torch.float64)
+    assert got.tolist() == pytest.approx(hand, rel=1e-12)
+
+
+@pytest.mark.parametrize("level", [-2.0, -0.4, 0.0, 0.3, 1.5])
+def test_quasi_eval_mask_computes_a_sigmoid_fraction(level):
+    """Logits near one constant (what the sparsity loss produces): the threshold rule computes
+    all or nothing, the quasi mask the fraction sigmoid(l) a training-mode sample has."""
+    gate = GumbelSigmoidGate(eval_mode="quasi").eval()
+    logits = torch.full((3, 1000), level)
+    mask = gate(logits)
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    # low discrepancy: the fraction is within a few / N of sigmoid(l) in every row
+    assert torch.allclose(mask.mean(-1), torch.sigmoid(torch.tensor(level)).expand(3), atol=5e-3)
+
+
+def test_quasi_eval_mask_is_decisive_where_logits_are():
+    gate = GumbelSigmoidGate(eval_mode="quasi").eval()
+    n = 64  # the largest |offset| over 64 positions is below 5
+    assert quasi_logistic_offsets(n).abs().max() < 5
+    logits = torch.where(torch.rand(2, n) > 0.5, 6.0, -6.0)
+    assert torch.equal(gate(logits), (logits > 0).float())
+
+
+def test_quasi_eval_mask_is_causal():
+    """Position i's mask depends on (l_i, i) only: later logits and a longer sequence change nothing."""
+    gate = GumbelSigmoidGate(eval_mode="quasi").eval()
+    torch.manual_seed(5)
+    logits = torch.randn(3, 20)
+    full = gate(logits)
+    changed = logits.clone()
+    changed[:, 12:] = torch.randn(3, 8)
+    assert torch.equal(gate(changed)[:, :12], full[:, :12])
+    assert torch.equal(gate(logits[:, :7]), full[:, :7])
+    # and it does depend on the position: shifting the logits by one changes the mask
+    assert not torch.equal(gate(torch.zeros(1, 20))[:, 1:], gate(torch.zeros(1, 20))[:, :-1])
+
+
+def test_straight_through_gradient_in_quasi_mode():
+    logits = torch.tensor([[0.2, -0.7, 1.1]], dtype=torch.float64, requires_grad=True)
+    mask = gumbel_sigmoid(logits, 0.5, noise="quasi")
+    pre = (logits.detach() + quasi_logistic_offsets(3, dtype=torch.float64)) / 0.5
+    assert torch.equal(mask.detach(), (pre > 0).double())
+    mask.sum().backward()
+    s = torch.sigmoid(pre)
+    assert torch.allclose(logits.grad, s * (1 - s) / 0.5, rtol=1e-12)
 
 
 def test_seed_fixes_the_training_noise():
@@ -83,5 +140,9 @@ def test_tau_is_settable_and_validated():
             gate.tau = bad
         with pytest.raises(ValueError, match="tau"):
             gumbel_sigmoid(torch.zeros(3), bad)
+    with pytest.raises(ValueError, match="eval_mode='noisy'"):
+        GumbelSigmoidGate(eval_mode="noisy")
+    with pytest.raises(ValueError, match="noise='gauss'"):
+        gumbel_sigmoid(torch.zeros(3), noise="gauss")
     with pytest.raises(ValueError, match="force has shape"):
         gumbel_sigmoid(torch.zeros(2, 3), force=torch.zeros(3))

@@ -195,3 +195,44 @@ def test_bf16_autocast_step_tracks_float32():
     out["loss"].backward()
     assert abs(out["ce_loss"].item() - ref.item()) < 0.05
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_eval_mode_sparsity_follows_training_sparsity_and_the_target():
+    """The sparsity loss pulls mean(sigmoid(l)) to the target with logits near one constant; the
+    eval mask must keep that rate (the threshold l > 0 measured 0.95 here at a 0.75 target)."""
+    torch.manual_seed(4)
+    target = 0.75
+    model = debug_model(dropout_p=0.0, target_sparsity=target, sparsity_loss_weight=1.0).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp_hist = []
+    for _ in range(100):
+        x, y = progression_batch(16, 32, 64)
+        out = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        sp_hist.append(out["layer_sparsity"])
+    trained = torch.stack(sp_hist[-20:]).mean(0)  # (L,) training mode (random gate noise)
+    model.eval()
+    x, y = progression_batch(256, 32, 64)
+    with torch.no_grad():
+        evaluated = model(x, y)["layer_sparsity"]  # (L,) eval mode (deterministic gate)
+        again = model(x, y)["layer_sparsity"]
+    assert torch.equal(evaluated, again)
+    assert torch.all((trained - target).abs() < 0.1), trained
+    assert torch.all((evaluated - trained).abs() < 0.1), (evaluated, trained)
+    assert torch.all((evaluated - target).abs() < 0.1), evaluated
+    # teeth: the noise-free threshold rule on the same weights misses the training rate
+    for layer in model.layers:
+        layer.sparse_bk_core.gate.eval_mode = "threshold"
+    with torch.no_grad():
+        thresholded = model(x, y)["layer_sparsity"]
+    assert (thresholded - trained).abs().max() > 0.1, (thresholded, trained)
+
+
+def test_gate_eval_mode_is_a_validated_config_field():
+    assert LMConfig.preset("debug").gate_eval_mode == "quasi"
+    model = debug_model(gate_eval_mode="threshold")
+    assert all(layer.sparse_bk_core.gate.eval_mode == "threshold" for layer in model.layers)
+    with pytest.raises(ValueError, match="gate_eval_mode='noisy'"):
+        LMConfig.preset("debug", gate_eval_mode="noisy")
