@@ -7,10 +7,12 @@ Each step:
     3. gradient clipping; the clipped norm is the same on every rank after the all-reduce, so
        all ranks agree on skipping a non-finite step without another collective;
     4. AdamW + LR schedule (linear warmup, cosine decay).
-Every `log_every` steps the running sums are all-reduced and rank 0 logs a progress line and
-writes a metrics record; every `eval_every` steps (and at the last step) the validation loss
-and measured sparsity are all-reduced, the loss goes to the actor, and all ranks call
-`ray.train.report` with a checkpoint (a barrier).
+Every `log_every` steps the running sums (loss, training-mode sparsity per layer) are
+all-reduced and rank 0 logs a progress line and writes a metrics record; every `eval_every`
+steps (and at the last step) the validation loss and eval-mode sparsity are all-reduced, the
+loss goes to the actor, and all ranks call `ray.train.report` with a checkpoint (a barrier).
+The report carries both sparsities: "sparsity_layer_{i}" (eval mode, deterministic gate) and
+"train_sparsity_layer_{i}" (sampled masks, mean over the last log interval).
 
 The one host sync per step is the finiteness check of the gradient norm (step 3): skipping a
 NaN step needs its answer before the optimizer runs.
@@ -366,10 +368,15 @@ def _evaluate_and_report(*, cfg, model, net, valid, device, rank, world, step, t
                                autocast=autocast)
     if rank == 0:
         client.report_validation(val_loss)
+    # training-mode (sampled-mask) sparsity: the mean over the last log interval, all-reduced
+    # there; the eval-mode values above come from the deterministic gate
+    train_spars = last_rec.get("sparsity_layers") or [float("nan")] * len(spars)
     metrics = {
         "step": step, "epoch": epoch, "val_loss": val_loss, "val_ppl": safe_ppl(val_loss),
         "sparsity": sum(spars) / len(spars),
         **{f"sparsity_layer_{i}": s for i, s in enumerate(spars)},
+        "train_sparsity": sum(train_spars) / len(train_spars),
+        **{f"train_sparsity_layer_{i}": s for i, s in enumerate(train_spars)},
         **{f"target_layer_{i}": t for i, t in enumerate(targets)},
         "target_sparsity": sum(targets) / len(targets), "loss_weight": weight,
         "train_loss": last_rec.get("train_loss", float("nan")),

@@ -35,15 +35,19 @@ def progress_line(rec: dict, max_steps: int) -> str:
     layers = " ".join(f"{s:.2f}/{t:.2f}" for s, t in zip(rec["sparsity_layers"],
                                                           rec["target_layers"]))
     return (f"step {rec['step']}/{max_steps} loss {rec['train_loss']:.4f} "
-            f"ppl {safe_ppl(rec['train_loss']):.2f} sparsity(measured/target) [{layers}] "
+            f"ppl {safe_ppl(rec['train_loss']):.2f} train sparsity(measured/target) [{layers}] "
             f"weight {rec['loss_weight']:.4g} lr {rec['lr']:.3g} "
             f"tok/s {rec['tokens_per_s']:.0f} ETA {_fmt_duration(rec['eta_s'])}")
 
 
 def eval_line(rec: dict, max_steps: int) -> str:
+    """Validation loss, and per layer the eval-mode/training-mode sparsity (they should agree)."""
+    n = sum(1 for k in rec if k.startswith("sparsity_layer_"))
+    layers = " ".join(f"{rec[f'sparsity_layer_{i}']:.2f}/{rec.get(f'train_sparsity_layer_{i}', math.nan):.2f}"
+                      for i in range(n))
     return (f"eval step {rec['step']}/{max_steps} val_loss {rec['val_loss']:.4f} "
             f"val_ppl {rec['val_ppl']:.2f} sparsity {rec['sparsity']:.3f} "
-            f"target {rec['target_sparsity']:.3f}")
+            f"target {rec['target_sparsity']:.3f} sparsity(eval/train) [{layers}]")
 
 
 class MetricsWriter:
@@ -109,10 +113,15 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in train]
     for i in range(n_layers):
-        line, = ax.plot(steps, [r["sparsity_layers"][i] for r in train], label=f"layer {i}")
+        line, = ax.plot(steps, [r["sparsity_layers"][i] for r in train], label=f"train {i}")
         ax.plot(steps, [r["target_layers"][i] for r in train], "--", color=line.get_color(),
                 label=f"target {i}")
-    ax.set(xlabel="step", ylabel="sparsity", title="measured sparsity vs target", ylim=(0, 1))
+        ev = [r for r in evals if f"sparsity_layer_{i}" in r]
+        if ev:
+            ax.plot([r["step"] for r in ev], [r[f"sparsity_layer_{i}"] for r in ev], "o",
+                    color=line.get_color(), label=f"eval {i}")
+    ax.set(xlabel="step", ylabel="sparsity", title="measured sparsity (train: sampled masks, "
+           "eval: deterministic) vs target", ylim=(0, 1))
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
     paths.append(out_dir / "sparsity.png")
