@@ -4,8 +4,9 @@
     h_l = h_{l-1} + Layer_l(LayerNorm(h_{l-1}))    l = 1..L   (pre-norm residual blocks)
     logits = LayerNorm(h_L) @ E^T                  (B, T, V)  (output head tied to E)
 
-Every piece is causal: embeddings and norms act per position, each layer's mask, experts and
-projections read x_i alone, the BK-core is the causal (leading-block) resolvent and skipped
+Every piece is causal: embeddings and norms act per position, each layer's mask reads x_i and
+the position i alone (the eval mask's fixed offsets depend on i), experts and projections read
+x_i alone, the BK-core is the causal (leading-block) resolvent and skipped
 positions copy features from the left only. Architecture only: no Ray, no distributed code.
 """
 
