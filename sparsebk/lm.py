@@ -59,6 +59,8 @@ class LMConfig:
     tau: float = 1.0
     use_sparse_computation: bool = True
     moe_aux_weight: float = 0.01
+    # the balanced loss's weight on cross-entropy (the seed's accuracy_weight); Tune sweeps it
+    accuracy_weight: float = 1.0
     # eval-mode mask: "quasi" (fixed per-position logistic offsets: eval sparsity follows the
     # training rate) or "threshold" (logit > 0); see sparsebk.gate
     gate_eval_mode: str = "quasi"
@@ -77,7 +79,7 @@ class LMConfig:
             bad("dropout_p", "must be a float in [0, 1)")
         if not _is_num(self.target_sparsity) or not 0.0 <= self.target_sparsity < 1.0:
             bad("target_sparsity", "must be a float in [0, 1)")
-        for name in ("sparsity_loss_weight", "moe_aux_weight"):
+        for name in ("sparsity_loss_weight", "moe_aux_weight", "accuracy_weight"):
             if not _is_num(getattr(self, name)) or getattr(self, name) < 0:
                 bad(name, "must be a non-negative finite number")
         if self.sparsity_loss_type not in LOSS_TYPES:
@@ -172,8 +174,8 @@ class SparseBKLM(nn.Module):
         """tokens (B, T) int64 with T <= n_seq; targets (B, T) (-100 = ignored) or None.
 
         Returns "logits" (B, T, V) and "layer_sparsity" (L,) (detached 1 - mean(mask) per layer,
-        no host sync); with targets also "loss" = ce_loss + sparsity_loss + moe_aux_weight *
-        aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by its layer's
+        no host sync); with targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
+        moe_aux_weight * aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by its layer's
         sparsity_loss_weight, differentiable) and "aux_loss" (sum of the layers' MoE balance
         losses).
         """
@@ -195,6 +197,6 @@ class SparseBKLM(nn.Module):
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
             sp = sum(l.get_sparsity_loss() for l in layers)
             aux = sum(l.last_aux_loss for l in layers)
-            out.update(loss=ce + sp + self.config.moe_aux_weight * aux, ce_loss=ce,
+            out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux, ce_loss=ce,
                        sparsity_loss=sp, aux_loss=aux)
         return out

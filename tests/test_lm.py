@@ -45,6 +45,7 @@ def test_presets_and_dict_round_trip():
     ("tau", 0.0, "tau=0.0"),
     ("dropout_p", 1.0, "dropout_p=1.0"),
     ("moe_aux_weight", -1.0, "moe_aux_weight=-1.0"),
+    ("accuracy_weight", -0.5, "accuracy_weight=-0.5"),
     ("use_sparse_computation", "yes", "use_sparse_computation='yes'"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
@@ -64,7 +65,7 @@ def test_unknown_preset_and_fields():
 # ----------------------------------------------------------------------------- forward
 def test_forward_outputs_and_loss_composition():
     torch.manual_seed(0)
-    model = debug_model(sparsity_loss_type="l2", moe_aux_weight=0.3).train()
+    model = debug_model(sparsity_loss_type="l2", moe_aux_weight=0.3, accuracy_weight=0.7).train()
     model.set_sparsity_schedule([0.2, 0.7], loss_weight=0.5)
     tokens = torch.randint(0, 64, (3, 20))
     targets = torch.randint(0, 64, (3, 20))
@@ -83,7 +84,7 @@ def test_forward_outputs_and_loss_composition():
     logp = torch.log_softmax(out["logits"].detach().double(), -1)
     ce = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     assert out["ce_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
-    total = out["ce_loss"] + out["sparsity_loss"] + 0.3 * out["aux_loss"]
+    total = 0.7 * out["ce_loss"] + out["sparsity_loss"] + 0.3 * out["aux_loss"]
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
 
 

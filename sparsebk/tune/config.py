@@ -36,9 +36,8 @@ KINDS = ("value", "choice", "grid", "uniform", "loguniform", "randint")
 DEFAULT_KEYS = {
     "loss_type": "model.sparsity_loss_type",
     "sparsity_weight": "schedule.final_weight",
-    # The training loss has no accuracy weight yet (ce + weighted sparsity + aux); sweeping
-    # it fails at validation, naming this field, until training grows one.
-    "accuracy_weight": "optim.accuracy_weight",
+    # loss = accuracy_weight * ce + weighted sparsity + aux (the seed's balanced loss)
+    "accuracy_weight": "model.accuracy_weight",
     "schedule_type": "schedule.schedule_type",
     "final_sparsity": "schedule.final_sparsity",
     "warmup_steps": "schedule.warmup_steps",
