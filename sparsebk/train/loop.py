@@ -173,7 +173,15 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()  # [ray]
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(cfg.run.run_dir)
-    use_gpu = cfg.run.use_gpu and torch.cuda.is_available()
+    use_gpu = cfg.run.use_gpu
+    if use_gpu and not torch.cuda.is_available():
+        # Never fall back to CPU silently: the NCCL group would then fail obscurely.
+        raise RuntimeError(f"run.use_gpu is true but worker rank {rank} sees no CUDA device "
+                           f"(torch {torch.__version__}); install a CUDA build of torch on the "
+                           "GPU nodes or set run.use_gpu=false")
+    if use_gpu and not torch.cuda.is_bf16_supported():
+        raise RuntimeError(f"worker rank {rank}: {torch.cuda.get_device_name()} has no bf16 "
+                           "support, which the GPU path's autocast uses")
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")  # [ray]
     if not use_gpu:
         threads = cfg.run.torch_threads or max(1, (os.cpu_count() or 1) // max(1, world))
