@@ -191,6 +191,7 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
         assert r["test_tokens"] == rows["test"] * block_len
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
+        assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0
         c = r["curve"]
         assert c and c[-1]["step"] == r["steps"]
         assert all(a["train_s"] < b["train_s"] for a, b in zip(c, c[1:]))

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,8 +173,10 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     sp_sum, n_since = None, 0
     state = {"sparsity_target": 0.0, "loss_weight": 0.0}
     model.train()
+    # contention is visible in these: other processes' load, and CPU seconds per wall second
+    load_start, cpu_spent = os.getloadavg()[0], 0.0
     while spent < s.budget_s:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         frac = spent / s.budget_s
         if scheduler is not None:
             state = scheduler.state_at(_schedule_step(frac, s, scheduler.config.warmup_steps))
@@ -196,6 +199,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
         n_since += 1
         step += 1
         spent += time.perf_counter() - t0
+        cpu_spent += time.process_time() - c0
         if spent >= next_point * s.budget_s / s.curve_points or spent >= s.budget_s:
             v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
             point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
@@ -209,6 +213,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
                      point["train_ce"], v["ppl"])
             loss_sum, sp_sum, n_since = torch.zeros(()), None, 0
             next_point = int(spent * s.curve_points / s.budget_s) + 1
+    load_end = os.getloadavg()[0]
     tokens_seen = step * s.batch_size * (train.shape[1] - 1)
     eval_blocks = {k: blocks[k][: s.eval_blocks] if s.eval_blocks else blocks[k] for k in ("valid", "test")}
     valid = evaluate(model, eval_blocks["valid"], s.batch_size)
@@ -217,7 +222,8 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     return {
         "model": name, "target_sparsity": target, "params": sum(p.numel() for p in model.parameters()),
         "steps": step, "tokens_seen": tokens_seen, "train_s": spent,
-        "train_tokens_per_s": tokens_seen / spent,
+        "train_tokens_per_s": tokens_seen / spent, "train_cpu_s": cpu_spent,
+        "load_avg_1m_start": load_start, "load_avg_1m_end": load_end,
         "valid_loss": valid["loss"], "valid_ppl": valid["ppl"],
         "test_loss": test["loss"], "test_ppl": test["ppl"],
         "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],
@@ -293,7 +299,9 @@ def tables(record: dict) -> str:
             "valid ppl": r["valid_ppl"], "test ppl": r["test_ppl"],
             "test vs dense": "-" if dense is None else f"{r['test_ppl'] / dense['test_ppl']:.3f}",
             "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),
-            "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"]})
+            "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"],
+            "cpu s / wall s": f"{r['train_cpu_s'] / r['train_s']:.2f}",
+            "load 1m start/end": f"{r['load_avg_1m_start']:.1f}/{r['load_avg_1m_end']:.1f}"})
     s = record["settings"]
     out = [f"PTB word-level quality, {s['budget_s']:g} s training budget per model (seed {s['seed']}, "
            f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
