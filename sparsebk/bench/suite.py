@@ -87,7 +87,7 @@ def extract_tables(text: str) -> list[str]:
             continue
         if block:
             tables.append(("**" + caption + "**\n\n" if caption else "") + "\n".join(block))
-            block = []
+            block, prev = [], ""  # a caption belongs to one table only
         if line.strip():
             prev = line
     if block:
