@@ -95,7 +95,7 @@ def main(argv: list[str]) -> int:
 
         started_here = not ray.is_initialized()
         if started_here:
-            ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
+            ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
