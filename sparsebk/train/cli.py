@@ -32,6 +32,16 @@ def setup_logging() -> None:
 
 
 def connect_ray(address: str | None, num_cpus: int | None, workers: int) -> None:
+    """The cluster at --address / RAY_ADDRESS, else a local Ray (training or a sweep).
+
+    A local Ray gets its dashboard (bound to 127.0.0.1) and a pinned RAY_ADDRESS: Ray Train
+    frees the workers' placement group of a trial that ASHA stopped through a cleaner actor
+    that looks the controller up with the state API, which needs both. Without them
+    (measured here, with other Ray instances on the machine) every early-stopped trial left
+    its workers' CPUs reserved, and later trials waited forever for a worker group.
+    """
+    import socket
+
     import ray
 
     if ray.is_initialized():
@@ -40,10 +50,16 @@ def connect_ray(address: str | None, num_cpus: int | None, workers: int) -> None
     if address:
         ray.init(address=address)
         return
-    # A local Ray: more logical CPUs than cores is fine (workers idle between collectives);
-    # Ray Data's read tasks need CPUs beside the workers'.
+    with socket.socket() as sock:  # a free port for the GCS, so its address is known up front
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # inherited by every Ray process
+    # More logical CPUs than cores is fine (workers idle between collectives); Ray Data's
+    # read tasks need CPUs beside the workers'.
     cpus = num_cpus or max(os.cpu_count() or 1, workers + 2)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True,
+             dashboard_host="127.0.0.1")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -26,37 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def connect_ray(address: str | None, num_cpus: int | None, workers: int) -> None:
-    """The cluster at --address / RAY_ADDRESS, else a local Ray for the sweep.
-
-    A local Ray gets its dashboard (bound to 127.0.0.1) and a pinned RAY_ADDRESS: Ray Train
-    frees the workers' placement group of a trial that ASHA stopped through a cleaner actor
-    that looks the controller up with the state API, which needs both. Without them
-    (measured here, with other Ray instances on the machine) every early-stopped trial left
-    its workers' CPUs reserved, and later trials waited forever for a worker group.
-    """
-    import socket
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
-    with socket.socket() as sock:  # a free port for the GCS, so its address is known up front
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # inherited by every Ray process
-    cpus = num_cpus or max(os.cpu_count() or 1, workers + 2)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True,
-             dashboard_host="127.0.0.1")
-
-
 def main(argv: list[str] | None = None) -> int:
-    from sparsebk.train.cli import setup_logging
+    from sparsebk.train.cli import connect_ray, setup_logging
     from sparsebk.tune.config import load_sweep_config
     from sparsebk.tune.sweep import prepare_sweep, run_sweep
 
