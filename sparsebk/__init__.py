@@ -6,7 +6,7 @@ and each submodule is loaded the first time one of its names is used.
 
 from __future__ import annotations
 
-import importlib
+from sparsebk._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -36,14 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparsebk' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

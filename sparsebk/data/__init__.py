@@ -5,7 +5,7 @@ Names are imported lazily so that `import sparsebk.data` does not pull in pyarro
 
 from __future__ import annotations
 
-import importlib
+from sparsebk._lazy import lazy_exports
 
 _EXPORTS = {
     "prepare_dataset": "sparsebk.data.prepare",
@@ -28,14 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparsebk.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -8,7 +8,7 @@ Names are imported lazily: `import sparsebk.train` does not start or import Ray.
 
 from __future__ import annotations
 
-import importlib
+from sparsebk._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "sparsebk.train.config",
@@ -33,14 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sparsebk.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
