@@ -30,4 +30,13 @@ def ray_local():
         os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small ops run fastest single-threaded on a loaded 2-core box; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -11,13 +11,7 @@ from sparsebk._scan import linear_scan, ratio_scan
 from sparsebk.bk_core import resolvent_diagonal, resolvent_diagonal_reference, resolvent_features
 from conftest import requires_cuda
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small dense and scan ops run fastest single-threaded on a loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 Z_VALUES = [1j, 0.3 + 0.5j, -1 + 2j]

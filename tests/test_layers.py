@@ -15,13 +15,7 @@ from sparsebk import (AdaptiveSparsityScheduler, MoEFFN, SparseBKCore, SparseMoE
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small matrices on a shared 2-core box: one thread avoids oversubscription stalls
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- references

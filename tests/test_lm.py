@@ -10,12 +10,7 @@ import torch
 from sparsebk import AdaptiveSparsityScheduler, LMConfig, SparseBKLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def debug_model(dtype=torch.float32, **overrides) -> SparseBKLM:

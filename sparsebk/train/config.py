@@ -306,11 +306,20 @@ def apply_override(d: dict, item: str) -> None:
     value = yaml.safe_load(raw) if raw.strip() else None
     if isinstance(value, str) and _SCI_RE.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 as a string; users mean the number
+    try:
+        set_dotted(d, key.strip(), value)
+    except ValueError as e:
+        raise ValueError(f"override {item!r}: {e}") from None
+
+
+def set_dotted(d: dict, key: str, value) -> None:
+    """d["a"]["b"] = value for key "a.b" (sections created as needed)."""
+    parts = key.split(".")
     node = d
     for p in parts[:-1]:
         nxt = node.setdefault(p, {})
         if not isinstance(nxt, dict):
-            raise ValueError(f"override {item!r}: {p!r} is not a section")
+            raise ValueError(f"{key}: {p!r} is not a section of the training config")
         node = nxt
     node[parts[-1]] = value
 

@@ -23,23 +23,12 @@ import time
 import uuid
 from pathlib import Path
 
+from sparsebk.train.config import set_dotted
 from sparsebk.tune.results import COMPLETED_DIR, completion_marker
 
 logger = logging.getLogger(__name__)
 
 TRAIN_RUNS_DIR = "train_runs"
-
-
-def set_dotted(d: dict, key: str, value) -> None:
-    """d["a"]["b"] = value for key "a.b" (sections created as needed)."""
-    parts = key.split(".")
-    node = d
-    for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ValueError(f"{key}: {p!r} is not a section of the training config")
-        node = nxt
-    node[parts[-1]] = value
 
 
 def apply_params(base_train: dict, params: dict, keys: dict[str, str]) -> dict:
