@@ -9,6 +9,9 @@ default; only k_i = b_i^2 enters). With s_i = diag_i - z (Im z = eta > 0) and th
 the outputs are
     causal=True:  g_i  = [(H[0..i, 0..i] - z)^-1]_ii = 1 / alpha_i   (depends on diag[:, :i+1])
     causal=False: G_ii = [(H - z)^-1]_ii = 1 / (alpha_i + beta_i - s_i).
+z is one shift for the whole batch, or one per row (shape (B,)): a multi-head layer runs its
+H heads as B * H rows, each head with its own z_h. With z = x + i y, y > 0,
+(H - z)^-1 = y^-1 ((H - x) / y - i)^-1: a shift is a rescaled operator at z = i.
 
 |alpha_i|, |beta_i| >= eta, so |G_ii| <= 1 / eta: no clamp or epsilon is needed anywhere.
 `resolvent_diagonal` is the fast path (chunked scans, exact O(N) adjoint gradient);
@@ -31,7 +34,8 @@ _COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 def _validate(diag, z, offdiag, *, validate: bool = True):
     """Check the inputs; return (diag, z, k = offdiag^2 as (1|B, N-1) in diag's dtype).
 
-    z comes back as a python complex, or as a 0-dim tensor in diag's complex dtype.
+    z comes back as a python complex, or as a tensor in diag's complex dtype: 0-dim (one shift)
+    or (B, 1) (one shift per row, broadcasting against (B, N)).
     """
     if not isinstance(diag, torch.Tensor):
         raise ValueError(f"diag must be a torch.Tensor of shape (B, N), got {type(diag).__name__}")
@@ -46,24 +50,32 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
     cdtype = _COMPLEX_OF[diag.dtype]
 
     if isinstance(z, torch.Tensor):
-        if z.dim() != 0:
-            raise ValueError(f"z must be a complex scalar or a 0-dim tensor, "
-                             f"got shape {tuple(z.shape)}")
+        if z.shape not in ((), (B,), (B, 1)):
+            raise ValueError(f"z must be a complex scalar, a 0-dim tensor, or one shift per row "
+                             f"of shape (B,) = ({B},) or (B, 1) = ({B}, 1) for diag of shape "
+                             f"({B}, {N}), got shape {tuple(z.shape)}")
         if z.device != diag.device:
             raise ValueError(f"z is on {z.device} but diag is on {diag.device}")
         if not z.is_complex():
             raise ValueError(f"z must be complex with Im z > 0, got a real tensor ({z.dtype})")
-        if validate and not bool(z.imag > 0):
-            raise ValueError(f"z must have Im z > 0, got z = {complex(z.detach().cpu())}")
-        zt = z.to(cdtype)
+        if validate:
+            bad = (z.imag <= 0) | ~torch.isfinite(z)  # NaN imag fails `> 0` too
+            if bool(bad.any()):  # one host sync, as for a scalar
+                if z.dim() == 0:
+                    raise ValueError(f"z must be finite with Im z > 0, "
+                                     f"got z = {complex(z.detach().cpu())}")
+                b = bad.reshape(-1).nonzero()[0].item()
+                raise ValueError(f"z must be finite with Im z > 0 in every row; "
+                                 f"z[{b}] = {complex(z.detach().reshape(-1)[b].cpu())}")
+        zt = z.to(cdtype) if z.dim() == 0 else z.to(cdtype).reshape(B, 1)
     elif isinstance(z, numbers.Complex) and not isinstance(z, bool):
         zc = complex(z)
         if not zc.imag > 0 or zc != zc or abs(zc) == float("inf"):
             raise ValueError(f"z must be finite with Im z > 0, got z = {zc}")
         zt = zc  # a python scalar: no host-to-device copy, and `diag - zc` is already complex
     else:
-        raise ValueError(f"z must be a complex number or a 0-dim complex tensor, "
-                         f"got {type(z).__name__}")
+        raise ValueError(f"z must be a complex number or a complex tensor (0-dim, or (B,) for "
+                         f"one shift per row), got {type(z).__name__}")
 
     # a NaN or inf makes the sum non-finite (one reduction pass); a finite sum can only be a
     # false alarm from overflow, which the exact element-wise check then clears
@@ -111,6 +123,10 @@ class _ResolventDiagonal(torch.autograd.Function):
                bbar_j = c_j + (k_{j-1} / beta_j^2) bbar_{j-1}             (forward scan)
                A_j = abar_j + bbar_j - c_j,  K_j = -abar_{j+1} / alpha_j - bbar_j / beta_{j+1}
     The causal abar is -Q of DESIGN.md; the bidirectional A equals its -G^2 (Lambda + P - gbar).
+    With s_j = diag_j - z: dL/ddiag_j = Re A_j, and dL = Re(-(sum_j A_j) dz) gives PyTorch's
+    complex gradient dL/dRe z + i dL/dIm z = -conj(sum_j A_j), summed over the row's positions
+    for a per-row z (B, 1) and over the whole batch for a scalar z. k = offdiag^2 gets Re K
+    (autograd then applies dk/db = 2b).
     Every product of consecutive weights k / alpha^2 (or k / beta^2) is a ratio of resolvent
     entries, so the scans cannot overflow.
     """
@@ -134,6 +150,7 @@ class _ResolventDiagonal(torch.autograd.Function):
             ctx.save_for_backward(out, kc, alpha.reciprocal(), beta.reciprocal())
         ctx.causal = causal
         ctx.k_batch = k.shape[0]
+        ctx.z_per_row = isinstance(z, torch.Tensor) and z.dim() == 2
         return out
 
     @staticmethod
@@ -162,7 +179,9 @@ class _ResolventDiagonal(torch.autograd.Function):
                 K = -(abar[:, 1:] * ia[:, :-1] + bbar[:, :-1] * ib[:, 1:])
         grad_diag = A.real if ctx.needs_input_grad[0] else None
         # s = diag - z, so dL = Re(sum_j A_j ds_j) gives dL/dz (PyTorch convention) = -conj(sum A)
-        grad_z = -A.sum().conj() if ctx.needs_input_grad[1] else None
+        grad_z = None
+        if ctx.needs_input_grad[1]:
+            grad_z = -(A.sum(1, keepdim=True) if ctx.z_per_row else A.sum()).conj()
         grad_k = None
         if K is not None:  # k is (1, N-1) when shared over the batch
             grad_k = K.real.sum(0, keepdim=True) if ctx.k_batch == 1 else K.real
@@ -175,11 +194,14 @@ def resolvent_diagonal(diag: torch.Tensor, z: complex | torch.Tensor = 1j, *,
     """Diagonal of (H - z)^-1 (or of the leading-block resolvents when causal), shape (B, N).
 
     diag: (B, N) float32/float64, the full diagonal of H (the model passes -2 + v).
-    z: complex scalar or 0-dim complex tensor, Im z > 0; exact gradient when it requires grad.
+    z: complex, Im z > 0: a python scalar, a 0-dim tensor, or one shift per row as a tensor of
+        shape (B,) or (B, 1); exact gradient when it requires grad (a tensor z must be on
+        diag's device; it is cast to diag's complex dtype).
     offdiag: None (all ones), (N-1,) or (B, N-1) real; exact gradient when it requires grad.
     causal: g_i = [(H[0..i, 0..i] - z)^-1]_ii, which depends on diag[:, :i+1] only.
-    validate: check values (finite diag/offdiag, Im z of a tensor z); each check is a host sync
-        on CUDA, so a caller that guarantees them may pass False. Shapes are always checked.
+    validate: check values (finite diag/offdiag, finite z with Im z > 0 for a tensor z); each
+        check is a host sync on CUDA, so a caller that guarantees them may pass False. Shapes
+        and devices are always checked.
     Returns complex64 for float32 input, complex128 for float64.
     """
     diag, zt, k = _validate(diag, z, offdiag, validate=validate)

@@ -290,6 +290,14 @@ BAD_INPUTS = [
     (dict(diag=torch.zeros(2, 4), z=torch.tensor(2.0)), "real tensor"),
     (dict(diag=torch.zeros(2, 4), z=torch.tensor([1j])), "0-dim"),
     (dict(diag=torch.zeros(2, 4), z="1j"), "complex number"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor([1j, 0.5 - 0.25j])), "every row; z\\[1\\] = \\(0.5-0.25j\\)"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor([[1j], [0j]])), "every row; z\\[1\\]"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor([complex("nan+1j"), 1j])), "finite with Im z > 0 in every row; z\\[0\\]"),
+    (dict(diag=torch.zeros(2, 4), z=torch.tensor([1j, 1j, 1j])), "shape \\(B,\\) = \\(2,\\) .* got shape \\(3,\\)"),
+    (dict(diag=torch.zeros(2, 4), z=torch.full((1, 2), 1j)), "got shape \\(1, 2\\)"),
+    (dict(diag=torch.zeros(2, 4), z=torch.full((2, 4), 1j)), "got shape \\(2, 4\\)"),
+    (dict(diag=torch.zeros(2, 4), z=torch.ones(2)), "real tensor"),
+    (dict(diag=torch.zeros(2, 4), z=torch.full((2,), 1j, device="meta")), "z is on meta but diag is on cpu"),
     (dict(diag=torch.tensor([[0.0, float("nan"), 0.0]])), "finite; diag\\[0, 1\\] = nan"),
     (dict(diag=torch.tensor([[0.0, 0.0], [0.0, float("inf")]])), "finite; diag\\[1, 1\\] = inf"),
     (dict(diag=torch.zeros(2, 4), offdiag=torch.ones(4)), "shape \\(N-1,\\) = \\(3,\\)"),
@@ -354,28 +362,158 @@ def test_validate_false_skips_value_checks_only():
         resolvent_diagonal(torch.zeros(1, 3), -1j, validate=False)
 
 
+@pytest.mark.parametrize("z_shape", [(), (4,)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_every_tensor_follows_the_input_device(causal):
+def test_every_tensor_follows_the_input_device(causal, z_shape):
     # the meta device runs no kernels: any tensor made on a fixed device (CPU) would fail to
     # mix with it, so this checks device-agnosticism on a machine without a GPU
     d = torch.empty(4, 300, device="meta").requires_grad_()
-    z = torch.tensor(0.3 + 1j, dtype=torch.complex64, device="meta").requires_grad_()
+    z = torch.full(z_shape, 0.3 + 1j, dtype=torch.complex64, device="meta").requires_grad_()
     off = torch.empty(4, 299, device="meta")
     out = resolvent_diagonal(d, z, offdiag=off, causal=causal, validate=False)
     assert out.device.type == "meta" and out.dtype == torch.complex64 and out.shape == (4, 300)
     out.abs().sum().backward()
     assert d.grad.device.type == "meta" and z.grad.device.type == "meta"
+    assert z.grad.shape == z_shape
+
+
+# --- one shift z per row (the B * H rows of a multi-head layer) --------------------------------
+
+Z_ROWS = [1j, 0.3 + 0.5j, -1 + 2j]  # one z per row of a batch of 3
+
+
+def _z_rows(form, dtype=torch.complex128):
+    z = torch.tensor(Z_ROWS, dtype=dtype)
+    return z if form == "(B,)" else z.unsqueeze(1)
+
+
+def _dense_diag_differentiable(diag, off, z, causal):
+    """Autograd-friendly dense reference: diag (B, N), off (B, N-1), z (B,) -> (B, N) complex128."""
+    n = diag.shape[1]
+    h = torch.diag_embed(diag).to(torch.complex128)
+    if n > 1:
+        o = off.to(torch.complex128)
+        h = h + torch.diag_embed(o, 1) + torch.diag_embed(o, -1)
+    shifted = h - z.reshape(-1, 1, 1) * torch.eye(n, dtype=torch.complex128)  # (B, N, N)
+    if not causal:
+        return torch.linalg.inv(shifted).diagonal(dim1=-2, dim2=-1)
+    return torch.stack([torch.linalg.inv(shifted[:, : i + 1, : i + 1])[:, i, i] for i in range(n)], 1)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 128])
+@pytest.mark.parametrize("z_form", ["(B,)", "(B, 1)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_row_z_matches_dense_inverse(n, z_form, causal):
+    diag, off = _inputs(n, seed=20 + n, batch=3, per_batch_offdiag=True)
+    pos = _causal_positions(n) if causal else None
+    ref = torch.cat([_dense_diag(diag[b:b + 1], off[b:b + 1], Z_ROWS[b], pos) for b in range(3)])
+    scale = ref.abs().max()
+
+    got64 = resolvent_diagonal(diag, _z_rows(z_form), offdiag=off, causal=causal)
+    assert got64.dtype == torch.complex128 and got64.shape == (3, n)
+    got64 = got64 if pos is None else got64[:, pos]
+    assert (got64 - ref).abs().max() <= 1e-10 * scale
+
+    # a complex128 z follows float32 diag down to complex64
+    got32 = resolvent_diagonal(diag.float(), _z_rows(z_form), offdiag=off.float(), causal=causal)
+    assert got32.dtype == torch.complex64
+    got32 = got32 if pos is None else got32[:, pos]
+    assert (got32.to(torch.complex128) - ref).abs().max() <= 1e-5 * scale
+
+    ref_loop = resolvent_diagonal_reference(diag, _z_rows(z_form), offdiag=off, causal=causal)
+    ref_loop = ref_loop if pos is None else ref_loop[:, pos]
+    assert (ref_loop - ref).abs().max() <= 1e-10 * scale
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_row_z_equal_rows_agree_with_a_scalar_z(causal):
+    # the same shift in every row: same values, and the per-row gradients sum to the scalar one
+    diag, off = _inputs(40, seed=21, batch=3)
+    cot = torch.randn(3, 40, dtype=torch.complex128, generator=torch.Generator().manual_seed(2))
+    z0 = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    zr = torch.full((3,), 0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    out0 = resolvent_diagonal(diag, z0, offdiag=off, causal=causal)
+    outr = resolvent_diagonal(diag, zr, offdiag=off, causal=causal)
+    assert (outr - out0).abs().max() <= 1e-14
+    torch.autograd.backward(out0, cot)
+    torch.autograd.backward(outr, cot)
+    assert zr.grad.shape == (3,)
+    assert abs(complex(zr.grad.sum()) - complex(z0.grad)) <= 1e-12 * abs(complex(z0.grad))
+
+
+@pytest.mark.parametrize("z_form", ["(B,)", "(B, 1)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck_per_row_z_diag_and_offdiag(z_form, causal):
+    # every input requires grad at once: diag (B, N), z (B,) or (B, 1), offdiag (B, N-1)
+    diag, off = _inputs(12, seed=22, batch=3, per_batch_offdiag=True)
+    args = (diag.requires_grad_(), _z_rows(z_form).requires_grad_(), off.requires_grad_())
+    fn = lambda d, zz, o: resolvent_diagonal(d, zz, offdiag=o, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 33])
+@pytest.mark.parametrize("causal", [False, True])
+def test_per_row_gradients_match_dense_inverse_autograd(n, causal):
+    # diag, per-row z and per-row offdiag gradients: fast path, float64 loop and autograd
+    # through torch.linalg.inv of the dense tridiagonal matrix (leading blocks when causal)
+    g = torch.Generator().manual_seed(30 + n)
+    diag = 8 * torch.rand(3, n, generator=g, dtype=torch.float64) - 6
+    off = torch.rand(3, n - 1, generator=g, dtype=torch.float64) * 2 - 1  # signs: only b^2 enters
+    z = torch.tensor([0.7 + 0.05j, -2 + 0.3j, 1j], dtype=torch.complex128)
+    cot = torch.randn(3, n, generator=g, dtype=torch.complex128)
+    grads = []
+    for fn in (resolvent_diagonal, resolvent_diagonal_reference,
+               lambda d, zz, offdiag, causal: _dense_diag_differentiable(d, offdiag, zz, causal)):
+        d, zz, o = diag.clone().requires_grad_(), z.clone().requires_grad_(), off.clone().requires_grad_()
+        torch.autograd.backward(fn(d, zz, offdiag=o, causal=causal), cot)
+        grads.append((d.grad, zz.grad, o.grad))
+    dense = grads[2] if n > 1 else grads[2][:2]  # N = 1: no off-diagonal, no gradient to compare
+    for got in grads[:2]:
+        for a, want in zip(got, dense):
+            assert a.shape == want.shape
+            assert (a - want).abs().max() <= 1e-9 * max(1.0, want.abs().max().item())
+    assert (dense[1] != 0).all()  # every row's z gets its own, nonzero gradient
+
+
+def test_per_row_float32_gradient_matches_float64_reference():
+    diag, off = _inputs(300, seed=23, batch=3, per_batch_offdiag=True)
+    w = torch.randn(3, 300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for causal in (False, True):
+        d64, z64 = diag.clone().requires_grad_(), _z_rows("(B,)").requires_grad_()
+        o64 = off.clone().requires_grad_()
+        (resolvent_features(resolvent_diagonal_reference(d64, z64, offdiag=o64, causal=causal))
+         * w).sum().backward()
+        d32, z32 = diag.float().requires_grad_(), _z_rows("(B,)", torch.complex64).requires_grad_()
+        o32 = off.float().requires_grad_()
+        (resolvent_features(resolvent_diagonal(d32, z32, offdiag=o32, causal=causal))
+         * w.float()).sum().backward()
+        assert z32.grad.dtype == torch.complex64 and z32.grad.shape == (3,)
+        for a, want in ((d32.grad, d64.grad), (z32.grad, z64.grad), (o32.grad, o64.grad)):
+            assert (a.to(want.dtype) - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_shift_is_a_rescaled_operator_at_z_equals_i(causal):
+    # (H - z)^-1 = y^-1 ((H - x) / y - i)^-1 for z = x + i y (and so on every leading block):
+    # a learnable z_h = x_h + i y_h shifts the spectrum by x_h and sets its resolution y_h
+    diag, off = _inputs(50, seed=24, batch=3, per_batch_offdiag=True)
+    x, y = torch.tensor([0.3, -1.5, 2.0], dtype=torch.float64), torch.tensor([0.5, 0.05, 3.0], dtype=torch.float64)
+    lhs = resolvent_diagonal(diag, torch.complex(x, y), offdiag=off, causal=causal)
+    rhs = resolvent_diagonal((diag - x[:, None]) / y[:, None], 1j, offdiag=off / y[:, None],
+                             causal=causal) / y[:, None]
+    assert (lhs - rhs).abs().max() <= 1e-10 * lhs.abs().max()
 
 
 # --- CUDA ---------------------------------------------------------------------------------------
 
 @requires_cuda
+@pytest.mark.parametrize("z_shape", [(), (B,)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_matches_cpu(causal, dtype):
+def test_cuda_matches_cpu(causal, dtype, z_shape):
     diag, off = _inputs(1000, dtype=dtype, seed=10, per_batch_offdiag=True)
-    z_cpu = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
-    z_gpu = torch.tensor(0.3 + 0.5j, dtype=torch.complex128, device="cuda", requires_grad=True)
+    z_cpu = torch.full(z_shape, 0.3 + 0.5j, dtype=torch.complex128, requires_grad=True)
+    z_gpu = torch.full(z_shape, 0.3 + 0.5j, dtype=torch.complex128, device="cuda", requires_grad=True)
     d_cpu = diag.clone().requires_grad_()
     d_gpu = diag.cuda().requires_grad_()
     out_cpu = resolvent_diagonal(d_cpu, z_cpu, offdiag=off, causal=causal)
@@ -386,4 +524,4 @@ def test_cuda_matches_cpu(causal, dtype):
     out_cpu.abs().sum().backward()
     out_gpu.abs().sum().backward()
     assert (d_gpu.grad.cpu() - d_cpu.grad).abs().max() <= tol * max(1.0, d_cpu.grad.abs().max().item())
-    assert abs(complex(z_gpu.grad.cpu()) - complex(z_cpu.grad)) <= tol * max(1.0, abs(complex(z_cpu.grad)))
+    assert (z_gpu.grad.cpu() - z_cpu.grad).abs().max() <= tol * max(1.0, z_cpu.grad.abs().max().item())
