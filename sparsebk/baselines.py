@@ -14,11 +14,14 @@ benchmark loop can drive both models.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from sparsebk.lm import adamw_with_decay_groups
+from sparsebk.validation import check_bool, check_float, check_int, from_mapping
 
 
 @dataclass
@@ -34,19 +37,17 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "n_seq", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
+            setattr(self, name, check_int(f"TransformerConfig.{name}", getattr(self, name), min=1))
+        if self.d_model % self.n_heads:  # a relation of two fields: both named
             raise ValueError(
                 f"TransformerConfig.d_model={self.d_model} must be divisible by "
                 f"n_heads={self.n_heads}; pick n_heads among the divisors of d_model")
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
-        if not isinstance(self.d_ff, int) or isinstance(self.d_ff, bool) or self.d_ff < 1:
-            raise ValueError(f"TransformerConfig.d_ff must be a positive int or None, got {self.d_ff!r}")
-        if not (0.0 <= float(self.dropout_p) < 1.0):
-            raise ValueError(f"TransformerConfig.dropout_p must be in [0, 1), got {self.dropout_p!r}")
+        self.d_ff = check_int("TransformerConfig.d_ff", self.d_ff, min=1)
+        self.dropout_p = check_float("TransformerConfig.dropout_p", self.dropout_p, min=0.0,
+                                     max=1.0, max_open=True)
+        check_bool("TransformerConfig.tie_weights", self.tie_weights)
 
     @classmethod
     def matching(cls, lm_config, **overrides) -> "TransformerConfig":
@@ -60,11 +61,7 @@ class TransformerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TransformerConfig: unknown field(s) {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        return from_mapping(cls, d, "TransformerConfig")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,6 +140,12 @@ class TransformerLM(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def configure_optimizers(self, weight_decay: float, lr: float,
+                             betas: tuple[float, float]) -> torch.optim.AdamW:
+        """AdamW with the same weight-decay groups as SparseBKLM's (`adamw_with_decay_groups`:
+        decay on ndim >= 2), so the two compare under one optimizer rule."""
+        return adamw_with_decay_groups(self, weight_decay, lr, betas)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         if tokens.dim() != 2:

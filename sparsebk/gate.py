@@ -34,6 +34,8 @@ import math
 import torch
 import torch.nn as nn
 
+from sparsebk.validation import check_choice, check_float, field_error
+
 __all__ = ["gumbel_sigmoid", "GumbelSigmoidGate", "quasi_logistic_offsets", "NOISE_MODES",
            "EVAL_MODES"]
 
@@ -61,15 +63,12 @@ def _noise_mode(noise) -> str:
     if noise is False:
         return "none"
     if noise not in NOISE_MODES:
-        raise ValueError(f"noise={noise!r} must be True/False or one of {NOISE_MODES}")
+        raise field_error("noise", noise, f"must be True/False or one of {NOISE_MODES}")
     return noise
 
 
 def _check_tau(tau: float) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (
-            math.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau={tau!r} must be a positive finite number (the gate temperature)")
-    return float(tau)
+    return check_float("tau", tau, min=0.0, min_open=True)
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = True,
@@ -134,9 +133,7 @@ class GumbelSigmoidGate(nn.Module):
 
     @eval_mode.setter
     def eval_mode(self, value: str) -> None:
-        if value not in EVAL_MODES:
-            raise ValueError(f"gate eval_mode={value!r} must be one of {EVAL_MODES}")
-        self._eval_mode = value
+        self._eval_mode = check_choice("eval_mode", value, EVAL_MODES)
 
     @property
     def tau(self) -> float:

@@ -22,11 +22,17 @@ the sparsity-loss gradient only, as with tokens that bypass a block in Mixture-o
 the same outputs (to rounding) at full cost; it is the reference the sparse path is tested
 against. Host syncs: the sparse path reads the number of computed positions (one sync per
 layer) and the MoE reads its per-expert counts (one more): dynamic sparsity needs both.
+
+Two entry points compute the same thing. `forward_parts(x)` returns (y, mask, aux_loss) and
+stores nothing; it trusts x's shape (the LM checks its tokens once per step). `layer(x)` is the
+seed API: it checks x, returns y alone and remembers the mask and aux loss of that call, which
+is all the seed's getters (`get_sparsity_loss()`, `get_balanced_loss()`, `get_sparsity_stats()`)
+have to read.
 """
 
 from __future__ import annotations
 
-import math
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,22 +41,19 @@ from sparsebk.bk_core import resolvent_diagonal, resolvent_features
 from sparsebk.gate import GumbelSigmoidGate
 from sparsebk.moe import MoEFFN
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
+from sparsebk.validation import check_choice, check_float, check_int, check_sparsity
 
-__all__ = ["SparseBKCore", "SparseMoEResNetBKLayer", "get_sparsity_loss", "get_balanced_loss",
-           "get_sparsity_stats"]
+if TYPE_CHECKING:  # lm.py imports this module
+    from sparsebk.lm import LMConfig
 
-
-def _check_target(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"target_sparsity={value!r} must be a float in [0, 1)")
-    return float(value)
+__all__ = ["LayerOutput", "SparseBKCore", "SparseMoEResNetBKLayer", "get_sparsity_loss",
+           "get_balanced_loss", "get_sparsity_stats"]
 
 
-def _check_dims(d_model, n_seq) -> None:
-    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 2:
-        raise ValueError(f"d_model={d_model!r} must be an int >= 2")
-    if isinstance(n_seq, bool) or not isinstance(n_seq, int) or n_seq < 1:
-        raise ValueError(f"n_seq={n_seq!r} must be an int >= 1")
+class LayerOutput(NamedTuple):
+    y: torch.Tensor  # (B, N, D)
+    mask: torch.Tensor  # (B, N) live straight-through mask: 1 = computed, 0 = skipped
+    aux_loss: torch.Tensor  # () MoE balance loss of the computed positions
 
 
 class SparseBKCore(nn.Module):
@@ -65,8 +68,9 @@ class SparseBKCore(nn.Module):
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
                  *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi"):
         super().__init__()
-        _check_dims(d_model, n_seq)
-        self.d_model, self.n_seq, self.causal, self.z = d_model, n_seq, bool(causal), complex(z)
+        self.d_model = check_int("d_model", d_model, min=2)
+        self.n_seq = check_int("n_seq", n_seq, min=1)
+        self.causal, self.z = bool(causal), complex(z)
         if not self.z.imag > 0:
             raise ValueError(f"z={z!r} must have Im z > 0")
         self.importance_predictor = nn.Linear(d_model, 1)
@@ -79,7 +83,7 @@ class SparseBKCore(nn.Module):
 
     @target_sparsity.setter
     def target_sparsity(self, value: float) -> None:
-        self._target_sparsity = _check_target(value)
+        self._target_sparsity = check_sparsity("target_sparsity", value)
 
     @property
     def tau(self) -> float:
@@ -150,8 +154,9 @@ class SparseBKCore(nn.Module):
 class SparseMoEResNetBKLayer(nn.Module):
     """forward(x (B, N, D), force_mask=None) -> (B, N, D); see the module docstring.
 
-    After a forward, `last_mask` (live, (B, N)) and `last_aux_loss` (MoE balance loss) hold
-    that call's values; the loss getters read them.
+    `forward_parts` returns (y, mask, aux_loss) and stores nothing. `forward` (the seed API)
+    keeps `last_mask` (live, (B, N)) and `last_aux_loss` of its call for the seed's getters;
+    that memory exists for them alone, and nothing inside the package reads it.
     """
 
     def __init__(self, d_model: int, n_seq: int, num_experts: int = 4, top_k: int = 1,
@@ -160,12 +165,9 @@ class SparseMoEResNetBKLayer(nn.Module):
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi"):
         super().__init__()
-        _check_dims(d_model, n_seq)
-        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-            raise ValueError(f"dropout_p={dropout_p!r} must be in [0, 1)")
-        if sparsity_loss_type not in LOSS_TYPES:
-            raise ValueError(f"sparsity_loss_type={sparsity_loss_type!r} is not one of {LOSS_TYPES}")
-        self.d_model, self.n_seq = d_model, n_seq
+        self.d_model = check_int("d_model", d_model, min=2)
+        self.n_seq = check_int("n_seq", n_seq, min=1)
+        dropout_p = check_float("dropout_p", dropout_p, min=0.0, max=1.0, max_open=True)
         self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal,
                                            gate_eval_mode=gate_eval_mode)
         self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
@@ -173,10 +175,20 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.output_proj = nn.Linear(2, d_model)
         self.dropout = nn.Dropout(dropout_p)
         self.sparsity_loss_weight = sparsity_loss_weight
-        self.sparsity_loss_type = sparsity_loss_type
+        self.sparsity_loss_type = check_choice("sparsity_loss_type", sparsity_loss_type, LOSS_TYPES)
         self.use_sparse_computation = bool(use_sparse_computation)
-        self.last_mask: torch.Tensor | None = None
+        self.last_mask: torch.Tensor | None = None  # seed API only: see `remember`
         self.last_aux_loss: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, cfg: LMConfig) -> "SparseMoEResNetBKLayer":
+        """The layer an `LMConfig` describes (expert width and causality at their defaults)."""
+        return cls(cfg.d_model, cfg.n_seq, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                   dropout_p=cfg.dropout_p, target_sparsity=cfg.target_sparsity,
+                   sparsity_loss_weight=cfg.sparsity_loss_weight,
+                   sparsity_loss_type=cfg.sparsity_loss_type,
+                   use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
+                   gate_eval_mode=cfg.gate_eval_mode)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -184,30 +196,40 @@ class SparseMoEResNetBKLayer(nn.Module):
 
     @sparsity_loss_weight.setter
     def sparsity_loss_weight(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0):
-            raise ValueError(f"sparsity_loss_weight={value!r} must be a non-negative finite number")
-        self._sparsity_loss_weight = float(value)
+        self._sparsity_loss_weight = check_float("sparsity_loss_weight", value, min=0.0)
 
     def forward(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The seed API: checks x, returns y and remembers the call's mask for the getters."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
         if x.shape[1] > self.n_seq:
             raise ValueError(f"sequence length {x.shape[1]} exceeds n_seq={self.n_seq}")
+        out = self.forward_parts(x, force_mask)
+        self.remember(out.mask, out.aux_loss)
+        return out.y
+
+    def forward_parts(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> LayerOutput:
+        """(y (B, N, D), mask (B, N), aux_loss ()) for x (B, N, D) with N <= n_seq, which the
+        caller guarantees (unchecked here). Stores nothing."""
         mask = self.sparse_bk_core.compute_mask(x, force_mask)  # (B, N)
         if self.use_sparse_computation:
             y, aux = self._sparse_forward(x, mask)
         else:
             y, aux = self._dense_forward(x, mask)
-        self.last_mask, self.last_aux_loss = mask, aux
         # dropout over the full (B, N, D) output: the RNG draws do not depend on the mask
-        return self.dropout(y)
+        return LayerOutput(self.dropout(y), mask, aux)
+
+    def remember(self, mask: torch.Tensor, aux_loss: torch.Tensor) -> None:
+        """Keep a forward's mask and aux loss for the seed getters (`get_sparsity_loss()`, the
+        module-level `get_sparsity_loss(model)`, ...). Only those read them; a model that wants
+        its losses builds them from what `forward_parts` returned."""
+        self.last_mask, self.last_aux_loss = mask, aux_loss
 
     def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor):
         B, N, D = x.shape
         keep = mask.reshape(-1) > 0.5  # (B N,)
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
-        h, aux = self.moe(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
+        h, aux = self.moe.mix(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
         v_c = self.v_proj(h).squeeze(-1)  # (M,)
         v = v_c.new_zeros(B * N).index_copy(0, idx, v_c).view(B, N)
         feats = self.sparse_bk_core.bk_features(v).reshape(B * N, 2).index_select(0, idx)  # (M, 2)
@@ -229,7 +251,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         """Every position computed, the mask applied by selection: the sparse path's reference."""
         B, N, D = x.shape
         keep = mask > 0.5  # (B, N)
-        h, aux = self.moe(x.reshape(B * N, D), token_mask=keep.reshape(-1))
+        h, aux = self.moe.mix(x.reshape(B * N, D), token_mask=keep.reshape(-1))
         h = h.view(B, N, D)
         v = torch.where(keep, self.v_proj(h).squeeze(-1), 0.0)  # (B, N)
         feats = self.sparse_bk_core.bk_features(v)  # (B, N, 2)
@@ -242,11 +264,16 @@ class SparseMoEResNetBKLayer(nn.Module):
             raise RuntimeError("no mask yet: call the layer's forward before asking for its losses or stats")
         return self.last_mask
 
-    def get_sparsity_loss(self, loss_type: str | None = None) -> torch.Tensor:
-        """sparsity_loss_weight * sparsity loss of the last forward's live mask (differentiable)."""
+    def weighted_sparsity_loss(self, mask: torch.Tensor, loss_type: str | None = None) -> torch.Tensor:
+        """sparsity_loss_weight * sparsity loss of `mask` (B, N) against this layer's target,
+        differentiable through a live mask; loss_type defaults to the layer's own."""
         loss_type = self.sparsity_loss_type if loss_type is None else loss_type
         return self._sparsity_loss_weight * sparsity_loss(
-            self._mask(), self.sparse_bk_core.target_sparsity, loss_type)
+            mask, self.sparse_bk_core.target_sparsity, loss_type)
+
+    def get_sparsity_loss(self, loss_type: str | None = None) -> torch.Tensor:
+        """`weighted_sparsity_loss` of the last forward's live mask (seed API)."""
+        return self.weighted_sparsity_loss(self._mask(), loss_type)
 
     def get_balanced_loss(self, accuracy_loss: torch.Tensor, sparsity_weight: float | None = None,
                           accuracy_weight: float = 1.0):

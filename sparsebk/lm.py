@@ -1,8 +1,20 @@
 """Language model of sparse BK layers: config dataclass with presets, and the model.
 
-    h_0 = E[tokens] + P[:T]                        (B, T, D)
-    h_l = h_{l-1} + Layer_l(LayerNorm(h_{l-1}))    l = 1..L   (pre-norm residual blocks)
-    logits = LayerNorm(h_L) @ E^T                  (B, T, V)  (output head tied to E)
+    h_0 = E[tokens] + P[:T]                         (B, T, D)
+    y_l, m_l, a_l = Layer_l(LayerNorm(h_{l-1}))     l = 1..L: output (B, T, D), mask (B, T), aux ()
+    h_l = h_{l-1} + y_l                             (pre-norm residual blocks)
+    logits = LayerNorm(h_L) @ E^T                   (B, T, V)  (output head tied to E)
+
+Each block returns h_l together with its layer's live mask m_l and MoE balance loss a_l; the
+model builds every output from those returned values:
+
+    layer_sparsity_l = 1 - mean(m_l)                                   (detached)
+    loss = accuracy_weight * CE + sum_l w_l * S(m_l, t_l) + moe_aux_weight * sum_l a_l
+
+with S the sparsity loss of `sparsity_loss_type`, t_l and w_l layer l's target and weight (set
+each step by `set_sparsity_schedule`). The tokens' shape is checked once, here; the layers
+trust it. After a forward each layer also remembers its mask for the seed API's getters
+(`get_sparsity_loss(model)`, `get_sparsity_stats(model)`, ...), which the model never reads.
 
 Every piece is causal: embeddings and norms act per position, each layer's mask reads x_i and
 the position i alone (the eval mask's fixed offsets depend on i), experts and projections read
@@ -12,8 +24,7 @@ positions copy features from the left only. Architecture only: no Ray, no distri
 
 from __future__ import annotations
 
-import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -21,10 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsebk.gate import EVAL_MODES
-from sparsebk.layers import SparseMoEResNetBKLayer
+from sparsebk.layers import LayerOutput, SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES
+from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
+                                 check_sparsity, from_mapping)
 
-__all__ = ["LMConfig", "SparseBKLM", "PRESETS"]
+__all__ = ["LMConfig", "SparseBKLM", "PRESETS", "adamw_with_decay_groups"]
 
 
 # Named sizes. "small" is PTB-sized (10k word vocabulary) and trains at a useful rate on a few
@@ -36,12 +49,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+def adamw_with_decay_groups(model: nn.Module, weight_decay: float, lr: float,
+                            betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW with nanoGPT's rule: weight decay on the parameters with ndim >= 2 (matrices and
+    embeddings), none on the rest (biases, norm scales, other vectors). Groups in that order,
+    each in `parameters()` order (a tied parameter appears once)."""
+    params = list(model.parameters())
+    return torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr, betas=betas)
 
 
 @dataclass
@@ -53,6 +69,9 @@ class LMConfig:
     num_experts: int = 4
     top_k: int = 1
     dropout_p: float = 0.1
+    # every layer's initial sparsity target and loss weight: what a model built from this config
+    # uses until someone changes them. Under training the sparsity schedule sets both on every
+    # step (SparseBKLM.set_sparsity_schedule), so there these are only the step-0 values.
     target_sparsity: float = 0.5
     sparsity_loss_weight: float = 0.01
     sparsity_loss_type: str = "adaptive"
@@ -66,30 +85,21 @@ class LMConfig:
     gate_eval_mode: str = "quasi"
 
     def __post_init__(self):
-        def bad(name, why):
-            raise ValueError(f"LMConfig.{name}={getattr(self, name)!r} {why}")
-
         for name, low in (("vocab_size", 1), ("n_seq", 1), ("d_model", 2), ("n_layers", 1),
                           ("num_experts", 1), ("top_k", 1)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < low:
-                bad(name, f"must be an int >= {low}")
-        if self.top_k > self.num_experts:
-            bad("top_k", f"must not exceed num_experts={self.num_experts}")
-        if not _is_num(self.dropout_p) or not 0.0 <= self.dropout_p < 1.0:
-            bad("dropout_p", "must be a float in [0, 1)")
-        if not _is_num(self.target_sparsity) or not 0.0 <= self.target_sparsity < 1.0:
-            bad("target_sparsity", "must be a float in [0, 1)")
+            setattr(self, name, check_int(f"LMConfig.{name}", getattr(self, name), min=low))
+        if self.top_k > self.num_experts:  # a relation of two fields: both named
+            raise ValueError(f"LMConfig.top_k={self.top_k} must not exceed "
+                             f"num_experts={self.num_experts}")
+        self.dropout_p = check_float("LMConfig.dropout_p", self.dropout_p, min=0.0, max=1.0,
+                                     max_open=True)
+        self.target_sparsity = check_sparsity("LMConfig.target_sparsity", self.target_sparsity)
         for name in ("sparsity_loss_weight", "moe_aux_weight", "accuracy_weight"):
-            if not _is_num(getattr(self, name)) or getattr(self, name) < 0:
-                bad(name, "must be a non-negative finite number")
-        if self.sparsity_loss_type not in LOSS_TYPES:
-            bad("sparsity_loss_type", f"must be one of {LOSS_TYPES}")
-        if not _is_num(self.tau) or self.tau <= 0:
-            bad("tau", "must be a positive finite number")
-        if self.gate_eval_mode not in EVAL_MODES:
-            bad("gate_eval_mode", f"must be one of {EVAL_MODES}")
-        if not isinstance(self.use_sparse_computation, bool):
-            bad("use_sparse_computation", "must be true or false")
+            setattr(self, name, check_float(f"LMConfig.{name}", getattr(self, name), min=0.0))
+        check_choice("LMConfig.sparsity_loss_type", self.sparsity_loss_type, LOSS_TYPES)
+        self.tau = check_float("LMConfig.tau", self.tau, min=0.0, min_open=True)
+        check_choice("LMConfig.gate_eval_mode", self.gate_eval_mode, EVAL_MODES)
+        check_bool("LMConfig.use_sparse_computation", self.use_sparse_computation)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":
@@ -99,36 +109,23 @@ class LMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LMConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"LMConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown LMConfig field(s) {unknown}; known fields: {sorted(known)}")
-        missing = [f.name for f in fields(cls) if f.name not in d and f.default is MISSING]
-        if missing:
-            raise ValueError(f"LMConfig is missing required field(s) {missing}")
-        return cls(**d)
+        return from_mapping(cls, d, "LMConfig")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + layer(LayerNorm(x))."""
+    """Pre-norm residual block: (x + layer(LayerNorm(x)), the layer's mask, its aux loss)."""
 
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.layer = SparseMoEResNetBKLayer(
-            cfg.d_model, cfg.n_seq, num_experts=cfg.num_experts, top_k=cfg.top_k,
-            dropout_p=cfg.dropout_p, target_sparsity=cfg.target_sparsity,
-            sparsity_loss_weight=cfg.sparsity_loss_weight, sparsity_loss_type=cfg.sparsity_loss_type,
-            use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
-            gate_eval_mode=cfg.gate_eval_mode)
+        self.layer = SparseMoEResNetBKLayer.from_config(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.layer(self.norm(x))
+    def forward(self, x: torch.Tensor) -> LayerOutput:
+        y, mask, aux = self.layer.forward_parts(self.norm(x))
+        return LayerOutput(x + y, mask, aux)
 
 
 class SparseBKLM(nn.Module):
@@ -154,10 +151,12 @@ class SparseBKLM(nn.Module):
     def set_sparsity_schedule(self, targets: float | Sequence[float], loss_weight: float) -> None:
         """Per-layer sparsity targets (one float for all, or one per layer) and the loss weight:
         what AdaptiveSparsityScheduler.step() returns ('layer_targets' or 'sparsity_target',
-        and 'loss_weight')."""
+        and 'loss_weight'). The trainer calls this every step with values its config already
+        validated, so nothing is re-validated here beyond the layer setters' one cheap check
+        per value (a type and range compare on a Python float; no host sync)."""
         layers = self.layers
-        if isinstance(targets, (int, float)) and not isinstance(targets, bool):
-            targets = [float(targets)] * len(layers)
+        if isinstance(targets, (int, float)):
+            targets = [targets] * len(layers)  # a bool lands here too; the setter refuses it
         targets = list(targets)
         if len(targets) != len(layers):
             raise ValueError(f"got {len(targets)} sparsity targets for {len(layers)} layers")
@@ -170,14 +169,19 @@ class SparseBKLM(nn.Module):
         for layer in self.layers:
             layer.sparse_bk_core.tau = tau
 
+    def configure_optimizers(self, weight_decay: float, lr: float,
+                             betas: tuple[float, float]) -> torch.optim.AdamW:
+        """AdamW over the model's weight-decay groups: see `adamw_with_decay_groups`."""
+        return adamw_with_decay_groups(self, weight_decay, lr, betas)
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         """tokens (B, T) int64 with T <= n_seq; targets (B, T) (-100 = ignored) or None.
 
         Returns "logits" (B, T, V) and "layer_sparsity" (L,) (detached 1 - mean(mask) per layer,
         no host sync); with targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
-        moe_aux_weight * aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by its layer's
-        sparsity_loss_weight, differentiable) and "aux_loss" (sum of the layers' MoE balance
-        losses).
+        moe_aux_weight * aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by
+        its layer's sparsity_loss_weight, differentiable) and "aux_loss" (sum of the layers' MoE
+        balance losses).
         """
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an int64 tensor (B, T), got {tokens.dtype} {tuple(tokens.shape)}")
@@ -185,18 +189,23 @@ class SparseBKLM(nn.Module):
         if not 1 <= T <= self.config.n_seq:
             raise ValueError(f"sequence length T={T} must be in [1, n_seq={self.config.n_seq}]")
         h = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, D)
+        masks, aux_losses = [], []  # per layer: (B, T) live masks, () balance losses
         for block in self.blocks:
-            h = block(h)
+            h, mask, aux = block(h)
+            masks.append(mask)
+            aux_losses.append(aux)
         logits = self.norm_f(h) @ self.tok_emb.weight.t()  # (B, T, V)
         layers = self.layers
+        for layer, mask, aux in zip(layers, masks, aux_losses):
+            layer.remember(mask, aux)  # for the seed getters only; nothing below reads it
         out = {"logits": logits,
-               "layer_sparsity": torch.stack([1.0 - l.last_mask.detach().float().mean() for l in layers])}
+               "layer_sparsity": torch.stack([1.0 - m.detach().float().mean() for m in masks])}
         if targets is not None:
             if targets.shape != tokens.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
-            sp = sum(l.get_sparsity_loss() for l in layers)
-            aux = sum(l.last_aux_loss for l in layers)
-            out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux, ce_loss=ce,
-                       sparsity_loss=sp, aux_loss=aux)
+            sp = sum(layer.weighted_sparsity_loss(m) for layer, m in zip(layers, masks))
+            aux = sum(aux_losses)
+            out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux,
+                       ce_loss=ce, sparsity_loss=sp, aux_loss=aux)
         return out

@@ -26,13 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparsebk.validation import check_int
+
 __all__ = ["MoEFFN"]
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
-    return value
 
 
 class ExpertFFN(nn.Module):
@@ -48,16 +44,20 @@ class ExpertFFN(nn.Module):
 
 
 class MoEFFN(nn.Module):
-    """forward(x (M, D)) -> (y (M, D), aux_loss 0-dim). Tokens are independent rows."""
+    """forward(x (M, D)) -> (y (M, D), aux_loss 0-dim). Tokens are independent rows.
+
+    `forward` checks x's shape; `mix` is the same computation without the check, for a caller
+    that built x itself (the sparse layer, whose input was checked once per step upstream).
+    """
 
     def __init__(self, d_model: int, num_experts: int = 4, top_k: int = 1, d_ff: int | None = None):
         super().__init__()
-        self.d_model = _positive_int("d_model", d_model)
-        self.num_experts = _positive_int("num_experts", num_experts)
-        self.top_k = _positive_int("top_k", top_k)
-        if top_k > num_experts:
+        self.d_model = check_int("d_model", d_model, min=1)
+        self.num_experts = check_int("num_experts", num_experts, min=1)
+        self.top_k = check_int("top_k", top_k, min=1)
+        if top_k > num_experts:  # a relation of two fields: both named, with their values
             raise ValueError(f"top_k={top_k} must not exceed num_experts={num_experts}")
-        self.d_ff = _positive_int("d_ff", 4 * d_model if d_ff is None else d_ff)
+        self.d_ff = check_int("d_ff", 4 * d_model if d_ff is None else d_ff, min=1)
         self.router = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(ExpertFFN(d_model, self.d_ff) for _ in range(num_experts))
 
@@ -76,6 +76,11 @@ class MoEFFN(nn.Module):
         dense reference of the sparse layer runs every token but balances the computed ones)."""
         if x.dim() != 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFFN expects tokens of shape (M, {self.d_model}), got {tuple(x.shape)}")
+        return self.mix(x, token_mask)
+
+    def mix(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` without the shape check: x (M, D) is trusted."""
         m, k, n_exp = x.shape[0], self.top_k, self.num_experts
         probs, top_p, top_e = self.route(x)  # (M, E), (M, k), (M, k)
 

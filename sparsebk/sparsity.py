@@ -16,25 +16,13 @@ from typing import Union
 
 import torch
 
+from sparsebk.validation import check_choice, check_float
+
 LOSS_TYPES = ("l2", "l1", "kl", "adaptive")
 
 Target = Union[float, torch.Tensor]
 
 __all__ = ["LOSS_TYPES", "measured_sparsity", "sparsity_loss", "balanced_sparsity_loss"]
-
-
-def _check_loss_type(loss_type: str) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {LOSS_TYPES}")
-
-
-def _check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name}={value!r} must be a non-negative finite number")
-    value = float(value)
-    if not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"{name}={value!r} must be a non-negative finite number")
-    return value
 
 
 def _check_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -55,23 +43,18 @@ def _check_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _check_target(target: Target) -> Target:
-    """A Python float is range-checked. A 0-dim tensor is range-checked when it lives on the CPU
-    (reading it there costs no device sync); on an accelerator it is used as given, because
-    checking it would force the host to wait for the device on every step."""
+    """A Python float must lie in [0, 1] (1 is a valid loss target: every formula is defined there;
+    a layer's own target is a sparsity in [0, 1), checked by its setter). A 0-dim tensor is
+    range-checked when it lives on the CPU (reading it there costs no device sync); on an
+    accelerator it is used as given, because checking it would force the host to wait for the
+    device on every step."""
     if isinstance(target, torch.Tensor):
         if target.dim() != 0:
             raise ValueError(f"target must be a float or a 0-dim tensor, got shape {tuple(target.shape)}")
         if target.device.type == "cpu":
-            value = float(target)
-            if not 0.0 <= value <= 1.0:  # also rejects NaN
-                raise ValueError(f"target={value!r} must lie in [0, 1]")
+            check_float("target", float(target), min=0.0, max=1.0)
         return target
-    if isinstance(target, bool) or not isinstance(target, (int, float)):
-        raise ValueError(f"target={target!r} must be a float in [0, 1] or a 0-dim tensor")
-    value = float(target)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"target={value!r} must lie in [0, 1]")
-    return value
+    return check_float("target", target, min=0.0, max=1.0)
 
 
 def measured_sparsity(mask: torch.Tensor) -> torch.Tensor:
@@ -116,10 +99,8 @@ def sparsity_loss(mask: torch.Tensor, target: Target, loss_type: str = "l2", *,
         delta (|d| - 0.5 delta)), where d = current - target.
     Returns a 0-dim tensor in float32 (or the mask's dtype when wider).
     """
-    _check_loss_type(loss_type)
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not (
-            math.isfinite(delta) and delta > 0):
-        raise ValueError(f"delta={delta!r} must be a positive finite number")
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    check_float("delta", delta, min=0.0, min_open=True)
     m = _check_mask(mask)
     target = _check_target(target)
 
@@ -150,8 +131,8 @@ def balanced_sparsity_loss(mask: torch.Tensor, accuracy_loss: torch.Tensor, targ
     current_sparsity (detached 0-dim tensors: converting them to floats is the caller's choice,
     off the hot path), sparsity_weight, accuracy_weight (floats) and target_sparsity (as given).
     """
-    sparsity_weight = _check_weight("sparsity_weight", sparsity_weight)
-    accuracy_weight = _check_weight("accuracy_weight", accuracy_weight)
+    sparsity_weight = check_float("sparsity_weight", sparsity_weight, min=0.0)
+    accuracy_weight = check_float("accuracy_weight", accuracy_weight, min=0.0)
     if not isinstance(accuracy_loss, torch.Tensor) or accuracy_loss.dim() != 0:
         shape = tuple(accuracy_loss.shape) if isinstance(accuracy_loss, torch.Tensor) else type(accuracy_loss).__name__
         raise ValueError(f"accuracy_loss must be a 0-dim tensor, got {shape}")

@@ -112,9 +112,10 @@ def test_matching_real_lm_config():
 
 @pytest.mark.parametrize("field,value,match", [
     ("d_model", 30, "divisible by n_heads=4"),
-    ("n_layers", 0, "n_layers must be a positive int"),
-    ("dropout_p", 1.0, "dropout_p must be in"),
-    ("d_ff", -1, "d_ff must be"),
+    ("n_layers", 0, "TransformerConfig.n_layers=0: must be >= 1"),
+    ("dropout_p", 1.0, "TransformerConfig.dropout_p=1.0: must be < 1"),
+    ("d_ff", -1, "TransformerConfig.d_ff=-1: must be >= 1"),
+    ("tie_weights", "yes", "TransformerConfig.tie_weights='yes'"),
 ])
 def test_bad_config_names_field(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from sparsebk import AdaptiveSparsityScheduler, LMConfig, SparseBKLM
+from sparsebk import (AdaptiveSparsityScheduler, LMConfig, SparseBKLM, SparseMoEResNetBKLayer,
+                      get_sparsity_loss, get_sparsity_stats)
+from sparsebk.baselines import TransformerConfig, TransformerLM
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -31,11 +33,12 @@ def test_presets_and_dict_round_trip():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("d_model", 1, "d_model=1 must be an int >= 2"),
-    ("n_seq", 0, "n_seq=0 must be an int >= 1"),
-    ("target_sparsity", 1.0, "target_sparsity=1.0 must be a float in \\[0, 1\\)"),
+    ("d_model", 1, "LMConfig.d_model=1: must be >= 2"),
+    ("d_model", 8.0, "LMConfig.d_model=8.0: must be an integer"),
+    ("n_seq", 0, "LMConfig.n_seq=0: must be >= 1"),
+    ("target_sparsity", 1.0, "LMConfig.target_sparsity=1.0: must be a sparsity in \\[0, 1\\)"),
     ("target_sparsity", -0.1, "target_sparsity=-0.1"),
-    ("sparsity_loss_type", "huber", "sparsity_loss_type='huber' must be one of"),
+    ("sparsity_loss_type", "huber", "sparsity_loss_type='huber': choose one of"),
     ("top_k", 5, "top_k=5 must not exceed num_experts=4"),
     ("tau", 0.0, "tau=0.0"),
     ("dropout_p", 1.0, "dropout_p=1.0"),
@@ -51,7 +54,7 @@ def test_bad_config_values_name_the_field(field, value, message):
 def test_unknown_preset_and_fields():
     with pytest.raises(ValueError, match="unknown LMConfig preset 'huge'"):
         LMConfig.preset("huge")
-    with pytest.raises(ValueError, match="unknown LMConfig field.*'n_head'"):
+    with pytest.raises(ValueError, match="LMConfig.n_head=4: unknown field"):
         LMConfig.from_dict({**LMConfig.preset("debug").to_dict(), "n_head": 4})
     with pytest.raises(ValueError, match="missing required field.*'n_layers'"):
         LMConfig.from_dict({"vocab_size": 8, "n_seq": 8, "d_model": 8})
@@ -76,11 +79,80 @@ def test_forward_outputs_and_loss_composition():
     assert out["sparsity_loss"].requires_grad
     aux = sum(layer.last_aux_loss for layer in model.layers)
     assert out["aux_loss"].item() == pytest.approx(aux.item())
+    # the seed API's module-level getters see this forward's masks
+    assert get_sparsity_loss(model).item() == pytest.approx(out["sparsity_loss"].item(), rel=1e-6)
+    stats = get_sparsity_stats(model)
+    assert [l["sparsity_ratio"] for l in stats["layers"]] == pytest.approx(s.tolist())
     logp = torch.log_softmax(out["logits"].detach().double(), -1)
     ce = -logp.gather(-1, targets.unsqueeze(-1)).mean()
     assert out["ce_loss"].item() == pytest.approx(ce.item(), rel=1e-5)
     total = 0.7 * out["ce_loss"] + out["sparsity_loss"] + 0.3 * out["aux_loss"]
     assert out["loss"].item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_outputs_come_from_the_returned_masks_not_the_layers_memory(monkeypatch):
+    """The model builds its outputs from what the blocks return: with the layers' seed-API
+    memory switched off, every output is bit for bit the same."""
+    torch.manual_seed(0)
+    model = debug_model(sparsity_loss_type="l1").train()
+    tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    torch.manual_seed(1)
+    ref = model(tokens, targets)
+    for layer in model.layers:
+        layer.last_mask = layer.last_aux_loss = None
+        monkeypatch.setattr(layer, "remember", lambda mask, aux_loss: None)
+    torch.manual_seed(1)
+    out = model(tokens, targets)
+    for key in ("logits", "layer_sparsity", "loss", "ce_loss", "sparsity_loss", "aux_loss"):
+        assert torch.equal(out[key], ref[key]), key
+    assert all(layer.last_mask is None for layer in model.layers)
+
+
+def test_block_returns_the_layer_parts_and_stores_nothing():
+    torch.manual_seed(0)
+    model = debug_model().train()
+    block, layer = model.blocks[0], model.layers[0]
+    h = torch.randn(2, 16, 32)
+    torch.manual_seed(1)
+    y, mask, aux = block(h)
+    assert y.shape == (2, 16, 32) and mask.shape == (2, 16) and aux.dim() == 0
+    assert layer.last_mask is None and layer.last_aux_loss is None
+    torch.manual_seed(1)  # the seed entry point: same draws, same values, and it remembers them
+    assert torch.equal(h + layer(block.norm(h)), y)
+    assert torch.equal(layer.last_mask, mask) and torch.equal(layer.last_aux_loss, aux)
+    assert layer.weighted_sparsity_loss(mask, "l1").item() == pytest.approx(
+        0.01 * abs((1 - mask.mean().item()) - 0.5), rel=1e-6)
+
+
+def test_layer_from_config_takes_every_layer_field():
+    cfg = LMConfig.preset("debug", num_experts=3, top_k=2, dropout_p=0.2, target_sparsity=0.3,
+                          sparsity_loss_weight=0.7, sparsity_loss_type="kl", tau=0.5,
+                          use_sparse_computation=False, gate_eval_mode="threshold")
+    layer = SparseMoEResNetBKLayer.from_config(cfg)
+    assert (layer.d_model, layer.n_seq) == (cfg.d_model, cfg.n_seq)
+    assert (layer.moe.num_experts, layer.moe.top_k, layer.dropout.p) == (3, 2, 0.2)
+    assert (layer.sparse_bk_core.target_sparsity, layer.sparsity_loss_weight) == (0.3, 0.7)
+    assert (layer.sparsity_loss_type, layer.sparse_bk_core.tau) == ("kl", 0.5)
+    assert layer.use_sparse_computation is False
+    assert layer.sparse_bk_core.gate.eval_mode == "threshold"
+
+
+@pytest.mark.parametrize("build", [
+    lambda: debug_model(),
+    lambda: TransformerLM(TransformerConfig.matching(LMConfig.preset("debug"))),
+], ids=["sparse_bk_lm", "transformer"])
+def test_configure_optimizers_decays_exactly_the_matrices(build):
+    """nanoGPT's rule, owned by the model: every parameter in exactly one group, decay on
+    ndim >= 2 (matrices, embeddings) only, none on biases, norms and other vectors."""
+    model = build()
+    opt = model.configure_optimizers(weight_decay=0.1, lr=3e-4, betas=(0.9, 0.95))
+    decay, no_decay = opt.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    grouped = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each exactly once
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert decay["params"] and no_decay["params"]
 
 
 def test_any_length_up_to_n_seq_and_bad_inputs():
