@@ -1,4 +1,6 @@
-"""Shared fixtures. Ray is started once per test module that asks for it, never per test."""
+"""Shared fixtures. One local Ray serves every test that asks for it (started on first use,
+shut down at the end of the session); tests that need a cluster of their own (a token-auth
+head for `ray job submit`) start it themselves."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray cluster on 127.0.0.1 for the module's tests."""
+    """A real local Ray cluster on 127.0.0.1, shared by the session's tests."""
     import ray
 
     if ray.is_initialized():

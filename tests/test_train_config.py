@@ -11,11 +11,12 @@ import pytest
 import torch
 import yaml
 
+from sparsebk.lm import LMConfig
 from sparsebk.scheduler import AdaptiveSparsityScheduler
-from sparsebk.train.actor import ScheduleState
+from sparsebk.train.actor import Schedule, ScheduleNotReady, ScheduleState
 from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig, apply_override, load_config
-from sparsebk.train.loop import lr_lambda
+from sparsebk.train.trainer import lr_lambda
 from sparsebk.train.metrics import MetricsWriter, progress_line, read_metrics, write_plots
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
@@ -28,12 +29,15 @@ def test_presets_load_and_round_trip(name):
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert cfg.optim.max_steps == raw["optim"]["max_steps"]
     assert cfg.run.num_workers == raw["run"]["num_workers"]
-    assert cfg.model["preset"] == raw["model"]["preset"]
+    preset = LMConfig.preset(raw["model"]["preset"], vocab_size=1)
+    assert (cfg.model.d_model, cfg.model.n_layers) == (preset.d_model, preset.n_layers)
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
     assert Path(cfg.run.storage_path).is_absolute()
-    lm = cfg.lm_config(vocab_size=300)
-    assert lm.vocab_size == 300  # the dataset's vocabulary fills the preset's
+    assert cfg.model.vocab_size is None  # the presets leave it to the dataset
+    resolved = cfg.resolve_vocab(300)
+    assert resolved.model.vocab_size == 300 and resolved.model.d_model == cfg.model.d_model
+    assert resolved.resolve_vocab(500).model.vocab_size == 300  # decided once
 
 
 def test_overrides_apply_and_parse_yaml_values(tmp_path):
@@ -66,6 +70,7 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("schedule.warmup_stepz=3", "warmup_stepz"),
     ("model.d_modle=8", "model.d_modle"),
     ("model.preset=huge", "huge"),
+    ("schedule.layer_scales=[1, 1, 1]", "schedule.layer_scales"),  # tiny has 2 layers
     ("run.storage_path=s3://bucket/runs", "run.storage_path"),
     ("data.dir=s3://bucket/data", "data.dir"),
 ])
@@ -108,26 +113,27 @@ def test_schedule_state_matches_scheduler_and_restores():
               accuracy_threshold=3.0, layer_scales=[1.0, 0.5, 2.0])
     s = ScheduleState(kw, n_layers=3)
     ref = AdaptiveSparsityScheduler(**kw)
+    with pytest.raises(ScheduleNotReady):  # a fresh (or restarted) actor waits for a state
+        s.values(1)
+    s.reset()
     for step in range(1, 5):
-        targets, weight, state = s.next()
-        expect = ref.state_at(step)
-        assert targets == pytest.approx(expect["layer_targets"])
-        assert weight == pytest.approx(expect["loss_weight"])
-        assert state["calls"] == step
-    saved = json.loads(json.dumps(state))  # JSON-able, as stored in checkpoints
+        out = s.values(step)
+        assert isinstance(out, Schedule)
+        assert out.targets == pytest.approx(ref.state_at(step)["layer_targets"])
+        assert out.weight == pytest.approx(ref.state_at(step)["loss_weight"])
+    assert s.values(4) == out  # asking again gives the same answer (the scheduler is pure)
     s.report_validation(4.0)  # above the threshold: the next target is cut by 0.9
-    targets, weight, _ = s.next()
-    assert targets == pytest.approx(ref.state_at(5, 4.0)["layer_targets"])
+    saved = json.loads(json.dumps(s.state_dict()))  # JSON-able, as stored in checkpoints
+    assert s.values(5).targets == pytest.approx(ref.state_at(5, 4.0)["layer_targets"])
     fresh = ScheduleState(kw, n_layers=3)  # a restarted actor
     fresh.load_state_dict(saved)
-    assert fresh.next()[0] == pytest.approx(ref.state_at(5)["layer_targets"])
+    assert fresh.values(5).targets == pytest.approx(ref.state_at(5, 4.0)["layer_targets"])
     assert fresh.stats() == {"calls": 5, "served": 1}
-    with pytest.raises(ValueError, match="3 per-layer targets for a model with 2 layers"):
-        ScheduleState(kw, n_layers=2).next()
+    assert saved["scheduler"]["best_accuracy"] == 4.0
     single = ScheduleState({"warmup_steps": 4}, n_layers=2)
-    t, _, _ = single.next()
-    assert t == [pytest.approx(AdaptiveSparsityScheduler(warmup_steps=4).state_at(1)
-                               ["sparsity_target"])] * 2
+    single.reset()
+    expect = AdaptiveSparsityScheduler(warmup_steps=4).state_at(1)["sparsity_target"]
+    assert single.values(1).targets == [pytest.approx(expect)] * 2
 
 
 def test_checkpoint_round_trip_restores_training_state_and_rng(tmp_path):
@@ -141,7 +147,7 @@ def test_checkpoint_round_trip_restores_training_state_and_rng(tmp_path):
         opt.step()
         sched.step()
     random.seed(5)
-    sched_state = {"scheduler": {"step": 3}, "calls": 3, "last_val_loss": None}
+    sched_state = {"scheduler": {"step": 3}, "last_val_loss": None}
     save_checkpoint(tmp_path, rank=0, model=model, optimizer=opt, lr_scheduler=sched, step=3,
                     data_position={"epoch": 1, "batch_in_epoch": 2},
                     schedule_state=sched_state, extra={"val_loss": 1.5})

@@ -101,7 +101,7 @@ def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
                  for r, recs in records.items()}
     assert as_tuples[0] == as_tuples[1]  # every rank used the same values at every step
     assert [x[0] for x in as_tuples[0]] == list(range(1, 21))
-    lm_cfg = cfg.lm_config(vocab_size=load_manifest(cfg.data.dir)["vocab_size"])
+    lm_cfg = cfg.resolve_vocab(load_manifest(cfg.data.dir)["vocab_size"]).model
     assert_schedule_matches_reference(cfg, records, lm_cfg.n_layers)
 
     # The all-reduced validation loss equals a single-process evaluation of the same weights

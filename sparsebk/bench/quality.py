@@ -153,18 +153,20 @@ def evaluate(model, blocks: torch.Tensor, batch_size: int) -> dict:
 
 
 def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: float | None,
-              optim, sched_kwargs: dict | None) -> dict:
-    """Train `model` for `s.budget_s` seconds of training time; evaluate; return the record."""
+              train_cfg, sched_kwargs: dict | None) -> dict:
+    """Train `model` for `s.budget_s` seconds of training time; evaluate; return the record.
+    The step is the training package's (`Trainer.train_step`); only the clock-driven LR and
+    schedule and the fixed data order are this benchmark's."""
     from sparsebk.scheduler import AdaptiveSparsityScheduler
+    from sparsebk.train.trainer import Trainer
 
     torch.manual_seed(s.seed + 1)  # gate noise and dropout: the same stream for every variant
     order_gen = torch.Generator().manual_seed(s.seed)  # the data order: the same for every variant
     train = blocks["train"]
-    # as the training loop does: weight decay on matrices and embeddings only
-    params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": optim.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                            lr=s.lr, betas=optim.betas)
+    clock = {"frac": 0.0}  # the fraction of the budget spent, read by the LR function
+    optim = train_cfg.optim
+    trainer = Trainer(train_cfg, model, device=torch.device("cpu"),
+                      lr_fn=lambda step: _lr(step, clock["frac"], 1.0, optim))
     scheduler = AdaptiveSparsityScheduler(**sched_kwargs) if sched_kwargs else None
     curve_blocks = blocks["valid"][: s.curve_eval_blocks]
     curve, next_point = [], 1
@@ -177,33 +179,29 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     load_start, cpu_spent = os.getloadavg()[0], 0.0
     while spent < s.budget_s:
         t0, c0 = time.perf_counter(), time.process_time()
-        frac = spent / s.budget_s
+        clock["frac"] = spent / s.budget_s
         if scheduler is not None:
-            state = scheduler.state_at(_schedule_step(frac, s, scheduler.config.warmup_steps))
+            state = scheduler.state_at(_schedule_step(clock["frac"], s, scheduler.config.warmup_steps))
             model.set_sparsity_schedule(state["sparsity_target"], state["loss_weight"])
-        lr = _lr(step, frac, s.lr, optim)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        lr = trainer.optimizer.param_groups[0]["lr"]
         if pos + s.batch_size > len(perm):  # next epoch, same generator: same order everywhere
             perm, pos = torch.randperm(len(train), generator=order_gen), 0
         batch = train[perm[pos:pos + s.batch_size]]  # (B, block_len + 1)
         pos += s.batch_size
-        out = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-        opt.step()
-        loss_sum += out["ce_loss"].detach()
-        if "layer_sparsity" in out:
-            sp_sum = out["layer_sparsity"].detach() if sp_sum is None else sp_sum + out["layer_sparsity"].detach()
-        n_since += 1
+        out = trainer.train_step(batch)
         step += 1
+        if out is not None:
+            loss_sum += out["ce_loss"].detach()
+            if "layer_sparsity" in out:
+                sp = out["layer_sparsity"].detach()
+                sp_sum = sp if sp_sum is None else sp_sum + sp
+            n_since += 1
         spent += time.perf_counter() - t0
         cpu_spent += time.process_time() - c0
         if spent >= next_point * s.budget_s / s.curve_points or spent >= s.budget_s:
             v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
             point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
-                     "train_ce": (loss_sum / n_since).item(), "valid_subset_loss": v["loss"],
+                     "train_ce": (loss_sum / max(n_since, 1)).item(), "valid_subset_loss": v["loss"],
                      "valid_subset_ppl": v["ppl"], "lr": lr, "target": state["sparsity_target"],
                      "loss_weight": state["loss_weight"]}
             if sp_sum is not None:
@@ -238,12 +236,13 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
 def run_quality(s: QualitySettings) -> dict:
     from sparsebk.baselines import TransformerConfig, TransformerLM
     from sparsebk.lm import LMConfig, SparseBKLM
-    from sparsebk.train.config import OptimConfig
+    from sparsebk.train.config import TrainConfig
 
     base = LMConfig.preset(s.preset, **s.model_overrides)
     manifest, blocks = load_data(s, base.n_seq)
     cfg = LMConfig.from_dict({**base.to_dict(), "vocab_size": manifest["vocab_size"]})
-    optim = OptimConfig(lr=s.lr)
+    # the training package's optimizer settings (AdamW, warmup, clipping) at this lr
+    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr}, data={"batch_size": s.batch_size})
     results = []
     for target in s.targets:
         torch.manual_seed(s.seed)  # the same initial weights for every BK variant
@@ -257,13 +256,14 @@ def run_quality(s: QualitySettings) -> dict:
             name, sched = DENSE, None
             pin_gates_open(model)
         log.info("training %s for %.0f s", name, s.budget_s)
-        results.append(train_one(name, model, blocks, s, target=target, optim=optim, sched_kwargs=sched))
+        results.append(train_one(name, model, blocks, s, target=target, train_cfg=train_cfg,
+                                 sched_kwargs=sched))
     if s.transformer:
         torch.manual_seed(s.seed)
         tcfg = TransformerConfig.matching(cfg)
         log.info("training %s for %.0f s", TRANSFORMER, s.budget_s)
         results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
-                                 optim=optim, sched_kwargs=None))
+                                 train_cfg=train_cfg, sched_kwargs=None))
     return {"settings": asdict(s), "model_config": cfg.to_dict(),
             "dataset": {"path": manifest["path"], "vocab_size": manifest["vocab_size"],
                         "block_len": manifest["block_len"],

@@ -1,75 +1,92 @@
 """The schedule actor: one AdaptiveSparsityScheduler for the whole run, outside the workers.
 
-The driver creates it; its handle travels in the train-loop config. Rank 0 calls `next()` once
-per training step (prefetched a step ahead) and broadcasts the answer to the other ranks, so
-every rank applies the same per-layer targets and loss weight at every step.
+The driver creates it; its handle travels in the train-loop config. Rank 0 asks it for
+`values(step)` once per training step (prefetched a step ahead) and broadcasts the answer, a
+`Schedule` (per-layer targets, loss weight), so every rank applies the same values.
+
+The scheduler is memoryless (see sparsebk.scheduler): the values of a step are a pure function
+of the step and the latest validation loss. So the actor's state is small (the scheduler's
+config, step and best loss, plus the latest validation loss), answers carry no state, and a
+step's values can be asked again with the same answer.
 
 Restarts: the actor is created with `max_restarts=-1`. A restarted actor re-runs `__init__`
-(a fresh scheduler at step 0); rank 0 then pushes the state it holds back with
-`load_state_dict`. The state is plain JSON-able Python and is also stored in every training
-checkpoint, so a restarted worker group pushes the checkpointed state back the same way.
+and is not *ready*: it answers `values` with ScheduleNotReady until rank 0 pushes the state
+back with `load_state_dict` (or a fresh run calls `reset`). The state is plain JSON-able
+Python and is stored in every training checkpoint.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import ray
 
 
-def _layer_targets(out: dict, n_layers: int) -> list[float]:
-    if "layer_targets" in out:
-        targets = [float(t) for t in out["layer_targets"]]
-        if len(targets) != n_layers:
-            raise ValueError(f"schedule: {len(targets)} per-layer targets for a model with "
-                             f"{n_layers} layers")
-        return targets
-    return [float(out["sparsity_target"])] * n_layers
+class Schedule(NamedTuple):
+    """The one form of a step's schedule, from the actor to the layers."""
+
+    targets: list[float]  # per layer, each in [0, 1)
+    weight: float  # sparsity-loss weight
+
+
+class ScheduleNotReady(RuntimeError):
+    """The actor was (re)started and has not been given a state yet."""
 
 
 class ScheduleState:
-    """The actor's logic, kept as a plain class so it is testable (and timeable) in-process."""
+    """The actor's logic, kept as a plain class so it is testable (and timeable) in-process;
+    the plain (non-Ray) training loop uses it directly."""
 
     def __init__(self, scheduler_kwargs: dict, n_layers: int):
         from sparsebk.scheduler import AdaptiveSparsityScheduler
 
-        self._kwargs = dict(scheduler_kwargs)
         self.n_layers = int(n_layers)
-        self.scheduler = AdaptiveSparsityScheduler(**self._kwargs)
-        self.calls = 0  # steps served on this run's schedule timeline (restored with the state)
-        self.served = 0  # calls this process served (not restored: counts real traffic)
+        self.scheduler = AdaptiveSparsityScheduler(**scheduler_kwargs)
+        # per-layer lengths are checked once, at config time (TrainConfig); this is an invariant
+        assert self.scheduler.config.num_layers in (None, self.n_layers)
         self.last_val_loss: float | None = None
+        self.ready = False
+        self.served = 0  # answers this process gave (not restored: counts real traffic)
 
-    def next(self) -> tuple[list[float], float, dict]:
-        """Advance one step: (per-layer targets, loss weight, state after this step)."""
-        out = self.scheduler.step(current_accuracy=self.last_val_loss)
-        self.calls += 1
+    def values(self, step: int) -> Schedule:
+        """The schedule of training step `step` (1-based), given the latest validation loss."""
+        if not self.ready:
+            raise ScheduleNotReady("schedule actor has no state (restarted); push it back")
+        out = self.scheduler.state_at(step, self.last_val_loss)
+        self.scheduler.current_step = step
         self.served += 1
-        return _layer_targets(out, self.n_layers), float(out["loss_weight"]), self.state_dict()
+        targets = out.get("layer_targets") or [out["sparsity_target"]] * self.n_layers
+        return Schedule([float(t) for t in targets], float(out["loss_weight"]))
 
     def report_validation(self, val_loss: float) -> None:
-        """The all-reduced validation loss, given to the scheduler as `current_accuracy`."""
+        """The all-reduced validation loss (finite), the scheduler's `current_accuracy`."""
         self.last_val_loss = float(val_loss)
+        best = self.scheduler.best_accuracy
+        if best is None or self.last_val_loss < best:
+            self.scheduler.best_accuracy = self.last_val_loss
 
     def state_dict(self) -> dict:
-        return {"scheduler": self.scheduler.state_dict(), "calls": self.calls,
-                "last_val_loss": self.last_val_loss}
+        return {"scheduler": self.scheduler.state_dict(), "last_val_loss": self.last_val_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self.scheduler.load_state_dict(state["scheduler"])
-        self.calls = int(state["calls"])
         self.last_val_loss = state.get("last_val_loss")
+        self.ready = True
 
     def reset(self) -> None:
         self.scheduler.reset()
-        self.calls = 0
         self.last_val_loss = None
+        self.ready = True
 
     def stats(self) -> dict:
-        return {"calls": self.calls, "served": self.served}
+        """calls: the last step served on the run's timeline (restored with the state);
+        served: answers given by this process."""
+        return {"calls": self.scheduler.current_step, "served": self.served}
 
 
 # num_cpus=0: the actor idles between calls and must not take a CPU a worker needs.
-# max_task_retries=0: a call in flight when the actor dies raises RayActorError at once;
-# rank 0 pushes state back and asks again (retrying blindly would advance a fresh scheduler).
+# max_task_retries=0: a call in flight when the actor dies raises RayActorError at once, and
+# rank 0 pushes the state back before asking again.
 ScheduleActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(ScheduleState)
 
 

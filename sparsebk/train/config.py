@@ -15,7 +15,6 @@ Every error is a ValueError naming the file and the field, raised before any wor
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -24,33 +23,15 @@ from typing import Any
 
 import yaml
 
+from sparsebk.validation import (check_bool, check_choice, check_float, check_int, check_known,
+                                 field_error, from_mapping)
+
 TOKENIZERS = ("word", "byte", "gpt2")
 LOADERS = ("ray", "local")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
-
-
-def _err(field_name: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"{field_name}={value!r}: {why}")
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _err(name, value, "must be an integer")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise _err(name, value, "must be >= 0" if allow_zero else "must be > 0")
-
-
-def _number(name: str, value: Any, lo: float | None = None, hi: float | None = None,
-            *, lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _err(name, value, "must be a finite number")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise _err(name, value, f"must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise _err(name, value, f"must be <= {hi}")
 
 
 @dataclass
@@ -81,33 +62,30 @@ class DataConfig:
 
     def __post_init__(self):
         if not isinstance(self.dir, str) or not self.dir:
-            raise _err("data.dir", self.dir, "must be a non-empty path")
+            raise field_error("data.dir", self.dir, "must be a non-empty path")
         if "://" in self.dir:
             # The data package reads and writes local (or network-mounted) paths only.
-            raise _err("data.dir", self.dir, "URIs are not supported; use a local path or a "
+            raise field_error("data.dir", self.dir, "URIs are not supported; use a local path or a "
                        "shared file system mounted on every node (e.g. /mnt/shared/...)")
         self.dir = str(Path(os.path.expanduser(self.dir)).resolve())
-        if self.corpus not in CORPORA:
-            raise _err("data.corpus", self.corpus, f"choose one of {CORPORA}")
+        check_choice("data.corpus", self.corpus, CORPORA)
         if self.corpus == "text" and not self.text:
-            raise _err("data.text", self.text, "corpus 'text' needs a text file, directory or glob")
+            raise field_error("data.text", self.text, "corpus 'text' needs a text file, directory or glob")
         if self.corpus == "ptb" and self.text:
-            raise _err("data.text", self.text, "only used with data.corpus: text")
+            raise field_error("data.text", self.text, "only used with data.corpus: text")
         if self.ptb_lines is not None:
-            _positive_int("data.ptb_lines", self.ptb_lines)
+            check_int("data.ptb_lines", self.ptb_lines, min=1)
             if self.corpus != "ptb":
-                raise _err("data.ptb_lines", self.ptb_lines, "only used with data.corpus: ptb")
-        if self.tokenizer not in TOKENIZERS:
-            raise _err("data.tokenizer", self.tokenizer, f"choose one of {TOKENIZERS}")
-        _positive_int("data.block_len", self.block_len)
+                raise field_error("data.ptb_lines", self.ptb_lines, "only used with data.corpus: ptb")
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        check_int("data.block_len", self.block_len, min=1)
         if self.max_vocab is not None:
-            _positive_int("data.max_vocab", self.max_vocab)
-        _positive_int("data.batch_size", self.batch_size)
-        _positive_int("data.prefetch_batches", self.prefetch_batches, allow_zero=True)
-        if self.loader not in LOADERS:
-            raise _err("data.loader", self.loader, f"choose one of {LOADERS}")
-        _positive_int("data.shuffle_buffer", self.shuffle_buffer, allow_zero=True)
-        _positive_int("data.eval_batch_size", self.eval_batch_size)
+            check_int("data.max_vocab", self.max_vocab, min=1)
+        check_int("data.batch_size", self.batch_size, min=1)
+        check_int("data.prefetch_batches", self.prefetch_batches, min=0)
+        check_choice("data.loader", self.loader, LOADERS)
+        check_int("data.shuffle_buffer", self.shuffle_buffer, min=0)
+        check_int("data.eval_batch_size", self.eval_batch_size, min=1)
 
 
 @dataclass
@@ -124,18 +102,18 @@ class OptimConfig:
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
 
     def __post_init__(self):
-        _number("optim.lr", self.lr, 0.0, lo_open=True)
-        _number("optim.weight_decay", self.weight_decay, 0.0)
+        check_float("optim.lr", self.lr, min=0.0, min_open=True)
+        check_float("optim.weight_decay", self.weight_decay, min=0.0)
         if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2:
-            raise _err("optim.betas", self.betas, "must be a pair [beta1, beta2]")
+            raise field_error("optim.betas", self.betas, "must be a pair [beta1, beta2]")
         for b in self.betas:
-            _number("optim.betas", b, 0.0, 1.0)
+            check_float("optim.betas", b, min=0.0, max=1.0)
         self.betas = tuple(float(b) for b in self.betas)
-        _positive_int("optim.warmup_steps", self.warmup_steps, allow_zero=True)
-        _positive_int("optim.max_steps", self.max_steps)
-        _number("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _number("optim.grad_clip", self.grad_clip, 0.0, lo_open=True)
-        _positive_int("optim.max_bad_steps", self.max_bad_steps)
+        check_int("optim.warmup_steps", self.warmup_steps, min=0)
+        check_int("optim.max_steps", self.max_steps, min=1)
+        check_float("optim.min_lr_ratio", self.min_lr_ratio, min=0.0, max=1.0)
+        check_float("optim.grad_clip", self.grad_clip, min=0.0, min_open=True)
+        check_int("optim.max_bad_steps", self.max_bad_steps, min=1)
 
 
 @dataclass
@@ -165,36 +143,33 @@ class RunConfig:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise _err("run.name", self.name, "use letters, digits, '_', '.', '-'")
+            raise field_error("run.name", self.name, "use letters, digits, '_', '.', '-'")
         if not isinstance(self.storage_path, str) or not self.storage_path:
-            raise _err("run.storage_path", self.storage_path, "must be a non-empty path")
+            raise field_error("run.storage_path", self.storage_path, "must be a non-empty path")
         if "://" in self.storage_path:
             # Metrics, schedule records and plots are written with local file I/O next to Ray's
             # checkpoints, so a bucket URI would silently land in a local "s3:" folder.
-            raise _err("run.storage_path", self.storage_path, "URIs are not supported; use a "
+            raise field_error("run.storage_path", self.storage_path, "URIs are not supported; use a "
                        "local path or a shared file system mounted on every node")
         # Ray needs an absolute path; relative paths mean relative to the launch directory.
         self.storage_path = str(Path(os.path.expanduser(self.storage_path)).resolve())
-        _positive_int("run.num_workers", self.num_workers, allow_zero=True)
-        if not isinstance(self.use_gpu, bool):
-            raise _err("run.use_gpu", self.use_gpu, "must be true or false")
-        _number("run.cpus_per_worker", self.cpus_per_worker, 0.0)
+        check_int("run.num_workers", self.num_workers, min=0)
+        check_bool("run.use_gpu", self.use_gpu)
+        check_float("run.cpus_per_worker", self.cpus_per_worker, min=0.0)
         if self.torch_threads is not None:
-            _positive_int("run.torch_threads", self.torch_threads)
-        _positive_int("run.seed", self.seed, allow_zero=True)
-        _positive_int("run.log_every", self.log_every)
-        _positive_int("run.eval_every", self.eval_every)
+            check_int("run.torch_threads", self.torch_threads, min=1)
+        check_int("run.seed", self.seed, min=0)
+        check_int("run.log_every", self.log_every, min=1)
+        check_int("run.eval_every", self.eval_every, min=1)
         if self.eval_batches is not None:
-            _positive_int("run.eval_batches", self.eval_batches)
-        _positive_int("run.keep_checkpoints", self.keep_checkpoints)
-        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) \
-                or self.max_failures < -1:
-            raise _err("run.max_failures", self.max_failures, "must be an integer >= -1")
+            check_int("run.eval_batches", self.eval_batches, min=1)
+        check_int("run.keep_checkpoints", self.keep_checkpoints, min=1)
+        check_int("run.max_failures", self.max_failures, min=-1)  # -1: retry forever
         if not isinstance(self.inject_faults, (list, tuple)):
-            raise _err("run.inject_faults", self.inject_faults, "must be a list of 'MODE@STEP'")
+            raise field_error("run.inject_faults", self.inject_faults, "must be a list of 'MODE@STEP'")
         for f in self.inject_faults:
             if not isinstance(f, str) or not _FAULT_RE.match(f):
-                raise _err("run.inject_faults", f,
+                raise field_error("run.inject_faults", f,
                            f"entries are 'MODE@STEP' with MODE in {FAULT_MODES}")
         self.inject_faults = list(self.inject_faults)
 
@@ -207,43 +182,45 @@ class RunConfig:
 
 
 def _validate_schedule(d: dict) -> dict:
-    """The scheduler validates its own arguments; here we only check it accepts them."""
+    """The scheduler validates its own arguments (ranges included); here we only check that it
+    accepts them. The per-layer length is checked against the model in TrainConfig."""
     if not isinstance(d, dict):
-        raise _err("schedule", d, "must be a mapping of AdaptiveSparsityScheduler arguments")
+        raise field_error("schedule", d, "must be a mapping of AdaptiveSparsityScheduler arguments")
     from sparsebk.scheduler import AdaptiveSparsityScheduler
 
     try:
         AdaptiveSparsityScheduler(**d)
-    except TypeError as e:
-        raise ValueError(f"schedule: {e}") from None
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"schedule: {e}") from None
     return dict(d)
 
 
-def _validate_model(d: dict, vocab_size: int | None = None):
-    """Build the LMConfig the section describes (ValueError naming the field if it is wrong)."""
-    if not isinstance(d, dict):
-        raise _err("model", d, "must be a mapping of LMConfig fields plus `preset`")
+def _model_config(d) -> "LMConfig":
+    """The model section as an LMConfig: LMConfig fields plus an optional `preset` (the preset's
+    sizes, overridden by the fields given). Without vocab_size the vocabulary stays unresolved
+    (None) until the driver reads the dataset's (TrainConfig.resolve_vocab)."""
     from sparsebk.lm import LMConfig
 
+    if isinstance(d, LMConfig):
+        return d
+    if not isinstance(d, dict):
+        raise field_error("model", d, "must be a mapping of LMConfig fields plus `preset`")
     d = dict(d)
     preset = d.pop("preset", None)
-    if vocab_size is not None:
-        d.setdefault("vocab_size", vocab_size)
-    known = {f.name for f in fields(LMConfig)}
-    for k in d:
-        if k not in known:
-            raise _err(f"model.{k}", d[k], f"unknown LMConfig field; known: {sorted(known)}")
+    check_known("model", d, (f.name for f in fields(LMConfig)), "LMConfig field")
+    d.setdefault("vocab_size", None)
     try:
         return LMConfig.preset(preset, **d) if preset is not None else LMConfig.from_dict(d)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"model: {e}") from None
 
 
 @dataclass
 class TrainConfig:
-    model: dict = field(default_factory=lambda: {"preset": "debug"})
+    """The whole run: a typed section per YAML section. `model` is an LMConfig; its vocab_size
+    may be None until `resolve_vocab` fills in the dataset's (the driver does, once)."""
+
+    model: Any = field(default_factory=lambda: {"preset": "debug"})  # -> LMConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: dict = field(default_factory=dict)
@@ -253,24 +230,36 @@ class TrainConfig:
         for name, cls in (("data", DataConfig), ("optim", OptimConfig), ("run", RunConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _from_section(cls, value, name))
+                setattr(self, name, from_mapping(cls, value, name))
             elif not isinstance(value, cls):
-                raise _err(name, value, f"must be a mapping of {cls.__name__} fields")
-        if not isinstance(self.model, dict):
-            raise _err("model", self.model, "must be a mapping of LMConfig fields")
-        self.model = dict(self.model)
+                raise field_error(name, value, f"must be a mapping of {cls.__name__} fields")
+        self.model = _model_config(self.model)
         self.schedule = _validate_schedule(self.schedule)
-        if self.run.eval_every > self.optim.max_steps:
-            raise _err("run.eval_every", self.run.eval_every,
-                       f"must be <= optim.max_steps ({self.optim.max_steps}); "
-                       "checkpoints are written at evaluations")
+        # The one check of the per-layer targets' length: the schedule meets the model here.
+        from sparsebk.scheduler import AdaptiveSparsityScheduler
 
-    def lm_config(self, vocab_size: int | None = None):
-        """The model's LMConfig; `vocab_size` (from the dataset) fills the field if unset."""
-        return _validate_model(self.model, vocab_size)
+        per_layer = AdaptiveSparsityScheduler(**self.schedule).config.num_layers
+        if per_layer is not None and per_layer != self.model.n_layers:
+            key = "layer_scales" if "layer_scales" in self.schedule else "layer_final_sparsity"
+            raise field_error(f"schedule.{key}", self.schedule[key],
+                              f"{per_layer} per-layer targets for a model with "
+                              f"{self.model.n_layers} layers (model.n_layers)")
+        if self.run.eval_every > self.optim.max_steps:
+            raise field_error("run.eval_every", self.run.eval_every,
+                              f"must be <= optim.max_steps ({self.optim.max_steps}); "
+                              "checkpoints are written at evaluations")
+
+    def resolve_vocab(self, vocab_size: int) -> "TrainConfig":
+        """This config with the model's vocab_size set to the dataset's when the config left it
+        unset (a config that sets it keeps its value; the driver checks that it fits)."""
+        if self.model.vocab_size is not None:
+            return self
+        return dataclasses.replace(self, model=dataclasses.replace(self.model,
+                                                                   vocab_size=vocab_size))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        out["model"] = self.model.to_dict()
         out["optim"]["betas"] = list(self.optim.betas)
         return out
 
@@ -278,21 +267,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         if not isinstance(d, dict):
             raise ValueError(f"config must be a mapping of sections, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        for k in d:
-            if k not in known:
-                raise _err(k, d[k], f"unknown section; known: {sorted(known)}")
-        return cls(**{k: v for k, v in d.items()})
-
-
-def _from_section(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise _err(prefix, d, f"must be a mapping of {cls.__name__} fields")
-    known = {f.name for f in fields(cls)}
-    for k in d:
-        if k not in known:
-            raise _err(f"{prefix}.{k}", d[k], f"unknown field; known: {sorted(known)}")
-    return cls(**d)
+        check_known("", d, (f.name for f in fields(cls)), "section")
+        return cls(**d)
 
 
 def apply_override(d: dict, item: str) -> None:
@@ -348,8 +324,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         for item in overrides or []:
             apply_override(raw, item)
         cfg = TrainConfig.from_dict(raw)
-        # The dataset decides vocab_size later; a placeholder checks every other model field.
-        cfg.lm_config(cfg.model.get("vocab_size", 2))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     return cfg

@@ -54,12 +54,9 @@ def ensure_dataset(data: DataConfig) -> Path:
     return prepare_dataset(data.dir, corpus="ptb", **common)
 
 
-def _check_fit(cfg: TrainConfig, lm_cfg, manifest: dict, where: str) -> None:
-    if cfg.data.block_len > lm_cfg.n_seq:
-        raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
-                         f"model's n_seq={lm_cfg.n_seq}")
-    if lm_cfg.vocab_size < manifest["vocab_size"]:
-        raise ValueError(f"{where}: model.vocab_size={lm_cfg.vocab_size} is smaller than the "
+def _check_fit(cfg: TrainConfig, manifest: dict, where: str) -> None:
+    if cfg.model.vocab_size < manifest["vocab_size"]:
+        raise ValueError(f"{where}: model.vocab_size={cfg.model.vocab_size} is smaller than the "
                          f"dataset's vocabulary ({manifest['vocab_size']})")
     rows = manifest["splits"]["train"]["rows"]
     per_worker = rows // max(1, cfg.run.num_workers)
@@ -80,29 +77,22 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
         d["run"]["name"] = run_name or cfg.run.name
         d["run"]["storage_path"] = storage_path or cfg.run.storage_path
         cfg = TrainConfig.from_dict(d)
-    try:  # the model section alone first: a bad field fails before any data work
-        pre = cfg.lm_config(cfg.model.get("vocab_size", 2))
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    if cfg.data.block_len > pre.n_seq:
+    if cfg.data.block_len > cfg.model.n_seq:
         raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
-                         f"model's n_seq={pre.n_seq}")
+                         f"model's n_seq={cfg.model.n_seq}")
     dataset_dir = ensure_dataset(cfg.data)
     manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len)
-    try:
-        lm_cfg = cfg.lm_config(manifest["vocab_size"])
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    _check_fit(cfg, lm_cfg, manifest, where)
+    cfg = cfg.resolve_vocab(manifest["vocab_size"])  # the one place the vocabulary is decided
+    _check_fit(cfg, manifest, where)
     if schedule_actor is None:
-        schedule_actor = create_schedule_actor(cfg.schedule, lm_cfg.n_layers)
+        schedule_actor = create_schedule_actor(cfg.schedule, cfg.model.n_layers)
     # Ray Data's progress bars would bury the progress lines in the job's log.
     ray.data.DataContext.get_current().enable_progress_bars = False
     datasets = None
     if cfg.data.loader == "ray":
         datasets = ray_datasets(dataset_dir, splits=("train",),
                                 vocab_size=manifest["vocab_size"], block_len=cfg.data.block_len)
-    loop_config = {"cfg": cfg.to_dict(), "lm": lm_cfg.to_dict(), "dataset_dir": str(dataset_dir),
+    loop_config = {"cfg": cfg.to_dict(), "dataset_dir": str(dataset_dir),
                    "schedule_actor": schedule_actor}
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:

@@ -1,16 +1,22 @@
-"""Rank 0's side of the schedule actor: prefetch, broadcast, recovery after actor restarts.
+"""Where a training step gets its Schedule: the actor (rank 0, prefetched, broadcast) or an
+in-process scheduler (plain single-process loops and benchmarks).
 
-Call order on the actor (one caller, so Ray runs them in this order):
+Both sources have the same three calls, in this order per evaluation:
 
-    next() for step t+1 is issued before step t is computed (prefetch), and an evaluation at
-    the end of step t reports its validation loss after that; so the loss of an evaluation at
-    step t first reaches the schedule at step t+2. A restart reproduces this order exactly.
+    get(step, prefetch_next)   the step's Schedule
+    report_validation(loss)    after an evaluation (a finite, all-reduced loss)
+    checkpoint_state()         the scheduler state to store with the checkpoint of this step
 
-Recovery: the actor is created with max_restarts=-1 and max_task_retries=0. A call that fails
-with RayActorError, or an answer whose step counter is not the one expected (the actor was
-restarted and answered from a fresh scheduler), makes rank 0 push the state it holds (the
-state returned with the last step it consumed, with the validation loss that call saw) back
-with load_state_dict, re-issue the call, and re-send a validation loss reported since.
+Ordering with the actor: the values of step t + 1 are requested while step t computes, except
+after an evaluation step, where they are requested after the validation loss was reported; so
+a validation loss at step t reaches the schedule at step t + 1, and a resumed run (which pushes
+the checkpointed state, validation loss included) continues the same timeline.
+
+Recovery: a call that fails with RayActorError (the actor died with it in flight) or
+ScheduleNotReady (a restarted actor without state) makes rank 0 push the state of the last
+checkpoint back, re-send the newest validation loss, and ask again. The values are a pure
+function of (step, latest validation loss), so the answer is the one the lost actor would
+have given.
 """
 
 from __future__ import annotations
@@ -21,21 +27,22 @@ import time
 import ray
 import torch
 
+from sparsebk.train.actor import Schedule, ScheduleNotReady, ScheduleState
+
 logger = logging.getLogger("sparsebk.train")
 
 
-class _StaleAnswer(Exception):
-    pass
+def _actor_lost(e: Exception) -> bool:
+    if isinstance(e, ray.exceptions.RayActorError):
+        return True
+    return isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ScheduleNotReady)
 
 
 class ScheduleClient:
-    """Holds the prefetched call and the last state rank 0 consumed."""
+    """Rank 0's handle on the schedule actor: prefetch, recovery, the checkpoint state."""
 
-    def __init__(self, actor, state: dict | None, val_loss: float | None,
-                 *, retry_timeout_s: float = 60.0):
-        """`state`: the actor state after the last completed step (None: a fresh run, reset).
-        `val_loss`: the validation loss last reported before the checkpoint (re-sent after the
-        first prefetch, preserving the call order of the original run)."""
+    def __init__(self, actor, state: dict | None, *, retry_timeout_s: float = 60.0):
+        """`state`: the checkpoint's scheduler state (None: a fresh run; the actor resets)."""
         self.actor = actor
         self.retry_timeout_s = retry_timeout_s
         self.recoveries = 0
@@ -44,70 +51,104 @@ class ScheduleClient:
             state = ray.get(actor.state_dict.remote())
         else:
             ray.get(actor.load_state_dict.remote(state))
-        self.held = state
-        self.reported_val = state.get("last_val_loss")
-        self.pending = None
-        self.pending_val = self.reported_val
-        self.issue()
-        if val_loss is not None:
-            self.report_validation(val_loss)
+        self.saved = state  # pushed back after an actor restart
+        self.last_val = state.get("last_val_loss")
+        self.pending: tuple[int, ray.ObjectRef] | None = None
 
-    def issue(self) -> None:
-        self.pending = self.actor.next.remote()
-        self.pending_val = self.reported_val
-
-    def report_validation(self, val_loss: float) -> None:
-        self.actor.report_validation.remote(float(val_loss))
-        self.reported_val = float(val_loss)
-
-    def get(self, step: int, *, prefetch: bool = True) -> tuple[list[float], float]:
-        """Values for `step` (the prefetched call); issues the call for step + 1 if asked."""
+    def _call(self, issue, what: str):
         deadline = time.monotonic() + self.retry_timeout_s
+        ref = issue()
         while True:
             try:
-                targets, weight, state = ray.get(self.pending)
-                if state["calls"] != step:
-                    raise _StaleAnswer(f"actor answered step {state['calls']}, expected {step}")
-                break
-            except (ray.exceptions.RayActorError, _StaleAnswer) as e:
+                return ray.get(ref)
+            except Exception as e:  # noqa: BLE001 (only actor loss is retried)
+                if not _actor_lost(e):
+                    raise
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"schedule actor unavailable for "
-                                       f"{self.retry_timeout_s:.0f} s: {e}") from e
-                logger.warning("schedule actor lost (%s); pushing the state of step %d back",
-                               type(e).__name__, step - 1)
+                                       f"{self.retry_timeout_s:.0f} s ({what}): {e}") from e
+                logger.warning("schedule actor lost (%s) during %s; pushing the checkpoint "
+                               "state back", type(e).__name__, what)
                 self._recover(deadline)
-        self.held = state
-        if prefetch:
-            self.issue()
-        return targets, weight
+                ref = issue()
 
     def _recover(self, deadline: float) -> None:
         self.recoveries += 1
-        state = dict(self.held, last_val_loss=self.pending_val)
+        state = dict(self.saved, last_val_loss=self.last_val)
         while True:
             try:
                 ray.get(self.actor.load_state_dict.remote(state))
-                break
+                return
             except ray.exceptions.RayActorError as e:
                 if time.monotonic() > deadline:
                     raise RuntimeError("schedule actor did not come back after a restart") from e
                 time.sleep(0.2)  # still restarting
-        late_val = self.reported_val
-        self.reported_val = self.pending_val
-        self.issue()
-        if late_val != self.pending_val and late_val is not None:
-            self.report_validation(late_val)
+
+    def get(self, step: int, *, prefetch_next: bool = True) -> Schedule:
+        ref = self.pending[1] if self.pending is not None and self.pending[0] == step else None
+        self.pending = None
+
+        def issue():  # the prefetched call first; a fresh one after a recovery
+            nonlocal ref
+            r, ref = ref, None
+            return r if r is not None else self.actor.values.remote(step)
+
+        out = Schedule(*self._call(issue, f"step {step}"))
+        if prefetch_next:
+            self.pending = (step + 1, self.actor.values.remote(step + 1))
+        return out
+
+    def report_validation(self, val_loss: float) -> None:
+        self.last_val = float(val_loss)
+        self.actor.report_validation.remote(self.last_val)
+
+    def checkpoint_state(self) -> dict:
+        self.saved = self._call(lambda: self.actor.state_dict.remote(), "checkpoint state")
+        return self.saved
 
 
-def broadcast_schedule(values: tuple[list[float], float] | None, n_layers: int, group,
-                       world_size: int) -> tuple[list[float], float]:
-    """Rank 0's (targets, weight) on every rank, through a CPU (gloo) process group."""
-    if world_size == 1:
-        return values
-    buf = torch.empty(n_layers + 1, dtype=torch.float64)  # (L + 1,): targets..., weight
-    if values is not None:
-        buf[:n_layers] = torch.tensor(values[0], dtype=torch.float64)
-        buf[n_layers] = values[1]
-    torch.distributed.broadcast(buf, src=0, group=group)
-    out = buf.tolist()
-    return out[:n_layers], out[n_layers]
+class LocalSchedule:
+    """The same calls on an in-process ScheduleState (no Ray, no broadcast)."""
+
+    def __init__(self, scheduler_kwargs: dict, n_layers: int, state: dict | None = None):
+        self.state = ScheduleState(scheduler_kwargs, n_layers)
+        if state is None:
+            self.state.reset()
+        else:
+            self.state.load_state_dict(state)
+
+    def get(self, step: int, *, prefetch_next: bool = True) -> Schedule:
+        return self.state.values(step)
+
+    def report_validation(self, val_loss: float) -> None:
+        self.state.report_validation(val_loss)
+
+    def checkpoint_state(self) -> dict:
+        return self.state.state_dict()
+
+
+class BroadcastSchedule:
+    """Every rank's source under DDP: rank 0 asks `source`, a CPU (gloo) broadcast hands the
+    values to the others. Non-zero ranks pass `source=None`."""
+
+    def __init__(self, source, n_layers: int, group, world_size: int):
+        self.source, self.n_layers, self.group, self.world = source, n_layers, group, world_size
+
+    def get(self, step: int, *, prefetch_next: bool = True) -> Schedule:
+        values = self.source.get(step, prefetch_next=prefetch_next) if self.source else None
+        if self.world == 1:
+            return values
+        buf = torch.empty(self.n_layers + 1, dtype=torch.float64)  # (L + 1,): targets, weight
+        if values is not None:
+            buf[:self.n_layers] = torch.tensor(values.targets, dtype=torch.float64)
+            buf[self.n_layers] = values.weight
+        torch.distributed.broadcast(buf, src=0, group=self.group)
+        out = buf.tolist()
+        return Schedule(out[:self.n_layers], out[self.n_layers])
+
+    def report_validation(self, val_loss: float) -> None:
+        if self.source is not None:
+            self.source.report_validation(val_loss)
+
+    def checkpoint_state(self) -> dict | None:
+        return self.source.checkpoint_state() if self.source is not None else None

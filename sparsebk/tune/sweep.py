@@ -60,8 +60,7 @@ def check_against_train(cfg: SweepConfig):
     for p in cfg.space.values():
         for v in p.extremes():
             try:
-                t = TrainConfig.from_dict(apply_params(base_d, {p.name: v}, {p.name: p.key}))
-                t.lm_config(t.model.get("vocab_size", 2))
+                TrainConfig.from_dict(apply_params(base_d, {p.name: v}, {p.name: p.key}))
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{where}: space.{p.name} (training field {p.key}) "
                                  f"value {v!r} is rejected by the training config: {e}") from None
@@ -80,7 +79,7 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
 
         try:
             manifest = check_dataset(ensure_dataset(base.data), block_len=base.data.block_len)
-            base.lm_config(manifest["vocab_size"])
+            base.resolve_vocab(manifest["vocab_size"])
         except ValueError as e:
             raise ValueError(f"{_where(cfg)}: training data/model: {e}") from None
     storage = Path(cfg.storage_path).expanduser() if cfg.storage_path \

@@ -67,9 +67,8 @@ def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir
     attempt = _append_attempt(sweep_dir, trial_id)
     params = {n: json.loads(v) if n in encoded else v for n, v in config.items()}
     cfg = TrainConfig.from_dict(apply_params(base_train, params, keys))
-    n_layers = cfg.lm_config(cfg.model.get("vocab_size", 2)).n_layers
     actor = create_schedule_actor(
-        cfg.schedule, n_layers, name=f"sparsebk-sched-{sweep_name}-{trial_id}-{uuid.uuid4().hex[:8]}")
+        cfg.schedule, cfg.model.n_layers, name=f"sparsebk-sched-{sweep_name}-{trial_id}-{uuid.uuid4().hex[:8]}")
     logger.info("trial %s attempt %d: %s", trial_id, attempt, config)
     try:
         trainer = build_trainer(cfg, schedule_actor=actor, callbacks=[TuneReportCallback()],

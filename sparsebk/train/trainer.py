@@ -1,0 +1,384 @@
+"""The Trainer: one worker's training, as an object that owns its state.
+
+    trainer = Trainer(cfg, model, device=..., rank=r, world=w, valid=blocks, run_dir=...)
+    trainer.schedule = source            # where each step's Schedule comes from
+    trainer.restore(directory)           # optional: a checkpoint written by `save`
+    stop = trainer.fit(batches)          # batches(epoch, skip) -> iterator of (B, T + 1) rows
+
+Each `fit` step (`step`):
+    1. the step's Schedule (per-layer targets, loss weight) from `schedule` (under DDP the
+       actor's answer broadcast from rank 0), set on the model;
+    2. `train_step`: forward (bf16 autocast on GPU), backward (DDP all-reduces the gradients),
+       gradient clipping; the clipped norm is the same on every rank after the all-reduce, so
+       all ranks agree on skipping a non-finite step without another collective; AdamW; LR;
+    3. every `log_every` steps `log`: the running sums (loss, training-mode sparsity per layer)
+       are all-reduced, rank 0 writes a progress line and a metrics record;
+    4. every `eval_every` steps (and at the last) `validate_and_save`: the all-reduced
+       validation loss and eval-mode sparsity, the loss to the schedule, and the checkpoint
+       handed to `reporter` (Ray Train's report, a barrier every rank calls).
+
+The one host sync per step is the finiteness check of the gradient norm (step 2): skipping a
+NaN step needs its answer before the optimizer runs. Nothing here imports Ray: the worker
+function (sparsebk.train.loop) plugs Ray in through `schedule` and `reporter`, and the plain
+benchmark loops drive the same `train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsebk.train.config import TrainConfig
+from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
+
+logger = logging.getLogger("sparsebk.train")
+
+Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, batches to skip) -> (B, T + 1)
+
+
+def lr_lambda(optim_cfg) -> Callable[[int], float]:
+    """LR multiplier at a step: linear warmup to 1, then cosine decay to min_lr_ratio."""
+    warm, total, floor = optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int = 0,
+             world: int = 1, max_rows: int | None = None, autocast=nullcontext
+             ) -> tuple[float, list[float]]:
+    """Token-weighted mean cross-entropy over `blocks` (rows strided across ranks, sums
+    all-reduced) and the measured per-layer sparsity (eval mode: no gate noise)."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    rows = blocks if max_rows is None else blocks[:max_rows]
+    mine = rows[rank::world]
+    acc = torch.zeros(2 + net.config.n_layers, dtype=torch.float64, device=device)
+    for i in range(0, len(mine), batch_size):  # acc: loss sum, tokens, sparsity sums
+        b = mine[i:i + batch_size].to(device, non_blocking=True)
+        with autocast():
+            out = net(b[:, :-1], targets=b[:, 1:])
+        n_tok = b[:, 1:].numel()
+        acc[0] += out["ce_loss"].double() * n_tok
+        acc[1] += n_tok
+        acc[2:] += out["layer_sparsity"].double() * n_tok
+    all_reduce_sum(acc, world)
+    if was_training:
+        net.train()
+    tokens = max(acc[1].item(), 1.0)
+    return acc[0].item() / tokens, (acc[2:] / tokens).tolist()
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides the weights, optimizer and schedule."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    best_val_loss: float = math.inf
+    last_val_loss: float | None = None
+    bad_steps: int = 0  # non-finite steps skipped, in total
+    nonfinite_evals: int = 0  # validations whose loss was not finite (kept from the schedule)
+
+
+class _Window:
+    """Running sums since the last log line, kept on the device (no per-step host sync)."""
+
+    def __init__(self, n_layers: int, device):
+        self.sums = torch.zeros(2 + n_layers, dtype=torch.float64, device=device)  # loss, n, spars
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums.zero_()
+        self.t0, self.steps, self.wait_s, self.sched_s = time.perf_counter(), 0, 0.0, 0.0
+
+    def add(self, loss: torch.Tensor, layer_sparsity: torch.Tensor | None) -> None:
+        self.sums[0] += loss.detach().double()
+        self.sums[1] += 1
+        if layer_sparsity is not None:  # a dense baseline has none
+            self.sums[2:] += layer_sparsity.detach().double()
+
+
+class Trainer:
+    """Owns the model, optimizer, LR schedule and run state of one worker; see the module doc.
+
+    `schedule`: an object with get(step, prefetch_next) -> Schedule, report_validation(loss)
+    and checkpoint_state() (sparsebk.train.schedule_client). `reporter(metrics, directory)`:
+    hands an evaluation's metrics and its checkpoint directory (or None) on; without one, no
+    checkpoint is written. `hooks`: before_step(step) and loss(step, loss) -> loss (fault
+    injection). `run_dir`: where rank 0 writes metrics and each rank its schedule record;
+    None writes no files.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, *, device, rank: int = 0,
+                 world: int = 1, valid: torch.Tensor | None = None,
+                 test: Callable[[], torch.Tensor] | None = None, schedule=None,
+                 reporter: Callable[[dict, str | None], None] | None = None, hooks=None,
+                 run_dir: str | os.PathLike | None = None, autocast=nullcontext,
+                 lr_fn: Callable[[int], float] | None = None):
+        self.cfg, self.model, self.net = cfg, model, unwrap(model)
+        self.device, self.rank, self.world = device, rank, world
+        self.valid, self.test, self.schedule, self.reporter = valid, test, schedule, reporter
+        self.hooks, self.autocast = hooks, autocast
+        o = cfg.optim
+        self.optimizer = self.net.configure_optimizers(o.weight_decay, o.lr, o.betas)
+        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn or lr_lambda(o))
+        self.state = RunState()
+        self.bad_in_row = 0
+        self.window = _Window(self.net.config.n_layers, device)
+        self.last_log: dict = {}
+        self.current_schedule = None  # the Schedule of the latest step
+        self.trained_steps = 0  # in this process
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.writer = MetricsWriter(self.run_dir) if self.run_dir and rank == 0 else None
+        self.sched_file = None
+        if self.run_dir is not None:
+            path = self.run_dir / "schedule" / f"rank{rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.sched_file = open(path, "a", buffering=1)  # line-buffered: a crash loses none
+
+    # --- state ---------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        """This rank's part of a checkpoint (rank 0: the training state; all: their RNG)."""
+        s = self.state
+        sched = self.schedule.checkpoint_state() if self.schedule is not None else None
+        save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
+                        lr_scheduler=self.lr_sched, step=s.step,
+                        data_position={"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
+                        schedule_state=sched, extra={"run_state": dataclasses.asdict(s)})
+
+    def restore(self, directory: str | os.PathLike) -> dict | None:
+        """Load a checkpoint written by `save`; returns its schedule state."""
+        ckpt = load_checkpoint(directory, rank=self.rank, model=self.net,
+                               optimizer=self.optimizer, lr_scheduler=self.lr_sched,
+                               map_location=self.device)
+        self.state = RunState(**ckpt["extra"]["run_state"])
+        if not ckpt["rng_restored"]:  # another world size: a fresh, distinct stream per rank
+            torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 7919 * self.state.step)
+        if self.rank == 0:
+            logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)",
+                        self.state.step, self.state.epoch, self.state.batch_in_epoch)
+        return ckpt["schedule_state"]
+
+    # --- the loop ------------------------------------------------------------------------
+    def is_eval_step(self, step: int) -> bool:
+        return step % self.cfg.run.eval_every == 0 or step == self.cfg.optim.max_steps
+
+    def fit(self, batches: Batches) -> str | None:
+        """Train until optim.max_steps; returns why training stopped early, or None."""
+        s, max_steps = self.state, self.cfg.optim.max_steps
+        self.model.train()
+        while s.step < max_steps:
+            it, got = batches(s.epoch, s.batch_in_epoch), False
+            while s.step < max_steps:
+                t = time.perf_counter()
+                batch = next(it, None)
+                self.window.wait_s += time.perf_counter() - t
+                if batch is None:
+                    break
+                got = True
+                stop = self.step(batch)
+                if stop is not None:
+                    return stop
+            if not got and s.batch_in_epoch == 0:
+                raise ValueError(f"rank {self.rank} got no training batch of "
+                                 f"{self.cfg.data.batch_size} rows; lower data.batch_size or "
+                                 "the number of workers")
+            if s.step < max_steps:
+                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+        return None
+
+    def step(self, batch: torch.Tensor) -> str | None:
+        """One scheduled training step with its logging and evaluation; a stop reason if the
+        run must stop (too many consecutive non-finite steps)."""
+        s = self.state
+        s.step += 1
+        s.batch_in_epoch += 1
+        if self.hooks is not None:
+            self.hooks.before_step(s.step)
+        t = time.perf_counter()
+        sched = self.schedule.get(s.step, prefetch_next=not self.is_eval_step(s.step))
+        self.net.set_sparsity_schedule(sched.targets, sched.weight)
+        self.window.sched_s += time.perf_counter() - t
+        self.current_schedule = sched
+        if self.sched_file is not None:
+            self.sched_file.write(json.dumps({"step": s.step, "targets": list(sched.targets),
+                                              "weight": sched.weight, "pid": os.getpid()}) + "\n")
+        if self.train_step(batch) is None:
+            max_bad = self.cfg.optim.max_bad_steps
+            if self.rank == 0:
+                logger.warning("step %d: non-finite loss/gradient, step skipped (%d in a row, "
+                               "limit %d)", s.step, self.bad_in_row, max_bad)
+            if self.bad_in_row >= max_bad:
+                return (f"stopped at step {s.step}: {self.bad_in_row} consecutive non-finite "
+                        f"steps (optim.max_bad_steps={max_bad})")
+        if s.step % self.cfg.run.log_every == 0 or s.step == self.cfg.optim.max_steps:
+            self.log()
+        if self.is_eval_step(s.step):
+            self.validate_and_save()
+            self.window.t0 = time.perf_counter()  # evaluation time is not training throughput
+        return None
+
+    def train_step(self, batch: torch.Tensor) -> dict | None:
+        """Forward, backward, clip, AdamW (skipped when the gradient is not finite), LR step.
+        Returns the model's outputs, or None when the step was skipped. The model's sparsity
+        schedule must be set already (`step` does it)."""
+        batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(
+            self.device, non_blocking=True)
+        with self.autocast():
+            out = self.model(batch[:, :-1], targets=batch[:, 1:])
+        loss = out["loss"]
+        if self.hooks is not None:
+            loss = self.hooks.loss(self.state.step, loss)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        finite = bool(torch.isfinite(norm))  # the one host sync per step (see module doc)
+        if finite:
+            self.optimizer.step()
+            self.bad_in_row = 0
+            self.window.add(loss, out.get("layer_sparsity"))
+        else:
+            self.bad_in_row += 1
+            self.state.bad_steps += 1
+        self.lr_sched.step()
+        self.window.steps += 1
+        self.trained_steps += 1
+        return out if finite else None
+
+    # --- reporting -----------------------------------------------------------------------
+    def log(self) -> dict:
+        """All-reduce the window, write the progress line and metrics record (rank 0)."""
+        w, s, c = self.window, self.state, self.cfg
+        sums = all_reduce_sum(w.sums.clone(), self.world).tolist()
+        elapsed, n = time.perf_counter() - w.t0, max(w.steps, 1)
+        good = max(sums[1], 1.0)
+        tokens_per_step = self.world * c.data.batch_size * c.data.block_len
+        sched = self.current_schedule
+        self.last_log = {
+            "step": s.step, "epoch": s.epoch,
+            "train_loss": sums[0] / good if sums[1] else float("nan"),
+            "sparsity_layers": [x / good for x in sums[2:]],
+            "target_layers": list(sched.targets), "loss_weight": sched.weight,
+            "lr": self.lr_sched.get_last_lr()[0],
+            "tokens_per_s": tokens_per_step * w.steps / max(elapsed, 1e-9),
+            "step_s": elapsed / n, "data_wait_s": w.wait_s / n, "schedule_s": w.sched_s / n,
+            "eta_s": (c.optim.max_steps - s.step) * elapsed / n, "bad_steps": s.bad_steps,
+        }
+        if self.writer is not None:
+            logger.info(progress_line(self.last_log, c.optim.max_steps))
+            self.writer.write("train", self.last_log)
+        if self.sched_file is not None:
+            self.sched_file.flush()
+        w.restart()
+        return self.last_log
+
+    def _eval_rows(self) -> int | None:
+        batches = self.cfg.run.eval_batches
+        if batches is None:
+            return None
+        return batches * self.cfg.data.eval_batch_size * max(1, self.world)
+
+    def evaluate(self, blocks: torch.Tensor, max_rows: int | None = None):
+        return evaluate(self.model, blocks, batch_size=self.cfg.data.eval_batch_size,
+                        device=self.device, rank=self.rank, world=self.world,
+                        max_rows=max_rows, autocast=self.autocast)
+
+    def validate_and_save(self) -> dict:
+        """Validation (all-reduced), the schedule update, metrics, and the checkpoint handed
+        to the reporter (every rank calls this: Ray's report is a barrier)."""
+        s, c = self.state, self.cfg
+        val_loss, spars = self.evaluate(self.valid, self._eval_rows())
+        if math.isfinite(val_loss):
+            self.schedule.report_validation(val_loss)
+            s.best_val_loss = min(s.best_val_loss, val_loss)
+        else:  # a non-finite loss would raise in the scheduler and crash every retry
+            s.nonfinite_evals += 1
+            logger.warning("step %d: validation loss is %s; not given to the schedule",
+                           s.step, val_loss)
+        s.last_val_loss = val_loss
+        # training-mode (sampled-mask) sparsity: the mean over the last log interval,
+        # all-reduced there; the eval-mode values above come from the deterministic gate
+        train_spars = self.last_log.get("sparsity_layers") or [float("nan")] * len(spars)
+        sched = self.current_schedule
+        metrics = {
+            "step": s.step, "epoch": s.epoch, "val_loss": val_loss, "val_ppl": safe_ppl(val_loss),
+            "sparsity": sum(spars) / len(spars),
+            **{f"sparsity_layer_{i}": x for i, x in enumerate(spars)},
+            "train_sparsity": sum(train_spars) / len(train_spars),
+            **{f"train_sparsity_layer_{i}": x for i, x in enumerate(train_spars)},
+            **{f"target_layer_{i}": t for i, t in enumerate(sched.targets)},
+            "target_sparsity": sum(sched.targets) / len(sched.targets),
+            "loss_weight": sched.weight,
+            "train_loss": self.last_log.get("train_loss", float("nan")),
+            "tokens_per_s": self.last_log.get("tokens_per_s", float("nan")),
+            "lr": self.lr_sched.get_last_lr()[0], "bad_steps": s.bad_steps,
+        }
+        if s.step == c.optim.max_steps and self.test is not None:
+            test_loss, _ = self.evaluate(self.test())
+            metrics.update(test_loss=test_loss, test_ppl=safe_ppl(test_loss))
+        if self.writer is not None:
+            logger.info(eval_line(metrics, c.optim.max_steps))
+            self.writer.write("eval", metrics)
+        if self.reporter is not None:
+            with tempfile.TemporaryDirectory(prefix="sparsebk-ckpt-") as tmp:
+                self.save(tmp)
+                self.reporter(metrics, tmp)
+        return metrics
+
+    def finish(self, stopped: str | None) -> None:
+        """End of fit: a stopped run (or a finished run re-run, which trained nothing) reports
+        its state without a checkpoint, so the last good checkpoint stays the latest."""
+        if stopped is not None or self.trained_steps == 0:
+            val_loss, spars = self.evaluate(self.valid, self._eval_rows())
+            metrics = {"step": self.state.step, "val_loss": val_loss,
+                       "val_ppl": safe_ppl(val_loss), "sparsity": sum(spars) / len(spars),
+                       "bad_steps": self.state.bad_steps, "stopped": stopped or ""}
+            if self.rank == 0 and stopped:
+                logger.error(stopped)
+                if self.run_dir is not None:
+                    # the driver reads this (Ray's Result.metrics are the last checkpoint's)
+                    (self.run_dir / "stopped.json").write_text(
+                        json.dumps({"step": self.state.step, "reason": stopped}))
+            if self.reporter is not None:
+                self.reporter(metrics, None)
+        self.close()
+
+    def close(self) -> None:
+        if self.sched_file is not None:
+            self.sched_file.close()
+            self.sched_file = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
