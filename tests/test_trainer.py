@@ -80,6 +80,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     for (name, pa), pb in zip(a.net.named_parameters(), b.net.parameters()):
         assert torch.equal(pa, pb), name
     assert saved_b[-1][0]["val_loss"] == saved_a[-1][0]["val_loss"]
+    # A checkpoint says what its weights are: the configs it was trained with.
+    meta = torch.load(saved_a[0][1] / "state.pt", weights_only=True)["meta"]
+    assert TrainConfig.from_dict(meta["train_config"]) == cfg
+    assert meta["model_config"] == cfg.model.to_dict()
 
     # The layers ran on the scheduler's values: the step-20 targets, as the scheduler says.
     ref = AdaptiveSparsityScheduler(**SCHEDULE).state_at(20, saved_a[0][0]["val_loss"])

@@ -4,7 +4,9 @@
 Layout of a checkpoint directory (Ray Train copies it into the run's storage):
 
     state.pt            rank 0: model, optimizer, LR schedule, step, data position,
-                        schedule state (plain JSON-able values), counters
+                        schedule state (plain JSON-able values), counters, and "meta": what
+                        the weights are (the training config, the model config, the
+                        tokenizer's identity with its vocabulary checksum, the dataset dir)
     rng_rank{r}.pt      every rank: its own torch (and CUDA) and Python RNG states, so the
                         gate noise continues exactly where it stopped
 
@@ -46,7 +48,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, optimizer=None,
                     lr_scheduler=None, step: int = 0, data_position: dict | None = None,
-                    schedule_state: dict | None = None, extra: dict | None = None) -> Path:
+                    schedule_state: dict | None = None, extra: dict | None = None,
+                    meta: dict | None = None) -> Path:
     """Write this rank's part of a checkpoint into `directory` (created if missing).
 
     Rank 0 writes the training state; every rank writes its RNG state.
@@ -62,6 +65,7 @@ def save_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
             "data_position": dict(data_position or {}),
             "schedule_state": schedule_state,
             "extra": dict(extra or {}),
+            "meta": dict(meta or {}),
         }
         _atomic_save(state, d / STATE_FILE)
     _atomic_save(rng_state(), d / f"rng_rank{rank}.pt")

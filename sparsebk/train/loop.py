@@ -20,7 +20,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from sparsebk.data import load_blocks
+from sparsebk.data import load_blocks, load_manifest
 from sparsebk.lm import SparseBKLM
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
@@ -130,7 +130,8 @@ def train_loop_per_worker(config: dict) -> None:
         valid=load_blocks(dataset_dir, "valid"), test=lambda: load_blocks(dataset_dir, "test"),
         reporter=_report, hooks=FaultInjector(cfg, rank, world, actor), run_dir=cfg.run.run_dir,
         autocast=((lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-                  if device.type == "cuda" else nullcontext))
+                  if device.type == "cuda" else nullcontext),
+        meta={"tokenizer": load_manifest(dataset_dir)["tokenizer"], "dataset_dir": dataset_dir})
     sched_state = None
     ckpt = ray.train.get_checkpoint()  # [ray]
     if ckpt is not None:

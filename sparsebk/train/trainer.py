@@ -138,7 +138,8 @@ class Trainer:
     hands an evaluation's metrics and its checkpoint directory (or None) on; without one, no
     checkpoint is written. `hooks`: before_step(step) and loss(step, loss) -> loss (fault
     injection). `run_dir`: where rank 0 writes metrics and each rank its schedule record;
-    None writes no files.
+    None writes no files. `meta`: more of what the weights are (e.g. the tokenizer's
+    identity), stored with every checkpoint next to the training and model configs.
     """
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, *, device, rank: int = 0,
@@ -146,11 +147,14 @@ class Trainer:
                  test: Callable[[], torch.Tensor] | None = None, schedule=None,
                  reporter: Callable[[dict, str | None], None] | None = None, hooks=None,
                  run_dir: str | os.PathLike | None = None, autocast=nullcontext,
-                 lr_fn: Callable[[int], float] | None = None):
+                 lr_fn: Callable[[int], float] | None = None, meta: dict | None = None):
         self.cfg, self.model, self.net = cfg, model, unwrap(model)
         self.device, self.rank, self.world = device, rank, world
         self.valid, self.test, self.schedule, self.reporter = valid, test, schedule, reporter
         self.hooks, self.autocast = hooks, autocast
+        # what the weights are, stored with every checkpoint (configs, tokenizer identity)
+        self.meta = {"train_config": cfg.to_dict(), "model_config": cfg.model.to_dict(),
+                     **(meta or {})}
         o = cfg.optim
         self.optimizer = self.net.configure_optimizers(o.weight_decay, o.lr, o.betas)
         self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn or lr_lambda(o))
@@ -176,7 +180,8 @@ class Trainer:
         save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
                         lr_scheduler=self.lr_sched, step=s.step,
                         data_position={"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
-                        schedule_state=sched, extra={"run_state": dataclasses.asdict(s)})
+                        schedule_state=sched, extra={"run_state": dataclasses.asdict(s)},
+                        meta=self.meta)
 
     def restore(self, directory: str | os.PathLike) -> dict | None:
         """Load a checkpoint written by `save`; returns its schedule state."""
