@@ -370,6 +370,7 @@ def test_tokenizer_tampering_is_detected(ptb, tmp_path):
 # ---------------------------------------------------------------- Ray Data
 
 
+@pytest.mark.ray
 def test_ray_data_reads_the_same_blocks(ray_local, ptb):
     ray_local.data.DataContext.get_current().enable_progress_bars = False
     # PTB train: 3 Parquet files (one Ray Data execution: each costs seconds on a small box)

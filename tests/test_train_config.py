@@ -60,6 +60,7 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("optim.max_steps=abc", "optim.max_steps"),
     ("run.num_workers=-2", "run.num_workers"),
     ("run.name=has space", "run.name"),
+    ("run.name=..", "run.name"),  # would escape run.storage_path
     ("run.inject_faults=[boom@3]", "run.inject_faults"),
     ("run.eval_every=100000", "run.eval_every"),
     ("data.tokenizer=chars", "data.tokenizer"),
@@ -190,3 +191,16 @@ def test_metrics_file_keeps_last_record_per_step_and_plots(tmp_path):
     paths = write_plots(tmp_path)
     assert [p.name for p in paths] == ["loss_ppl.png", "sparsity.png", "weight.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_metrics_file_with_a_cut_last_line_still_reads(tmp_path):
+    w = MetricsWriter(tmp_path)
+    w.write("eval", {"step": 10, "val_loss": 2.6})
+    w.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "eval", "step": 20, "val_lo')  # the writer died mid-line
+    assert read_metrics(tmp_path) == {"eval": [{"kind": "eval", "step": 10, "val_loss": 2.6}]}
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "st\n{"kind": "eval", "step": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 1 is not a JSON record"):
+        read_metrics(tmp_path)
+

@@ -90,7 +90,12 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`."""
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`.
+
+    `grad_accum_steps: N`: an optimizer step is N micro-batches of `data.batch_size` rows per
+    worker (gradients summed, each micro-batch's loss scaled 1/N, synchronised across workers
+    on the last one only): a global batch of workers * N * batch_size rows. Steps, the LR and
+    sparsity schedules and the logs count optimizer steps."""
 
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -100,6 +105,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     max_bad_steps: int = 5  # consecutive NaN/inf steps before the run stops
+    grad_accum_steps: int = 1
 
     def __post_init__(self):
         check_float("optim.lr", self.lr, min=0.0, min_open=True)
@@ -114,6 +120,7 @@ class OptimConfig:
         check_float("optim.min_lr_ratio", self.min_lr_ratio, min=0.0, max=1.0)
         check_float("optim.grad_clip", self.grad_clip, min=0.0, min_open=True)
         check_int("optim.max_bad_steps", self.max_bad_steps, min=1)
+        check_int("optim.grad_accum_steps", self.grad_accum_steps, min=1)
 
 
 @dataclass
@@ -142,8 +149,10 @@ class RunConfig:
     plots: bool = True
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise field_error("run.name", self.name, "use letters, digits, '_', '.', '-'")
+        if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
+                or set(self.name) == {"."}):  # "." and ".." would escape storage_path
+            raise field_error("run.name", self.name, "use letters, digits, '_', '.', '-' "
+                              "(not only dots)")
         if not isinstance(self.storage_path, str) or not self.storage_path:
             raise field_error("run.storage_path", self.storage_path, "must be a non-empty path")
         if "://" in self.storage_path:

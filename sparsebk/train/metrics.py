@@ -66,14 +66,24 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
-    """{kind: records sorted by step}, keeping the last record written for each step."""
+    """{kind: records sorted by step}, keeping the last record written for each step.
+
+    A last line cut by a crash (the writer died mid-line) is skipped with a warning; a bad
+    line anywhere else means the file was damaged otherwise, and is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     by_kind: dict[str, dict[int, dict]] = {}
     if path.is_file():
-        for line in path.read_text().splitlines():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    logger.warning("%s: last line is cut (%s); skipped", path, e)
+                    continue
+                raise ValueError(f"{path}: line {i + 1} is not a JSON record: {e}") from None
             by_kind.setdefault(rec["kind"], {})[rec["step"]] = rec
     return {k: [v[s] for s in sorted(v)] for k, v in by_kind.items()}
 

@@ -22,6 +22,7 @@ fails here, naming the sweep file and the parameter.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -194,8 +195,10 @@ class SweepConfig:
     source: str = "<dict>"     # the file this came from, for messages
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or not self.name or "/" in self.name:
-            raise ValueError(f"name: {self.name!r} must be a non-empty string without '/'")
+        if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
+                or set(self.name) == {"."}):  # a path separator or ".." would escape storage
+            raise ValueError(f"name: {self.name!r} must use letters, digits, '_', '.', '-' "
+                             "(not only dots)")
         if not isinstance(self.train_config, str) or not self.train_config:
             raise ValueError(f"train_config: {self.train_config!r} must be a path to a training YAML")
         if not isinstance(self.train_overrides, list) or \
