@@ -2,16 +2,31 @@
 
     mask  = GumbelSigmoid(predictor(x))                       (B, N)  1 = compute, 0 = skip
     h_c   = MoE(x_c)                                          (M, D)  computed positions only
-    v     = scatter(v_proj(h_c)), 0 at skipped positions      (B, N)
-    g     = BK-core on H0 + diag(v) (causal by default)       (B, N)  complex, full sequence
-    y_i   = mask_i * (h_i + W_out [Re g_i, Im g_i] + b)       at a computed position i
-    y_i   = W_out f_j + b                                     at a skipped position i
+    v     = scatter(v_proj(h_c)), 0 at skipped positions      (B, N, H)  one potential per head
+    b     = scatter(2 sigmoid(c_proj(h_c))), 1 at skipped     (B, N, H)  input couplings (option)
+    g_h   = BK-core on H0 + diag(v_h) at shift z_h            (B, N)  complex, per head h
+    f     = [Re g_1, Im g_1, ..., Re g_H, Im g_H]             (B, N, 2H) features
+    y_i   = mask_i * (h_i + W_out f_i + b_out)                at a computed position i
+    y_i   = W_out f_j + b_out                                 at a skipped position i
 
 where f_j are the BK features of j, the last computed position at or before i (zero features
 when there is none): a causal carry-forward, left neighbours only. A skipped position therefore
 costs no expert FFN and no projection: its output is a row copy of an already projected row.
 The BK-core runs over the whole sequence because it is a cheap O(N) scalar chain; skipping
 inside it would save nothing.
+
+Multi-channel mixing (`bk_heads`, `bk_learn_z`, `bk_input_couplings`; the defaults 1, False,
+False are the single-channel layer, bit for bit). The H heads run as one BK-core call over
+(B H, N) rows. Head h has the shift z_h: 1j for every head when fixed; when learnt,
+z_h = x_h + i exp(u_h) (Im z_h > 0 by construction), x_h = 0 and exp(u_h) log-spaced over
+[0.1, 10] at init (bin centres: several memory lengths; H = 1 starts at z = 1j), and
+the head's features are y_h g_h = [((H_h - x_h) / y_h - i)^-1] (causal block diagonal), the
+resolvent of the rescaled operator at z = i, so |y_h g_h| <= 1 for every head whatever its
+scale. With input couplings the off-diagonal b_i of head h (linking positions i and i + 1) is
+2 sigmoid(c_proj(h_i))_h in (0, 2): 1 (the Laplacian's) at a zero logit, where c_proj starts
+(zero init), near 0 it cuts the chain. It reads position i alone, and the causal g_i involves
+b_0..b_{i-1} only, so causality holds. A skipped position runs no projection: its heads take
+v = 0 and coupling 1, i.e. it contributes the bare H0, as the fixed-coupling layer does.
 
 The mask is straight-through (exactly 0/1 forward): multiplying the computed outputs by it
 hands the task gradient to the importance predictor, and the sparsity loss is built from the
@@ -32,6 +47,7 @@ have to read.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -41,7 +57,7 @@ from sparsebk.bk_core import resolvent_diagonal, resolvent_features
 from sparsebk.gate import GumbelSigmoidGate
 from sparsebk.moe import MoEFFN
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
-from sparsebk.validation import check_choice, check_float, check_int, check_sparsity
+from sparsebk.validation import check_bool, check_choice, check_float, check_int, check_sparsity
 
 if TYPE_CHECKING:  # lm.py imports this module
     from sparsebk.lm import LMConfig
@@ -59,23 +75,37 @@ class LayerOutput(NamedTuple):
 class SparseBKCore(nn.Module):
     """Importance predictor + Gumbel-sigmoid gate + BK-core + causal feature interpolation.
 
-    forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N), sparsity_ratio 0-dim).
+    forward(x (B, N, D), v (B, N)) -> (features (B, N, 2), mask (B, N), sparsity_ratio 0-dim);
+    with `heads` H > 1, v is (B, N, H) and the features (B, N, 2H) (a (B, N, 1) v is taken for
+    H = 1 too); `couplings` (B, N, H) are the input-dependent off-diagonals, None for ones.
     The predictor scores position i from x_i alone, so the mask is causal. `target_sparsity`
     and `tau` may be set at any step (the scheduler does). `gate_eval_mode` ("quasi" or
-    "threshold") picks the deterministic eval mask (see sparsebk.gate).
+    "threshold") picks the deterministic eval mask (see sparsebk.gate). `z` is every head's
+    fixed shift; `learn_z=True` gives each head a learnt shift instead (module docstring).
     """
 
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
-                 *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi"):
+                 *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi",
+                 heads: int = 1, learn_z: bool = False):
         super().__init__()
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
+        self.heads = check_int("heads", heads, min=1)
+        self.learn_z = check_bool("learn_z", learn_z)
         self.causal, self.z = bool(causal), complex(z)
         if not self.z.imag > 0:
             raise ValueError(f"z={z!r} must have Im z > 0")
+        if self.learn_z and self.z != 1j:
+            raise ValueError(f"z={z!r} is a fixed shift: with learn_z=True the shifts are "
+                             f"learnt from their own init; leave z at its default 1j")
         self.importance_predictor = nn.Linear(d_model, 1)
         self.gate = GumbelSigmoidGate(tau, eval_mode=gate_eval_mode)
         self.target_sparsity = target_sparsity
+        if self.learn_z:
+            # z_h = z_re_h + i exp(z_log_im_h); Im z_h log-spaced over [0.1, 10] (bin centres)
+            centres = (torch.arange(self.heads, dtype=torch.float64) + 0.5) / self.heads
+            self.z_re = nn.Parameter(torch.zeros(self.heads))
+            self.z_log_im = nn.Parameter((math.log(0.1) + centres * math.log(100.0)).float())
 
     @property
     def target_sparsity(self) -> float:
@@ -98,12 +128,35 @@ class SparseBKCore(nn.Module):
         logits = self.importance_predictor(x).squeeze(-1)  # (B, N)
         return self.gate(logits, force=force_mask)
 
-    def bk_features(self, v: torch.Tensor) -> torch.Tensor:
-        """(Re, Im) of the resolvent diagonal of H0 + diag(v): (B, N) -> (B, N, 2)."""
-        diag = (v if v.dtype == torch.float64 else v.float()) - 2.0  # H0 diagonal is -2
-        # validate=False: the finiteness check is a host sync; v is finite by construction
-        g = resolvent_diagonal(diag, self.z, causal=self.causal, validate=False)
-        return resolvent_features(g).to(v.dtype)
+    def shifts(self) -> torch.Tensor | complex:
+        """The heads' shifts: a complex (H,) tensor when learnt, else the fixed python z."""
+        if not self.learn_z:
+            return self.z
+        return torch.complex(self.z_re, self.z_log_im.exp())
+
+    def bk_features(self, v: torch.Tensor, couplings: torch.Tensor | None = None) -> torch.Tensor:
+        """BK features of the potentials v (B, N, H) -> (B, N, 2H) ([Re, Im] per head, head-major),
+        or of v (B, N) -> (B, N, 2) for one head. couplings: (B, N, H) off-diagonals (b_i links
+        i and i + 1; the last position's is unused) or None for the Laplacian's ones."""
+        if v.dim() == 2:
+            v = v.unsqueeze(-1)
+        B, N, H = v.shape
+        assert H == self.heads, (H, self.heads)
+        rows = v.permute(0, 2, 1).reshape(B * H, N)  # row b H + h: head h of sequence b
+        diag = (rows if rows.dtype == torch.float64 else rows.float()) - 2.0  # H0 diagonal is -2
+        offdiag = None
+        if couplings is not None:
+            offdiag = couplings.permute(0, 2, 1).reshape(B * H, N)[:, :-1].to(diag.dtype)
+        z = self.shifts()
+        if isinstance(z, torch.Tensor):
+            z = z.repeat(B)  # (B H,): row b H + h gets z_h
+        # validate=False: the finiteness checks are host syncs; v, b and z are finite and
+        # Im z > 0 by construction
+        g = resolvent_diagonal(diag, z, offdiag=offdiag, causal=self.causal, validate=False)
+        if self.learn_z:  # y_h g_h: the resolvent of the rescaled operator, |y_h g_h| <= 1
+            g = g * self.z_log_im.exp().to(diag.dtype).repeat(B).unsqueeze(-1)
+        feats = resolvent_features(g).view(B, H, N, 2).permute(0, 2, 1, 3)  # (B, N, H, 2)
+        return feats.reshape(B, N, 2 * H).to(v.dtype)
 
     @staticmethod
     def carry_index(mask: torch.Tensor) -> torch.Tensor:
@@ -120,20 +173,28 @@ class SparseBKCore(nn.Module):
         return torch.where((src >= 0).unsqueeze(-1), carried, 0.0)
 
     def forward(self, x: torch.Tensor, v: torch.Tensor, use_sparse_computation: bool = True,
-                force_mask: torch.Tensor | None = None):
+                force_mask: torch.Tensor | None = None, couplings: torch.Tensor | None = None):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
-        if v.shape != x.shape[:2]:
-            raise ValueError(f"v must have shape {tuple(x.shape[:2])}, got {tuple(v.shape)}")
+        heads_shape = (*x.shape[:2], self.heads)
+        if v.shape != heads_shape and not (self.heads == 1 and v.shape == x.shape[:2]):
+            raise ValueError(f"v must have shape {heads_shape}" + (
+                f" or {tuple(x.shape[:2])}" if self.heads == 1 else "") + f", got {tuple(v.shape)}")
+        if couplings is not None and couplings.shape != heads_shape:
+            raise ValueError(f"couplings must have shape {heads_shape}, got {tuple(couplings.shape)}")
         if x.shape[1] > self.n_seq:
             raise ValueError(f"sequence length {x.shape[1]} exceeds n_seq={self.n_seq}")
         mask = self.compute_mask(x, force_mask)
         if use_sparse_computation:
-            # skipped positions contribute the bare H0 (v = 0) and take interpolated features
-            v = torch.where(mask > 0.5, v, 0.0)
-            features = self.interpolate(self.bk_features(v), mask)
+            # skipped positions contribute the bare H0 (v = 0, coupling 1) and take
+            # interpolated features
+            keep = mask > 0.5
+            v = torch.where(keep if v.dim() == 2 else keep.unsqueeze(-1), v, 0.0)
+            if couplings is not None:
+                couplings = torch.where(keep.unsqueeze(-1), couplings, 1.0)
+            features = self.interpolate(self.bk_features(v, couplings), mask)
         else:
-            features = self.bk_features(v)
+            features = self.bk_features(v, couplings)
         return features, mask, 1.0 - mask.mean()
 
     def sparsity_loss(self, mask: torch.Tensor, loss_type: str = "l2") -> torch.Tensor:
@@ -148,7 +209,7 @@ class SparseBKCore(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_seq={self.n_seq}, target_sparsity={self._target_sparsity}, "
-                f"causal={self.causal}")
+                f"causal={self.causal}, heads={self.heads}, learn_z={self.learn_z}")
 
 
 class SparseMoEResNetBKLayer(nn.Module):
@@ -163,17 +224,27 @@ class SparseMoEResNetBKLayer(nn.Module):
                  dropout_p: float = 0.1, target_sparsity: float = 0.5,
                  sparsity_loss_weight: float = 0.01, sparsity_loss_type: str = "adaptive",
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
-                 d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi"):
+                 d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
+                 bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False):
         super().__init__()
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
         dropout_p = check_float("dropout_p", dropout_p, min=0.0, max=1.0, max_open=True)
+        self.bk_heads = check_int("bk_heads", bk_heads, min=1)
+        self.bk_input_couplings = check_bool("bk_input_couplings", bk_input_couplings)
         self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal,
-                                           gate_eval_mode=gate_eval_mode)
+                                           gate_eval_mode=gate_eval_mode, heads=bk_heads,
+                                           learn_z=bk_learn_z)
         self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
-        self.v_proj = nn.Linear(d_model, 1)
-        self.output_proj = nn.Linear(2, d_model)
+        self.v_proj = nn.Linear(d_model, self.bk_heads)
+        self.output_proj = nn.Linear(2 * self.bk_heads, d_model)
         self.dropout = nn.Dropout(dropout_p)
+        self.coupling_proj = None
+        if self.bk_input_couplings:
+            # zero init: every coupling starts at 2 sigmoid(0) = 1, the Laplacian's
+            self.coupling_proj = nn.Linear(d_model, self.bk_heads)
+            nn.init.zeros_(self.coupling_proj.weight)
+            nn.init.zeros_(self.coupling_proj.bias)
         self.sparsity_loss_weight = sparsity_loss_weight
         self.sparsity_loss_type = check_choice("sparsity_loss_type", sparsity_loss_type, LOSS_TYPES)
         self.use_sparse_computation = bool(use_sparse_computation)
@@ -188,7 +259,8 @@ class SparseMoEResNetBKLayer(nn.Module):
                    sparsity_loss_weight=cfg.sparsity_loss_weight,
                    sparsity_loss_type=cfg.sparsity_loss_type,
                    use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
-                   gate_eval_mode=cfg.gate_eval_mode)
+                   gate_eval_mode=cfg.gate_eval_mode, bk_heads=cfg.bk_heads,
+                   bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -225,14 +297,23 @@ class SparseMoEResNetBKLayer(nn.Module):
         its losses builds them from what `forward_parts` returned."""
         self.last_mask, self.last_aux_loss = mask, aux_loss
 
+    def couplings(self, h: torch.Tensor) -> torch.Tensor:
+        """Input-dependent off-diagonals (..., H) in (0, 2) from expert outputs h (..., D)."""
+        return 2.0 * torch.sigmoid(self.coupling_proj(h))
+
     def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor):
         B, N, D = x.shape
+        H = self.bk_heads
         keep = mask.reshape(-1) > 0.5  # (B N,)
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
         h, aux = self.moe.mix(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
-        v_c = self.v_proj(h).squeeze(-1)  # (M,)
-        v = v_c.new_zeros(B * N).index_copy(0, idx, v_c).view(B, N)
-        feats = self.sparse_bk_core.bk_features(v).reshape(B * N, 2).index_select(0, idx)  # (M, 2)
+        v_c = self.v_proj(h)  # (M, H)
+        v = v_c.new_zeros(B * N, H).index_copy(0, idx, v_c).view(B, N, H)  # 0 where skipped
+        b = None
+        if self.coupling_proj is not None:  # coupling 1 (the Laplacian's) where skipped
+            b_c = self.couplings(h)  # (M, H)
+            b = b_c.new_ones(B * N, H).index_copy(0, idx, b_c).view(B, N, H)
+        feats = self.sparse_bk_core.bk_features(v, b).reshape(B * N, 2 * H).index_select(0, idx)
         spec = self.output_proj(feats)  # (M, D)
         out = mask.reshape(-1).index_select(0, idx).unsqueeze(-1) * (h + spec)  # (M, D)
 
@@ -242,7 +323,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         rank = keep.cumsum(0)  # (B N,) rank of a computed position, 1-based
         base = torch.arange(B, device=x.device).unsqueeze(1) * N
         row = torch.where(src >= 0, rank[(base + src.clamp_min(0)).reshape(-1)].view(B, N), 0)
-        table = torch.cat([self.output_proj(spec.new_zeros(1, 2)), spec], dim=0)  # (M + 1, D)
+        table = torch.cat([self.output_proj(spec.new_zeros(1, 2 * H)), spec], dim=0)  # (M + 1, D)
         # under autocast the projections may be half precision while h is float32: one dtype
         y = table.to(out.dtype).index_select(0, row.reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
@@ -253,8 +334,11 @@ class SparseMoEResNetBKLayer(nn.Module):
         keep = mask > 0.5  # (B, N)
         h, aux = self.moe.mix(x.reshape(B * N, D), token_mask=keep.reshape(-1))
         h = h.view(B, N, D)
-        v = torch.where(keep, self.v_proj(h).squeeze(-1), 0.0)  # (B, N)
-        feats = self.sparse_bk_core.bk_features(v)  # (B, N, 2)
+        v = torch.where(keep.unsqueeze(-1), self.v_proj(h), 0.0)  # (B, N, H)
+        b = None
+        if self.coupling_proj is not None:
+            b = torch.where(keep.unsqueeze(-1), self.couplings(h), 1.0)  # (B, N, H)
+        feats = self.sparse_bk_core.bk_features(v, b)  # (B, N, 2H)
         out = mask.unsqueeze(-1) * (h + self.output_proj(feats))
         carried = self.output_proj(SparseBKCore.interpolate(feats, mask))
         return torch.where(keep.unsqueeze(-1), out, carried), aux

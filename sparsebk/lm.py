@@ -18,7 +18,8 @@ trust it. After a forward each layer also remembers its mask for the seed API's 
 
 Every piece is causal: embeddings and norms act per position, each layer's mask reads x_i and
 the position i alone (the eval mask's fixed offsets depend on i), experts and projections read
-x_i alone, the BK-core is the causal (leading-block) resolvent and skipped
+x_i alone, the BK-core is the causal (leading-block) resolvent (an input coupling b_i,
+read at position i, links i and i + 1 and so enters no g_j with j <= i) and skipped
 positions copy features from the left only. Architecture only: no Ray, no distributed code.
 """
 
@@ -83,6 +84,12 @@ class LMConfig:
     # eval-mode mask: "quasi" (fixed per-position logistic offsets: eval sparsity follows the
     # training rate) or "threshold" (logit > 0); see sparsebk.gate
     gate_eval_mode: str = "quasi"
+    # multi-channel BK mixing (sparsebk.layers): BK heads per layer, a learnt spectral shift
+    # per head, input-dependent couplings. The defaults (1, False, False) are the
+    # single-channel layer with z = 1j and Laplacian couplings.
+    bk_heads: int = 1
+    bk_learn_z: bool = False
+    bk_input_couplings: bool = False
 
     def __post_init__(self):
         for name, low in (("vocab_size", 1), ("n_seq", 1), ("d_model", 2), ("n_layers", 1),
@@ -99,7 +106,9 @@ class LMConfig:
         check_choice("LMConfig.sparsity_loss_type", self.sparsity_loss_type, LOSS_TYPES)
         self.tau = check_float("LMConfig.tau", self.tau, min=0.0, min_open=True)
         check_choice("LMConfig.gate_eval_mode", self.gate_eval_mode, EVAL_MODES)
-        check_bool("LMConfig.use_sparse_computation", self.use_sparse_computation)
+        for name in ("use_sparse_computation", "bk_learn_z", "bk_input_couplings"):
+            check_bool(f"LMConfig.{name}", getattr(self, name))
+        self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":

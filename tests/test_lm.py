@@ -19,6 +19,24 @@ def debug_model(dtype=torch.float32, **overrides) -> SparseBKLM:
     return SparseBKLM(LMConfig.preset("debug", **overrides)).to(dtype)
 
 
+# multi-channel BK mixing, every option on (sparsebk.layers)
+MULTI = {"bk_heads": 4, "bk_learn_z": True, "bk_input_couplings": True}
+
+
+def perturb_new_parameters(model: SparseBKLM) -> SparseBKLM:
+    """Move shifts and couplings off their init (x_h = 0, all couplings 1)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.layers:
+            core = layer.sparse_bk_core
+            if core.learn_z:
+                core.z_re.copy_(torch.randn(core.z_re.shape, generator=g))
+            if layer.coupling_proj is not None:
+                w = layer.coupling_proj.weight
+                w.copy_(torch.randn(w.shape, generator=g) / w.shape[1] ** 0.5)
+    return model
+
+
 # ----------------------------------------------------------------------------- config
 def test_presets_and_dict_round_trip():
     debug = LMConfig.preset("debug")
@@ -30,6 +48,10 @@ def test_presets_and_dict_round_trip():
     for cfg in (debug, small, large):
         assert LMConfig.from_dict(cfg.to_dict()) == cfg
     assert debug.to_dict()["sparsity_loss_type"] == "adaptive"
+    # multi-channel mixing is off by default: one head, z = 1j, Laplacian couplings
+    assert (debug.bk_heads, debug.bk_learn_z, debug.bk_input_couplings) == (1, False, False)
+    multi = LMConfig.preset("debug", **MULTI)
+    assert LMConfig.from_dict(multi.to_dict()) == multi
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -45,6 +67,10 @@ def test_presets_and_dict_round_trip():
     ("moe_aux_weight", -1.0, "moe_aux_weight=-1.0"),
     ("accuracy_weight", -0.5, "accuracy_weight=-0.5"),
     ("use_sparse_computation", "yes", "use_sparse_computation='yes'"),
+    ("bk_heads", 0, "LMConfig.bk_heads=0: must be >= 1"),
+    ("bk_heads", 2.0, "LMConfig.bk_heads=2.0: must be an integer"),
+    ("bk_learn_z", "yes", "LMConfig.bk_learn_z='yes': must be true or false"),
+    ("bk_input_couplings", 1, "LMConfig.bk_input_couplings=1: must be true or false"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -127,7 +153,7 @@ def test_block_returns_the_layer_parts_and_stores_nothing():
 def test_layer_from_config_takes_every_layer_field():
     cfg = LMConfig.preset("debug", num_experts=3, top_k=2, dropout_p=0.2, target_sparsity=0.3,
                           sparsity_loss_weight=0.7, sparsity_loss_type="kl", tau=0.5,
-                          use_sparse_computation=False, gate_eval_mode="threshold")
+                          use_sparse_computation=False, gate_eval_mode="threshold", **MULTI)
     layer = SparseMoEResNetBKLayer.from_config(cfg)
     assert (layer.d_model, layer.n_seq) == (cfg.d_model, cfg.n_seq)
     assert (layer.moe.num_experts, layer.moe.top_k, layer.dropout.p) == (3, 2, 0.2)
@@ -135,6 +161,9 @@ def test_layer_from_config_takes_every_layer_field():
     assert (layer.sparsity_loss_type, layer.sparse_bk_core.tau) == ("kl", 0.5)
     assert layer.use_sparse_computation is False
     assert layer.sparse_bk_core.gate.eval_mode == "threshold"
+    assert (layer.bk_heads, layer.sparse_bk_core.heads, layer.sparse_bk_core.learn_z) == (4, 4, True)
+    assert layer.bk_input_couplings and layer.coupling_proj.out_features == 4
+    assert (layer.v_proj.out_features, layer.output_proj.in_features) == (4, 8)
 
 
 @pytest.mark.parametrize("build", [
@@ -182,10 +211,12 @@ def test_scheduler_dict_drives_per_layer_targets():
 
 
 # ----------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("opts", [{}, {"bk_heads": 3, "bk_learn_z": True}, MULTI],
+                         ids=["h1", "h3-z", "h4-z-b"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_changing_token_j_changes_no_logit_before_j(mode):
+def test_changing_token_j_changes_no_logit_before_j(mode, opts):
     torch.manual_seed(1)
-    model = debug_model(torch.float64, dropout_p=0.1)
+    model = perturb_new_parameters(debug_model(torch.float64, dropout_p=0.1, **opts))
     model.train(mode == "train")
     tokens = torch.randint(0, 64, (4, 32))
     for j in (0, 13, 31):
@@ -199,10 +230,11 @@ def test_changing_token_j_changes_no_logit_before_j(mode):
         assert (a[:, j] - b[:, j]).abs().max() > 1e-3  # token j itself is seen at j
 
 
-def test_the_causality_check_catches_a_bidirectional_core():
+@pytest.mark.parametrize("opts", [{}, MULTI], ids=["h1", "h4-z-b"])
+def test_the_causality_check_catches_a_bidirectional_core(opts):
     """Teeth: with the bidirectional resolvent (G_ii sees the whole sequence) the same check fails."""
     torch.manual_seed(1)
-    model = debug_model(torch.float64).eval()
+    model = perturb_new_parameters(debug_model(torch.float64, **opts)).eval()
     for layer in model.layers:
         layer.sparse_bk_core.causal = False
     tokens = torch.randint(0, 64, (4, 32))
@@ -213,14 +245,20 @@ def test_the_causality_check_catches_a_bidirectional_core():
 
 
 # ----------------------------------------------------------------------------- training
-def test_every_parameter_gets_a_gradient_in_a_training_step():
+@pytest.mark.parametrize("opts", [{}, MULTI], ids=["h1", "h4-z-b"])
+def test_every_parameter_gets_a_gradient_in_a_training_step(opts):
     torch.manual_seed(3)
-    model = debug_model().train()
+    model = debug_model(**opts).train()
     tokens = torch.randint(0, 64, (4, 32))
     model(tokens, tokens.roll(-1, 1))["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     assert model.layers[0].sparse_bk_core.importance_predictor.weight.grad.abs().sum() > 0
     assert model.layers[0].moe.router.weight.grad.abs().sum() > 0
+    if opts:  # the new parameters learn from their init on (zero-init couplings included)
+        for layer in model.layers:
+            core = layer.sparse_bk_core
+            for p in (core.z_re, core.z_log_im, layer.coupling_proj.weight):
+                assert p.grad.abs().min() > 0
 
 
 def progression_batch(batch: int, length: int, vocab: int, stride: int = 3):
@@ -252,10 +290,11 @@ def test_debug_lm_learns_and_reaches_its_sparsity_target():
     assert torch.all((achieved - target).abs() < 0.05), achieved
 
 
-def test_bf16_autocast_step_tracks_float32():
+@pytest.mark.parametrize("opts", [{}, MULTI], ids=["h1", "h4-z-b"])
+def test_bf16_autocast_step_tracks_float32(opts):
     """Mixed precision (as on GPUs) runs through the gathers and the BK-core, close to float32."""
     torch.manual_seed(5)
-    model = debug_model(dropout_p=0.0).eval()
+    model = perturb_new_parameters(debug_model(dropout_p=0.0, **opts)).eval()
     tokens = torch.randint(0, 64, (4, 32))
     ref = model(tokens, tokens.roll(-1, 1))["ce_loss"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
