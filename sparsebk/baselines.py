@@ -9,6 +9,18 @@ the two compare on the same tokenizer and data.
 The forward pass returns the same dict keys as `SparseBKLM` where they make sense
 ("logits", and with targets "loss" and "ce_loss", which are equal here), so one
 benchmark loop can drive both models.
+
+Incremental decoding keeps every layer's keys and values (a KV cache, preallocated to the
+model's n_seq, as gpt-fast does):
+
+    cache = model.init_cache(batch_size)
+    logits, cache = model.prefill(prompt, cache)     # (B, T, V): the prompt in one pass
+    logits, cache = model.step(next_tokens, cache)   # (B, V): one more position
+
+A chunk of T tokens at positions pos..pos+T-1 attends to the cached keys 0..pos-1 and causally
+within itself, so prefill-then-step gives the full forward's logits at every position (up to
+float32 rounding: the reductions run in another order). The cache grows with the context:
+2 * n_layers * B * pos * d_model values, where a BK layer's decoding state is constant.
 """
 
 from __future__ import annotations
@@ -76,13 +88,27 @@ class CausalSelfAttention(nn.Module):
         self.dropout_p = cfg.dropout_p
         self.resid_drop = nn.Dropout(cfg.dropout_p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pos: int = 0) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). With `kv` (this layer's cache, each (B, H, T_max, D/H)),
+        x holds positions pos..pos+T-1: their keys and values are written into the cache and
+        the queries attend to the cached positions 0..pos+T-1, causally."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)  # each (B, T, D)
         q, k, v = (t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
                    for t in (q, k, v))  # (B, H, T, D/H)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout_p if self.training else 0.0, is_causal=True)
+        p = self.dropout_p if self.training else 0.0
+        if kv is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            k_cache, v_cache = kv
+            k_cache[:, :, pos:pos + T] = k
+            v_cache[:, :, pos:pos + T] = v
+            k, v = k_cache[:, :, :pos + T], v_cache[:, :, :pos + T]  # (B, H, pos + T, D/H)
+            # query t (position pos + t) sees keys 0..pos + t; a single query sees them all
+            mask = None if T == 1 else (torch.arange(pos + T, device=x.device)
+                                        <= pos + torch.arange(T, device=x.device)[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, D)
         return self.resid_drop(self.proj(y))
 
@@ -106,9 +132,33 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), kv, pos)
         return x + self.mlp(self.ln2(x))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, each (B, H, max_len, D/H), and the number of positions
+    filled (`pos`): what `TransformerLM.step` needs to decode the next token."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def nbytes(self) -> int:
+        """Bytes held by the filled positions (the preallocated tail not counted)."""
+        per_pos = sum(t[:, :, :1].numel() * t.element_size() for t in self.keys + self.values)
+        return per_pos * self.pos
 
 
 class TransformerLM(nn.Module):
@@ -167,3 +217,52 @@ class TransformerLM(nn.Module):
             out["ce_loss"] = ce
             out["loss"] = ce
         return out
+
+    # --- incremental decoding ------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` (default and at
+        most n_seq: the learned position table ends there) tokens, on the model's device and
+        dtype."""
+        max_len = self.config.n_seq if max_len is None else max_len
+        check_int("batch_size", batch_size, min=1)
+        check_int("max_len", max_len, min=1, max=self.config.n_seq)
+        c = self.config
+        w = self.tok_emb.weight
+        shape = (batch_size, c.n_heads, max_len, c.d_model // c.n_heads)
+        return KVCache(keys=[w.new_zeros(shape) for _ in range(c.n_layers)],
+                       values=[w.new_zeros(shape) for _ in range(c.n_layers)])
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, KVCache]:
+        """tokens (B, T) at the cache's next positions (a prompt, or its next chunk) ->
+        (logits (B, T, V), the cache holding them). Without a cache, a new one (max_len n_seq)."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        if cache is None:
+            cache = self.init_cache(tokens.shape[0])
+        return self._decode(tokens, cache), cache
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """tokens (B,): one token per sequence at position cache.pos -> (logits (B, V), cache)."""
+        if tokens.dim() != 1:
+            raise ValueError(f"step takes one token per sequence, shape (B,), got "
+                             f"{tuple(tokens.shape)}")
+        return self._decode(tokens[:, None], cache)[:, 0], cache
+
+    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        B, T = tokens.shape
+        if B != cache.batch_size:
+            raise ValueError(f"{B} sequences given to a cache of batch size {cache.batch_size}")
+        pos = cache.pos
+        if pos + T > cache.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} exceed the cache's max_len="
+                             f"{cache.max_len} (n_seq={self.config.n_seq}: learned positions "
+                             "end there)")
+        positions = torch.arange(pos, pos + T, device=tokens.device)
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))  # (B, T, D)
+        for block, k, v in zip(self.blocks, cache.keys, cache.values):
+            x = block(x, (k, v), pos)
+        cache.pos = pos + T
+        return self.head(self.ln_f(x))  # (B, T, V)
