@@ -1,16 +1,23 @@
 """Read a sweep's stored results back from disk and flatten them into one table.
 
 Everything comes from files Tune and the trial function wrote, so a sweep can be reported
-after its driver is gone: the newest `experiment_state-*.json` (trial status, retries, trial
-folder), each trial folder's `params.json` (the sampled parameters) and `result.json` (one
-line per `ray.train.report`), and `trial_status/<trial_id>.json`, which the trial function
-writes only after its Train run returned — a TERMINATED trial without it was stopped early
-by the scheduler.
+after its driver is gone (no Ray needed). Tune's side is read through its public analysis
+API, `ray.tune.ExperimentAnalysis(sweep_dir)`: it loads the newest experiment snapshot and
+gives each trial's status, sampled config, failure count, folder and error, and its full
+result history (`trial_dataframes`: one row per `ray.train.report`). The trial function's own
+files add what Tune does not know: `trial_status/<trial_id>.json`, written only after the
+trial's Train run returned (a TERMINATED trial without it was stopped early by the
+scheduler), and `trial_status/<trial_id>.attempts`, one line per start of the trial function.
+
+(`Tuner.restore(path, trainable).get_results()` would give the same data as a ResultGrid, but
+it needs the sweep's trainable, whose `tune.with_parameters` needs a running Ray, and its
+`Result`s carry no trial status or failure count; ExperimentAnalysis needs neither.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +26,9 @@ import pandas as pd
 
 COMPLETED_DIR = "trial_status"
 SWEEP_FILE = "sweep.json"
+# Tune's experiment snapshot file, as named in ExperimentAnalysis's own error message
+_STATE_GLOB = "experiment_state-*.json"
+_RESULT_FILE = "result.json"  # Tune's per-trial result log (ray.air.constants.EXPR_RESULT_FILE)
 
 
 @dataclass
@@ -26,7 +36,9 @@ class TrialRecord:
     trial_id: str
     status: str                     # TERMINATED | ERROR | RUNNING | PENDING | PAUSED
     params: dict
-    history: list[dict] = field(default_factory=list)   # evaluations, ascending step
+    # evaluations, ascending step; NaN values are left out (as keys a report did not have),
+    # nested metrics come flattened as "outer/inner" (Tune's dataframes)
+    history: list[dict] = field(default_factory=list)
     num_failures: int = 0           # failed attempts (Tune's count)
     attempts: int = 0               # starts of the trial function (its attempts log)
     error: str | None = None
@@ -48,43 +60,79 @@ def completion_marker(sweep_dir: str | Path, trial_id: str) -> Path:
 
 
 def is_sweep_dir(path: str | Path) -> bool:
-    return any(Path(path).glob("experiment_state-*.json"))
+    """Whether `path` holds a Tune experiment snapshot (what ExperimentAnalysis loads)."""
+    return any(Path(path).glob(_STATE_GLOB))
 
 
-def _latest_state(sweep_dir: Path) -> dict:
-    # newest session by the timestamp in the name (a restored run rewrites older files too,
-    # so modification times do not order sessions)
-    states = sorted(sweep_dir.glob("experiment_state-*.json"),
-                    key=lambda p: (p.name, p.stat().st_mtime))
-    if not states:
-        raise ValueError(f"{sweep_dir}: no experiment_state-*.json; not a Tune sweep folder")
-    return json.loads(states[-1].read_text())
+def _analysis(sweep_dir: Path):
+    """ExperimentAnalysis of the newest snapshot (the newest session: Tune picks the highest
+    timestamp in the file name). Its warning for trials without results (never started, or
+    a result log it could not parse) is silenced: `_history` handles both."""
+    from ray.tune import ExperimentAnalysis
+
+    if not is_sweep_dir(sweep_dir):
+        raise ValueError(f"{sweep_dir}: no {_STATE_GLOB}; not a Tune sweep folder")
+    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return ExperimentAnalysis(str(sweep_dir))
+    finally:
+        quiet.setLevel(level)
 
 
-def _history(result_file: Path) -> list[dict]:
-    """Evaluation rows, one per training step. A retried trial logs its steps again; the
-    latest row for a step wins (it belongs to the attempt that carried on)."""
-    if not result_file.is_file():
-        return []
-    by_step: dict = {}
-    for n, line in enumerate(result_file.read_text().splitlines()):
-        line = line.strip()
-        if not line:
-            continue
+def _rows(frame: pd.DataFrame) -> list[dict]:
+    """A trial dataframe back to its reported rows: Tune's copy of the config (flattened to
+    `config/...` columns) dropped, and NaN cells dropped: the frame fills a key that only
+    another report had with NaN, and a reported NaN is no measurement either (every reader
+    of the history skips non-finite values), so a row keeps what its report measured."""
+    keep = [c for c in frame.columns if c != "config" and not str(c).startswith("config/")]
+    return [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
+            for row in frame[keep].to_dict("records")]
+
+
+def _torn_log_rows(result_file: Path) -> list[dict]:
+    """The rows of a result log Tune's reader rejected as a whole because one line was cut
+    by a dying driver (a restored sweep appends after it): every complete line."""
+    rows = []
+    for line in result_file.read_text().splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a dying driver
+        except json.JSONDecodeError:
             continue
         row.pop("config", None)
+        rows.append(row)
+    return rows
+
+
+def _trial_dir(trial) -> Path | None:
+    try:
+        return Path(trial.path)
+    except RuntimeError:  # Tune had not named its folder yet (never started)
+        return None
+
+
+def _history(frame: pd.DataFrame | None, trial_dir: Path | None) -> list[dict]:
+    """Evaluation rows, one per training step. A retried trial logs its steps again; the
+    latest row for a step wins (it belongs to the attempt that carried on)."""
+    if frame is not None and len(frame):
+        rows = _rows(frame)
+    else:
+        # Tune returns an empty frame both for a trial that never reported and for a result
+        # log with a torn line; only the second has rows to recover, from its own file
+        # (the one place this module reads a Tune file itself).
+        log = trial_dir / _RESULT_FILE if trial_dir else None
+        rows = _torn_log_rows(log) if log and log.is_file() and log.stat().st_size else []
+    by_step: dict = {}
+    for n, row in enumerate(rows):
         by_step[row.get("step", n)] = row
     return [by_step[k] for k in sorted(by_step)]
 
 
-def _first_error_line(trial_dir: Path) -> str | None:
-    err = trial_dir / "error.txt"
-    if not err.is_file():
+def _first_error_line(trace: str | None) -> str | None:
+    if trace is None:
         return None
-    lines = [ln.strip() for ln in err.read_text().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
     # the last "Type: message" line of the traceback names the root cause
     for ln in reversed(lines):
         if ":" in ln and not ln.startswith(("File ", "^", "~")):
@@ -98,22 +146,19 @@ def _count_lines(path: Path) -> int:
 
 def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
     sweep_dir = Path(sweep_dir)
-    state = _latest_state(sweep_dir)
+    analysis = _analysis(sweep_dir)
+    frames = analysis.trial_dataframes
     records = []
-    for trial_json, meta in state["trial_data"]:
-        trial = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-        meta = json.loads(meta) if isinstance(meta, str) else meta
-        tid = trial["trial_id"]
-        tdir = sweep_dir / trial["relative_logdir"]
-        params_file = tdir / "params.json"
-        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+    for trial in analysis.trials:
+        tid = trial.trial_id
         records.append(TrialRecord(
             trial_id=tid,
-            status=trial["status"],
-            params=params,
-            history=_history(tdir / "result.json"),
-            num_failures=int(meta.get("num_failures", 0) or 0),
-            error=_first_error_line(tdir) if trial["status"] == "ERROR" else None,
+            status=trial.status,
+            params=dict(trial.config or {}),
+            history=_history(frames.get(tid), _trial_dir(trial)),
+            num_failures=int(trial.num_failures or 0),
+            # the text trace Tune stored for the trial's last failure (its error.txt)
+            error=_first_error_line(trial.get_error()) if trial.status == "ERROR" else None,
             completed=completion_marker(sweep_dir, tid).is_file(),
             attempts=_count_lines(sweep_dir / COMPLETED_DIR / f"{tid}.attempts"),
         ))
