@@ -63,7 +63,9 @@ def adamw_with_decay_groups(model: nn.Module, weight_decay: float, lr: float,
 
 @dataclass
 class LMConfig:
-    vocab_size: int
+    # None: not decided yet (a training config takes the dataset's; TrainConfig.resolve_vocab).
+    # A model needs it decided.
+    vocab_size: int | None
     n_seq: int
     d_model: int
     n_layers: int
@@ -92,8 +94,10 @@ class LMConfig:
     bk_input_couplings: bool = False
 
     def __post_init__(self):
-        for name, low in (("vocab_size", 1), ("n_seq", 1), ("d_model", 2), ("n_layers", 1),
-                          ("num_experts", 1), ("top_k", 1)):
+        if self.vocab_size is not None:
+            self.vocab_size = check_int("LMConfig.vocab_size", self.vocab_size, min=1)
+        for name, low in (("n_seq", 1), ("d_model", 2), ("n_layers", 1), ("num_experts", 1),
+                          ("top_k", 1)):
             setattr(self, name, check_int(f"LMConfig.{name}", getattr(self, name), min=low))
         if self.top_k > self.num_experts:  # a relation of two fields: both named
             raise ValueError(f"LMConfig.top_k={self.top_k} must not exceed "
@@ -144,6 +148,9 @@ class SparseBKLM(nn.Module):
         super().__init__()
         if not isinstance(config, LMConfig):
             raise ValueError(f"SparseBKLM needs an LMConfig, got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ValueError("LMConfig.vocab_size=None: the vocabulary is not decided; give "
+                             "vocab_size (a training config takes the dataset's)")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Parameter(torch.zeros(config.n_seq, config.d_model))
