@@ -5,10 +5,11 @@
     trainer.restore(directory)           # optional: a checkpoint written by `save`
     stop = trainer.fit(batches)          # batches(epoch, skip) -> iterator of (B, T + 1) rows
 
-Each `fit` step (`step`):
+Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N micro-batches:
     1. the step's Schedule (per-layer targets, loss weight) from `schedule` (under DDP the
        actor's answer broadcast from rank 0), set on the model;
-    2. `train_step`: forward (bf16 autocast on GPU), backward (DDP all-reduces the gradients),
+    2. `train_step`: per micro-batch forward (bf16 autocast on GPU) and backward of loss / N,
+       gradients summed locally (`no_sync`) and all-reduced on the last micro-batch only;
        gradient clipping; the clipped norm is the same on every rank after the all-reduce, so
        all ranks agree on skipping a non-finite step without another collective; AdamW; LR;
     3. every `log_every` steps `log`: the running sums (loss, training-mode sparsity per layer)
@@ -31,11 +32,12 @@ import logging
 import math
 import os
 import tempfile
+import itertools
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,6 +66,27 @@ def lr_lambda(optim_cfg) -> Callable[[int], float]:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+@contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Backward passes inside synchronise gradients across workers only when `enabled`:
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`; a plain module has nothing to
+    synchronise. Forward and backward of a micro-batch both belong inside (DDP reads the flag
+    in forward)."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DistributedDataParallel
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # fully_shard (FSDP2)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -103,9 +126,9 @@ def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int 
 class RunState:
     """What a resumed run needs besides the weights, optimizer and schedule."""
 
-    step: int = 0
+    step: int = 0  # optimizer steps
     epoch: int = 0
-    batch_in_epoch: int = 0
+    batch_in_epoch: int = 0  # data batches (micro-batches) consumed: N per step
     best_val_loss: float = math.inf
     last_val_loss: float | None = None
     bad_steps: int = 0  # non-finite steps skipped, in total
@@ -201,35 +224,42 @@ class Trainer:
         return step % self.cfg.run.eval_every == 0 or step == self.cfg.optim.max_steps
 
     def fit(self, batches: Batches) -> str | None:
-        """Train until optim.max_steps; returns why training stopped early, or None."""
-        s, max_steps = self.state, self.cfg.optim.max_steps
+        """Train until optim.max_steps; returns why training stopped early, or None.
+
+        Each step takes the next N = optim.grad_accum_steps batches of the epoch; an epoch's
+        last group of fewer than N is dropped (as a partial batch is), so every step sees
+        N * batch_size rows and a resumed run skips exactly the batches its epoch consumed."""
+        s, max_steps, n = self.state, self.cfg.optim.max_steps, self.cfg.optim.grad_accum_steps
         self.model.train()
         while s.step < max_steps:
             it, got = batches(s.epoch, s.batch_in_epoch), False
             while s.step < max_steps:
                 t = time.perf_counter()
-                batch = next(it, None)
+                micro = list(itertools.islice(it, n))
                 self.window.wait_s += time.perf_counter() - t
-                if batch is None:
+                if len(micro) < n:
                     break
                 got = True
-                stop = self.step(batch)
+                stop = self.step(micro)
                 if stop is not None:
                     return stop
             if not got and s.batch_in_epoch == 0:
-                raise ValueError(f"rank {self.rank} got no training batch of "
-                                 f"{self.cfg.data.batch_size} rows; lower data.batch_size or "
-                                 "the number of workers")
+                raise ValueError(f"rank {self.rank} got fewer than optim.grad_accum_steps={n} "
+                                 f"training batches of {self.cfg.data.batch_size} rows in an "
+                                 "epoch; lower data.batch_size, grad_accum_steps or the number "
+                                 "of workers")
             if s.step < max_steps:
                 s.epoch, s.batch_in_epoch = s.epoch + 1, 0
         return None
 
-    def step(self, batch: torch.Tensor) -> str | None:
-        """One scheduled training step with its logging and evaluation; a stop reason if the
-        run must stop (too many consecutive non-finite steps)."""
+    def step(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> str | None:
+        """One scheduled optimizer step on a batch (B, T + 1) or a list of micro-batches, with
+        its logging and evaluation; a stop reason if the run must stop (too many consecutive
+        non-finite steps)."""
+        micro = [batch] if isinstance(batch, torch.Tensor) else list(batch)
         s = self.state
         s.step += 1
-        s.batch_in_epoch += 1
+        s.batch_in_epoch += len(micro)
         if self.hooks is not None:
             self.hooks.before_step(s.step)
         t = time.perf_counter()
@@ -240,7 +270,7 @@ class Trainer:
         if self.sched_file is not None:
             self.sched_file.write(json.dumps({"step": s.step, "targets": list(sched.targets),
                                               "weight": sched.weight, "pid": os.getpid()}) + "\n")
-        if self.train_step(batch) is None:
+        if self.train_step(micro) is None:
             max_bad = self.cfg.optim.max_bad_steps
             if self.rank == 0:
                 logger.warning("step %d: non-finite loss/gradient, step skipped (%d in a row, "
@@ -255,32 +285,44 @@ class Trainer:
             self.window.t0 = time.perf_counter()  # evaluation time is not training throughput
         return None
 
-    def train_step(self, batch: torch.Tensor) -> dict | None:
-        """Forward, backward, clip, AdamW (skipped when the gradient is not finite), LR step.
-        Returns the model's outputs, or None when the step was skipped. The model's sparsity
+    def train_step(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> dict | None:
+        """One optimizer step on a batch (B, T + 1) or a list of equal micro-batches: forward
+        and backward of each (loss / N: the summed gradient is that of the mean loss over all
+        N * B rows), clip, AdamW (skipped when the gradient is not finite), LR step. Returns
+        the model's scalar outputs (loss, ce_loss, ..., layer_sparsity) averaged over the
+        micro-batches and detached, or None when the step was skipped. The model's sparsity
         schedule must be set already (`step` does it)."""
-        batch = (batch.pin_memory() if self.device.type == "cuda" else batch).to(
-            self.device, non_blocking=True)
-        with self.autocast():
-            out = self.model(batch[:, :-1], targets=batch[:, 1:])
-        loss = out["loss"]
-        if self.hooks is not None:
-            loss = self.hooks.loss(self.state.step, loss)
+        micro = [batch] if isinstance(batch, torch.Tensor) else list(batch)
+        n = len(micro)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        mean: dict[str, torch.Tensor] = {}
+        for i, mb in enumerate(micro):
+            mb = (mb.pin_memory() if self.device.type == "cuda" else mb).to(
+                self.device, non_blocking=True)
+            with gradient_sync(self.model, enabled=i == n - 1):
+                with self.autocast():
+                    out = self.model(mb[:, :-1], targets=mb[:, 1:])
+                loss = out["loss"]
+                if self.hooks is not None:
+                    loss = self.hooks.loss(self.state.step, loss)
+                (loss / n).backward()
+            out = {k: v.detach() for k, v in out.items() if k != "logits"}
+            out["loss"] = loss.detach()
+            for k, v in out.items():
+                mean[k] = mean[k] + v / n if k in mean else v / n
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
         finite = bool(torch.isfinite(norm))  # the one host sync per step (see module doc)
         if finite:
             self.optimizer.step()
             self.bad_in_row = 0
-            self.window.add(loss, out.get("layer_sparsity"))
+            self.window.add(mean["loss"], mean.get("layer_sparsity"))
         else:
             self.bad_in_row += 1
             self.state.bad_steps += 1
         self.lr_sched.step()
         self.window.steps += 1
         self.trained_steps += 1
-        return out if finite else None
+        return mean if finite else None
 
     # --- reporting -----------------------------------------------------------------------
     def log(self) -> dict:
@@ -289,7 +331,8 @@ class Trainer:
         sums = all_reduce_sum(w.sums.clone(), self.world).tolist()
         elapsed, n = time.perf_counter() - w.t0, max(w.steps, 1)
         good = max(sums[1], 1.0)
-        tokens_per_step = self.world * c.data.batch_size * c.data.block_len
+        tokens_per_step = (self.world * c.optim.grad_accum_steps * c.data.batch_size
+                           * c.data.block_len)
         sched = self.current_schedule
         self.last_log = {
             "step": s.step, "epoch": s.epoch,

@@ -1,0 +1,187 @@
+"""Scaling knobs against single-process references: gradient accumulation (one process, and
+DDP over 2 gloo processes).
+
+Accumulation is exact only where the loss is a mean over rows: N micro-batches of B rows,
+each loss scaled 1/N, give the gradient of the mean over the N * B rows. Two parts of the
+training loss are not such means, so the comparisons switch them off:
+
+- the gate's random noise: one forward of 4B rows draws its noise in a different order from
+  four forwards of B rows (per layer across the batch, vs per batch across the layers), so
+  the masks would differ. The models run in eval mode, where the gate is the deterministic
+  per-position one (and dropout is off): a row's mask depends on that row alone.
+- the sparsity loss S(mean mask, target) and the MoE balance loss are functions of batch
+  statistics, not means of per-row terms: their weights are 0 here.
+
+Gradient clipping is off (a huge bound) and the gradients are compared too, not only the
+weights: AdamW's first step is nearly sign(g) * lr, blind to a wrong gradient scale. AdamW's
+eps is 1e-6 here instead of 1e-8: the update g / (|g| + eps) of a gradient element near 1e-9
+(an expert that saw few tokens), whose last bits depend on the summation order, would
+otherwise move by a good fraction of lr between two equal computations. Even so an update
+moves by lr * dg / eps for a gradient difference dg: float32 sums of ~200 token terms give
+dg ~ 1e-10, so weights are compared to atol 1e-5 (lr / 1000), gradients to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from sparsebk.lm import SparseBKLM
+from sparsebk.train.config import TrainConfig
+from sparsebk.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+B = 3  # rows per micro-batch
+
+
+def make_cfg(tmp_path: Path, run: dict | None = None, **optim) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": {"preset": "debug", "vocab_size": 50, "dropout_p": 0.0, "moe_aux_weight": 0.0},
+        "data": {"batch_size": B, "block_len": 16, "loader": "local",
+                 "dir": str(tmp_path / "data")},
+        "optim": {"lr": 1e-2, "warmup_steps": 0, "max_steps": 10, "grad_clip": 1e9, **optim},
+        "run": {"num_workers": 1, "eval_every": 10, "storage_path": str(tmp_path / "runs"),
+                **(run or {})},
+    })
+
+
+def exact_trainer(cfg: TrainConfig, model: torch.nn.Module, rank: int = 0, world: int = 1
+                  ) -> Trainer:
+    """A Trainer whose loss is a mean over rows (see the module doc)."""
+    t = Trainer(cfg, model, device=torch.device("cpu"), rank=rank, world=world)
+    t.net.set_sparsity_schedule(0.3, 0.0)
+    for group in t.optimizer.param_groups:  # see the module doc
+        group["eps"] = 1e-6
+    t.model.eval()  # deterministic gate, no dropout
+    return t
+
+
+def rows(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 50, (n, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def assert_close_all(got, want, what: str, atol: float = 1e-6) -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=atol, msg=f"{what} {i}")
+
+
+def test_accumulated_step_equals_one_big_batch(tmp_path):
+    """One optimizer step of N=4 micro-batches of B rows == one step on a batch of 4B rows:
+    gradients, weights after AdamW, and the step's mean loss; then a second step (AdamW's
+    moments now matter) agrees too."""
+    torch.manual_seed(0)
+    model = SparseBKLM(make_cfg(tmp_path).model)
+    big = exact_trainer(make_cfg(tmp_path), copy.deepcopy(model))
+    acc = exact_trainer(make_cfg(tmp_path, grad_accum_steps=4), copy.deepcopy(model))
+    for step in range(2):
+        x = rows(4 * B, seed=step)
+        out_big = big.train_step(x)
+        out_acc = acc.train_step(list(x.split(B)))
+        assert_close_all(grads(acc.net), grads(big.net), f"step {step} grad")
+        assert_close_all(list(acc.net.parameters()), list(big.net.parameters()),
+                         f"step {step} weight", atol=1e-5)
+        torch.testing.assert_close(out_acc["loss"], out_big["loss"], rtol=1e-6, atol=1e-6)
+    # one LR step per optimizer step, not per micro-batch
+    assert acc.lr_sched.last_epoch == big.lr_sched.last_epoch == 2
+
+
+def test_fit_takes_n_batches_per_step_and_counts_optimizer_steps(tmp_path):
+    """fit: N batches per step, an epoch's partial group dropped, the data position counts
+    batches (a resumed run skips exactly those), tokens/s counts all N * B rows."""
+    cfg = make_cfg(tmp_path, {"eval_every": 5, "log_every": 5}, grad_accum_steps=3, max_steps=5)
+    seen: list[tuple[int, int]] = []
+
+    def batches(epoch, skip):  # 7 batches an epoch: 2 steps, 1 batch dropped
+        for i in range(skip, 7):
+            seen.append((epoch, i))
+            yield rows(B, seed=100 * epoch + i)
+
+    torch.manual_seed(0)
+    t = Trainer(cfg, SparseBKLM(cfg.model), device=torch.device("cpu"), valid=rows(8))
+
+    class Fixed:  # a constant schedule, no Ray
+        def get(self, step, prefetch_next=True):
+            from sparsebk.train.actor import Schedule
+            return Schedule([0.3] * cfg.model.n_layers, 0.1)
+
+        def report_validation(self, loss):
+            pass
+
+        def checkpoint_state(self):
+            return None
+
+    t.schedule = Fixed()
+    assert t.fit(batches) is None
+    assert (t.state.step, t.state.epoch, t.state.batch_in_epoch) == (5, 2, 3)
+    # epochs 0 and 1: batches 0-5 in two steps each, batch 6 read and dropped; epoch 2: 0-2
+    assert [i for e, i in seen if e == 0] == list(range(7))
+    assert [i for e, i in seen if e == 2] == [0, 1, 2]
+    assert t.lr_sched.last_epoch == 5
+    log = t.last_log
+    assert log["step"] == 5
+    assert log["tokens_per_s"] == pytest.approx(
+        3 * B * 16 * 5 / (log["step_s"] * 5), rel=1e-6)
+    t.close()
+
+
+# --- DDP over two gloo processes -------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, init_file: str, tmp: str, out: str) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        cfg = make_cfg(Path(tmp), grad_accum_steps=2)
+        torch.manual_seed(0)
+        ddp = torch.nn.parallel.DistributedDataParallel(SparseBKLM(cfg.model))
+        calls = []
+
+        def counting_hook(state, bucket):  # the all-reduce DDP would do, counted
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        t = exact_trainer(cfg, ddp, rank=rank, world=world)
+        # step 1: 2 micro-batches of B rows per rank; step 2: one batch of 2B rows per rank.
+        # Together the ranks see rows 4B of each step, rank r the r-th half.
+        x = rows(4 * B, seed=0)[2 * B * rank:2 * B * (rank + 1)]
+        t.train_step(list(x.split(B)))
+        per_step = [len(calls)]
+        t.train_step(rows(4 * B, seed=1)[2 * B * rank:2 * B * (rank + 1)])
+        per_step.append(len(calls) - per_step[0])
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in t.net.parameters()],
+                        "grads": grads(t.net), "calls": per_step}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_accumulation_on_two_workers_equals_one_big_batch(tmp_path):
+    """2 gloo workers x 2 micro-batches of B rows == one process with 4B rows; the gradient
+    all-reduce runs once per optimizer step (no_sync on the first micro-batch)."""
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), str(out)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+
+    torch.manual_seed(0)
+    ref = exact_trainer(make_cfg(tmp_path), SparseBKLM(make_cfg(tmp_path).model))
+    ref.train_step(rows(4 * B, seed=0))
+    ref.train_step(rows(4 * B, seed=1))
+    assert_close_all(got["grads"], grads(ref.net), "grad")
+    assert_close_all(got["params"], list(ref.net.parameters()), "weight", atol=1e-5)
+    # as many bucket all-reduces in the accumulated step as in the plain one
+    assert got["calls"][0] == got["calls"][1] >= 1
