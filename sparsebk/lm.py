@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sparsebk.gate import EVAL_MODES
 from sparsebk.layers import LayerOutput, SparseMoEResNetBKLayer
@@ -92,6 +93,10 @@ class LMConfig:
     bk_heads: int = 1
     bk_learn_z: bool = False
     bk_input_couplings: bool = False
+    # recompute each block in backward instead of storing its activations (non-reentrant
+    # torch.utils.checkpoint); the RNG state is replayed, so the recomputed gate noise, mask
+    # and dropout are the ones of the forward
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.vocab_size is not None:
@@ -110,7 +115,8 @@ class LMConfig:
         check_choice("LMConfig.sparsity_loss_type", self.sparsity_loss_type, LOSS_TYPES)
         self.tau = check_float("LMConfig.tau", self.tau, min=0.0, min_open=True)
         check_choice("LMConfig.gate_eval_mode", self.gate_eval_mode, EVAL_MODES)
-        for name in ("use_sparse_computation", "bk_learn_z", "bk_input_couplings"):
+        for name in ("use_sparse_computation", "bk_learn_z", "bk_input_couplings",
+                     "activation_checkpointing"):
             check_bool(f"LMConfig.{name}", getattr(self, name))
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
 
@@ -206,8 +212,12 @@ class SparseBKLM(nn.Module):
             raise ValueError(f"sequence length T={T} must be in [1, n_seq={self.config.n_seq}]")
         h = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, D)
         masks, aux_losses = [], []  # per layer: (B, T) live masks, () balance losses
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h, mask, aux = block(h)
+            if recompute:
+                h, mask, aux = checkpoint(block, h, use_reentrant=False, preserve_rng_state=True)
+            else:
+                h, mask, aux = block(h)
             masks.append(mask)
             aux_losses.append(aux)
         logits = self.norm_f(h) @ self.tok_emb.weight.t()  # (B, T, V)

@@ -185,3 +185,32 @@ def test_ddp_accumulation_on_two_workers_equals_one_big_batch(tmp_path):
     assert_close_all(got["params"], list(ref.net.parameters()), "weight", atol=1e-5)
     # as many bucket all-reduces in the accumulated step as in the plain one
     assert got["calls"][0] == got["calls"][1] >= 1
+
+
+# --- activation checkpointing --------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,sparse", [(1, True), (2, False)])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(heads, sparse):
+    """Training mode, random gate noise and dropout: the recomputation in backward replays the
+    forward's RNG state, so the masks (hence the loss) and every gradient are those of the
+    run without checkpointing."""
+    from sparsebk.lm import LMConfig
+
+    results = []
+    for ckpt in (False, True):
+        cfg = LMConfig.preset("debug", vocab_size=50, bk_heads=heads,
+                              use_sparse_computation=sparse, activation_checkpointing=ckpt)
+        torch.manual_seed(0)
+        model = SparseBKLM(cfg).train()
+        model.set_sparsity_schedule(0.4, 0.5)
+        x = rows(6)
+        torch.manual_seed(1)
+        out = model(x[:, :-1], targets=x[:, 1:])
+        out["loss"].backward()
+        results.append((out, grads(model)))
+    (plain, g_plain), (ckpt, g_ckpt) = results
+    assert torch.equal(ckpt["layer_sparsity"], plain["layer_sparsity"])  # the same masks
+    for key in ("loss", "ce_loss", "sparsity_loss", "aux_loss"):
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=0, atol=0, msg=key)
+    assert_close_all(g_ckpt, g_plain, "grad")
+    assert 0.0 < plain["layer_sparsity"].mean() < 1.0  # the gate did skip positions
