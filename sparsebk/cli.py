@@ -1,7 +1,8 @@
 """The `sparsebk` command: one subcommand per concern, each implemented in its own module.
 
-Every subcommand module exposes `main(argv: list[str]) -> int`; it is imported only when
-its subcommand runs, so `sparsebk --help` does not pay for Ray or torch imports.
+Every subcommand is a function `main(argv: list[str]) -> int` ("module" names its `main`,
+"module:function" another one); its module is imported only when the subcommand runs, so
+`sparsebk --help` does not pay for Ray or torch imports.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ SUBCOMMANDS = {
     "report": ("sparsebk.tune.report", "regenerate tables and plots of a run or sweep dir"),
     "prepare-data": ("sparsebk.data.cli", "tokenise a corpus into Parquet blocks"),
     "bench": ("sparsebk.bench.cli", "run benchmarks (bk-core, layer, training, ..., all)"),
+    "export": ("sparsebk.export:export_main", "write a trained model as a self-contained folder"),
+    "eval": ("sparsebk.export:eval_main", "perplexity, sparsity and speed of a trained model"),
 }
 
 
@@ -41,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"sparsebk: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module, _, func = SUBCOMMANDS[name][0].partition(":")
+    return int(getattr(importlib.import_module(module), func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

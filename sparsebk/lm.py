@@ -235,3 +235,21 @@ class SparseBKLM(nn.Module):
             out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux,
                        ce_loss=ce, sparsity_loss=sp, aux_loss=aux)
         return out
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> tuple["SparseBKLM", object]:
+        """(model in eval mode, tokenizer) from a training checkpoint, or a run folder's best
+        checkpoint (lowest val_loss); see sparsebk.export.load_checkpoint_model."""
+        from sparsebk.export import load_checkpoint_model
+
+        loaded = load_checkpoint_model(path, device)
+        return loaded.model, loaded.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> tuple["SparseBKLM", object]:
+        """(model in eval mode, tokenizer) from a folder written by `sparsebk export`; see
+        sparsebk.export.load_pretrained."""
+        from sparsebk.export import load_pretrained
+
+        loaded = load_pretrained(directory, device)
+        return loaded.model, loaded.tokenizer

