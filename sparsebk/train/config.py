@@ -131,6 +131,11 @@ class RunConfig:
     rank raises), exit (the last rank calls os._exit(1)), kill_actor (rank 0 kills the schedule
     actor, which Ray restarts) or nan (rank 0's loss becomes NaN). raise/exit/kill_actor fire
     once per run (a marker file in the run dir remembers); nan fires at that step every time.
+
+    `tracking`: experiment trackers rank 0 also logs the metrics to, any of "tensorboard"
+    and "mlflow" (sparsebk.train.tracking); `mlflow_uri`: the MLflow tracking URI (None: a
+    SQLite store inside the run folder), `mlflow_experiment`: its experiment (None: the run
+    name; a sweep sets one name for all its trials).
     """
 
     name: str = "sparsebk"
@@ -147,6 +152,9 @@ class RunConfig:
     max_failures: int = 2
     inject_faults: list[str] = field(default_factory=list)
     plots: bool = True
+    tracking: list[str] = field(default_factory=list)
+    mlflow_uri: str | None = None
+    mlflow_experiment: str | None = None
 
     def __post_init__(self):
         if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
@@ -181,6 +189,36 @@ class RunConfig:
                 raise field_error("run.inject_faults", f,
                            f"entries are 'MODE@STEP' with MODE in {FAULT_MODES}")
         self.inject_faults = list(self.inject_faults)
+        self._check_tracking()
+
+    def _check_tracking(self) -> None:
+        import importlib.util
+
+        from sparsebk.train.tracking import TRACKERS
+
+        if not isinstance(self.tracking, (list, tuple)):
+            raise field_error("run.tracking", self.tracking,
+                              f"must be a list of trackers from {tuple(TRACKERS)}")
+        for t in self.tracking:
+            check_choice("run.tracking", t, tuple(TRACKERS))
+            if importlib.util.find_spec(TRACKERS[t]) is None:
+                raise field_error("run.tracking", t, f"needs the {TRACKERS[t]!r} package: "
+                                  "pip install -e '.[tracking]'")
+        if len(set(self.tracking)) != len(self.tracking):
+            raise field_error("run.tracking", self.tracking, "lists a tracker twice")
+        self.tracking = list(self.tracking)
+        for name in ("mlflow_uri", "mlflow_experiment"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise field_error(f"run.{name}", value, "must be a non-empty string")
+            if "mlflow" not in self.tracking:
+                raise field_error(f"run.{name}", value, "only used with mlflow in run.tracking")
+        if self.mlflow_uri is not None and self.mlflow_uri.startswith("file:"):
+            raise field_error("run.mlflow_uri", self.mlflow_uri, "MLflow (>= 3.7) refuses new "
+                              "file stores; use sqlite:///PATH/mlflow.db or a tracking server "
+                              "(http://...), or leave it unset for a store in the run folder")
 
     @property
     def run_dir(self) -> str:

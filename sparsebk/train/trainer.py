@@ -13,7 +13,8 @@ Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N m
        gradient clipping; the clipped norm is the same on every rank after the all-reduce, so
        all ranks agree on skipping a non-finite step without another collective; AdamW; LR;
     3. every `log_every` steps `log`: the running sums (loss, training-mode sparsity per layer)
-       are all-reduced, rank 0 writes a progress line and a metrics record;
+       are all-reduced, rank 0 writes a progress line and a metrics record (metrics.jsonl and
+       the run.tracking trackers: TensorBoard, MLflow);
     4. every `eval_every` steps (and at the last) `validate_and_save`: the all-reduced
        validation loss and eval-mode sparsity, the loss to the schedule, and the checkpoint
        handed to `reporter` (Ray Train's report, a barrier every rank calls).
@@ -45,6 +46,7 @@ import torch.distributed as dist
 from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
+from sparsebk.train.tracking import Tracking
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -189,6 +191,8 @@ class Trainer:
         self.trained_steps = 0  # in this process
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.writer = MetricsWriter(self.run_dir) if self.run_dir and rank == 0 else None
+        self.tracking: Tracking | None = None  # opened by the first record (rank 0)
+        self.first_step = 1  # of this attempt: a resumed run's trackers drop later events
         self.sched_file = None
         if self.run_dir is not None:
             path = self.run_dir / "schedule" / f"rank{rank}.jsonl"
@@ -212,6 +216,7 @@ class Trainer:
                                optimizer=self.optimizer, lr_scheduler=self.lr_sched,
                                map_location=self.device)
         self.state = RunState(**ckpt["extra"]["run_state"])
+        self.first_step = self.state.step + 1
         if not ckpt["rng_restored"]:  # another world size: a fresh, distinct stream per rank
             torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 7919 * self.state.step)
         if self.rank == 0:
@@ -346,11 +351,20 @@ class Trainer:
         }
         if self.writer is not None:
             logger.info(progress_line(self.last_log, c.optim.max_steps))
-            self.writer.write("train", self.last_log)
+            self.record("train", self.last_log)
         if self.sched_file is not None:
             self.sched_file.flush()
         w.restart()
         return self.last_log
+
+    def record(self, kind: str, rec: dict) -> None:
+        """Rank 0: one metrics record to metrics.jsonl and to the run.tracking trackers."""
+        self.writer.write(kind, rec)
+        if self.cfg.run.tracking:
+            if self.tracking is None:
+                self.tracking = Tracking(self.cfg.run, self.run_dir, self.meta["train_config"],
+                                         purge_step=self.first_step)
+            self.tracking.log(kind, rec)
 
     def _eval_rows(self) -> int | None:
         batches = self.cfg.run.eval_batches
@@ -398,7 +412,7 @@ class Trainer:
             metrics.update(test_loss=test_loss, test_ppl=safe_ppl(test_loss))
         if self.writer is not None:
             logger.info(eval_line(metrics, c.optim.max_steps))
-            self.writer.write("eval", metrics)
+            self.record("eval", metrics)
         if self.reporter is not None:
             with tempfile.TemporaryDirectory(prefix="sparsebk-ckpt-") as tmp:
                 self.save(tmp)
@@ -421,12 +435,15 @@ class Trainer:
                         json.dumps({"step": self.state.step, "reason": stopped}))
             if self.reporter is not None:
                 self.reporter(metrics, None)
-        self.close()
+        self.close(stopped=stopped is not None)
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
         if self.sched_file is not None:
             self.sched_file.close()
             self.sched_file = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self.tracking is not None:
+            self.tracking.close(stopped=stopped)
+            self.tracking = None
