@@ -1,6 +1,6 @@
 """Language model of sparse BK layers: config dataclass with presets, and the model.
 
-    h_0 = E[tokens] + P[:T]                         (B, T, D)
+    h_0 = E[tokens] + P[:T]                         (B, T, D)  (no P with pos_emb="none")
     y_l, m_l, a_l = Layer_l(LayerNorm(h_{l-1}))     l = 1..L: output (B, T, D), mask (B, T), aux ()
     h_l = h_{l-1} + y_l                             (pre-norm residual blocks)
     logits = LayerNorm(h_L) @ E^T                   (B, T, V)  (output head tied to E)
@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparsebk import decode
+from sparsebk.decode import DecodeState
 from sparsebk.gate import EVAL_MODES
 from sparsebk.layers import LayerOutput, SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES
@@ -40,6 +42,8 @@ from sparsebk.validation import (check_bool, check_choice, check_float, check_in
                                  check_sparsity, from_mapping)
 
 __all__ = ["LMConfig", "SparseBKLM", "PRESETS", "adamw_with_decay_groups"]
+
+POS_EMB = ("learned", "none")
 
 
 # Named sizes. "small" is PTB-sized (10k word vocabulary) and trains at a useful rate on a few
@@ -97,6 +101,10 @@ class LMConfig:
     # torch.utils.checkpoint); the RNG state is replayed, so the recomputed gate noise, mask
     # and dropout are the ones of the forward
     activation_checkpointing: bool = False
+    # "learned": an absolute position table P (n_seq, D), which caps a model at n_seq tokens;
+    # "none": no absolute positions (the causal BK recurrence is order-aware), so a model
+    # trained on n_seq-token blocks runs (and decodes) past n_seq
+    pos_emb: str = "learned"
 
     def __post_init__(self):
         if self.vocab_size is not None:
@@ -119,6 +127,7 @@ class LMConfig:
                      "activation_checkpointing"):
             check_bool(f"LMConfig.{name}", getattr(self, name))
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
+        check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":
@@ -159,12 +168,16 @@ class SparseBKLM(nn.Module):
                              "vocab_size (a training config takes the dataset's)")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Parameter(torch.zeros(config.n_seq, config.d_model))
+        if config.pos_emb == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(config.n_seq, config.d_model))
+        else:
+            self.register_parameter("pos_emb", None)
         self.drop = nn.Dropout(config.dropout_p)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
-        nn.init.normal_(self.pos_emb, std=0.02)
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, std=0.02)
 
     @property
     def layers(self) -> list[SparseMoEResNetBKLayer]:
@@ -196,8 +209,24 @@ class SparseBKLM(nn.Module):
         """AdamW over the model's weight-decay groups: see `adamw_with_decay_groups`."""
         return adamw_with_decay_groups(self, weight_decay, lr, betas)
 
+    # --- streaming decoding (eval mode; the state and its equations: sparsebk.decode) -------
+    def init_state(self, batch_size: int) -> DecodeState:
+        """A fresh decoding state for `batch_size` sequences: O(1) in the context per layer."""
+        return decode.init_state(self, batch_size)
+
+    def prefill(self, tokens: torch.Tensor, state: DecodeState | None = None
+                ) -> tuple[torch.Tensor, DecodeState]:
+        """tokens (B, T) at the state's next positions (fresh when None) -> (logits (B, T, V),
+        state): the parallel scan over the chunk, the state the step-wise path would reach."""
+        return decode.prefill(self, tokens, state)
+
+    def step(self, tokens: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        """tokens (B,) at position state.pos -> (logits (B, V), the next state)."""
+        return decode.step(self, tokens, state)
+
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
-        """tokens (B, T) int64 with T <= n_seq; targets (B, T) (-100 = ignored) or None.
+        """tokens (B, T) int64 with T <= n_seq (any T with pos_emb="none"); targets (B, T)
+        (-100 = ignored) or None.
 
         Returns "logits" (B, T, V) and "layer_sparsity" (L,) (detached 1 - mean(mask) per layer,
         no host sync); with targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
@@ -208,9 +237,13 @@ class SparseBKLM(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an int64 tensor (B, T), got {tokens.dtype} {tuple(tokens.shape)}")
         T = tokens.shape[1]
-        if not 1 <= T <= self.config.n_seq:
-            raise ValueError(f"sequence length T={T} must be in [1, n_seq={self.config.n_seq}]")
-        h = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, D)
+        if T < 1 or (self.pos_emb is not None and T > self.config.n_seq):
+            raise ValueError(f"sequence length T={T} must be in [1, n_seq={self.config.n_seq}]"
+                             + ("" if T < 1 else " (learned positions end at n_seq)"))
+        if self.pos_emb is None:
+            h = self.drop(self.tok_emb(tokens))  # (B, T, D)
+        else:
+            h = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, D)
         masks, aux_losses = [], []  # per layer: (B, T) live masks, () balance losses
         recompute = self.config.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
