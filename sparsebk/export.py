@@ -92,8 +92,10 @@ def best_checkpoint(folder: Path) -> Path:
     summary = folder / SUMMARY_FILE
     if summary.is_file():
         best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and (Path(best) / STATE_FILE).is_file():
-            return Path(best)
+        # the absolute path the driver wrote, else the same name here (a moved run folder)
+        for path in ((Path(best), folder / Path(best).name) if best else ()):
+            if (path / STATE_FILE).is_file():
+                return path
     raise ValueError(f"{folder}: no checkpoint to load (no {STATE_FILE} under the checkpoints "
                      f"of {RAY_SNAPSHOT} or the best_checkpoint of {SUMMARY_FILE})")
 
@@ -314,6 +316,9 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     from sparsebk.train.trainer import evaluate
 
     root = Path(data_dir or m.record["dataset_dir"]).expanduser().resolve()
+    if data_dir is None and not root.exists():
+        raise ValueError(f"{root}: the dataset the model was trained on is not here; give "
+                         "another copy of it (--data DIR, made with the same tokenizer)")
     c = m.model.config
     manifest = check_dataset(root, vocab_size=c.vocab_size, block_len=c.n_seq, splits=[split])
     if manifest["tokenizer"]["checksum"] != m.tokenizer.checksum:

@@ -170,6 +170,10 @@ def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_pa
     (run / "checkpoint_manager_snapshot.json").unlink()
     (run / "summary.json").write_text(json.dumps({"best_checkpoint": str(run / "checkpoint_000008")}))
     assert best_checkpoint(run) == run / "checkpoint_000008"
+    # ... or its name in this folder, when the run folder was moved since
+    moved = tmp_path / "moved"
+    run.rename(moved)
+    assert best_checkpoint(moved) == moved / "checkpoint_000008"
 
 
 def test_cli_export_and_eval_in_a_subprocess(trained, tmp_path):
@@ -242,6 +246,12 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
            "the weights are not those")
     _fails(capsys, ["eval", "--model", str(trained["data"])], str(trained["data"]),
            "not an exported model")
+    # an export whose training dataset is gone: the message says how to give another copy
+    out = export(load_checkpoint_model(trained["run_dir"]), tmp_path / "exp2")
+    config = json.loads((out / "config.json").read_text())
+    config["training"]["dataset_dir"] = str(gone)
+    (out / "config.json").write_text(json.dumps(config))
+    _fails(capsys, ["eval", "--model", str(out)], str(gone), "--data DIR")
 
     # a dataset made with another vocabulary is refused, naming it
     other_data = _prepare(tmp_path, "other-words", lines=300, max_vocab=150)
