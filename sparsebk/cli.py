@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "bench": ("sparsebk.bench.cli", "run benchmarks (bk-core, layer, training, ..., all)"),
     "export": ("sparsebk.export:export_main", "write a trained model as a self-contained folder"),
     "eval": ("sparsebk.export:eval_main", "perplexity, sparsity and speed of a trained model"),
+    "generate": ("sparsebk.generate", "sample text from a trained model, token by token"),
 }
 
 
