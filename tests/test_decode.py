@@ -291,10 +291,35 @@ def test_quasi_offsets_are_the_gates():
 
 
 def test_worst_case_error():
-    """Runs last in this file: the largest |decoded - full| / (|full| + 1) seen above."""
+    """Runs after the exactness tests (file order): the largest |decoded - full| / (|full| + 1)
+    seen above."""
     if not WORST["fixed z"]:
         pytest.skip("run with the exactness tests")
     for key, errs in WORST.items():
         print(f"\nworst |decoded - full| / (|full| + 1), {key}, over {len(errs)} decodes: "
               f"{max(errs):.2e}")
     assert max(WORST["fixed z"]) < 1e-4 and max(WORST["learnt z"]) < 1e-3
+
+
+def test_decode_benchmark_smoke(tmp_path, capsys):
+    """`sparsebk bench decode` at toy sizes: it runs, calibrates the sparsity it was asked for,
+    and its state memory is flat for BK and grows with the context for the KV cache."""
+    import json
+
+    from sparsebk.bench.decode import main as bench
+
+    assert bench(["--out", str(tmp_path), "--preset", "debug", "--vocab", "64", "--contexts",
+                  "32,64", "--batches", "1,2", "--steps", "2", "--sparsities", "0.5",
+                  "--max-prefill-tokens", "64", "--prefill-chunk", "16"]) == 0
+    assert "| model" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "decode.json").read_text())["rows"]
+    assert {r["model"] for r in rows} == {"bk-s0", "bk-s0.5", "bk-all-skipped", "transformer"}
+    mem = {(r["model"], r["batch"], r["context"]): r["state_MB"] for r in rows}
+    assert mem["bk-s0.5", 2, 32] == mem["bk-s0.5", 2, 64] == 2 * mem["bk-s0.5", 1, 64]
+    assert mem["transformer", 1, 64] == 2 * mem["transformer", 1, 32]
+    half = next(r for r in rows if r["model"] == "bk-s0.5")
+    assert abs(half["measured_sparsity"] - 0.5) < 0.1
+    assert all(r["step_ms"] > 0 for r in rows)
+    assert [r["prefill_tokens_per_s"] is None for r in rows if r["model"] == "bk-s0"] == \
+        [False, False, False, True]  # B C = 128 > 64: not measured
+    assert (tmp_path / "decode.png").stat().st_size > 0

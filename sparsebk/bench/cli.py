@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": "sparsebk.bench.data",
     "training": "sparsebk.bench.training",
     "quality": "sparsebk.bench.quality",
+    "decode": "sparsebk.bench.decode",
 }
 
 
