@@ -41,18 +41,9 @@ def write_sweep(tmp: Path, name: str, text: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_fast(request):
-    """ray_local, with Train's controller polling its workers every 0.2 s instead of 2 s
-    (each report waits for a poll); workers inherit the variable from the raylet."""
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
-    try:
-        yield request.getfixturevalue("ray_local")
-    finally:
-        if old is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+def ray_fast(ray_local):
+    """The session's local Ray (its Train controller polls workers every 0.2 s: conftest)."""
+    return ray_local
 
 
 # ---------------------------------------------------------------- bad configs (no Ray)

@@ -118,6 +118,11 @@ def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
     assert {p.name for p in (run_dir / "plots").glob("*.png")} == {
         "loss_ppl.png", "sparsity.png", "weight.png"}
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
+    # The summary's test perplexity is the best checkpoint's, measured on every test row.
+    best = torch.load(Path(summary["best_checkpoint"]) / "state.pt", weights_only=True)
+    test_rows = load_blocks(cfg.data.dir, "test")
+    assert summary["best_test_loss"] == pytest.approx(
+        reference_val_loss(best["model"], lm_cfg, test_rows), rel=1e-4, abs=1e-4)
 
     # The same command with the same run name resumes from step 20.
     cfg2 = tiny(workdir, "clean", "optim.max_steps=30", "run.eval_every=10")

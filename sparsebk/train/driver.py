@@ -26,6 +26,7 @@ from sparsebk.train.actor import create_schedule_actor
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
+from sparsebk.train.tracking import log_plots
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -153,8 +154,19 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
         "metrics_file": str(run_dir / "metrics.jsonl"), "plots_dir": str(run_dir / "plots"),
         "tokens_per_s": m.get("tokens_per_s"),
     }
+    best_path = summary["best_checkpoint"]
+    if best_path is not None and best_path != latest:
+        # the last checkpoint's test loss was measured in the run; the best one's is not
+        from sparsebk.export import evaluate_split, load_checkpoint_model
+
+        test = evaluate_split(load_checkpoint_model(best_path), "test",
+                              batch_size=cfg.data.eval_batch_size)
+        summary.update(best_test_loss=test["loss"], best_test_ppl=test["ppl"])
+    else:
+        summary.update(best_test_loss=summary["test_loss"], best_test_ppl=summary["test_ppl"])
     if cfg.run.plots:
         summary["plots"] = [str(p) for p in write_plots(run_dir)]
+        log_plots(cfg.run, run_dir, summary["plots"])
     tmp = run_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     tmp.replace(run_dir / "summary.json")

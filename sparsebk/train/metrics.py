@@ -154,7 +154,8 @@ def summary_lines(summary: dict) -> list[str]:
         f"run {summary['run_name']} finished: {summary['steps']} steps in "
         f"{_fmt_duration(summary['wall_s'])}",
         f"  best valid ppl {summary['best_val_ppl']:.2f} (step {summary['best_step']}), "
-        f"test ppl {summary['test_ppl']:.2f}",
+        f"its test ppl {summary.get('best_test_ppl', math.nan):.2f}; the last model's test ppl "
+        f"{summary['test_ppl']:.2f}",
         f"  achieved sparsity {summary['sparsity']:.3f} (target {summary['target_sparsity']:.3f}), "
         f"per layer {[round(s, 3) for s in summary['sparsity_layers']]}",
         f"  non-finite steps skipped {summary['bad_steps']}, schedule actor calls "
