@@ -13,8 +13,7 @@ all in the same run, and reports the ratios. Prints a table; writes DIR/bk_core.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
@@ -35,22 +34,6 @@ def _dense_diagonal(diag: torch.Tensor, z: complex) -> torch.Tensor:
     return torch.linalg.inv(shifted).diagonal(dim1=-2, dim2=-1)
 
 
-def cpu_time_call(fn, *, repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> dict:
-    """Like sparsebk.bench.common.time_call, but process CPU time (CPU device only).
-
-    On a shared machine whose load average is many times its core count, wall time mostly
-    measures the other processes; with one torch thread, CPU time is the work this call did.
-    """
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    while len(times) < repeats or sum(times) < min_time:
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
-
-
 def _fwd_bwd(fn, x: torch.Tensor, cot: torch.Tensor):
     def run():
         x.grad = None
@@ -62,7 +45,9 @@ def _fwd_bwd(fn, x: torch.Tensor, cot: torch.Tensor):
 def bench_one(n: int, batch: int, dtype: torch.dtype, causal: bool, device: str,
               repeats: int, min_time: float, max_reference_n: int, max_dense_n: int,
               clock: str = "wall") -> dict:
-    timer = cpu_time_call if clock == "cpu" else time_call
+    # clock "cpu": process CPU time (CPU device, one torch thread): on a shared machine whose
+    # load average is many times its core count, wall time mostly measures the other processes
+    timer = partial(time_call, clock=clock, device=device)
     g = torch.Generator().manual_seed(n)
     # the model's operator: diag = -2 + v, v in [-1, 1]
     diag = (-2 + 2 * torch.rand(batch, n, generator=g) - 1).to(device=device, dtype=dtype)
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: stable timings on a shared machine; 0: leave torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                   help="wall: perf_counter (time_call); cpu: process CPU time, for a loaded shared "
+                   help="wall: perf_counter; cpu: process CPU time, for a loaded shared "
                         "CPU box (needs --threads 1). Default: cpu on CPU with one thread, else wall")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--min-time", type=float, default=0.5, help="seconds of timed runs per cell (fast path)")

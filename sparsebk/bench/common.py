@@ -8,34 +8,113 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
+
+
+def _syncer(device) -> Callable[[], None]:
+    """A no-op, or torch.cuda.synchronize when `device` is CUDA (None: when CUDA is available),
+    so that a timed call includes the kernels it queued."""
+    import torch
+
+    if device is None:
+        cuda = torch.cuda.is_available()
+    else:
+        cuda = torch.device(device).type == "cuda"
+    return torch.cuda.synchronize if cuda else (lambda: None)
+
+
+class Stopwatch:
+    """Wall (perf_counter) and CPU (this process's process_time) time of a block, with a CUDA
+    sync at the end (see `_syncer`). `lap()` reads the wall time so far, e.g. to the first
+    batch of a pass.
+
+        with Stopwatch("cpu") as sw:
+            ...
+        sw.wall_s, sw.cpu_s
+    """
+
+    def __init__(self, device=None):
+        self.sync = _syncer(device)
+        self.wall_s = self.cpu_s = float("nan")
+
+    def __enter__(self) -> "Stopwatch":
+        self._c0, self._w0 = time.process_time(), time.perf_counter()
+        return self
+
+    def lap(self) -> float:
+        return time.perf_counter() - self._w0
+
+    def __exit__(self, *exc) -> None:
+        self.sync()
+        self.wall_s = time.perf_counter() - self._w0
+        self.cpu_s = time.process_time() - self._c0
+
+
+def time_calls(fns: Mapping[Hashable, Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+               min_time: float = 0.0, device=None, clock: str = "wall") -> dict[Hashable, dict]:
+    """The one step timer of the benchmarks: wall and CPU time of each call of each `fns[key]()`.
+
+    Calls go round-robin (one call of every function per round) so that load drifting on a
+    shared machine hits all of them alike; `warmup` untimed rounds come first (allocator,
+    kernels, thread pools). Rounds continue until there are `repeats` of them and, with
+    `min_time`, until every function's calls add up to `min_time` seconds on `clock` (noisy
+    shared machines). With a CUDA `device` (None: whenever CUDA is available) each timed call
+    ends with a synchronize.
+
+    `clock` picks what `median_s`/`min_s` report: "wall" (perf_counter) or "cpu" (process CPU
+    time: on a shared box with one torch thread, the work the call did; it adds up over
+    threads). Per key: median_s, min_s, runs, wall_median_s, cpu_median_s, and the raw
+    per-call wall_s and cpu_s lists.
+    """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock={clock!r}: choose 'wall' or 'cpu'")
+    sw = Stopwatch(device)  # reused: entering it restarts both clocks
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sw.sync()
+    wall: dict = {k: [] for k in fns}
+    cpu: dict = {k: [] for k in fns}
+    on_clock = wall if clock == "wall" else cpu
+    while (min(map(len, wall.values()), default=repeats) < repeats
+           or min((sum(t) for t in on_clock.values()), default=min_time) < min_time):
+        for key, fn in fns.items():
+            with sw:
+                fn()
+            wall[key].append(sw.wall_s)
+            cpu[key].append(sw.cpu_s)
+    out = {}
+    for key in fns:
+        w, c = wall[key], cpu[key]
+        chosen = on_clock[key]
+        out[key] = {"median_s": statistics.median(chosen), "min_s": min(chosen), "runs": len(w),
+                    "wall_median_s": statistics.median(w), "cpu_median_s": statistics.median(c),
+                    "wall_s": w, "cpu_s": c}
+    return out
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
-              min_time: float = 0.0) -> dict:
-    """Median wall time of `fn()` in seconds over `repeats` runs (after `warmup` runs).
+              min_time: float = 0.0, device=None, clock: str = "wall") -> dict:
+    """`time_calls` of one function: median_s/min_s on `clock` over `repeats` calls (after
+    `warmup` calls; with `min_time`, until their total on `clock` reaches it), plus
+    wall_median_s, cpu_median_s and the raw wall_s/cpu_s lists."""
+    return time_calls({0: fn}, repeats=repeats, warmup=warmup, min_time=min_time,
+                      device=device, clock=clock)[0]
 
-    With `min_time`, repeats continue until their total reaches it (noisy shared machines).
-    """
-    import torch
 
-    def sync():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+def local_ray(num_cpus: int, workers: int) -> None:
+    """A local Ray for a benchmark, set up as `sparsebk train` sets up its local Ray
+    (`sparsebk.train.cli.connect_ray`: 127.0.0.1 dashboard, pinned GCS address). A benchmark
+    measures this machine, so it never attaches to a cluster named by RAY_ADDRESS; no-op
+    when this process is already connected."""
+    import ray
 
-    for _ in range(warmup):
-        fn()
-    sync()
-    times: list[float] = []
-    total = 0.0
-    while len(times) < repeats or total < min_time:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        total += dt
-    return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
+    from sparsebk.train.cli import connect_ray
+
+    if ray.is_initialized():
+        return
+    os.environ.pop("RAY_ADDRESS", None)
+    connect_ray(None, num_cpus, workers)
 
 
 def machine_info() -> dict:

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
-from sparsebk.bench.common import format_table, time_call, write_result
+from sparsebk.bench.common import Stopwatch, format_table, local_ray, time_call, write_result
 
 
 def _small_block_len() -> int:
@@ -51,7 +50,7 @@ def _model_step_seconds(batch_size: int, block_len: int, repeats: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return time_call(step, repeats=repeats, warmup=1)["median_s"]
+    return time_call(step, repeats=repeats, warmup=1, device=device)["median_s"]
 
 
 def main(argv: list[str]) -> int:
@@ -75,18 +74,19 @@ def main(argv: list[str]) -> int:
     root = Path(args.data_dir or tmp.name) / f"ptb-word-{block_len}"
     rows = []
 
-    t0 = time.perf_counter()
     fresh = not (root / "manifest.json").exists()
-    prepare_dataset(root, block_len=block_len)
-    first = time.perf_counter() - t0
+    first = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=1, warmup=0,
+                      device="cpu")["median_s"]
     n_train = load_manifest(root)["splits"]["train"]["rows"]
     n_all = sum(s["rows"] for s in load_manifest(root)["splits"].values())
     rows.append(_row("prepare (first)" if fresh else "prepare (existing dir)", first, n_all, block_len,
                      "tokenise + write all splits" if fresh else "reused"))
-    reuse = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=args.repeats)["median_s"]
+    reuse = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=args.repeats,
+                      device="cpu")["median_s"]
     rows.append(_row("prepare (reuse)", reuse, n_all, block_len, "manifest + sha256 check"))
     for verify in (True, False):
-        t = time_call(lambda: load_blocks(root, "train", verify_checksums=verify), repeats=args.repeats)
+        t = time_call(lambda: load_blocks(root, "train", verify_checksums=verify), repeats=args.repeats,
+                      device="cpu")
         rows.append(_row("load_blocks train", t["median_s"], n_train, block_len,
                          "with sha256" if verify else "no sha256"))
 
@@ -94,20 +94,18 @@ def main(argv: list[str]) -> int:
         import ray
 
         started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        local_ray(args.ray_cpus, workers=0)  # Ray Data's reads only, no Train workers
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             for rep in range(args.repeats):
                 ds = ray_datasets(root, ("train",))["train"]
-                t0 = time.perf_counter()
                 first_batch, first_n, n = None, 0, 0
-                for batch in ds.iter_torch_batches(batch_size=args.batch_size):
-                    n += batch["tokens"].shape[0]
-                    if first_batch is None:
-                        first_batch, first_n = time.perf_counter() - t0, n
-                total = time.perf_counter() - t0
+                with Stopwatch("cpu") as sw:
+                    for batch in ds.iter_torch_batches(batch_size=args.batch_size):
+                        n += batch["tokens"].shape[0]
+                        if first_batch is None:
+                            first_batch, first_n = sw.lap(), n
+                total = sw.wall_s
                 assert n == n_train, (n, n_train)
                 rows.append(_row(f"ray pass #{rep + 1} (whole)", total, n, block_len,
                                  f"batch {args.batch_size}; includes {first_batch:.2f} s to the first batch"))

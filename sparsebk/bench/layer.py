@@ -16,12 +16,11 @@ DIR/layer.json.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
-from sparsebk.bench.common import format_table, time_call, write_result
+from sparsebk.bench.common import format_table, time_call, time_calls, write_result
 from sparsebk.layers import SparseMoEResNetBKLayer
 
 
@@ -75,20 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         x.grad = None
 
     cases = [(s, True) for s in sparsities] + [(0.0, False)]
-    for case in cases:  # warm-up: allocator, kernels, thread pools
-        step(*case)
-    wall: dict[tuple, list[float]] = {c: [] for c in cases}
-    cpu: dict[tuple, list[float]] = {c: [] for c in cases}
-    for _ in range(args.rounds):
-        for case in cases:
-            c0, w0 = time.process_time(), time.perf_counter()
-            step(*case)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            wall[case].append(time.perf_counter() - w0)
-            cpu[case].append(time.process_time() - c0)
-    med_w = {c: statistics.median(t) for c, t in wall.items()}
-    med_c = {c: statistics.median(t) for c, t in cpu.items()}
+    # round-robin over the cases, one warm-up round (allocator, kernels, thread pools)
+    timed = time_calls({case: partial(step, *case) for case in cases}, repeats=args.rounds,
+                       warmup=1, device=dev)
+    wall = {c: t["wall_s"] for c, t in timed.items()}
+    cpu = {c: t["cpu_s"] for c, t in timed.items()}
+    med_w = {c: t["wall_median_s"] for c, t in timed.items()}
+    med_c = {c: t["cpu_median_s"] for c, t in timed.items()}
     base_w, base_c = med_w[(0.0, True)], med_c[(0.0, True)]
     rows = []
     for case in cases:
@@ -101,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     # share of the sparsity loss in the layer forward (training mode, graph built), at s = 0.5
     s_mid = 0.5 if 0.5 in masks else sparsities[-1]
     layer.use_sparse_computation = True
-    fwd = time_call(lambda: layer(x, force_mask=masks[s_mid]), repeats=args.rounds, warmup=1)
-    loss = time_call(lambda: layer.get_sparsity_loss(), repeats=50, warmup=5)
+    fwd = time_call(lambda: layer(x, force_mask=masks[s_mid]), repeats=args.rounds, warmup=1,
+                    device=dev)
+    loss = time_call(lambda: layer.get_sparsity_loss(), repeats=50, warmup=5, device=dev)
     share = {"sparsity": s_mid, "layer_forward_ms": 1e3 * fwd["median_s"],
              "sparsity_loss_ms": 1e3 * loss["median_s"],
              "share_percent": 100.0 * loss["median_s"] / fwd["median_s"]}
@@ -145,16 +138,8 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int) -> dict:
         out["loss"].backward()
         opt.step()
 
-    wall, cpu = [], []
-    step()
-    for _ in range(rounds):
-        c0, w0 = time.process_time(), time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    w, c = statistics.median(wall), statistics.median(cpu)
+    t = time_call(step, repeats=rounds, warmup=1, device=dev)
+    w, c = t["wall_median_s"], t["cpu_median_s"]
     n_tok = batch * cfg.n_seq
     return {"preset": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "batch": batch, "seq": cfg.n_seq, "step_wall_ms": 1e3 * w, "tokens_per_s_wall": n_tok / w,

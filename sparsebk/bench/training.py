@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from sparsebk.bench.common import format_table, time_call, write_result
+from sparsebk.bench.common import format_table, local_ray, time_call, write_result
 
 CONFIGS = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs"
 
@@ -52,8 +52,8 @@ def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
     schedule = ScheduleState(cfg.schedule, lm_cfg.n_layers)
     rows = load_blocks(dataset_dir, "train")
     batches = _local_batches(rows, cfg, 0, 0, 0, 1)
-    window_s, t0 = [], time.perf_counter()
-    for i in range(steps):
+
+    def step():
         batch = next(batches)
         targets, weight, _ = schedule.next()
         model.set_sparsity_schedule(targets, weight)
@@ -64,10 +64,14 @@ def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
         if bool(torch.isfinite(norm)):
             opt.step()
         sched.step()
-        if (i + 1) % window == 0:  # the same windows as the workers' log interval
-            window_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-    step_s = [w / window for w in window_s[1:]]  # drop the warm-up window
+
+    def run_window():  # the same windows as the workers' log interval
+        for _ in range(window):
+            step()
+
+    # the first window is the warm-up (as the first train record of a Ray run is dropped)
+    timed = time_call(run_window, repeats=steps // window - 1, warmup=1, device="cpu")
+    step_s = [w / window for w in timed["wall_s"]]
     tokens = cfg.data.batch_size * cfg.data.block_len
     return _row("plain", 1, step_s, tokens, [float("nan")] * len(step_s),
                 [float("nan")] * len(step_s))
@@ -103,9 +107,9 @@ def actor_latency(cfg, n_layers: int) -> dict:
     from sparsebk.train.actor import ScheduleState, create_schedule_actor
 
     actor = create_schedule_actor(cfg.schedule, n_layers)
-    sync = time_call(lambda: ray.get(actor.next.remote()), repeats=200, warmup=20)
+    sync = time_call(lambda: ray.get(actor.next.remote()), repeats=200, warmup=20, device="cpu")
     local = ScheduleState(cfg.schedule, n_layers)
-    inproc = time_call(local.next, repeats=200, warmup=20)
+    inproc = time_call(local.next, repeats=200, warmup=20, device="cpu")
     ray.kill(actor)
     return {"actor_call_sync_ms": 1e3 * sync["median_s"],
             "inprocess_step_ms": 1e3 * inproc["median_s"]}
@@ -146,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [plain_run(base, lm_cfg, dataset_dir, args.steps, warmup)]
     print(f"plain: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
 
-    cpus = max(os.cpu_count() or 1, 4)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # at least 4 CPUs: the 2-worker runs and their Ray Data reads
+    local_ray(max(os.cpu_count() or 1, 4), workers=2)
     try:
         micro = actor_latency(base, lm_cfg.n_layers)
         for label, extra in (("ray-1w", ["run.num_workers=1"]),
