@@ -41,7 +41,8 @@ def _model_step_seconds(batch_size: int, block_len: int, repeats: int) -> float:
     cfg = LMConfig.preset("small")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = SparseBKLM(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the training optimizer's groups (decay on ndim >= 2); AdamW's default decay and betas
+    opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
     x = torch.randint(0, cfg.vocab_size, (batch_size, block_len + 1), device=device)
 
     def step():

@@ -129,7 +129,8 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int) -> dict:
     torch.manual_seed(0)
     cfg = LMConfig.preset(name)
     model = SparseBKLM(cfg).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # the training optimizer's groups (decay on ndim >= 2); AdamW's default decay and betas
+    opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.n_seq + 1), device=dev)
 
     def step():

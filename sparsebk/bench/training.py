@@ -43,11 +43,7 @@ def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
     torch.manual_seed(cfg.run.seed * 1000)
     model = SparseBKLM(lm_cfg)
     model.train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.optim.lr, betas=cfg.optim.betas)
+    opt = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
     schedule = ScheduleState(cfg.schedule, lm_cfg.n_layers)
     rows = load_blocks(dataset_dir, "train")
