@@ -20,6 +20,7 @@ Also a micro-benchmark: one synchronous actor call vs one in-process scheduler s
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import statistics
@@ -38,7 +39,7 @@ def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
     from sparsebk.data import load_blocks
     from sparsebk.lm import SparseBKLM
     from sparsebk.train.actor import ScheduleState
-    from sparsebk.train.loop import _local_batches, lr_lambda
+    from sparsebk.train.loop import local_batches, lr_lambda
 
     torch.manual_seed(cfg.run.seed * 1000)
     model = SparseBKLM(lm_cfg)
@@ -46,12 +47,14 @@ def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
     opt = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
     schedule = ScheduleState(cfg.schedule, lm_cfg.n_layers)
+    schedule.reset()  # a fresh run's state
     rows = load_blocks(dataset_dir, "train")
-    batches = _local_batches(rows, cfg, 0, 0, 0, 1)
+    batches = local_batches(rows, cfg, 0, 0, 0, 1)
+    step_no = itertools.count(1)
 
     def step():
         batch = next(batches)
-        targets, weight, _ = schedule.next()
+        targets, weight = schedule.values(next(step_no))
         model.set_sparsity_schedule(targets, weight)
         out = model(batch[:, :-1], targets=batch[:, 1:])
         opt.zero_grad(set_to_none=True)
@@ -103,9 +106,13 @@ def actor_latency(cfg, n_layers: int) -> dict:
     from sparsebk.train.actor import ScheduleState, create_schedule_actor
 
     actor = create_schedule_actor(cfg.schedule, n_layers)
-    sync = time_call(lambda: ray.get(actor.next.remote()), repeats=200, warmup=20, device="cpu")
+    ray.get(actor.reset.remote())
+    remote_step, local_step = itertools.count(1), itertools.count(1)
+    sync = time_call(lambda: ray.get(actor.values.remote(next(remote_step))), repeats=200, warmup=20,
+                     device="cpu")
     local = ScheduleState(cfg.schedule, n_layers)
-    inproc = time_call(local.next, repeats=200, warmup=20, device="cpu")
+    local.reset()
+    inproc = time_call(lambda: local.values(next(local_step)), repeats=200, warmup=20, device="cpu")
     ray.kill(actor)
     return {"actor_call_sync_ms": 1e3 * sync["median_s"],
             "inprocess_step_ms": 1e3 * inproc["median_s"]}
@@ -142,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
     base = cfg_for("plain", "run.num_workers=1")
     dataset_dir = ensure_dataset(base.data)
-    lm_cfg = base.lm_config(check_dataset(dataset_dir)["vocab_size"])
+    base = base.resolve_vocab(check_dataset(dataset_dir)["vocab_size"])
+    lm_cfg = base.model
     rows = [plain_run(base, lm_cfg, dataset_dir, args.steps, warmup)]
     print(f"plain: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
 
