@@ -34,35 +34,26 @@ from sparsebk.bench.common import format_table, local_ray, time_call, write_resu
 CONFIGS = Path(__file__).resolve().parents[2] / "ray_jobs" / "configs"
 
 
-def plain_run(cfg, lm_cfg, dataset_dir, steps: int, window: int) -> dict:
-    """The worker loop's step without Ray: same model, optimizer, LR, clipping, batches."""
+def plain_run(cfg, dataset_dir, steps: int, window: int) -> dict:
+    """The worker loop's step without Ray: the Trainer's own `train_step` (same model,
+    optimizer, LR, clipping) on the same batches, with the schedule from an in-process
+    scheduler instead of the actor."""
     from sparsebk.data import load_blocks
     from sparsebk.lm import SparseBKLM
-    from sparsebk.train.actor import ScheduleState
-    from sparsebk.train.loop import local_batches, lr_lambda
+    from sparsebk.train.loop import local_batches
+    from sparsebk.train.schedule_client import LocalSchedule
+    from sparsebk.train.trainer import Trainer
 
     torch.manual_seed(cfg.run.seed * 1000)
-    model = SparseBKLM(lm_cfg)
-    model.train()
-    opt = model.configure_optimizers(cfg.optim.weight_decay, cfg.optim.lr, cfg.optim.betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.optim))
-    schedule = ScheduleState(cfg.schedule, lm_cfg.n_layers)
-    schedule.reset()  # a fresh run's state
-    rows = load_blocks(dataset_dir, "train")
-    batches = local_batches(rows, cfg, 0, 0, 0, 1)
+    trainer = Trainer(cfg, SparseBKLM(cfg.model), device=torch.device("cpu"))
+    schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers)
+    batches = local_batches(load_blocks(dataset_dir, "train"), cfg, 0, 0, 0, 1)
     step_no = itertools.count(1)
 
     def step():
-        batch = next(batches)
-        targets, weight = schedule.values(next(step_no))
-        model.set_sparsity_schedule(targets, weight)
-        out = model(batch[:, :-1], targets=batch[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        if bool(torch.isfinite(norm)):
-            opt.step()
-        sched.step()
+        values = schedule.get(next(step_no))
+        trainer.net.set_sparsity_schedule(values.targets, values.weight)
+        trainer.train_step(next(batches))
 
     def run_window():  # the same windows as the workers' log interval
         for _ in range(window):
@@ -150,14 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     base = cfg_for("plain", "run.num_workers=1")
     dataset_dir = ensure_dataset(base.data)
     base = base.resolve_vocab(check_dataset(dataset_dir)["vocab_size"])
-    lm_cfg = base.model
-    rows = [plain_run(base, lm_cfg, dataset_dir, args.steps, warmup)]
+    rows = [plain_run(base, dataset_dir, args.steps, warmup)]
     print(f"plain: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
 
     # at least 4 CPUs: the 2-worker runs and their Ray Data reads
     local_ray(max(os.cpu_count() or 1, 4), workers=2)
     try:
-        micro = actor_latency(base, lm_cfg.n_layers)
+        micro = actor_latency(base, base.model.n_layers)
         for label, extra in (("ray-1w", ["run.num_workers=1"]),
                              ("ray-1w-prefetch2", ["run.num_workers=1", "data.prefetch_batches=2"]),
                              ("ray-1w-local", ["run.num_workers=1", "data.loader=local"]),
