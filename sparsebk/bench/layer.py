@@ -11,6 +11,10 @@ steal cores and inflate wall time unevenly; with --threads 1 the CPU time counts
 Prints the measured speed-up against sparsity 0 beside the ideal 1 / (1 - s), the dense
 reference path at sparsity 0, and the sparsity loss's share of the layer forward; writes
 DIR/layer.json.
+
+Multi-channel BK mixing (`--heads H`, 0 to skip; `--learn-z`, `--input-couplings`, both on by
+default): the same forward + backward of a layer with H BK heads at the same width, timed
+round-robin against the single-channel layer at sparsity 0 and 0.5; the ratio is its cost.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated LMConfig presets whose full training step is timed "
                         "(tokens/s); empty to skip")
     p.add_argument("--lm-batch", type=int, default=16)
+    p.add_argument("--heads", type=int, default=8,
+                   help="BK heads of the multi-channel layer timed against today's (0: skip)")
+    p.add_argument("--learn-z", action=argparse.BooleanOptionalAction, default=True,
+                   help="the multi-channel layer learns a shift per head (default on)")
+    p.add_argument("--input-couplings", action=argparse.BooleanOptionalAction, default=True,
+                   help="the multi-channel layer has input-dependent couplings (default on)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(s: float, sparse: bool = True):
         layer.use_sparse_computation = sparse
-        y = layer(x, force_mask=masks[s])
-        loss = y.square().mean() + layer.get_sparsity_loss() + 0.01 * layer.last_aux_loss
-        loss.backward()
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
+        fwd_bwd(layer, x, masks[s])
 
     cases = [(s, True) for s in sparsities] + [(0.0, False)]
     # round-robin over the cases, one warm-up round (allocator, kernels, thread pools)
@@ -100,12 +106,17 @@ def main(argv: list[str] | None = None) -> int:
              "sparsity_loss_ms": 1e3 * loss["median_s"],
              "share_percent": 100.0 * loss["median_s"] / fwd["median_s"]}
 
+    multi_rows = multi_channel_rows(args, layer, x, masks, sorted({0.0, s_mid}), dev)
+
     print(f"one layer fwd+bwd: d_model={args.d_model} N={args.n_seq} B={args.batch} "
           f"experts={args.experts} top-{args.top_k} dropout={args.dropout} device={dev} "
           f"threads={torch.get_num_threads()}")
     print(format_table(rows))
     print()
     print(format_table([share]))
+    if multi_rows:
+        print()
+        print(format_table(multi_rows))
     presets = [n for n in args.lm_presets.split(",") if n]
     lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds) for name in presets]
     if lm_rows:
@@ -114,12 +125,53 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
                                             "rounds", "device", "lm_batch")}
     config["threads"] = torch.get_num_threads()
+    config.update(heads=args.heads, learn_z=args.learn_z, input_couplings=args.input_couplings)
     path = write_result(args.out, "layer", {
         "config": config, "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
+        "multi_channel": multi_rows,
         "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in wall.items()},
         "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in cpu.items()}})
     print(f"wrote {path}")
     return 0
+
+
+def fwd_bwd(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """One training-shaped call: task loss + weighted sparsity loss + MoE balance loss."""
+    y = layer(x, force_mask=mask)
+    loss = y.square().mean() + layer.get_sparsity_loss() + 0.01 * layer.last_aux_loss
+    loss.backward()
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def multi_channel_rows(args, single: SparseMoEResNetBKLayer, x: torch.Tensor, masks: dict,
+                       sparsities: list[float], dev: torch.device) -> list[dict]:
+    """Forward + backward of an `args.heads`-head layer against the single-channel one (same
+    width, experts, inputs and masks), round-robin; one row per sparsity with the ratios."""
+    if not args.heads:
+        return []
+    torch.manual_seed(0)
+    multi = SparseMoEResNetBKLayer(
+        args.d_model, args.n_seq, num_experts=args.experts, top_k=args.top_k,
+        dropout_p=args.dropout, bk_heads=args.heads, bk_learn_z=args.learn_z,
+        bk_input_couplings=args.input_couplings).to(dev).train()
+    single.use_sparse_computation = True
+    layers = {"single": single, "multi": multi}
+    timed = time_calls({(name, s): partial(fwd_bwd, lay, x, masks[s])
+                        for s in sparsities for name, lay in layers.items()},
+                       repeats=args.rounds, warmup=1, device=dev)
+    rows = []
+    for s in sparsities:
+        one, many = timed[("single", s)], timed[("multi", s)]
+        rows.append({"sparsity": s, "heads": args.heads, "learn_z": args.learn_z,
+                     "couplings": args.input_couplings,
+                     "single_wall_ms": 1e3 * one["wall_median_s"],
+                     "multi_wall_ms": 1e3 * many["wall_median_s"],
+                     "ratio_wall": many["wall_median_s"] / one["wall_median_s"],
+                     "single_cpu_ms": 1e3 * one["cpu_median_s"],
+                     "multi_cpu_ms": 1e3 * many["cpu_median_s"],
+                     "ratio_cpu": many["cpu_median_s"] / one["cpu_median_s"]})
+    return rows
 
 
 def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int) -> dict:
