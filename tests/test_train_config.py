@@ -96,6 +96,9 @@ def test_bad_files(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="expected key.sub=value"):
         load_config(CONFIGS / "tiny.yaml", ["optim.lr"])
+    with pytest.raises(ValueError, match=r"tiny\.yaml: override 'optim\.lr=\[1,': the value is "
+                                         r"not valid YAML"):
+        load_config(CONFIGS / "tiny.yaml", ["optim.lr=[1,"])
 
 
 def test_lr_schedule_hand_values():

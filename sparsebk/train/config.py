@@ -326,7 +326,11 @@ def apply_override(d: dict, item: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ValueError(f"override {item!r}: empty key part")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        why = " ".join(str(e).split())  # one line: the parser's message spans several
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({why})") from None
     if isinstance(value, str) and _SCI_RE.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads 1e-3 as a string; users mean the number
     try:
