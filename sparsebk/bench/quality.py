@@ -69,12 +69,16 @@ class QualitySettings:
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
     model_overrides: dict = field(default_factory=dict)
     dense_mode: str = "pinned"  # target 0 as: "pinned" (gates pinned open) or "target0" (gate learned)
+    # the sparsity loss weight ramps from a tenth of this to this, as in the training presets
+    # (ray_jobs/configs/*.yaml: initial_weight 0.1, final_weight 1.0), so a quality row
+    # trains the way a training run does (the LMConfig default 0.01 is too weak to track)
+    sparsity_weight: float = 1.0
 
     def __post_init__(self):
         self.targets = tuple(float(t) for t in self.targets)
         if not self.targets or any(not 0.0 <= t < 1.0 for t in self.targets):
             raise ValueError(f"targets={list(self.targets)}: each target sparsity must be in [0, 1)")
-        for name in ("budget_s", "lr", "ramp_frac"):
+        for name in ("budget_s", "lr", "ramp_frac", "sparsity_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} must be a positive number")
@@ -249,8 +253,8 @@ def run_quality(s: QualitySettings) -> dict:
         name = f"bk-sparse-{target:g}"
         model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
         sched = dict(initial_sparsity=0.0, final_sparsity=target,
-                     initial_weight=cfg.sparsity_loss_weight / 10,
-                     final_weight=cfg.sparsity_loss_weight, warmup_steps=1000,
+                     initial_weight=s.sparsity_weight / 10,
+                     final_weight=s.sparsity_weight, warmup_steps=1000,
                      schedule_type="cosine")
         if target == 0.0 and s.dense_mode == "pinned":
             name, sched = DENSE, None
@@ -392,6 +396,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="LMConfig override, e.g. --set d_model=128 (repeatable)")
     p.add_argument("--no-transformer", action="store_true")
+    p.add_argument("--sparsity-weight", type=float, default=1.0,
+                   help="final sparsity loss weight of the ramp (default 1.0, as the training presets)")
     p.add_argument("--dense-mode", choices=DENSE_MODES, default="pinned",
                    help="target 0 as the model with gates pinned open (default) or the learned gate at target 0")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
@@ -409,7 +415,7 @@ def main(argv: list[str]) -> int:
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
         lr=a.lr, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
-        dense_mode=a.dense_mode,
+        dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
     record = run_quality(s)
