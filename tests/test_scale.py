@@ -24,6 +24,7 @@ dg ~ 1e-10, so weights are compared to atol 1e-5 (lr / 1000), gradients to float
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,176 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(heads, spars
         torch.testing.assert_close(ckpt[key], plain[key], rtol=0, atol=0, msg=key)
     assert_close_all(g_ckpt, g_plain, "grad")
     assert 0.0 < plain["layer_sparsity"].mean() < 1.0  # the gate did skip positions
+
+
+# --- FSDP (fully_shard) against DDP, sharded checkpoints -------------------------------------
+
+def _train_worker(rank: int, world: int, init_file: str, tmp: str, parallel: str, name: str,
+                  restore: str | None) -> None:
+    """One worker of a 2-process (or 1-process) gloo run of the Trainer, as the Ray worker
+    builds it (sparsebk.train.loop: same seeds, same wrapping), without Ray."""
+    import shutil
+
+    from sparsebk.train.loop import local_batches, shard
+    from sparsebk.train.schedule_client import LocalSchedule
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        cfg = fsdp_cfg(Path(tmp), parallel, name)
+        torch.manual_seed(1000 + rank)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1000)
+            model = SparseBKLM(cfg.model)
+        if parallel == "fsdp":
+            model = shard(model, world, torch.device("cpu"))
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+
+        def reporter(metrics, directory):  # Ray merges the ranks' files; so do we
+            if directory is not None:
+                shutil.copytree(directory, Path(tmp) / f"{name}-ckpt-{metrics['step']}",
+                                dirs_exist_ok=True)
+
+        train, valid = fsdp_rows()
+        t = Trainer(cfg, model, device=torch.device("cpu"), rank=rank, world=world,
+                    valid=valid, reporter=reporter, run_dir=cfg.run.run_dir)
+        state = t.restore(restore) if restore else None
+        t.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers, state)
+        if restore and rank == 0:  # the weights as restored, gathered, for the test to compare
+            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v)
+                    for k, v in t.net.state_dict().items()}
+        elif restore:
+            [v.full_tensor() for v in t.net.state_dict().values() if hasattr(v, "full_tensor")]
+        if restore and rank == 0:
+            torch.save(full, Path(tmp) / f"{name}-restored.pt")
+        t.finish(t.fit(lambda e, skip: local_batches(train, cfg, e, skip, rank, world)))
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_cfg(tmp: Path, parallel: str, name: str) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": {"preset": "debug", "vocab_size": 50, "activation_checkpointing": True},
+        "data": {"batch_size": 4, "block_len": 16, "eval_batch_size": 8, "loader": "local",
+                 "dir": str(tmp / "data")},
+        "optim": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8, "grad_accum_steps": 2},
+        "schedule": {"initial_sparsity": 0.1, "final_sparsity": 0.4, "warmup_steps": 6,
+                     "initial_weight": 0.1, "final_weight": 1.0},
+        "run": {"log_every": 1, "eval_every": 4, "num_workers": 2, "parallel": parallel,
+                "name": name, "storage_path": str(tmp / "runs"), "seed": 1},
+    })
+
+
+def fsdp_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 50, (64, 17), generator=g), torch.randint(0, 50, (20, 17), generator=g)
+
+
+def _spawn(tmp: Path, world: int, parallel: str, name: str, restore: Path | None = None):
+    mp.start_processes(_train_worker, args=(world, str(tmp / f"pg-{name}"), str(tmp), parallel,
+                                            name, str(restore) if restore else None),
+                       nprocs=world, join=True, start_method="spawn")
+    from sparsebk.train.metrics import read_metrics
+
+    return read_metrics(tmp / "runs" / name)
+
+
+def _curve(recs: dict, key: str = "train_loss", kind: str = "train") -> dict[int, float]:
+    return {r["step"]: r[key] for r in recs[kind]}
+
+
+def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
+    """2 gloo workers, accumulation 2, activation checkpointing, gate noise on: FSDP's
+    training and validation losses follow DDP's step for step; FSDP holds about half the
+    parameter + optimizer bytes per worker; its step-4 sharded checkpoint (one shard file per
+    rank) resumes on 2 workers onto the same curve, loads into 1 worker (resharded) and into
+    a plain single-process model."""
+    from sparsebk.train.checkpoint import load_model_weights
+
+    ddp = _spawn(tmp_path, 2, "ddp", "ddp")
+    fsdp = _spawn(tmp_path, 2, "fsdp", "fsdp")
+    want, got = _curve(ddp), _curve(fsdp)
+    assert sorted(got) == list(range(1, 9))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+    for step, v in _curve(ddp, "val_loss", "eval").items():
+        assert _curve(fsdp, "val_loss", "eval")[step] == pytest.approx(v, rel=1e-4)
+    held = {name: recs["train"][-1]["param_optim_mb"] for name, recs in (("ddp", ddp), ("fsdp", fsdp))}
+    assert 0.45 < held["fsdp"] / held["ddp"] < 0.6, held
+
+    ckpt = tmp_path / "fsdp-ckpt-4"
+    assert {p.name for p in (ckpt / "shards").iterdir()} == {".metadata", "__0_0.distcp",
+                                                              "__1_0.distcp"}
+    assert "model" not in torch.load(ckpt / "state.pt", weights_only=True)
+
+    resumed = _spawn(tmp_path, 2, "fsdp", "fsdp2", restore=ckpt)
+    for step in range(5, 9):
+        assert _curve(resumed)[step] == pytest.approx(got[step], rel=1e-5), step
+
+    one = _spawn(tmp_path, 1, "fsdp", "fsdp1", restore=ckpt)
+    assert sorted(_curve(one)) == [5, 6, 7, 8]  # it continued from step 4 on one worker
+    plain = SparseBKLM(fsdp_cfg(tmp_path, "fsdp", "x").model)
+    load_model_weights(ckpt, plain)
+    restored = torch.load(tmp_path / "fsdp1-restored.pt", weights_only=True)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(restored[k], v), k
+    assert torch.equal(torch.load(tmp_path / "fsdp2-restored.pt", weights_only=True)["pos_emb"],
+                       plain.pos_emb)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_fsdp_on_ray_keeps_schedule_actor_broadcast_and_fault_recovery(ray_local, tmp_path):
+    """The `tiny` preset under run.parallel fsdp on 2 Ray workers, a worker raising at step
+    7: the run restarts from the sharded step-5 checkpoint and finishes; every rank used
+    the scheduler's values; one actor call per scheduled step."""
+    from sparsebk.scheduler import AdaptiveSparsityScheduler
+    from sparsebk.train.config import load_config
+    from sparsebk.train.driver import run_training
+
+    tiny = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
+                             "run.name=fsdp", "run.parallel=fsdp", "data.loader=local",
+                             "optim.max_steps=10", "run.eval_every=5", "run.plots=false",
+                             "run.inject_faults=[raise@7]"])
+    summary = run_training(cfg)
+    assert summary["steps"] == 10 and summary["actor_calls"] == 10
+    run_dir = Path(summary["run_dir"])
+    ref = AdaptiveSparsityScheduler(**cfg.schedule)
+    for rank in (0, 1):
+        lines = (run_dir / "schedule" / f"rank{rank}.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        pids = list(dict.fromkeys(r["pid"] for r in recs))
+        steps = [[r["step"] for r in recs if r["pid"] == pid] for pid in pids]
+        assert len(steps) == 2 and steps[0][0] == 1 and steps[0][-1] in (6, 7)
+        assert steps[1] == list(range(6, 11))  # restarted from the step-5 checkpoint
+        for r in recs:
+            assert r["targets"][0] == pytest.approx(ref.state_at(r["step"])["sparsity_target"])
+    ckpt = Path(summary["checkpoint"])
+    assert {p.name for p in (ckpt / "shards").glob("__*.distcp")} == {"__0_0.distcp",
+                                                                      "__1_0.distcp"}
+
+
+# --- torch.compile ---------------------------------------------------------------------------
+
+def test_compiled_experts_give_the_eager_loss_and_gradients():
+    """run.compile compiles the experts in place: same parameter names (checkpoints load
+    either way), and the loss and gradients of the eager model (eval mode: the same masks)."""
+    from sparsebk.train.loop import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = make_cfg(Path("/nonexistent")).model
+    eager = SparseBKLM(cfg).eval()
+    compiled = copy.deepcopy(eager)
+    compile_blocks(compiled)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = rows(4)
+    outs = []
+    for model in (eager, compiled):
+        out = model(x[:, :-1], targets=x[:, 1:])
+        out["loss"].backward()
+        outs.append((out["loss"].detach(), grads(model)))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    assert_close_all(outs[1][1], outs[0][1], "grad", atol=1e-6)

@@ -9,9 +9,16 @@ Layout of a checkpoint directory (Ray Train copies it into the run's storage):
                         tokenizer's identity with its vocabulary checksum, the dataset dir)
     rng_rank{r}.pt      every rank: its own torch (and CUDA) and Python RNG states, so the
                         gate noise continues exactly where it stopped
+    shards/             sharded runs (run.parallel fsdp) only, instead of state.pt's model and
+                        optimizer: a torch.distributed.checkpoint (DCP) folder, every rank
+                        writing its own shard file (__{r}_0.distcp) and rank 0 the .metadata;
+                        it loads into any number of workers (DCP reshards on load)
 
 Ray merges the files all ranks report into one checkpoint directory, which is why each rank's
-RNG state has its own file name.
+RNG state (and DCP shard) has its own file name.
+
+`load_model_weights` reads the weights of either layout into a plain single-process model
+(export, evaluation).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 STATE_FILE = "state.pt"
+SHARDS_DIR = "shards"
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -46,20 +54,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _sharded_state(model, optimizer) -> dict:
+    """{"model": ..., "optimizer": ...} of a fully_shard model: this rank's DTensor shards,
+    keyed by parameter name (the optimizer's state initialised if it has none yet)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optimizer": optim_sd}
+
+
 def save_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, optimizer=None,
                     lr_scheduler=None, step: int = 0, data_position: dict | None = None,
                     schedule_state: dict | None = None, extra: dict | None = None,
-                    meta: dict | None = None) -> Path:
+                    meta: dict | None = None, sharded: bool = False) -> Path:
     """Write this rank's part of a checkpoint into `directory` (created if missing).
 
-    Rank 0 writes the training state; every rank writes its RNG state.
+    Rank 0 writes the training state; every rank writes its RNG state. `sharded` (a
+    fully_shard model; every rank calls this, it is collective): model and optimizer go to
+    `shards/` through torch.distributed.checkpoint, each rank writing its own shards.
     """
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_state(model, optimizer), checkpoint_id=d / SHARDS_DIR)
     if rank == 0:
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "sharded": sharded,
+            **({} if sharded else {"model": model.state_dict(),
+                                   "optimizer": optimizer.state_dict()}),
             "lr_scheduler": lr_scheduler.state_dict(),
             "step": int(step),
             "data_position": dict(data_position or {}),
@@ -78,16 +102,30 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
 
     Returns the state dict (step, data_position, schedule_state, extra). The RNG state of
     `rank` is restored when the checkpoint has it (same world size); otherwise the caller
-    reseeds.
+    reseeds. A sharded checkpoint loads into a fully_shard model and its optimizer (every
+    rank calls this, with any number of ranks); the layouts do not mix.
     """
     d = Path(directory)
     path = d / STATE_FILE
     if not path.is_file():
         raise ValueError(f"checkpoint {d}: missing {STATE_FILE}")
     state = torch.load(path, map_location=map_location, weights_only=True)
-    if model is not None:
+    sharded = state.get("sharded", False)
+    if model is not None and sharded != _is_sharded(model):
+        raise ValueError(f"checkpoint {d} was written by a "
+                         f"{'sharded (run.parallel fsdp)' if sharded else 'replicated (ddp)'} "
+                         "run; resume it with the same run.parallel")
+    if sharded and model is not None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        target = _sharded_state(model, optimizer)
+        dcp.load(target, checkpoint_id=d / SHARDS_DIR)
+        set_state_dict(model, optimizer, model_state_dict=target["model"],
+                       optim_state_dict=target["optimizer"])
+    elif model is not None:
         model.load_state_dict(state["model"])
-    if optimizer is not None:
+    if optimizer is not None and not sharded:
         optimizer.load_state_dict(state["optimizer"])
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -96,3 +134,24 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
     if state["rng_restored"]:
         set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     return state
+
+
+def _is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> None:
+    """The checkpoint's weights into a plain (unsharded) `model` in this process, whichever
+    layout wrote them: state.pt's "model", or the DCP shards gathered into full tensors."""
+    d = Path(directory)
+    state = torch.load(d / STATE_FILE, map_location="cpu", weights_only=True)
+    if not state.get("sharded", False):
+        model.load_state_dict(state["model"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    target = {"model": model.state_dict()}
+    dcp.load(target, checkpoint_id=d / SHARDS_DIR)  # no process group: read in this process
+    model.load_state_dict(target["model"])

@@ -30,6 +30,7 @@ TOKENIZERS = ("word", "byte", "gpt2")
 LOADERS = ("ray", "local")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
+PARALLEL = ("ddp", "fsdp")
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
 
@@ -132,6 +133,12 @@ class RunConfig:
     actor, which Ray restarts) or nan (rank 0's loss becomes NaN). raise/exit/kill_actor fire
     once per run (a marker file in the run dir remembers); nan fires at that step every time.
 
+    `parallel`: how workers share the model: "ddp" (a replica per worker, gradients
+    all-reduced) or "fsdp" (parameters, gradients and optimizer state sharded across workers
+    with torch's fully_shard, per block; checkpoints sharded, one file per worker, through
+    torch.distributed.checkpoint). `compile`: torch.compile the parts of each block that
+    compile cleanly (the experts' FFNs); off by default (see BENCHMARKS.md for what it buys).
+
     `tracking`: experiment trackers rank 0 also logs the metrics to, any of "tensorboard"
     and "mlflow" (sparsebk.train.tracking); `mlflow_uri`: the MLflow tracking URI (None: a
     SQLite store inside the run folder), `mlflow_experiment`: its experiment (None: the run
@@ -152,6 +159,8 @@ class RunConfig:
     max_failures: int = 2
     inject_faults: list[str] = field(default_factory=list)
     plots: bool = True
+    parallel: str = "ddp"
+    compile: bool = False
     tracking: list[str] = field(default_factory=list)
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
@@ -189,6 +198,8 @@ class RunConfig:
                 raise field_error("run.inject_faults", f,
                            f"entries are 'MODE@STEP' with MODE in {FAULT_MODES}")
         self.inject_faults = list(self.inject_faults)
+        check_choice("run.parallel", self.parallel, PARALLEL)
+        check_bool("run.compile", self.compile)
         self._check_tracking()
 
     def _check_tracking(self) -> None:

@@ -1,9 +1,11 @@
 """The Ray Train worker function: build a Trainer, restore, fit. Ray touch points: `# [ray]`.
 
 Everything about a training step lives in sparsebk.train.trainer; this module adds what only
-a Ray worker has: its rank and device, DDP (`prepare_model`), the dataset shard, the schedule
-actor (rank 0 asks it, a gloo broadcast hands the values to every rank), checkpoints restored
-from and reported to Ray Train, and fault injection for the tests.
+a Ray worker has: its rank and device, the parallelism applied to the built model
+(`parallelize`: torch.compile of the experts, then DDP through `prepare_model` or FSDP2's
+`fully_shard`), the dataset shard, the schedule actor (rank 0 asks it, a gloo broadcast
+hands the values to every rank), checkpoints restored from and reported to Ray Train, and
+fault injection for the tests.
 """
 
 from __future__ import annotations
@@ -105,6 +107,47 @@ def _device(cfg: TrainConfig, rank: int) -> torch.device:
     return ray.train.torch.get_device()  # [ray]
 
 
+def compile_blocks(model: SparseBKLM) -> None:
+    """torch.compile what compiles cleanly, in place (parameter names unchanged): each
+    expert's FFN, with a dynamic token count. A whole block does not: the MoE's per-expert
+    slices have data-dependent sizes (inductor fails on them in torch 2.13), and the sparse
+    path's `nonzero` is a graph break."""
+    from sparsebk.moe import ExpertFFN
+
+    for module in model.modules():
+        if isinstance(module, ExpertFFN):
+            module.compile(dynamic=True)
+
+
+def shard(model: SparseBKLM, world: int, device: torch.device) -> torch.nn.Module:
+    """FSDP2: fully_shard each block, then the root (embedding, tied head, final norm) over
+    all `world` ranks of the default process group. Each rank keeps 1/world of every
+    parameter, its gradient and its optimizer state; a block's parameters are all-gathered
+    for its forward and backward, its gradients reduce-scattered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def parallelize(model: SparseBKLM, cfg: TrainConfig, world: int, device: torch.device
+                ) -> torch.nn.Module:
+    """The built model as this worker trains it: compiled parts (run.compile), then DDP
+    (run.parallel ddp, through Ray's prepare_model; none for one CPU worker) or `shard`
+    (run.parallel fsdp, any number of workers)."""
+    if cfg.run.compile:
+        compile_blocks(model)
+    if cfg.run.parallel == "fsdp":
+        return shard(model, world, device)
+    if world > 1 or cfg.run.use_gpu:
+        return ray.train.torch.prepare_model(model)  # [ray] DDP, on the worker's device
+    return model
+
+
 def _report(metrics: dict, directory: str | None) -> None:
     checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
     ray.train.report(metrics, checkpoint=checkpoint)  # [ray] a barrier: every rank calls it
@@ -120,11 +163,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = _device(cfg, rank)
     if device.type == "cpu":
         torch.set_num_threads(cfg.run.torch_threads or max(1, (os.cpu_count() or 1) // world))
-    torch.manual_seed(cfg.run.seed * 1000 + rank)
-
-    model = SparseBKLM(cfg.model)
-    if world > 1 or cfg.run.use_gpu:
-        model = ray.train.torch.prepare_model(model)  # [ray] DDP
+    torch.manual_seed(cfg.run.seed * 1000 + rank)  # this rank's gate noise and dropout
+    with torch.random.fork_rng(devices=[]):
+        # the same initial weights on every rank: DDP would broadcast rank 0's, but
+        # fully_shard keeps each rank's own slice of what it built
+        torch.manual_seed(cfg.run.seed * 1000)
+        model = SparseBKLM(cfg.model)
+    model = parallelize(model, cfg, world, device)
     trainer = Trainer(
         cfg, model, device=device, rank=rank, world=world,
         valid=load_blocks(dataset_dir, "valid"), test=lambda: load_blocks(dataset_dir, "test"),

@@ -67,7 +67,36 @@ def lr_lambda(optim_cfg) -> Callable[[int], float]:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's wrapper (a fully_shard model is its own module)."""
     return model.module if hasattr(model, "module") else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """A fully_shard (FSDP2) model: its forward and its checkpoints are collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This worker's memory: parameters + gradients + optimizer state it holds (its shards
+    under FSDP), the process's peak resident set, and on CUDA the peak allocated. No device
+    sync: sizes and host counters only."""
+    import resource
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+
+    held = 0
+    for p in model.parameters():
+        held += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+    for st in optimizer.state.values():
+        held += sum(local(v).nbytes for v in st.values() if torch.is_tensor(v))
+    out = {"param_optim_mb": held / 2**20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 @contextmanager
@@ -102,17 +131,24 @@ def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int 
              world: int = 1, max_rows: int | None = None, autocast=nullcontext
              ) -> tuple[float, list[float]]:
     """Token-weighted mean cross-entropy over `blocks` (rows strided across ranks, sums
-    all-reduced) and the measured per-layer sparsity (eval mode: no gate noise)."""
+    all-reduced) and the measured per-layer sparsity (eval mode: no gate noise). Under FSDP
+    a forward is collective, so every rank runs as many batches as the largest share (a rank
+    with fewer rows repeats a row and does not count it)."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
     rows = blocks if max_rows is None else blocks[:max_rows]
     mine = rows[rank::world]
+    share = -(-len(rows) // world) if is_sharded(model) else len(mine)  # rows to run
     acc = torch.zeros(2 + net.config.n_layers, dtype=torch.float64, device=device)
-    for i in range(0, len(mine), batch_size):  # acc: loss sum, tokens, sparsity sums
-        b = mine[i:i + batch_size].to(device, non_blocking=True)
+    for i in range(0, share, batch_size):  # acc: loss sum, tokens, sparsity sums
+        b = mine[i:i + batch_size]
+        count = len(b) > 0
+        b = (b if count else rows[:1]).to(device, non_blocking=True)
         with autocast():
             out = net(b[:, :-1], targets=b[:, 1:])
+        if not count:
+            continue
         n_tok = b[:, 1:].numel()
         acc[0] += out["ce_loss"].double() * n_tok
         acc[1] += n_tok
@@ -205,6 +241,7 @@ class Trainer:
         s = self.state
         sched = self.schedule.checkpoint_state() if self.schedule is not None else None
         save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
+                        sharded=is_sharded(self.model),
                         lr_scheduler=self.lr_sched, step=s.step,
                         data_position={"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
                         schedule_state=sched, extra={"run_state": dataclasses.asdict(s)},
@@ -316,6 +353,8 @@ class Trainer:
             for k, v in out.items():
                 mean[k] = mean[k] + v / n if k in mean else v / n
         norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the norm over all shards
+            norm = norm.full_tensor()
         finite = bool(torch.isfinite(norm))  # the one host sync per step (see module doc)
         if finite:
             self.optimizer.step()
@@ -348,6 +387,7 @@ class Trainer:
             "tokens_per_s": tokens_per_step * w.steps / max(elapsed, 1e-9),
             "step_s": elapsed / n, "data_wait_s": w.wait_s / n, "schedule_s": w.sched_s / n,
             "eta_s": (c.optim.max_steps - s.step) * elapsed / n, "bad_steps": s.bad_steps,
+            **memory_stats(self.net, self.optimizer),
         }
         if self.writer is not None:
             logger.info(progress_line(self.last_log, c.optim.max_steps))
