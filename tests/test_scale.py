@@ -388,3 +388,15 @@ def test_compiled_experts_give_the_eager_loss_and_gradients():
         outs.append((out["loss"].detach(), grads(model)))
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
     assert_close_all(outs[1][1], outs[0][1], "grad", atol=1e-6)
+
+
+def test_bench_scale_smoke(tmp_path):
+    """`sparsebk bench scale --quick` for one variant: the table's fields, per worker."""
+    from sparsebk.bench.scale import main
+
+    assert main(["--quick", "--variants", "ddp,ckpt", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scale.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["ddp", "ckpt"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["param_optim_mb"] > 0 and r["activation_mb"] > 0
+    assert rows[1]["activation_mb"] < rows[0]["activation_mb"]  # checkpointing keeps less

@@ -13,6 +13,7 @@ BENCHMARKS = {
     "training": "sparsebk.bench.training",
     "quality": "sparsebk.bench.quality",
     "decode": "sparsebk.bench.decode",
+    "scale": "sparsebk.bench.scale",
 }
 
 
