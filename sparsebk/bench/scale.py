@@ -1,7 +1,7 @@
 """`sparsebk bench scale --out DIR`: what the scaling knobs buy and cost, on 2 workers.
 
 Each variant runs the training package's `Trainer.train_step` in 2 processes over a gloo
-(CPU) or NCCL (CUDA) process group, wrapped as the Ray worker wraps the model
+(CPU) or NCCL (CUDA: one GPU per process, 1 process on a 1-GPU machine) process group, wrapped as the Ray worker wraps the model
 (sparsebk.train.loop: `compile_blocks`, DDP or `shard`), on random token batches (no data
 loading in the timing). One factor changes at a time against the baseline (DDP, no
 checkpointing, eager, no accumulation):
@@ -16,7 +16,9 @@ Per variant and model size: tokens/s (all workers, all micro-batches, median of 
 steps), step time, and per worker (the larger of the two): parameter + gradient + optimizer
 bytes held, activation bytes (what one micro-batch's forward keeps for backward: the
 process's heap growth over that forward on CPU, measured with glibc's mallinfo2; allocated
-CUDA memory on GPU), and the process's peak RSS (on CPU it includes ~0.3-0.5 GB of
+CUDA memory on GPU), the part of it the blocks hold (the growth up to the final norm; the
+rest is the head's (B, T, V) logits and their cross-entropy, which checkpointing the blocks
+does not touch), and the process's peak RSS (on CPU it includes ~0.3-0.5 GB of
 libraries, and the warm-up; on GPU the CUDA peak allocated).
 """
 
@@ -47,8 +49,8 @@ VARIANTS = {
 # 2 CPU workers' memory here (4x small's width: ~40M parameters)
 SIZES = {
     "debug": ("debug", {"vocab_size": 256}),
-    "small": ("small", {}),
-    "wide": ("small", {"d_model": 512}),
+    "small": ("small", {"vocab_size": 10000}),
+    "wide": ("small", {"vocab_size": 10000, "d_model": 512}),
 }
 
 
@@ -133,41 +135,52 @@ def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batc
         t.optimizer.zero_grad(set_to_none=True)
         x = micro()[0].to(device)
         gc.collect()
-        if cuda:
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-        else:
-            before = heap_bytes()
+        before = torch.cuda.memory_allocated() if cuda else heap_bytes()
+
+        def allocated() -> int:
+            if cuda:
+                torch.cuda.synchronize()
+                return torch.cuda.memory_allocated()
+            return heap_bytes()
+
+        at_head = []
+        hook = t.net.norm_f.register_forward_pre_hook(lambda m, a: at_head.append(allocated()))
         with autocast():
             loss = t.model(x[:, :-1], targets=x[:, 1:])["loss"]
-        if cuda:
-            torch.cuda.synchronize()
-        held = (torch.cuda.memory_allocated() if cuda else heap_bytes()) - before
+        held = allocated() - before
+        hook.remove()
         loss.backward()
-        torch.save({"step_s": step_s, "activation_mb": held / 2**20, **mem},
+        torch.save({"step_s": step_s, "activation_mb": held / 2**20,
+                    "block_act_mb": (at_head[0] - before) / 2**20, **mem},
                    Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def workers() -> int:
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
 
 
 def run_variant(size: str, variant: str, *, batch: int, warmup: int, steps: int,
                 threads: int) -> dict:
     import torch.multiprocessing as mp
 
+    world = workers()
     with tempfile.TemporaryDirectory(prefix="sparsebk-scale-") as tmp:
-        mp.start_processes(_worker, args=(2, f"{tmp}/pg", size, variant, batch, warmup, steps,
-                                          threads, tmp), nprocs=2, join=True,
+        mp.start_processes(_worker, args=(world, f"{tmp}/pg", size, variant, batch, warmup,
+                                          steps, threads, tmp), nprocs=world, join=True,
                            start_method="spawn")
-        ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        ranks = [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(world)]
     cfg = _cfg(size, variant, batch)
-    # a step ends for both workers at its last collective: the slower rank's time
-    step_s = statistics.median(max(a, b) for a, b in zip(ranks[0]["step_s"], ranks[1]["step_s"]))
-    tokens = 2 * cfg.optim.grad_accum_steps * batch * cfg.model.n_seq
+    # a step ends for all workers at its last collective: the slowest rank's time
+    step_s = statistics.median(max(ts) for ts in zip(*(r["step_s"] for r in ranks)))
+    tokens = world * cfg.optim.grad_accum_steps * batch * cfg.model.n_seq
     peak = "cuda_peak_mb" if "cuda_peak_mb" in ranks[0] else "peak_rss_mb"
-    return {"size": size, "variant": variant, "tokens_per_s": tokens / step_s,
+    return {"size": size, "variant": variant, "workers": world, "tokens_per_s": tokens / step_s,
             "step_ms": 1e3 * step_s,
             "param_optim_mb": max(r["param_optim_mb"] for r in ranks),
             "activation_mb": max(r["activation_mb"] for r in ranks),
+            "block_act_mb": max(r["block_act_mb"] for r in ranks),
             "peak_mb": max(r[peak] for r in ranks), "peak_kind": peak}
 
 
@@ -204,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         row["speed_vs_ddp"] = row["tokens_per_s"] / base["tokens_per_s"]
         row["param_optim_vs_ddp"] = row["param_optim_mb"] / base["param_optim_mb"]
         row["activation_vs_ddp"] = row["activation_mb"] / max(base["activation_mb"], 1e-9)
+        row["block_act_vs_ddp"] = row["block_act_mb"] / max(base["block_act_mb"], 1e-9)
     print()
-    print(f"2 workers, {threads} torch threads each, micro-batch {args.batch} rows; "
+    print(f"{workers()} workers, {threads} torch threads each, micro-batch {args.batch} rows; "
           f"median of {args.steps} steps after {args.warmup} warm-up; memory per worker (max)")
     print(format_table(rows, ["size", "variant", "tokens_per_s", "speed_vs_ddp", "step_ms",
                               "param_optim_mb", "param_optim_vs_ddp", "activation_mb",
-                              "activation_vs_ddp", "peak_mb"]))
+                              "activation_vs_ddp", "block_act_mb", "block_act_vs_ddp",
+                              "peak_mb"]))
     write_result(args.out, "scale", {"args": vars(args), "threads": threads, "rows": rows,
                                      "load_avg": os.getloadavg()})
     return 0
