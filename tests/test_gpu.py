@@ -223,8 +223,8 @@ def test_activation_checkpointing_on_cuda_same_loss_and_gradients(strict_fp32, a
         results.append((out["loss"].detach().cpu(), out["layer_sparsity"].cpu(),
                         [p.grad.detach().float().cpu() for p in model.parameters()]))
     (l0, s0, g0), (l1, s1, g1) = results
-    assert torch.equal(s1, s0)
-    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert torch.equal(s1, s0)  # the recomputation took the forward's gate decisions
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
     for i, (a, b) in enumerate(zip(g1, g0)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"grad {i}")
 
