@@ -9,7 +9,8 @@ Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N m
     1. the step's Schedule (per-layer targets, loss weight) from `schedule` (under DDP the
        actor's answer broadcast from rank 0), set on the model;
     2. `train_step`: per micro-batch forward (bf16 autocast on GPU) and backward of loss / N,
-       gradients summed locally (`no_sync`) and all-reduced on the last micro-batch only;
+       gradients summed locally (`gradient_sync`) and all-reduced (FSDP: reduce-scattered
+       into each rank's shard) on the last micro-batch only;
        gradient clipping; the clipped norm is the same on every rank after the all-reduce, so
        all ranks agree on skipping a non-finite step without another collective; AdamW; LR;
     3. every `log_every` steps `log`: the running sums (loss, training-mode sparsity per layer)
@@ -28,12 +29,12 @@ benchmark loops drive the same `train_step`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import tempfile
-import itertools
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
