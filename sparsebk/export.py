@@ -37,7 +37,7 @@ import torch
 
 from sparsebk.data.tokenizers import GPT2Tokenizer, Tokenizer, WordTokenizer, get_tokenizer
 from sparsebk.lm import LMConfig, SparseBKLM
-from sparsebk.train.checkpoint import STATE_FILE
+from sparsebk.train.checkpoint import STATE_FILE, load_model_weights
 from sparsebk.train.metrics import safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
@@ -138,12 +138,15 @@ def _tokenizer(root: Path, ident: dict, where: str) -> Tokenizer:
     return tok
 
 
-def _model(model_config: dict, state: dict, where: str) -> SparseBKLM:
-    """A model of `model_config` holding `state`; a state of another model is refused."""
+def _model(model_config: dict, state: dict | None, where: str) -> SparseBKLM:
+    """A model of `model_config` holding `state` (None: left as built); a state of another
+    model is refused."""
     try:
         model = SparseBKLM(LMConfig.from_dict(model_config))
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    if state is None:
+        return model.eval()
     want = model.state_dict()
     problems = [f"{k}: {tuple(v.shape)} stored, {tuple(want[k].shape)} expected"
                 for k, v in state.items() if k in want and v.shape != want[k].shape]
@@ -179,7 +182,15 @@ def load_checkpoint_model(path: str | os.PathLike, device="cpu") -> Pretrained:
         if key not in meta:
             raise ValueError(f"{where}: no meta.{key} (a checkpoint written before checkpoints "
                              "recorded their configs and tokenizer); it cannot be rebuilt")
-    model = _model(meta["model_config"], state["model"], where)
+    if state.get("sharded", False):  # an FSDP run: the weights are DCP shards beside state.pt
+        model = _model(meta["model_config"], None, where)
+        try:
+            load_model_weights(ckpt, model)
+        except Exception as e:  # noqa: BLE001 (DCP raises several kinds; all mean "not these")
+            raise ValueError(f"{ckpt}: the sharded weights do not load into the model its "
+                             f"config describes: {e}") from None
+    else:
+        model = _model(meta["model_config"], state["model"], where)
     tok = _tokenizer(Path(meta["dataset_dir"]), meta["tokenizer"],
                      f"{where} (tokenizer from its dataset)")
     tc, metrics = meta["train_config"], _ray_metrics(ckpt)

@@ -131,6 +131,25 @@ def test_export_then_load_gives_bit_identical_logits(trained, tmp_path):
     assert TrainConfig.from_dict(cfg["train_config"]) == trained["cfg"]
 
 
+def test_a_sharded_checkpoint_loads_the_same_weights(trained, tmp_path):
+    """An FSDP run's checkpoint keeps its weights as torch.distributed.checkpoint shards
+    beside a state.pt without "model"; loading gathers them into the plain model."""
+    import torch.distributed.checkpoint as dcp
+
+    from sparsebk.train.checkpoint import SHARDS_DIR, STATE_FILE
+
+    src = trained["run_dir"] / "checkpoint_000012"
+    dst = tmp_path / "checkpoint_sharded"
+    shutil.copytree(src, dst)
+    state = torch.load(dst / STATE_FILE, weights_only=True)
+    dcp.save({"model": state.pop("model")}, checkpoint_id=dst / SHARDS_DIR)  # one process
+    state.pop("optimizer")
+    torch.save({**state, "sharded": True}, dst / STATE_FILE)
+    rows = load_blocks(trained["data"], "valid")[:8]
+    got = load_checkpoint_model(dst)
+    assert torch.equal(_logits(got.model, rows), _logits(load_checkpoint_model(src).model, rows))
+
+
 def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsys):
     for rec in trained["reported"]:
         ckpt = trained["run_dir"] / rec["checkpoint_dir_name"]
