@@ -1,6 +1,8 @@
-"""Shared fixtures. One local Ray serves every test that asks for it (started on first use,
-shut down at the end of the session); tests that need a cluster of their own (a token-auth
-head for `ray job submit`) start it themselves."""
+"""Shared fixtures. Ray is started once per test module that asks for it, never per test.
+
+Not once per session: placement groups that Ray Train leaves behind when Tune stops a trial
+early (issue 12's leak) would starve the modules that run after the sweep tests (measured: the
+first Ray Train test after them waited forever for its workers)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray cluster on 127.0.0.1, shared by the session's tests."""
+    """A real local Ray cluster on 127.0.0.1 for the module's tests."""
     import ray
 
     if ray.is_initialized():

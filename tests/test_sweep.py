@@ -42,7 +42,7 @@ def write_sweep(tmp: Path, name: str, text: str) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_fast(ray_local):
-    """The session's local Ray (its Train controller polls workers every 0.2 s: conftest)."""
+    """The module's local Ray (its Train controller polls workers every 0.2 s: conftest)."""
     return ray_local
 
 
