@@ -125,3 +125,21 @@ def test_non_finite_steps_are_skipped_counted_and_stop(tmp_path):
     assert reason == "stopped at step 8: 2 consecutive non-finite steps (optim.max_bad_steps=2)"
     assert t2.state.bad_steps == 2
     assert all(torch.isfinite(p).all() for p in t2.net.parameters())
+
+
+def test_a_non_finite_validation_loss_never_reaches_the_schedule(tmp_path):
+    """The scheduler refuses a non-finite loss; handing it one would raise at every retry."""
+    cfg = make_cfg(tmp_path)
+    train, valid = rows()
+    saved: list = []
+    t = build(cfg, valid, saved)
+    t.step(train[:4])  # the schedule's first values
+    finite = t.validate_and_save()["val_loss"]
+    assert t.schedule.state.last_val_loss == finite
+    t.evaluate = lambda blocks, max_rows=None: (float("nan"), [0.0] * cfg.model.n_layers)
+    t.step(train[4:8])
+    metrics = t.validate_and_save()
+    assert metrics["val_loss"] != metrics["val_loss"]  # NaN reported as measured
+    assert t.schedule.state.last_val_loss == finite  # ... but not given to the schedule
+    assert t.state.nonfinite_evals == 1 and t.state.best_val_loss == finite
+    assert len(saved) == 2  # the checkpoint was still written and reported
