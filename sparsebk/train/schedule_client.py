@@ -45,7 +45,6 @@ class ScheduleClient:
         """`state`: the checkpoint's scheduler state (None: a fresh run; the actor resets)."""
         self.actor = actor
         self.retry_timeout_s = retry_timeout_s
-        self.recoveries = 0
         if state is None:
             ray.get(actor.reset.remote())
             state = ray.get(actor.state_dict.remote())
@@ -73,7 +72,6 @@ class ScheduleClient:
                 ref = issue()
 
     def _recover(self, deadline: float) -> None:
-        self.recoveries += 1
         state = dict(self.saved, last_val_loss=self.last_val)
         while True:
             try:
