@@ -13,7 +13,9 @@ skipped position outputs W_out f_j + b_out of j, the last computed position befo
     LayerState.alpha   (B, H) complex  alpha of the last position, per head
     LayerState.k_prev  (B, H) real     k of the last position: its coupling to the next one
     LayerState.carry   (B, D)          W_out f_j + b_out of the last computed position j
-                                       (W_out 0 + b_out before any: the forward's zero features)
+                                       (W_out 0 + b_out before any: the forward's zero features);
+                                       kept but unused with skip_output "own" / "zero", whose
+                                       skipped outputs need only alpha
     DecodeState.pos    int             positions consumed = the next token's position (the
                                        quasi gate's offset and the learned position row)
 
@@ -145,6 +147,17 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     feats = torch.view_as_real(g).reshape(B, 2 * H).to(x.dtype)  # [Re g_1, Im g_1, ...]
     k = torch.ones_like(st.k_prev) if b is None else b.to(wd).square()
     carry = st.carry
+    if layer.skip_output != "carry":  # "own": every row projects its features; "zero": 0
+        if layer.skip_output == "own":
+            y = layer.output_proj(feats)  # (B, D)
+            if m:
+                y = y.index_copy(0, idx, h + y.index_select(0, idx))
+        else:
+            y = carry.new_zeros(B, D)
+            if m:
+                spec = layer.output_proj(feats.index_select(0, idx))
+                y = y.index_copy(0, idx, (h + spec).to(y.dtype))
+        return y, LayerState(alpha=alpha, k_prev=k, carry=carry)
     if m:
         spec = layer.output_proj(feats.index_select(0, idx))  # (M, D)
         y = carry.index_copy(0, idx, (h + spec).to(carry.dtype))
@@ -186,9 +199,17 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     if scale is not None:
         g = g * scale.repeat(B).unsqueeze(-1)
     feats = torch.view_as_real(g).view(B, H, T, 2).permute(0, 2, 1, 3).reshape(B, T, 2 * H)
-    feats = feats.to(x.dtype).reshape(B * T, 2 * H).index_select(0, idx)
-    spec = layer.output_proj(feats)  # (M, D)
+    feats = feats.to(x.dtype).reshape(B * T, 2 * H)
+    new_ak = dict(alpha=alpha[:, -1].view(B, H), k_prev=k[:, -1])
+    if layer.skip_output == "own":  # as the forward: every position projects its own features
+        spec = layer.output_proj(feats)  # (B T, D)
+        y = spec.index_copy(0, idx, h + spec.index_select(0, idx))
+        return y.view(B, T, D), LayerState(**new_ak, carry=st.carry)
+    spec = layer.output_proj(feats.index_select(0, idx))  # (M, D)
     out = h + spec
+    if layer.skip_output == "zero":
+        y = out.new_zeros(B * T, D).index_copy(0, idx, out)
+        return y.view(B, T, D), LayerState(**new_ak, carry=st.carry)
 
     # the row of [carry_in (B rows); spec (M rows)] each position copies when skipped
     src = SparseBKCore.carry_index(keep)  # (B, T) last computed j <= i, -1 if none
@@ -198,8 +219,7 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
                       base)  # (B, T)
     table = torch.cat([st.carry, spec.to(st.carry.dtype)], 0)  # (B + M, D)
     y = table.index_select(0, row.reshape(-1)).index_copy(0, idx, out.to(table.dtype))
-    new = LayerState(alpha=alpha[:, -1].view(B, H), k_prev=k[:, -1],
-                     carry=table.index_select(0, row[:, -1]))
+    new = LayerState(**new_ak, carry=table.index_select(0, row[:, -1]))
     return y.view(B, T, D), new
 
 

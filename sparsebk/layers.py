@@ -15,6 +15,17 @@ costs no expert FFN and no projection: its output is a row copy of an already pr
 The BK-core runs over the whole sequence because it is a cheap O(N) scalar chain; skipping
 inside it would save nothing.
 
+What a skipped position outputs is the option `skip_output`:
+
+    "carry" (above)  y_i = W_out f_j + b_out      a stale row: the features of an earlier position
+    "own"            y_i = W_out f_i + b_out      its own BK features (v_i = 0, coupling 1): what
+                                                  the chain carries to i from every computed
+                                                  position before it, for one 2H -> D projection
+    "zero"           y_i = 0                      Mixture-of-Depths: the residual stream only
+
+"own" costs a (2H x D) projection per skipped position (against the expert FFN's 2 x D x 4D
+and the v projection it still skips); the BK features of every position exist anyway.
+
 Multi-channel mixing (`bk_heads`, `bk_learn_z`, `bk_input_couplings`; the defaults 1, False,
 False are the single-channel layer, bit for bit). The H heads run as one BK-core call over
 (B H, N) rows. Head h has the shift z_h: 1j for every head when fixed; when learnt,
@@ -58,6 +69,8 @@ from sparsebk.gate import GumbelSigmoidGate
 from sparsebk.moe import MoEFFN
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int, check_sparsity
+
+SKIP_OUTPUTS = ("carry", "own", "zero")  # what a skipped position outputs (module docstring)
 
 if TYPE_CHECKING:  # lm.py imports this module
     from sparsebk.lm import LMConfig
@@ -225,8 +238,10 @@ class SparseMoEResNetBKLayer(nn.Module):
                  sparsity_loss_weight: float = 0.01, sparsity_loss_type: str = "adaptive",
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
-                 bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False):
+                 bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False,
+                 skip_output: str = "carry"):
         super().__init__()
+        self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
         dropout_p = check_float("dropout_p", dropout_p, min=0.0, max=1.0, max_open=True)
@@ -260,7 +275,8 @@ class SparseMoEResNetBKLayer(nn.Module):
                    sparsity_loss_type=cfg.sparsity_loss_type,
                    use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
                    gate_eval_mode=cfg.gate_eval_mode, bk_heads=cfg.bk_heads,
-                   bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings)
+                   bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings,
+                   skip_output=cfg.skip_output)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -313,9 +329,16 @@ class SparseMoEResNetBKLayer(nn.Module):
         if self.coupling_proj is not None:  # coupling 1 (the Laplacian's) where skipped
             b_c = self.couplings(h)  # (M, H)
             b = b_c.new_ones(B * N, H).index_copy(0, idx, b_c).view(B, N, H)
-        feats = self.sparse_bk_core.bk_features(v, b).reshape(B * N, 2 * H).index_select(0, idx)
-        spec = self.output_proj(feats)  # (M, D)
-        out = mask.reshape(-1).index_select(0, idx).unsqueeze(-1) * (h + spec)  # (M, D)
+        feats = self.sparse_bk_core.bk_features(v, b).reshape(B * N, 2 * H)
+        m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live: the gate's gradient
+        if self.skip_output == "own":  # every position projects its own features
+            spec = self.output_proj(feats)  # (B N, D)
+            out = m * (h + spec.index_select(0, idx))
+            return spec.to(out.dtype).index_copy(0, idx, out).view(B, N, D), aux
+        spec = self.output_proj(feats.index_select(0, idx))  # (M, D)
+        out = m * (h + spec)  # (M, D)
+        if self.skip_output == "zero":
+            return out.new_zeros(B * N, D).index_copy(0, idx, out).view(B, N, D), aux
 
         # row of the output table each position copies: 0 = projected zero features,
         # r >= 1 = the r-th computed position (flat order), i.e. the last computed j <= i
@@ -340,8 +363,13 @@ class SparseMoEResNetBKLayer(nn.Module):
             b = torch.where(keep.unsqueeze(-1), self.couplings(h), 1.0)  # (B, N, H)
         feats = self.sparse_bk_core.bk_features(v, b)  # (B, N, 2H)
         out = mask.unsqueeze(-1) * (h + self.output_proj(feats))
-        carried = self.output_proj(SparseBKCore.interpolate(feats, mask))
-        return torch.where(keep.unsqueeze(-1), out, carried), aux
+        if self.skip_output == "own":
+            skipped = self.output_proj(feats)
+        elif self.skip_output == "zero":
+            skipped = torch.zeros_like(out)
+        else:
+            skipped = self.output_proj(SparseBKCore.interpolate(feats, mask))
+        return torch.where(keep.unsqueeze(-1), out, skipped), aux
 
     def _mask(self) -> torch.Tensor:
         if self.last_mask is None:

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsebk import decode
 from sparsebk.decode import DecodeState
 from sparsebk.gate import EVAL_MODES
-from sparsebk.layers import LayerOutput, SparseMoEResNetBKLayer
+from sparsebk.layers import SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
                                  check_sparsity, from_mapping)
@@ -105,6 +105,10 @@ class LMConfig:
     # "none": no absolute positions (the causal BK recurrence is order-aware), so a model
     # trained on n_seq-token blocks runs (and decodes) past n_seq
     pos_emb: str = "learned"
+    # what a skipped position outputs: "carry" (the projected features of the last computed
+    # position), "own" (its own BK features, projected), "zero" (the residual stream only);
+    # see sparsebk.layers
+    skip_output: str = "carry"
 
     def __post_init__(self):
         if self.vocab_size is not None:
@@ -128,6 +132,7 @@ class LMConfig:
             check_bool(f"LMConfig.{name}", getattr(self, name))
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
+        check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":

@@ -1,0 +1,132 @@
+"""What a skipped position outputs (`skip_output`: "carry", "own", "zero"; sparsebk.layers).
+
+References: the layer's equations position by position with dense matrix inverses for the BK
+features (tests/test_layers.py's helpers), and the full forward for the streaming decoder.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsebk.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
+from sparsebk.lm import LMConfig, SparseBKLM
+from test_layers import D64, away_from_init, moe_reference, reference_features
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+OPTS = [{}, {"bk_heads": 3, "bk_learn_z": True, "bk_input_couplings": True}]
+
+
+def reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The layer, position by position (eval, no dropout). Skipped heads take v = 0 and
+    coupling 1; the skipped output follows the layer's skip_output."""
+    B, N, D = x.shape
+    H = layer.bk_heads
+    v = torch.zeros(B, N, H, dtype=x.dtype)
+    c = torch.ones(B, N, H, dtype=x.dtype)
+    h = {}
+    for b in range(B):
+        for i in range(N):
+            if mask[b, i] == 1:
+                h[b, i] = moe_reference(layer.moe, x[b, i:i + 1])[0]
+                v[b, i] = layer.v_proj(h[b, i])
+                if layer.bk_input_couplings:
+                    c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
+    feats = reference_features(layer, v, c)
+    rows = []
+    for b in range(B):
+        last = None
+        for i in range(N):
+            if mask[b, i] == 1:
+                last = i
+                rows.append(h[b, i] + layer.output_proj(feats[b, i]))
+            elif layer.skip_output == "own":
+                rows.append(layer.output_proj(feats[b, i]))
+            elif layer.skip_output == "zero":
+                rows.append(torch.zeros(D, dtype=x.dtype))
+            else:
+                f = feats[b, last] if last is not None else torch.zeros(2 * H, dtype=x.dtype)
+                rows.append(layer.output_proj(f))
+    return torch.stack(rows).view(B, N, D)
+
+
+@pytest.mark.parametrize("opts", OPTS, ids=["h1", "h3-z-b"])
+@pytest.mark.parametrize("skip", SKIP_OUTPUTS)
+def test_both_paths_match_the_reference_with_gradients(skip, opts):
+    torch.manual_seed(4)
+    layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, top_k=2, dropout_p=0.0,
+                                   skip_output=skip, **opts).double().eval()
+    away_from_init(layer)
+    with torch.no_grad():  # the mask is a constant for the reference (see test_layers)
+        layer.sparse_bk_core.importance_predictor.weight.zero_()
+    x = torch.randn(2, 9, 8, dtype=D64, requires_grad=True)
+    force = (torch.rand(2, 9) < 0.5).double()
+    force[0, :3] = 0  # leading skipped positions
+    assert 0 < force.sum() < force.numel()
+    cot = torch.randn(2, 9, 8, dtype=D64)
+    params = [p for n, p in layer.named_parameters() if "importance_predictor" not in n]
+
+    def value_and_grads(fn):
+        y = fn()
+        return y.detach(), torch.autograd.grad((y * cot).sum(), [x, *params], allow_unused=True)
+
+    ref, ref_grads = value_and_grads(lambda: reference(layer, x, force))
+    for sparse in (True, False):
+        layer.use_sparse_computation = sparse
+        y, grads = value_and_grads(lambda: layer(x, force_mask=force))
+        torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+        for g, g_ref in zip(grads, ref_grads):
+            g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+            torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
+
+
+def test_the_three_choices_differ_only_at_skipped_positions():
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 8, dtype=D64)
+    force = (torch.rand(2, 9) < 0.5).double()
+    outs = {}
+    for skip in SKIP_OUTPUTS:
+        torch.manual_seed(2)  # the same weights for every choice
+        layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, dropout_p=0.0,
+                                       skip_output=skip).double().eval()
+        outs[skip] = layer(x, force_mask=force).detach()
+    computed = force > 0.5
+    for skip in ("own", "zero"):
+        assert torch.equal(outs[skip][computed], outs["carry"][computed])
+        assert not torch.allclose(outs[skip][~computed], outs["carry"][~computed])
+    assert torch.equal(outs["zero"][~computed], torch.zeros_like(outs["zero"][~computed]))
+
+
+@pytest.mark.parametrize("skip", ["own", "zero"])
+@pytest.mark.parametrize("eval_mode", ["quasi", "threshold"])
+def test_decode_equals_the_full_forward(skip, eval_mode):
+    """Prefill of a prefix, then step-wise decoding: the logits of every position equal the
+    full eval-mode forward's, with skipped positions in every layer."""
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=61, n_seq=24, d_model=32, n_layers=3, bk_heads=2,
+                   bk_input_couplings=True, skip_output=skip, gate_eval_mode=eval_mode)
+    model = SparseBKLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.sparse_bk_core.importance_predictor.weight.normal_(std=3.0 / 32 ** 0.5)
+            layer.coupling_proj.weight.normal_(std=1.0 / 32 ** 0.5)
+    tokens = torch.randint(0, 61, (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(tokens)["logits"]
+        skipped = torch.stack([layer.last_mask < 0.5 for layer in model.layers]).float().mean()
+        assert 0.2 < skipped < 0.8, skipped
+        for prompt in (0, 5, 24):
+            got, state = [], model.init_state(3)
+            if prompt:
+                logits, state = model.prefill(tokens[:, :prompt])
+                got.append(logits)
+            for t in range(prompt, 24):
+                logits, state = model.step(tokens[:, t], state)
+                got.append(logits[:, None])
+            torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_choice_is_named():
+    with pytest.raises(ValueError, match="skip_output"):
+        LMConfig(vocab_size=10, n_seq=8, d_model=8, n_layers=1, skip_output="copy")
