@@ -57,6 +57,9 @@ class QualitySettings:
     preset: str = "small"
     targets: tuple = (0.0, 0.3, 0.5, 0.7)
     budget_s: float = 300.0  # training wall-clock per model (evaluation not counted)
+    # a step budget instead: every model trains the same number of steps (the same tokens),
+    # so rows compare quality per token and do not depend on the machine's load
+    budget_steps: int | None = None
     seed: int = 0
     batch_size: int = 32
     lr: float = 2e-3
@@ -90,6 +93,9 @@ class QualitySettings:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         if self.dense_mode not in DENSE_MODES:
             raise ValueError(f"dense_mode={self.dense_mode!r}: choose one of {DENSE_MODES}")
+        if self.budget_steps is not None and (not isinstance(self.budget_steps, int)
+                                              or self.budget_steps < 1):
+            raise ValueError(f"budget_steps={self.budget_steps!r} must be a positive integer or None")
         if self.eval_blocks is not None and self.eval_blocks < 1:
             raise ValueError(f"eval_blocks={self.eval_blocks!r} must be a positive integer or None")
 
@@ -114,6 +120,13 @@ def pin_gates_open(model) -> None:
             pred.weight.zero_()
             pred.bias.fill_(30.0)
         pred.requires_grad_(False)
+
+
+def _budget(s) -> str:
+    """The budget in words, from settings or their dict."""
+    get = s.get if isinstance(s, dict) else lambda k: getattr(s, k)
+    steps = get("budget_steps")
+    return f"{get('budget_s'):g} s" if steps is None else f"{steps} steps"
 
 
 def _schedule_step(frac: float, s: QualitySettings, warmup_steps: int) -> int:
@@ -181,9 +194,12 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     model.train()
     # contention is visible in these: other processes' load, and CPU seconds per wall second
     load_start, cpu_spent = os.getloadavg()[0], 0.0
-    while spent < s.budget_s:
+    def fraction() -> float:  # of the budget spent: seconds, or steps
+        return spent / s.budget_s if s.budget_steps is None else step / s.budget_steps
+
+    while fraction() < 1.0:
         t0, c0 = time.perf_counter(), time.process_time()
-        clock["frac"] = spent / s.budget_s
+        clock["frac"] = fraction()
         if scheduler is not None:
             state = scheduler.state_at(_schedule_step(clock["frac"], s, scheduler.config.warmup_steps))
             model.set_sparsity_schedule(state["sparsity_target"], state["loss_weight"])
@@ -202,7 +218,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
             n_since += 1
         spent += time.perf_counter() - t0
         cpu_spent += time.process_time() - c0
-        if spent >= next_point * s.budget_s / s.curve_points or spent >= s.budget_s:
+        if fraction() >= next_point / s.curve_points or fraction() >= 1.0:
             v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
             point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
                      "train_ce": (loss_sum / max(n_since, 1)).item(), "valid_subset_loss": v["loss"],
@@ -214,7 +230,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
             log.info("%s step %d %.0fs train_ce %.3f valid_subset_ppl %.1f", name, step, spent,
                      point["train_ce"], v["ppl"])
             loss_sum, sp_sum, n_since = torch.zeros(()), None, 0
-            next_point = int(spent * s.curve_points / s.budget_s) + 1
+            next_point = int(fraction() * s.curve_points) + 1
     load_end = os.getloadavg()[0]
     tokens_seen = step * s.batch_size * (train.shape[1] - 1)
     eval_blocks = {k: blocks[k][: s.eval_blocks] if s.eval_blocks else blocks[k] for k in ("valid", "test")}
@@ -259,13 +275,13 @@ def run_quality(s: QualitySettings) -> dict:
         if target == 0.0 and s.dense_mode == "pinned":
             name, sched = DENSE, None
             pin_gates_open(model)
-        log.info("training %s for %.0f s", name, s.budget_s)
+        log.info("training %s for %s", name, _budget(s))
         results.append(train_one(name, model, blocks, s, target=target, train_cfg=train_cfg,
                                  sched_kwargs=sched))
     if s.transformer:
         torch.manual_seed(s.seed)
         tcfg = TransformerConfig.matching(cfg)
-        log.info("training %s for %.0f s", TRANSFORMER, s.budget_s)
+        log.info("training %s for %s", TRANSFORMER, _budget(s))
         results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
                                  train_cfg=train_cfg, sched_kwargs=None))
     return {"settings": asdict(s), "model_config": cfg.to_dict(),
@@ -307,7 +323,7 @@ def tables(record: dict) -> str:
             "cpu s / wall s": f"{r['train_cpu_s'] / r['train_s']:.2f}",
             "load 1m start/end": f"{r['load_avg_1m_start']:.1f}/{r['load_avg_1m_end']:.1f}"})
     s = record["settings"]
-    out = [f"PTB word-level quality, {s['budget_s']:g} s training budget per model (seed {s['seed']}, "
+    out = [f"PTB word-level quality, {_budget(s)} of training per model (seed {s['seed']}, "
            f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
            "Literature anchors (PTB test perplexity):",
            format_table([{"model": k, "test ppl": v} for k, v in ANCHORS.items()])]
@@ -345,7 +361,7 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("achieved sparsity (eval, mean over layers)")
     ax.set_ylabel("perplexity")
-    ax.set_title(f"PTB, {record['settings']['budget_s']:g} s per model")
+    ax.set_title(f"PTB, {_budget(record['settings'])} per model")
     ax.legend(fontsize=7)
     fig.tight_layout()
     p1 = out_dir / "quality_ppl_vs_sparsity.png"
@@ -386,6 +402,8 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sparsebk bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--budget-s", type=float, default=None, help="training seconds per model (default 300)")
+    p.add_argument("--budget-steps", type=int, default=None,
+                   help="train every model this many steps instead (quality per token: load-independent)")
     p.add_argument("--targets", default="0,0.3,0.5,0.7", help="comma-separated target sparsities; 0 = dense")
     p.add_argument("--preset", default="small")
     p.add_argument("--seed", type=int, default=0)
@@ -414,7 +432,7 @@ def main(argv: list[str]) -> int:
     s = QualitySettings(
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
-        lr=a.lr, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
+        lr=a.lr, budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
