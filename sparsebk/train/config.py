@@ -31,8 +31,18 @@ LOADERS = ("ray", "local")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
 PARALLEL = ("ddp", "fsdp")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
+
+
+def _location(field: str, value: str) -> str:
+    from sparsebk.store import resolve_location
+
+    try:
+        return resolve_location(value, field)
+    except ValueError as e:
+        raise field_error(field, value, str(e).split(": ", 1)[1]) from None
 
 
 @dataclass
@@ -64,11 +74,8 @@ class DataConfig:
     def __post_init__(self):
         if not isinstance(self.dir, str) or not self.dir:
             raise field_error("data.dir", self.dir, "must be a non-empty path")
-        if "://" in self.dir:
-            # The data package reads and writes local (or network-mounted) paths only.
-            raise field_error("data.dir", self.dir, "URIs are not supported; use a local path or a "
-                       "shared file system mounted on every node (e.g. /mnt/shared/...)")
-        self.dir = str(Path(os.path.expanduser(self.dir)).resolve())
+        # a URI (s3://, gs://, ...) as it is; a relative path under sparsebk.store.home()
+        self.dir = _location("data.dir", self.dir)
         check_choice("data.corpus", self.corpus, CORPORA)
         if self.corpus == "text" and not self.text:
             raise field_error("data.text", self.text, "corpus 'text' needs a text file, directory or glob")
@@ -138,6 +145,8 @@ class RunConfig:
     with torch's fully_shard, per block; checkpoints sharded, one file per worker, through
     torch.distributed.checkpoint). `compile`: torch.compile the parts of each block that
     compile cleanly (the experts' FFNs); off by default (see BENCHMARKS.md for what it buys).
+    `placement_strategy`: how Ray places the workers on nodes (ScalingConfig's; STRICT_SPREAD:
+    one worker per node).
 
     `tracking`: experiment trackers rank 0 also logs the metrics to, any of "tensorboard"
     and "mlflow" (sparsebk.train.tracking); `mlflow_uri`: the MLflow tracking URI (None: a
@@ -164,6 +173,7 @@ class RunConfig:
     tracking: list[str] = field(default_factory=list)
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
+    placement_strategy: str = "PACK"
 
     def __post_init__(self):
         if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
@@ -172,13 +182,9 @@ class RunConfig:
                               "(not only dots)")
         if not isinstance(self.storage_path, str) or not self.storage_path:
             raise field_error("run.storage_path", self.storage_path, "must be a non-empty path")
-        if "://" in self.storage_path:
-            # Metrics, schedule records and plots are written with local file I/O next to Ray's
-            # checkpoints, so a bucket URI would silently land in a local "s3:" folder.
-            raise field_error("run.storage_path", self.storage_path, "URIs are not supported; use a "
-                       "local path or a shared file system mounted on every node")
-        # Ray needs an absolute path; relative paths mean relative to the launch directory.
-        self.storage_path = str(Path(os.path.expanduser(self.storage_path)).resolve())
+        # Ray needs an absolute location: a URI as it is, a relative path under the stable
+        # home (sparsebk.store.home()), never the launch directory (a job's temporary copy)
+        self.storage_path = _location("run.storage_path", self.storage_path)
         check_int("run.num_workers", self.num_workers, min=0)
         check_bool("run.use_gpu", self.use_gpu)
         check_float("run.cpus_per_worker", self.cpus_per_worker, min=0.0)
@@ -200,6 +206,7 @@ class RunConfig:
         self.inject_faults = list(self.inject_faults)
         check_choice("run.parallel", self.parallel, PARALLEL)
         check_bool("run.compile", self.compile)
+        check_choice("run.placement_strategy", self.placement_strategy, PLACEMENTS)
         self._check_tracking()
 
     def _check_tracking(self) -> None:

@@ -26,6 +26,8 @@ from sparsebk.train.actor import create_schedule_actor
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
+from sparsebk.train.preflight import check_nodes
+from sparsebk.train.resume import check_resume
 from sparsebk.train.tracking import log_plots
 
 logger = logging.getLogger("sparsebk.train")
@@ -102,7 +104,8 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.run.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage_path,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -123,6 +126,8 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     stays the latest one in the run directory)."""
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, where=where)
+    check_nodes(cfg.run.storage_path, trainer.train_loop_config["dataset_dir"], cfg.run.use_gpu)
+    check_resume(trainer.train_loop_config, where)  # refuses changes the checkpoint cannot take
     run_dir = Path(cfg.run.run_dir)
     stopped_file = run_dir / "stopped.json"
     stopped_file.unlink(missing_ok=True)  # from an earlier attempt of this run name

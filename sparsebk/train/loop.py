@@ -25,39 +25,64 @@ import torch.distributed as dist
 from sparsebk.data import load_blocks, load_manifest
 from sparsebk.lm import SparseBKLM
 from sparsebk.train.config import TrainConfig
+from sparsebk.train.resume import restore_with_fallback
 from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
-from sparsebk.train.trainer import Trainer, lr_lambda  # noqa: F401 (lr_lambda: public name)
+from sparsebk.train.trainer import Trainer, lr_lambda, shuffle_seed  # noqa: F401 (lr_lambda: public)
 
 logger = logging.getLogger("sparsebk.train")
 
 
-def local_batches(rows: torch.Tensor, cfg: TrainConfig, epoch: int, skip: int, rank: int,
+def local_batches(rows: torch.Tensor, cfg: TrainConfig, epoch: int, start: int, rank: int,
                   world: int):
-    """data.loader local: this rank's batches of one epoch from all rows (R, block_len + 1)."""
-    n = len(rows) // world * world  # equal shares: every rank runs the same number of steps
+    """data.loader local: this rank's batches of one epoch from all rows (R, block_len + 1),
+    from sample `start` of the epoch's order on.
+
+    The order is a permutation of all rows seeded by (run.seed, epoch) only; rank r takes
+    every world-th of the rows left, so one step of all ranks consumes a contiguous stretch
+    of the order and the position is a sample count whatever the worker count and batch size
+    (a resumed run with other ones continues at the same sample)."""
     if cfg.data.shuffle_buffer:
-        g = torch.Generator().manual_seed(cfg.run.seed * 100_003 + epoch)
-        order = torch.randperm(len(rows), generator=g)[:n]
+        g = torch.Generator().manual_seed(shuffle_seed(cfg.run.seed, epoch))
+        order = torch.randperm(len(rows), generator=g)
     else:
-        order = torch.arange(n)
-    mine = order[rank::world]
+        order = torch.arange(len(rows))
+    left = order[start:]
+    n = len(left) // world * world  # equal shares: every rank runs the same number of steps
+    mine = left[:n][rank::world]
     b = cfg.data.batch_size
-    for i in range(skip * b, len(mine) - b + 1, b):
+    for i in range(0, len(mine) - b + 1, b):
         yield rows[mine[i:i + b]]
 
 
-def ray_batches(shard, cfg: TrainConfig, epoch: int, skip: int):
-    """data.loader ray: this rank's batches of one epoch from its Ray Data shard, after `skip`."""
+def _rebatch(batches, skip: int, size: int):
+    """Batches of `size` rows from a stream of row tensors, after dropping its first `skip`
+    rows; a last short batch is dropped."""
+    buf = None
+    for x in batches:
+        if skip >= len(x):
+            skip -= len(x)
+            continue
+        x, skip = x[skip:], 0
+        buf = x if buf is None else torch.cat([buf, x])
+        while len(buf) >= size:
+            yield buf[:size]
+            buf = buf[size:]
+
+
+def ray_batches(shard, cfg: TrainConfig, epoch: int, start: int, world: int = 1):
+    """data.loader ray: this rank's batches of one epoch from its Ray Data shard, from sample
+    `start` of the epoch (all workers together) on: this rank skips its share, start // world
+    rows. Ray Data splits rows across workers dynamically, so the rows skipped are the right
+    number, not necessarily the same rows (loader local is exact)."""
     kw = {}
     if cfg.data.shuffle_buffer:
         kw = {"local_shuffle_buffer_size": cfg.data.shuffle_buffer,
-              "local_shuffle_seed": cfg.run.seed * 100_003 + epoch}
-    it = shard.iter_batches(batch_size=cfg.data.batch_size, batch_format="numpy",
-                            drop_last=True, prefetch_batches=cfg.data.prefetch_batches, **kw)
-    for i, batch in enumerate(it):
-        if i < skip:
-            continue
-        yield torch.from_numpy(np.stack(batch["tokens"]).astype(np.int64))
+              "local_shuffle_seed": shuffle_seed(cfg.run.seed, epoch)}
+    b = cfg.data.batch_size
+    it = shard.iter_batches(batch_size=b, batch_format="numpy", drop_last=True,
+                            prefetch_batches=cfg.data.prefetch_batches, **kw)
+    rows = (torch.from_numpy(np.stack(batch["tokens"]).astype(np.int64)) for batch in it)
+    yield from _rebatch(rows, start // max(1, world), b)
 
 
 class FaultInjector:
@@ -179,9 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
         meta={"tokenizer": load_manifest(dataset_dir)["tokenizer"], "dataset_dir": dataset_dir})
     sched_state = None
     ckpt = ray.train.get_checkpoint()  # [ray]
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            sched_state = trainer.restore(d)
+    if ckpt is not None:  # the latest, or the newest earlier one if it does not load
+        sched_state = restore_with_fallback(trainer, ckpt)
     # The schedule travels on a CPU group even when the default group is NCCL: the values
     # are host floats, and a gloo broadcast needs no device sync.
     group = None
@@ -192,8 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     if cfg.data.loader == "ray":
         shard = ray.train.get_dataset_shard("train")  # [ray]
-        batches = lambda epoch, skip: ray_batches(shard, cfg, epoch, skip)  # noqa: E731
+        batches = lambda epoch, start: ray_batches(shard, cfg, epoch, start, world)  # noqa: E731
     else:
         rows = load_blocks(dataset_dir, "train")
-        batches = lambda epoch, skip: local_batches(rows, cfg, epoch, skip, rank, world)  # noqa: E731
+        batches = lambda epoch, start: local_batches(rows, cfg, epoch, start, rank, world)  # noqa: E731
     trainer.finish(trainer.fit(batches))

@@ -3,7 +3,11 @@
     trainer = Trainer(cfg, model, device=..., rank=r, world=w, valid=blocks, run_dir=...)
     trainer.schedule = source            # where each step's Schedule comes from
     trainer.restore(directory)           # optional: a checkpoint written by `save`
-    stop = trainer.fit(batches)          # batches(epoch, skip) -> iterator of (B, T + 1) rows
+    stop = trainer.fit(batches)          # batches(epoch, start) -> iterator of (B, T + 1) rows
+
+The data position is kept in samples: `start` is the number of rows all workers together have
+consumed in the epoch (the epoch's order depends only on run.seed and the epoch), so a run
+resumed with another worker count, batch size or accumulation continues at the same sample.
 
 Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N micro-batches:
     1. the step's Schedule (per-layer targets, loss weight) from `schedule` (under DDP the
@@ -51,7 +55,13 @@ from sparsebk.train.tracking import Tracking
 
 logger = logging.getLogger("sparsebk.train")
 
-Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, batches to skip) -> (B, T + 1)
+Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, start sample) -> (B, T + 1)
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's sample order: the run's seed and the epoch, nothing else (not
+    the worker count or batch size), so a sample position means the same row after a resume."""
+    return seed * 100_003 + epoch
 
 
 def lr_lambda(optim_cfg) -> Callable[[int], float]:
@@ -167,7 +177,8 @@ class RunState:
 
     step: int = 0  # optimizer steps
     epoch: int = 0
-    batch_in_epoch: int = 0  # data batches (micro-batches) consumed: N per step
+    sample_in_epoch: int = 0  # rows all workers together consumed in this epoch
+    batch_in_epoch: int = 0  # this worker's micro-batches in the epoch (N per step; for logs)
     best_val_loss: float = math.inf
     last_val_loss: float | None = None
     bad_steps: int = 0  # non-finite steps skipped, in total
@@ -244,7 +255,8 @@ class Trainer:
         save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
                         sharded=is_sharded(self.model),
                         lr_scheduler=self.lr_sched, step=s.step,
-                        data_position={"epoch": s.epoch, "batch_in_epoch": s.batch_in_epoch},
+                        data_position={"epoch": s.epoch, "sample_in_epoch": s.sample_in_epoch,
+                                       "shuffle_seed": shuffle_seed(self.cfg.run.seed, s.epoch)},
                         schedule_state=sched, extra={"run_state": dataclasses.asdict(s)},
                         meta=self.meta)
 
@@ -253,14 +265,28 @@ class Trainer:
         ckpt = load_checkpoint(directory, rank=self.rank, model=self.net,
                                optimizer=self.optimizer, lr_scheduler=self.lr_sched,
                                map_location=self.device)
-        self.state = RunState(**ckpt["extra"]["run_state"])
+        self.state = self._run_state(ckpt)
         self.first_step = self.state.step + 1
         if not ckpt["rng_restored"]:  # another world size: a fresh, distinct stream per rank
             torch.manual_seed(self.cfg.run.seed * 1000 + self.rank + 7919 * self.state.step)
         if self.rank == 0:
-            logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)",
-                        self.state.step, self.state.epoch, self.state.batch_in_epoch)
+            logger.info("resumed from checkpoint at step %d (epoch %d, sample %d)",
+                        self.state.step, self.state.epoch, self.state.sample_in_epoch)
         return ckpt["schedule_state"]
+
+    def _run_state(self, ckpt: dict) -> RunState:
+        """The checkpoint's RunState in this run's terms: this worker's batch count from the
+        sample position (the worker count or batch size may have changed). A checkpoint from
+        before sample positions counted batches of its own run's shape: converted."""
+        saved = dict(ckpt["extra"]["run_state"])
+        if "sample_in_epoch" not in saved:
+            old = ckpt.get("meta", {}).get("train_config", self.cfg.to_dict())
+            per_batch = (old["data"]["batch_size"] * max(1, old["run"]["num_workers"]))
+            saved["sample_in_epoch"] = saved.get("batch_in_epoch", 0) * per_batch
+        names = {f.name for f in dataclasses.fields(RunState)}
+        state = RunState(**{k: v for k, v in saved.items() if k in names})
+        state.batch_in_epoch = state.sample_in_epoch // (self.world * self.cfg.data.batch_size)
+        return state
 
     # --- the loop ------------------------------------------------------------------------
     def is_eval_step(self, step: int) -> bool:
@@ -271,11 +297,11 @@ class Trainer:
 
         Each step takes the next N = optim.grad_accum_steps batches of the epoch; an epoch's
         last group of fewer than N is dropped (as a partial batch is), so every step sees
-        N * batch_size rows and a resumed run skips exactly the batches its epoch consumed."""
+        N * batch_size rows and a resumed run starts at the sample its epoch had reached."""
         s, max_steps, n = self.state, self.cfg.optim.max_steps, self.cfg.optim.grad_accum_steps
         self.model.train()
         while s.step < max_steps:
-            it, got = batches(s.epoch, s.batch_in_epoch), False
+            it, got = batches(s.epoch, s.sample_in_epoch), False
             while s.step < max_steps:
                 t = time.perf_counter()
                 micro = list(itertools.islice(it, n))
@@ -286,13 +312,13 @@ class Trainer:
                 stop = self.step(micro)
                 if stop is not None:
                     return stop
-            if not got and s.batch_in_epoch == 0:
+            if not got and s.sample_in_epoch == 0:
                 raise ValueError(f"rank {self.rank} got fewer than optim.grad_accum_steps={n} "
                                  f"training batches of {self.cfg.data.batch_size} rows in an "
                                  "epoch; lower data.batch_size, grad_accum_steps or the number "
                                  "of workers")
             if s.step < max_steps:
-                s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                s.epoch, s.sample_in_epoch, s.batch_in_epoch = s.epoch + 1, 0, 0
         return None
 
     def step(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> str | None:
@@ -303,6 +329,7 @@ class Trainer:
         s = self.state
         s.step += 1
         s.batch_in_epoch += len(micro)
+        s.sample_in_epoch += self.world * sum(len(m) for m in micro)  # equal shares per rank
         if self.hooks is not None:
             self.hooks.before_step(s.step)
         t = time.perf_counter()

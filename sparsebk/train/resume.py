@@ -1,0 +1,226 @@
+"""Resuming a run: what may change between its checkpoint and the new config, and which
+checkpoint to resume from.
+
+    check_resume(loop_config, where)          # driver, before any worker starts
+    restore_with_fallback(trainer, ckpt)      # worker, instead of trainer.restore
+
+A checkpoint carries the config it was trained with (state.pt's "meta": the training config,
+the model config, the tokenizer's identity with its vocabulary checksum, the dataset dir). On
+resume the driver compares it with the new config. Settings that only change how long, how
+often or on how many workers the run trains apply, with the diff logged: the data position
+is kept in samples, so another worker count or batch size continues at the same sample.
+Anything else (model shape, data, tokenizer, sparsity schedule, optimizer, seed) would make
+the weights mean something else or crash every worker on load: refused, with the diff and how
+to start a new run instead.
+
+A truncated or unreadable latest checkpoint (a node lost while it was copied, a full disk)
+is skipped for the one before it, with a warning naming it and why.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+
+import torch
+
+logger = logging.getLogger("sparsebk.train")
+
+STATE_FILE = "state.pt"
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's directory names: checkpoint_<timestamp>
+
+# Dotted fields (or whole sections, ending in ".") that may change on resume.
+SAFE = (
+    "optim.max_steps", "optim.max_bad_steps", "optim.grad_accum_steps",
+    "data.batch_size", "data.prefetch_batches", "data.eval_batch_size",
+    "run.name", "run.storage_path", "run.num_workers", "run.use_gpu", "run.cpus_per_worker",
+    "run.torch_threads", "run.log_every", "run.eval_every", "run.eval_batches",
+    "run.keep_checkpoints", "run.max_failures", "run.inject_faults", "run.plots", "run.compile",
+    "run.tracking", "run.mlflow_uri", "run.mlflow_experiment", "run.placement_strategy",
+)
+
+
+class ResumeRefused(ValueError):
+    """The new config changes what the checkpoint's weights mean."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(old: dict, new: dict, defaults: dict | None = None) -> list[tuple]:
+    """(field, old, new) for every dotted field that differs. A field the old config lacks
+    (added to the config since) counts as unchanged when the new value is its default."""
+    a, b, dflt = flatten(old), flatten(new), flatten(defaults or {})
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if isinstance(va, tuple) or isinstance(vb, tuple):
+            va, vb = (list(v) if isinstance(v, tuple) else v for v in (va, vb))
+        if va == vb or (va is _ABSENT and key in dflt and dflt[key] == vb):
+            continue
+        changes.append((key, va, vb))
+    return changes
+
+
+def is_safe(key: str) -> bool:
+    return any(key == s or (s.endswith(".") and key.startswith(s)) for s in SAFE)
+
+
+def classify(changes: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(safe, refused) changes."""
+    safe = [c for c in changes if is_safe(c[0])]
+    return safe, [c for c in changes if not is_safe(c[0])]
+
+
+def describe(changes: list[tuple]) -> str:
+    return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changes)
+
+
+def compare(meta: dict, cfg_dict: dict, tokenizer: dict | None, dataset_dir: str | None
+            ) -> list[tuple]:
+    """Every difference between a checkpoint's meta and the new run (its resolved config dict,
+    the dataset's tokenizer identity and dir)."""
+    from sparsebk.train.config import TrainConfig
+
+    try:
+        defaults = TrainConfig().to_dict()
+    except ValueError:  # a default the environment rejects; compare without defaults
+        defaults = {}
+    old = {"train": meta.get("train_config", {}), "tokenizer": meta.get("tokenizer") or {},
+           "dataset_dir": meta.get("dataset_dir")}
+    new = {"train": cfg_dict, "tokenizer": tokenizer or {}, "dataset_dir": dataset_dir}
+    if old["dataset_dir"] is None or dataset_dir is None:
+        old.pop("dataset_dir"), new.pop("dataset_dir")
+    if not old["tokenizer"] or tokenizer is None:
+        old.pop("tokenizer"), new.pop("tokenizer")
+    changes = config_changes(old, new, {"train": defaults})
+    return [(k.removeprefix("train."), a, b) for k, a, b in changes]
+
+
+# --- finding and reading checkpoints -------------------------------------------------------
+def _fs(location: str):
+    """(pyarrow FileSystem, path) of a local path or URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), location
+
+
+def list_checkpoints(fs, run_path: str) -> list[str]:
+    """The run's checkpoint directories, newest first (Ray names them by timestamp)."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(run_path)
+    if info.type != pafs.FileType.Directory:
+        return []
+    entries = fs.get_file_info(pafs.FileSelector(run_path))
+    names = [e.base_name for e in entries
+             if e.type == pafs.FileType.Directory and e.base_name.startswith(CHECKPOINT_PREFIX)]
+    return [posixpath.join(run_path, n) for n in sorted(names, reverse=True)]
+
+
+def read_state(fs, checkpoint_path: str) -> dict:
+    """state.pt of a checkpoint directory, read whole (a truncated file fails here)."""
+    import pyarrow.fs as pafs
+
+    path = posixpath.join(checkpoint_path, STATE_FILE)
+    if isinstance(fs, pafs.LocalFileSystem):  # memory-mapped: the weights are not read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    with fs.open_input_file(path) as f:
+        data = f.read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def latest_readable(fs, run_path: str) -> tuple[str, dict] | None:
+    """(path, state) of the newest checkpoint whose state.pt reads, warning about every newer
+    one that does not; None when the run has no checkpoint."""
+    paths = list_checkpoints(fs, run_path)
+    for i, path in enumerate(paths):
+        try:
+            return path, read_state(fs, path)
+        except Exception as e:  # noqa: BLE001 -- any unreadable file: try the one before
+            nxt = paths[i + 1] if i + 1 < len(paths) else None
+            logger.warning("checkpoint %s is unreadable (%s); %s", path, _why(e),
+                           f"falling back to {nxt}" if nxt else "no earlier checkpoint")
+    return None
+
+
+def check_resume(loop_config: dict, where: str = "config") -> dict | None:
+    """Driver side, before any worker starts: compare the run's latest readable checkpoint
+    with the new config (`loop_config`: what the workers get: "cfg", "dataset_dir").
+    Logs the safe changes; raises ResumeRefused listing the others. Returns the checkpoint's
+    meta (None for a new run)."""
+    from sparsebk.data import load_manifest
+
+    cfg = loop_config["cfg"]
+    run_dir = f"{cfg['run']['storage_path'].rstrip('/')}/{cfg['run']['name']}"
+    fs, run_path = _fs(run_dir)
+    found = latest_readable(fs, run_path)
+    if found is None:
+        return None
+    path, state = found
+    meta = state.get("meta") or {}
+    if not meta.get("train_config"):
+        logger.warning("checkpoint %s holds no config (written before checkpoints carried "
+                       "theirs); resuming without checking what changed", path)
+        return meta
+    dataset_dir = loop_config.get("dataset_dir")
+    tokenizer = load_manifest(dataset_dir)["tokenizer"] if dataset_dir else None
+    safe, refused = classify(compare(meta, cfg, tokenizer, dataset_dir))
+    name = cfg["run"]["name"]
+    if refused:
+        raise ResumeRefused(
+            f"{where}: run {name!r} has a checkpoint ({path}, step {state.get('step')}) trained "
+            f"with other settings; resuming would change what its weights mean:\n"
+            f"{describe(refused)}\n"
+            f"To train with the new settings, start a new run: give it another run.name (e.g. "
+            f"--set run.name={name}-2) or another run.storage_path. To resume this run, keep "
+            f"those settings as they were. Settings that may change on resume: "
+            f"{', '.join(SAFE)}.")
+    if safe:
+        logger.info("resuming run %s from %s (step %s) with changed settings:\n%s", name, path,
+                    state.get("step"), describe(safe))
+    return meta
+
+
+def restore_with_fallback(trainer, checkpoint) -> dict | None:
+    """Worker side: `trainer.restore` from Ray's checkpoint, or, when it does not load
+    (truncated, unreadable), from the newest earlier checkpoint of the run that does.
+    Returns the schedule state."""
+    from ray.train import Checkpoint
+
+    fs, path = checkpoint.filesystem, checkpoint.path
+    older = [p for p in list_checkpoints(fs, posixpath.dirname(path.rstrip("/")))
+             if posixpath.basename(p) < posixpath.basename(path.rstrip("/"))]
+    candidates = [checkpoint] + [Checkpoint(p, filesystem=fs) for p in older]
+    for i, ckpt in enumerate(candidates):
+        try:
+            with ckpt.as_directory() as d:
+                return trainer.restore(d)
+        except Exception as e:  # noqa: BLE001 -- a bad file of any kind: the one before
+            nxt = candidates[i + 1].path if i + 1 < len(candidates) else None
+            if nxt is None:
+                raise RuntimeError(f"no readable checkpoint: the last one tried, {ckpt.path}, "
+                                   f"failed with {_why(e)}") from e
+            if trainer.rank == 0:
+                logger.warning("checkpoint %s is unreadable (%s); falling back to %s",
+                               ckpt.path, _why(e), nxt)
+    return None
