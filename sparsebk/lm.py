@@ -37,13 +37,14 @@ from sparsebk import decode
 from sparsebk.decode import DecodeState
 from sparsebk.gate import EVAL_MODES
 from sparsebk.layers import SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
-from sparsebk.sparsity import LOSS_TYPES
+from sparsebk.sparsity import LOSS_TYPES, sparsity_loss
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
                                  check_sparsity, from_mapping)
 
 __all__ = ["LMConfig", "SparseBKLM", "PRESETS", "adamw_with_decay_groups"]
 
 POS_EMB = ("learned", "none")
+SPARSITY_BUDGETS = ("layer", "model")
 
 
 # Named sizes. "small" is PTB-sized (10k word vocabulary) and trains at a useful rate on a few
@@ -109,6 +110,10 @@ class LMConfig:
     # position), "own" (its own BK features, projected), "zero" (the residual stream only);
     # see sparsebk.layers
     skip_output: str = "carry"
+    # how the sparsity loss shares the budget: "layer" pulls every layer's sparsity to its own
+    # target; "model" pulls the sparsity of all layers' masks together to the mean target, so
+    # the gates choose which layers skip more (as Mixture-of-Depths routes some blocks only)
+    sparsity_budget: str = "layer"
 
     def __post_init__(self):
         if self.vocab_size is not None:
@@ -133,6 +138,7 @@ class LMConfig:
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
         check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
+        check_choice("LMConfig.sparsity_budget", self.sparsity_budget, SPARSITY_BUDGETS)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":
@@ -268,11 +274,24 @@ class SparseBKLM(nn.Module):
             if targets.shape != tokens.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
-            sp = sum(layer.weighted_sparsity_loss(m) for layer, m in zip(layers, masks))
+            sp = self._sparsity_loss(masks)
             aux = sum(aux_losses)
             out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux,
                        ce_loss=ce, sparsity_loss=sp, aux_loss=aux)
         return out
+
+    def _sparsity_loss(self, masks: list[torch.Tensor]) -> torch.Tensor:
+        """The weighted sparsity loss of the layers' live masks (B, T): per layer, or of all
+        masks together against the mean target ("model" budget; the weight is the layers'
+        common one, as set_sparsity_schedule sets it; the loss is scaled by the layer count so
+        that its gradient per mask entry matches the per-layer budget's)."""
+        layers = self.layers
+        if self.config.sparsity_budget == "layer":
+            return sum(layer.weighted_sparsity_loss(m) for layer, m in zip(layers, masks))
+        first = layers[0]
+        target = sum(layer.sparse_bk_core.target_sparsity for layer in layers) / len(layers)
+        return len(layers) * first.sparsity_loss_weight * sparsity_loss(
+            torch.stack(masks), target, first.sparsity_loss_type)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> tuple["SparseBKLM", object]:

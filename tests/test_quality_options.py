@@ -1,4 +1,5 @@
-"""What a skipped position outputs (`skip_output`: "carry", "own", "zero"; sparsebk.layers).
+"""Model options from the quality work: what a skipped position outputs (`skip_output`: "carry",
+"own", "zero"; sparsebk.layers) and how the sparsity budget is shared (`sparsity_budget`).
 
 References: the layer's equations position by position with dense matrix inverses for the BK
 features (tests/test_layers.py's helpers), and the full forward for the streaming decoder.
@@ -130,3 +131,36 @@ def test_decode_equals_the_full_forward(skip, eval_mode):
 def test_bad_choice_is_named():
     with pytest.raises(ValueError, match="skip_output"):
         LMConfig(vocab_size=10, n_seq=8, d_model=8, n_layers=1, skip_output="copy")
+
+
+def _masks(*sparsities, n=40):
+    """(2, n) float masks with the given exact sparsities (fraction of zeros)."""
+    out = []
+    for s in sparsities:
+        m = torch.ones(2 * n)
+        m[: round(s * 2 * n)] = 0.0
+        out.append(m.view(2, n).requires_grad_())
+    return out
+
+
+@pytest.mark.parametrize("loss_type", ["l2", "l1"])
+def test_model_budget_lets_layers_differ_and_equals_the_layer_budget_when_they_agree(loss_type):
+    cfg = dict(vocab_size=11, n_seq=40, d_model=8, n_layers=2, sparsity_loss_type=loss_type)
+    per_layer = SparseBKLM(LMConfig(**cfg))
+    whole = SparseBKLM(LMConfig(**cfg, sparsity_budget="model"))
+    for m in (per_layer, whole):
+        m.set_sparsity_schedule(0.5, 2.0)
+    # layers at 0.25 and 0.75: the model as a whole is on target
+    apart = _masks(0.25, 0.75)
+    assert float(whole._sparsity_loss(apart)) == 0.0
+    assert float(per_layer._sparsity_loss(apart)) > 0.0
+    # both layers at 0.3: the same loss and the same gradient either way
+    a, b = _masks(0.3, 0.3), _masks(0.3, 0.3)
+    la, lb = per_layer._sparsity_loss(a), whole._sparsity_loss(b)
+    torch.testing.assert_close(la, lb)
+    la.backward(), lb.backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+        assert x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sparsity_budget"):
+        LMConfig(**cfg, sparsity_budget="global")
