@@ -62,6 +62,18 @@ def resolve_location(location: str | os.PathLike, field: str = "path") -> str:
     return str(p if p.is_absolute() else (home() / p).resolve())
 
 
+def join_location(location: str, *parts: str) -> str:
+    """`location` (a resolved path or URI) / parts, keeping a URI's query options; no
+    filesystem is opened (so no network call)."""
+    rel = _check_rel("/".join(str(p) for p in parts))
+    if not rel:
+        return location
+    if not is_uri(location):
+        return str(Path(location) / rel)
+    s = urlsplit(location)
+    return urlunsplit((s.scheme, s.netloc, s.path.rstrip("/") + "/" + rel, s.query, ""))
+
+
 def _check_rel(rel: str) -> str:
     rel = str(rel).strip("/")
     if rel and any(part in ("", ".", "..") for part in rel.split("/")):
@@ -85,7 +97,11 @@ class Store:
     """A folder on a local path or an object store; every name below it is relative ('a/b')."""
 
     def __init__(self, location: str | os.PathLike, *, _fs=None, _path: str | None = None):
-        self.uri = resolve_location(location)
+        location = str(location)
+        # a config's relative path was resolved under home() already; here one given on a
+        # command line means what it means to any file tool: relative to the cwd
+        self.uri = (resolve_location(location) if is_uri(location)
+                    else str(Path(os.path.expanduser(location)).resolve()))
         if _fs is None:
             _fs, _path = _filesystem(self.uri)
         self.fs, self.root = _fs, _path.rstrip("/") or _path
@@ -105,12 +121,8 @@ class Store:
         rel = _check_rel("/".join(str(p) for p in parts))
         if not rel:
             return self
-        if self.is_local:
-            uri = str(Path(self.uri) / rel)
-        else:
-            s = urlsplit(self.uri)
-            uri = urlunsplit((s.scheme, s.netloc, s.path.rstrip("/") + "/" + rel, s.query, ""))
-        return Store(uri, _fs=self.fs, _path=posixpath.join(self.root, rel))
+        return Store(join_location(self.uri, rel), _fs=self.fs,
+                     _path=posixpath.join(self.root, rel))
 
     def path(self, rel: str = "") -> str:
         """The file system's own path of `rel` (what pyarrow / Ray calls take with self.fs)."""
@@ -231,9 +243,10 @@ class LineLog:
     """A file-like appender (write/flush/close) of text lines.
 
     Local: appends to the file, line-buffered (a crash loses no line). Object store: buffers
-    and puts the lines since the last flush as one part object, named by time so a later
-    attempt's parts sort after an earlier one's; it flushes on `flush()`, `close()` and at
-    a write `flush_s` seconds after the last flush."""
+    and puts the lines since the last put as one part object, named by time so a later
+    attempt's parts sort after an earlier one's. It puts at most every `flush_s` seconds
+    (a `flush()` or `write` sooner keeps buffering: a training loop may flush every log
+    interval), and always on `flush(force=True)` and `close()`."""
 
     def __init__(self, store: Store, rel: str, *, flush_s: float = 30.0):
         self.store, self.rel, self.flush_s = store, _check_rel(rel), flush_s
@@ -248,29 +261,29 @@ class LineLog:
     def write(self, text: str) -> None:
         if self._f is not None:
             self._f.write(text)
-            return
-        self._buf.append(text)
-        if time.monotonic() - self._last >= self.flush_s:
+        else:
+            self._buf.append(text)
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
         if self._f is not None:
             self._f.flush()
             return
-        self._last = time.monotonic()
-        if self._buf:
-            name = f"{self.rel}.parts/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
-            self.store.write_text(name, "".join(self._buf))
-            self._buf = []
+        if not self._buf or (not force and time.monotonic() - self._last < self.flush_s):
+            return
+        name = f"{self.rel}.parts/{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
+        self.store.write_text(name, "".join(self._buf))
+        self._buf, self._last = [], time.monotonic()
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
         else:
-            self.flush()
+            self.flush(force=True)
 
 
 def open_store(location: str | os.PathLike) -> Store:
-    """A Store for a local path (relative: under home()) or a URI."""
+    """A Store for a local path (relative: to the cwd; configs resolve theirs under home()
+    with `resolve_location` first) or a URI."""
     return Store(location)

@@ -39,7 +39,7 @@ def test_round_trip(store: Store):
 def test_line_log(store: Store):
     log = store.line_log("m.jsonl", flush_s=3600)
     log.write("1\n")
-    log.flush()
+    log.flush(force=True)
     log.write("2\n")
     log.close()
     log = store.line_log("m.jsonl")  # a second attempt appends after the first

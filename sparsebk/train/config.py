@@ -233,6 +233,14 @@ class RunConfig:
                 raise field_error(f"run.{name}", value, "must be a non-empty string")
             if "mlflow" not in self.tracking:
                 raise field_error(f"run.{name}", value, "only used with mlflow in run.tracking")
+        if "://" in self.storage_path and "tensorboard" in self.tracking:
+            raise field_error("run.tracking", self.tracking, "tensorboard writes local event "
+                              f"files; run.storage_path={self.storage_path!r} is a URI")
+        if "://" in self.storage_path and "mlflow" in self.tracking and self.mlflow_uri is None:
+            raise field_error("run.mlflow_uri", None, "the default MLflow store is a SQLite file "
+                              "in the run folder, which cannot live at a URI "
+                              f"run.storage_path={self.storage_path!r}; set a tracking server "
+                              "(http://...)")
         if self.mlflow_uri is not None and self.mlflow_uri.startswith("file:"):
             raise field_error("run.mlflow_uri", self.mlflow_uri, "MLflow (>= 3.7) refuses new "
                               "file stores; use sqlite:///PATH/mlflow.db or a tracking server "
@@ -240,7 +248,10 @@ class RunConfig:
 
     @property
     def run_dir(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/{self.name}"
+        """The run's folder: an absolute path or a URI (sparsebk.store.open_store reads it)."""
+        from sparsebk.store import join_location
+
+        return join_location(self.storage_path, self.name)
 
     def faults(self) -> list[tuple[str, int]]:
         return [(m.group(1), int(m.group(2))) for m in map(_FAULT_RE.match, self.inject_faults)]

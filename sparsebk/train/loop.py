@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -24,6 +23,7 @@ import torch.distributed as dist
 
 from sparsebk.data import load_blocks, load_manifest
 from sparsebk.lm import SparseBKLM
+from sparsebk.store import open_store
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.resume import restore_with_fallback
 from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
@@ -90,15 +90,14 @@ class FaultInjector:
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, actor):
         self.faults = cfg.run.faults()
-        self.run_dir = Path(cfg.run.run_dir)
+        self.store = open_store(cfg.run.run_dir)  # a path or a URI
         self.rank, self.world, self.actor = rank, world, actor
 
     def _once(self, mode: str, step: int) -> bool:
-        marker = self.run_dir / "faults" / f"{mode}@{step}"
-        if marker.exists():
+        marker = f"faults/{mode}@{step}"
+        if self.store.exists(marker):
             return False
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
+        self.store.write_text(marker, str(os.getpid()))
         return True
 
     def before_step(self, step: int) -> None:

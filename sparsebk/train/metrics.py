@@ -3,6 +3,9 @@
 Rank 0 writes `metrics.jsonl` in the run directory: one record per log interval
 ({"kind": "train", ...}) and per evaluation ({"kind": "eval", ...}). After a restart the
 records of the re-run steps are appended again; readers keep the last record per (kind, step).
+The run directory is a local path or a URI (sparsebk.store): on an object store, which cannot
+append, the records go to part objects under `metrics.jsonl.parts/`, put at every evaluation
+and at most every 30 s between them, and `read_metrics` reads them back from the store.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import io
 import os
 from pathlib import Path
+
+from sparsebk.store import open_store
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -51,18 +57,20 @@ def eval_line(rec: dict, max_steps: int) -> str:
 
 
 class MetricsWriter:
-    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0 only)."""
+    """Appends JSON records to RUN_DIR/metrics.jsonl (rank 0 only), a path or a URI."""
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", buffering=1)  # line-buffered: a crash loses no line
+        self.store = open_store(run_dir)
+        self.path = self.store.location("metrics.jsonl")
+        self._log = self.store.line_log("metrics.jsonl")
 
     def write(self, kind: str, rec: dict) -> None:
-        self._f.write(json.dumps({"kind": kind, **rec}, default=float) + "\n")
+        self._log.write(json.dumps({"kind": kind, **rec}, default=float) + "\n")
+        if kind == "eval":  # with the checkpoint: what a restart keeps, the driver can read
+            self._log.flush(force=True)
 
     def close(self) -> None:
-        self._f.close()
+        self._log.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
@@ -70,26 +78,40 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict]]:
 
     A last line cut by a crash (the writer died mid-line) is skipped with a warning; a bad
     line anywhere else means the file was damaged otherwise, and is an error naming it."""
-    path = Path(run_dir) / "metrics.jsonl"
+    store = open_store(run_dir)
+    path = store.location("metrics.jsonl")
     by_kind: dict[str, dict[int, dict]] = {}
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        for i, line in enumerate(lines):
-            if not line.strip():
+    lines = store.read_lines("metrics.jsonl")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                logger.warning("%s: last line is cut (%s); skipped", path, e)
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                if i == len(lines) - 1:
-                    logger.warning("%s: last line is cut (%s); skipped", path, e)
-                    continue
-                raise ValueError(f"{path}: line {i + 1} is not a JSON record: {e}") from None
-            by_kind.setdefault(rec["kind"], {})[rec["step"]] = rec
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record: {e}") from None
+        by_kind.setdefault(rec["kind"], {})[rec["step"]] = rec
     return {k: [v[s] for s in sorted(v)] for k, v in by_kind.items()}
 
 
-def write_plots(run_dir: str | os.PathLike) -> list[Path]:
-    """PNG plots next to the run: loss/ppl curves, sparsity vs target per layer, weight."""
+def _save(fig, store, name: str, paths: list[str]) -> None:
+    """Render to PNG bytes and write them through the store (a path or a bucket alike)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    store.write_bytes(f"plots/{name}", buf.getvalue())
+    where = store.location(f"plots/{name}")
+    paths.append(Path(where) if store.is_local else where)
+
+
+def write_plots(run_dir: str | os.PathLike) -> list[Path | str]:
+    """PNG plots next to the run (RUN_DIR/plots/, a path or a URI): loss/ppl curves,
+    sparsity vs target per layer, weight. Returns their locations (Paths for a local run,
+    URIs otherwise)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,9 +121,8 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     train, evals = recs.get("train", []), recs.get("eval", [])
     if not train:
         return []
-    out_dir = Path(run_dir) / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    store = open_store(run_dir)
+    paths: list[Path | str] = []
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
@@ -115,9 +136,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    paths.append(out_dir / "loss_ppl.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _save(fig, store, "loss_ppl.png", paths)
 
     n_layers = len(train[0]["sparsity_layers"])
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -134,17 +153,13 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path]:
            "eval: deterministic) vs target", ylim=(0, 1))
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    paths.append(out_dir / "sparsity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _save(fig, store, "sparsity.png", paths)
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, [r["loss_weight"] for r in train])
     ax.set(xlabel="step", ylabel="sparsity loss weight", title="weight schedule")
     fig.tight_layout()
-    paths.append(out_dir / "weight.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _save(fig, store, "weight.png", paths)
     return paths
 
 
@@ -152,7 +167,7 @@ def summary_lines(summary: dict) -> list[str]:
     """The final summary a person reads at the end of a run."""
     return [
         f"run {summary['run_name']} finished: {summary['steps']} steps in "
-        f"{_fmt_duration(summary['wall_s'])}",
+        f"{_fmt_duration(summary['wall_s'])}; run folder {summary['run_dir']}",
         f"  best valid ppl {summary['best_val_ppl']:.2f} (step {summary['best_step']}), "
         f"its test ppl {summary.get('best_test_ppl', math.nan):.2f}; the last model's test ppl "
         f"{summary['test_ppl']:.2f}",

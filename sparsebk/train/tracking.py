@@ -25,9 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable
+
+from sparsebk.store import open_store
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -70,8 +74,8 @@ def mlflow_location(run_cfg, run_dir: str | os.PathLike) -> tuple[str, str | Non
 
 
 def mlflow_run_id(run_dir: str | os.PathLike) -> str | None:
-    path = Path(run_dir) / "mlflow" / "run_id"
-    return path.read_text().strip() if path.is_file() else None
+    store = open_store(run_dir)
+    return store.read_text("mlflow/run_id").strip() if store.is_file("mlflow/run_id") else None
 
 
 def _mlflow_client(run_cfg, run_dir):
@@ -91,12 +95,12 @@ class Tracking:
         """`params`: the training config (to_dict); `purge_step`: the first step this attempt
         trains (a resumed run: checkpoint step + 1), from which older events are dropped."""
         self.kinds = list(run_cfg.tracking)
-        self.run_dir = Path(run_dir)
+        self.run_dir = run_dir  # a path, or a URI (then only MLflow on a server: see config)
         self.tb = self.mlflow = None
         if "tensorboard" in self.kinds:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+            self.tb = SummaryWriter(log_dir=str(Path(self.run_dir) / "tensorboard"),
                                     purge_step=purge_step)
         if "mlflow" in self.kinds:
             self.mlflow, artifacts = _mlflow_client(run_cfg, run_dir)
@@ -112,9 +116,7 @@ class Tracking:
                 items = [Param(k, v) for k, v in flatten(params).items()]
                 for i in range(0, len(items), 100):  # MLflow takes at most 100 per batch
                     self.mlflow.log_batch(self.run_id, params=items[i:i + 100])
-                path = self.run_dir / "mlflow" / "run_id"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(self.run_id)
+                open_store(run_dir).write_text("mlflow/run_id", self.run_id)
             else:  # a restarted attempt continues the run
                 self.mlflow.update_run(self.run_id, status="RUNNING")
             # the config this attempt runs (params are immutable: a resumed run may differ)
@@ -154,6 +156,20 @@ def log_plots(run_cfg, run_dir: str | os.PathLike, paths: Iterable[str | os.Path
                        run_dir)
         return
     client, _ = _mlflow_client(run_cfg, run_dir)
-    for p in paths:
-        client.log_artifact(run_id, str(p), "plots")
+    with tempfile.TemporaryDirectory(prefix="sparsebk-plots-") as tmp:
+        for p in paths:
+            if "://" in str(p):  # in a bucket: MLflow logs local files
+                parent, name = _split_uri(str(p))
+                p = Path(tmp) / name
+                p.write_bytes(open_store(parent).read_bytes(name))
+            client.log_artifact(run_id, str(p), "plots")
+
+
+def _split_uri(uri: str) -> tuple[str, str]:
+    """"s3://b/run/plots/x.png?opts" -> ("s3://b/run/plots?opts", "x.png")."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    s = urlsplit(uri)
+    return (urlunsplit((s.scheme, s.netloc, posixpath.dirname(s.path), s.query, "")),
+            posixpath.basename(s.path))
 

@@ -42,12 +42,12 @@ import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
+from sparsebk.store import open_store
 from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
@@ -237,15 +237,14 @@ class Trainer:
         self.last_log: dict = {}
         self.current_schedule = None  # the Schedule of the latest step
         self.trained_steps = 0  # in this process
-        self.run_dir = Path(run_dir) if run_dir is not None else None
+        # a path or a URI: every file below goes through sparsebk.store
+        self.run_dir = str(run_dir) if run_dir is not None else None
         self.writer = MetricsWriter(self.run_dir) if self.run_dir and rank == 0 else None
         self.tracking: Tracking | None = None  # opened by the first record (rank 0)
         self.first_step = 1  # of this attempt: a resumed run's trackers drop later events
         self.sched_file = None
-        if self.run_dir is not None:
-            path = self.run_dir / "schedule" / f"rank{rank}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.sched_file = open(path, "a", buffering=1)  # line-buffered: a crash loses none
+        if self.run_dir is not None:  # a file appended to, or parts put to an object store
+            self.sched_file = open_store(self.run_dir).line_log(f"schedule/rank{rank}.jsonl")
 
     # --- state ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> None:
@@ -499,8 +498,8 @@ class Trainer:
                 logger.error(stopped)
                 if self.run_dir is not None:
                     # the driver reads this (Ray's Result.metrics are the last checkpoint's)
-                    (self.run_dir / "stopped.json").write_text(
-                        json.dumps({"step": self.state.step, "reason": stopped}))
+                    open_store(self.run_dir).write_text(
+                        "stopped.json", json.dumps({"step": self.state.step, "reason": stopped}))
             if self.reporter is not None:
                 self.reporter(metrics, None)
         self.close(stopped=stopped is not None)
