@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", type=float, default=0.05, help="--text only")
     p.add_argument("--test-fraction", type=float, default=0.05, help="--text only")
     p.add_argument("--max-vocab", type=int, default=None, help="word tokenizer only")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True,
+                   help="output directory, or a URI (s3://bucket/data/ptb-word?region=...)")
     return p
 
 

