@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.05, help="--text only")
     p.add_argument("--max-vocab", type=int, default=None, help="word tokenizer only")
     p.add_argument("--out", required=True,
-                   help="output directory, or a URI (s3://bucket/data/ptb-word?region=...)")
+                   help="output directory (relative: under $SPARSEBK_HOME, default ~/sparsebk, "
+                        "as data.dir), or a URI (s3://bucket/data/ptb-word?region=...)")
     return p
 
 
@@ -31,8 +32,11 @@ def main(argv: list[str]) -> int:
     from sparsebk.data.manifest import load_manifest
     from sparsebk.data.prepare import prepare_dataset
 
+    from sparsebk.store import resolve_location
+
     try:
-        out = prepare_dataset(args.out, corpus="text" if args.text else args.corpus, text=args.text,
+        # a relative --out is where data.dir would find it: under $SPARSEBK_HOME, not the cwd
+        out = prepare_dataset(resolve_location(args.out, "--out"), corpus="text" if args.text else args.corpus, text=args.text,
                               tokenizer=args.tokenizer, block_len=args.block_len,
                               rows_per_file=args.rows_per_file, valid_fraction=args.valid_fraction,
                               test_fraction=args.test_fraction, max_vocab=args.max_vocab)

@@ -56,7 +56,10 @@ class DataConfig:
     a resumed run skips the batches its epoch had consumed. `loader: local` has every worker
     read the train split's Parquet files itself (rows strided by rank, a seeded permutation
     per epoch when shuffling): no Ray Data actors to start, and an exactly reproducible data
-    position after a restart. Both need the dataset on storage every worker can read."""
+    position after a restart. Both need the dataset on storage every worker can read.
+
+    `dir`: a local path or a URI (s3://, gs://, ...; sparsebk.store); a relative path is under
+    $SPARSEBK_HOME (default ~/sparsebk), never the launch directory."""
 
     dir: str = "data/ptb-word"
     corpus: str = "ptb"
@@ -152,6 +155,10 @@ class RunConfig:
     and "mlflow" (sparsebk.train.tracking); `mlflow_uri`: the MLflow tracking URI (None: a
     SQLite store inside the run folder), `mlflow_experiment`: its experiment (None: the run
     name; a sweep sets one name for all its trials).
+
+    `storage_path`: a local path or a URI (s3://bucket/runs?region=..., gs://...); a relative
+    path is under $SPARSEBK_HOME (default ~/sparsebk). The run's folder is storage_path/name
+    (`run_dir`); `name` cannot leave it (no '/', not only dots).
     """
 
     name: str = "sparsebk"

@@ -16,6 +16,10 @@ tool is a column of metrics.jsonl.
   the run's params. The MLflow run id is kept in RUN_DIR/mlflow/run_id, so a restarted worker
   and the driver (`log_plots`, the PNGs as artifacts at the end) write to the same run.
 
+With a URI run folder (s3://, gs://) only MLflow on a tracking server works (config load
+refuses TensorBoard and the default SQLite store there); the run id goes through
+sparsebk.store, and the plots are copied to a temporary file for MLflow to log.
+
 The packages are the `tracking` extra (`pip install -e ".[tracking]"`, which `.[test]`
 includes); asking for a tracker whose package is missing fails at config load.
 """
