@@ -167,3 +167,14 @@ def write_result(out_dir: str | os.PathLike, name: str, result: dict) -> Path:
     tmp.write_text(json.dumps(result, indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def model_overrides(items: Sequence[str]) -> dict:
+    """LMConfig overrides from `--set FIELD=VALUE` items (values parsed as YAML, as the training
+    CLI's --set); LMConfig itself names a bad field or value."""
+    from sparsebk.train.config import apply_override
+
+    out: dict = {}
+    for item in items:
+        apply_override(out, item)
+    return out

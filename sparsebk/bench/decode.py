@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from sparsebk.baselines import TransformerConfig, TransformerLM
-from sparsebk.bench.common import format_table, time_call, write_result
+from sparsebk.bench.common import format_table, model_overrides, time_call, write_result
 from sparsebk.decode import DecodeState
 from sparsebk.lm import LMConfig, SparseBKLM
 
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="what a latency is: wall time, or this process's CPU time (a shared "
                         "CPU box, one thread: the work done)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="LMConfig override of the BK model, e.g. --set bk_heads=8 (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = p.parse_args(argv)
@@ -247,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
                               ("vocab_size", args.vocab)) if v is not None}
     contexts, batches = _ints(args.contexts), _ints(args.batches)
-    cfg = LMConfig.preset(args.preset, **over, pos_emb="none", gate_eval_mode="threshold",
-                          dropout_p=0.0)
+    over.update(model_overrides(args.set))
+    if over.get("pos_emb", "none") != "none":
+        raise ValueError("--set pos_emb: decoding past n_seq needs pos_emb=none")
+    cfg = LMConfig.preset(args.preset, **{**over, "pos_emb": "none"},
+                          gate_eval_mode="threshold", dropout_p=0.0)
 
     rows = []
     sparsities = [float(s) for s in args.sparsities.split(",") if s]

@@ -25,7 +25,7 @@ from functools import partial
 import torch
 
 from sparsebk.bench.common import format_table, time_call, time_calls, write_result
-from sparsebk.layers import SparseMoEResNetBKLayer
+from sparsebk.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
 
 
 def forced_mask(batch: int, n: int, sparsity: float, generator: torch.Generator) -> torch.Tensor:
@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the multi-channel layer learns a shift per head (default on)")
     p.add_argument("--input-couplings", action=argparse.BooleanOptionalAction, default=True,
                    help="the multi-channel layer has input-dependent couplings (default on)")
+    p.add_argument("--skip-output", choices=SKIP_OUTPUTS, default="carry",
+                   help="what a skipped position outputs, in every layer timed (default carry)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     layer = SparseMoEResNetBKLayer(args.d_model, args.n_seq, num_experts=args.experts,
-                                   top_k=args.top_k, dropout_p=args.dropout).to(dev).train()
+                                   top_k=args.top_k, dropout_p=args.dropout,
+                                   skip_output=args.skip_output).to(dev).train()
     x = torch.randn(args.batch, args.n_seq, args.d_model, device=dev, requires_grad=True)
     gen = torch.Generator().manual_seed(1)
     masks = {s: forced_mask(args.batch, args.n_seq, s, gen).to(dev) for s in sparsities}
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
                                             "rounds", "device", "lm_batch")}
     config["threads"] = torch.get_num_threads()
-    config.update(heads=args.heads, learn_z=args.learn_z, input_couplings=args.input_couplings)
+    config.update(heads=args.heads, learn_z=args.learn_z, input_couplings=args.input_couplings,
+                  skip_output=args.skip_output)
     path = write_result(args.out, "layer", {
         "config": config, "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
         "multi_channel": multi_rows,
@@ -154,7 +158,7 @@ def multi_channel_rows(args, single: SparseMoEResNetBKLayer, x: torch.Tensor, ma
     multi = SparseMoEResNetBKLayer(
         args.d_model, args.n_seq, num_experts=args.experts, top_k=args.top_k,
         dropout_p=args.dropout, bk_heads=args.heads, bk_learn_z=args.learn_z,
-        bk_input_couplings=args.input_couplings).to(dev).train()
+        bk_input_couplings=args.input_couplings, skip_output=args.skip_output).to(dev).train()
     single.use_sparse_computation = True
     layers = {"single": single, "multi": multi}
     timed = time_calls({(name, s): partial(fwd_bwd, lay, x, masks[s])

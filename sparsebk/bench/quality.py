@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsebk.bench.common import format_table, write_result
+from sparsebk.bench.common import format_table, model_overrides, write_result
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +421,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    overrides = {}
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        import yaml
-
-        overrides[key] = yaml.safe_load(value)
+    overrides = model_overrides(a.set)
     s = QualitySettings(
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
