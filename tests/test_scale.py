@@ -219,57 +219,79 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(heads, spars
 
 # --- FSDP (fully_shard) against DDP, sharded checkpoints -------------------------------------
 
-def _train_worker(rank: int, world: int, init_file: str, tmp: str, parallel: str, name: str,
-                  restore: str | None, cuda: bool) -> None:
-    """One worker of a 2-process (or 1-process) gloo run of the Trainer, as the Ray worker
-    builds it (sparsebk.train.loop: same seeds, same wrapping), without Ray. `cuda`: NCCL,
-    one GPU per worker, bf16 autocast (tests/test_gpu.py)."""
+def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
+                  cuda: bool) -> None:
+    """One worker of a gloo run (or several, one after the other, in the same processes: a
+    spawn and its imports cost more than an 8-step run) of the Trainer, as the Ray worker
+    builds it (sparsebk.train.loop: same seeds, same wrapping), without Ray. `runs`: (world,
+    parallel, name, restore) each; a run on fewer workers than the one before gets a new
+    process group of that size (the other ranks are done). `cuda`: NCCL, one GPU per worker,
+    bf16 autocast (tests/test_gpu.py)."""
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    size = 0
+    try:
+        for i, (run_world, parallel, name, restore) in enumerate(runs):
+            if run_world != size:
+                if size:
+                    dist.barrier()  # every rank's checkpoint files are written
+                    dist.destroy_process_group()
+                    size = 0
+                if rank >= run_world:
+                    return
+                dist.init_process_group("nccl" if cuda else "gloo",
+                                        init_method=f"file://{init_file}-{i}", rank=rank,
+                                        world_size=run_world)
+                size = run_world
+            elif i:
+                dist.barrier()  # the run before has written its checkpoints on every rank
+            _train_run(rank, size, tmp, parallel, name, restore, device, cuda)
+    finally:
+        if size:
+            dist.destroy_process_group()
+
+
+def _train_run(rank: int, world: int, tmp: str, parallel: str, name: str, restore: str | None,
+               device: torch.device, cuda: bool) -> None:
     import shutil
     from contextlib import nullcontext
 
     from sparsebk.train.loop import local_batches, shard
     from sparsebk.train.schedule_client import LocalSchedule
 
-    torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
-                            rank=rank, world_size=world)
-    try:
-        cfg = fsdp_cfg(Path(tmp), parallel, name)
-        torch.manual_seed(1000 + rank)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(1000)
-            model = SparseBKLM(cfg.model)
-        if parallel == "fsdp":
-            model = shard(model, world, device)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model.to(device), device_ids=[rank] if cuda else None)
+    cfg = fsdp_cfg(Path(tmp), parallel, name)
+    torch.manual_seed(1000 + rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1000)
+        model = SparseBKLM(cfg.model)
+    if parallel == "fsdp":
+        model = shard(model, world, device)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model.to(device), device_ids=[rank] if cuda else None)
 
-        def reporter(metrics, directory):  # Ray merges the ranks' files; so do we
-            if directory is not None:
-                shutil.copytree(directory, Path(tmp) / f"{name}-ckpt-{metrics['step']}",
-                                dirs_exist_ok=True)
+    def reporter(metrics, directory):  # Ray merges the ranks' files; so do we
+        if directory is not None:
+            shutil.copytree(directory, Path(tmp) / f"{name}-ckpt-{metrics['step']}",
+                            dirs_exist_ok=True)
 
-        train, valid = fsdp_rows()
-        t = Trainer(cfg, model, device=device, rank=rank, world=world, valid=valid,
-                    reporter=reporter, run_dir=cfg.run.run_dir,
-                    autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
-                    else nullcontext)
-        state = t.restore(restore) if restore else None
-        t.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers, state)
-        if restore and rank == 0:  # the weights as restored, gathered, for the test to compare
-            full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
-                    for k, v in t.net.state_dict().items()}
-        elif restore:
-            [v.full_tensor() for v in t.net.state_dict().values() if hasattr(v, "full_tensor")]
-        if restore and rank == 0:
-            torch.save(full, Path(tmp) / f"{name}-restored.pt")
-        t.finish(t.fit(lambda e, skip: local_batches(train, cfg, e, skip, rank, world)))
-    finally:
-        dist.destroy_process_group()
+    train, valid = fsdp_rows()
+    t = Trainer(cfg, model, device=device, rank=rank, world=world, valid=valid,
+                reporter=reporter, run_dir=cfg.run.run_dir,
+                autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
+                else nullcontext)
+    state = t.restore(restore) if restore else None
+    t.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers, state)
+    if restore and rank == 0:  # the weights as restored, gathered, for the test to compare
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu()
+                for k, v in t.net.state_dict().items()}
+    elif restore:
+        [v.full_tensor() for v in t.net.state_dict().values() if hasattr(v, "full_tensor")]
+    if restore and rank == 0:
+        torch.save(full, Path(tmp) / f"{name}-restored.pt")
+    t.finish(t.fit(lambda e, skip: local_batches(train, cfg, e, skip, rank, world)))
 
 
 def fsdp_cfg(tmp: Path, parallel: str, name: str) -> TrainConfig:
@@ -290,14 +312,22 @@ def fsdp_rows() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 50, (64, 17), generator=g), torch.randint(0, 50, (20, 17), generator=g)
 
 
-def _spawn(tmp: Path, world: int, parallel: str, name: str, restore: Path | None = None,
-           cuda: bool = False):
-    mp.start_processes(_train_worker, args=(world, str(tmp / f"pg-{name}"), str(tmp), parallel,
-                                            name, str(restore) if restore else None, cuda),
-                       nprocs=world, join=True, start_method="spawn")
+def _spawn_runs(tmp: Path, runs: list[tuple], cuda: bool = False) -> list[dict]:
+    """Runs (world, parallel, name, restore) one after the other in one spawn of the largest
+    world's processes; each run's metrics records."""
     from sparsebk.train.metrics import read_metrics
 
-    return read_metrics(tmp / "runs" / name)
+    runs = [(w, par, name, str(r) if r else None) for w, par, name, r in runs]
+    world = max(r[0] for r in runs)
+    mp.start_processes(_train_worker, args=(world, str(tmp / f"pg-{runs[0][2]}"), str(tmp),
+                                            runs, cuda),
+                       nprocs=world, join=True, start_method="spawn")
+    return [read_metrics(tmp / "runs" / name) for _, _, name, _ in runs]
+
+
+def _spawn(tmp: Path, world: int, parallel: str, name: str, restore: Path | None = None,
+           cuda: bool = False):
+    return _spawn_runs(tmp, [(world, parallel, name, restore)], cuda)[0]
 
 
 def _curve(recs: dict, key: str = "train_loss", kind: str = "train") -> dict[int, float]:
@@ -312,8 +342,11 @@ def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     a plain single-process model."""
     from sparsebk.train.checkpoint import load_model_weights
 
-    ddp = _spawn(tmp_path, 2, "ddp", "ddp")
-    fsdp = _spawn(tmp_path, 2, "fsdp", "fsdp")
+    ckpt = tmp_path / "fsdp-ckpt-4"
+    # one spawn for the four runs (a spawn's imports cost more than a run)
+    ddp, fsdp, resumed, one = _spawn_runs(tmp_path, [
+        (2, "ddp", "ddp", None), (2, "fsdp", "fsdp", None), (2, "fsdp", "fsdp2", ckpt),
+        (1, "fsdp", "fsdp1", ckpt)])
     want, got = _curve(ddp), _curve(fsdp)
     assert sorted(got) == list(range(1, 9))
     for step in want:
@@ -323,16 +356,13 @@ def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     held = {name: recs["train"][-1]["param_optim_mb"] for name, recs in (("ddp", ddp), ("fsdp", fsdp))}
     assert 0.45 < held["fsdp"] / held["ddp"] < 0.6, held
 
-    ckpt = tmp_path / "fsdp-ckpt-4"
     assert {p.name for p in (ckpt / "shards").iterdir()} == {".metadata", "__0_0.distcp",
                                                               "__1_0.distcp"}
     assert "model" not in torch.load(ckpt / "state.pt", weights_only=True)
 
-    resumed = _spawn(tmp_path, 2, "fsdp", "fsdp2", restore=ckpt)
     for step in range(5, 9):
         assert _curve(resumed)[step] == pytest.approx(got[step], rel=1e-5), step
 
-    one = _spawn(tmp_path, 1, "fsdp", "fsdp1", restore=ckpt)
     assert sorted(_curve(one)) == [5, 6, 7, 8]  # it continued from step 4 on one worker
     plain = SparseBKLM(fsdp_cfg(tmp_path, "fsdp", "x").model)
     load_model_weights(ckpt, plain)
