@@ -12,6 +12,21 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sparsebk_home(tmp_path_factory):
+    """Relative run and data paths resolve under $SPARSEBK_HOME (sparsebk.store.home()): a
+    temporary one for the test session, so no test writes into ~/sparsebk. Set before any
+    module starts Ray, so Ray's workers see the same home."""
+    old = os.environ.get("SPARSEBK_HOME")
+    home = tmp_path_factory.mktemp("sparsebk-home")
+    os.environ["SPARSEBK_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("SPARSEBK_HOME", None)
+    else:
+        os.environ["SPARSEBK_HOME"] = old
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray cluster on 127.0.0.1 for the module's tests."""

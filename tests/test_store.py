@@ -3,6 +3,7 @@ and where relative locations resolve (home(), never the working directory)."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -79,3 +80,82 @@ def test_relative_paths_resolve_under_home(tmp_path, monkeypatch):
         resolve_location("ftp://host/x", "run.storage_path")
     monkeypatch.delenv(HOME_ENV)
     assert home() == (tmp_path.home() / "sparsebk").resolve()
+
+
+def test_prepared_dataset_in_a_bucket_reads_as_the_local_one(s3_bucket, tmp_path, monkeypatch):
+    """prepare-data to an s3:// URI: uploaded with the manifest last, reused when asked again,
+    and its blocks equal those of the same dataset prepared locally; a relative --out of the
+    CLI lands under $SPARSEBK_HOME."""
+    import torch
+
+    from sparsebk.data import check_dataset, load_blocks, prepare_dataset
+    from sparsebk.data.cli import main as prepare_main
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"line {i} of a small corpus for the bucket\n" for i in range(300)))
+    args = dict(text=str(text), tokenizer="byte", block_len=16, rows_per_file=200)
+    local = prepare_dataset(tmp_path / "local", **args)
+    uri = s3_bucket(f"ds-{uuid.uuid4().hex[:8]}")
+    assert prepare_dataset(uri, **args) == uri
+    store = open_store(uri)
+    assert store.is_file("manifest.json") and len(store.list()) > 3
+    assert prepare_dataset(uri, **args) == uri  # reused: same arguments, same text
+    assert check_dataset(uri) == check_dataset(local) | {"created_unix": check_dataset(uri)["created_unix"]}
+    for split in ("train", "valid", "test"):
+        assert torch.equal(load_blocks(uri, split), load_blocks(local, split))
+
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert prepare_main(["--text", str(text), "--tokenizer", "byte", "--block-len", "16",
+                         "--out", "data/rel"]) == 0
+    assert (tmp_path / "home" / "data" / "rel" / "manifest.json").is_file()
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_tiny_run_in_a_bucket_writes_nothing_local_and_resumes(s3_bucket, ray_local, tmp_path,
+                                                               monkeypatch):
+    """`run.storage_path` and `data.dir` as s3:// URIs: the dataset is prepared into the
+    bucket, the run's checkpoints, metrics, schedule records, plots and summary land there
+    (read back from the bucket, not from a local folder), and running again resumes from the
+    bucket's checkpoint. s3_bucket comes before ray_local: Ray's workers inherit its
+    credentials from the environment, as on a cluster."""
+    from pathlib import Path
+
+    from sparsebk.train.config import load_config
+    from sparsebk.train.driver import run_training
+    from sparsebk.train.metrics import read_metrics
+
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    storage, data = s3_bucket("runs"), s3_bucket("data/tiny")
+    tiny = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+
+    def cfg(max_steps):
+        return load_config(tiny, [f"run.storage_path={storage}", f"data.dir={data}",
+                                  "run.name=s3tiny", f"optim.max_steps={max_steps}",
+                                  "run.eval_every=5", "run.log_every=5"])
+
+    summary = run_training(cfg(10))
+    run = open_store(storage).join("s3tiny")
+    assert summary["run_dir"] == run.uri and summary["steps"] == 10
+    assert summary["checkpoint"].startswith("s3://test/runs/s3tiny/checkpoint_")
+    stored = json.loads(run.read_text("summary.json"))
+    assert stored["steps"] == 10 and stored["checkpoint"] == summary["checkpoint"]
+    assert [r["step"] for r in read_metrics(run.uri)["eval"]] == [5, 10]
+    assert run.list("plots") == ["loss_ppl.png", "sparsity.png", "weight.png"]
+    assert run.read_bytes("plots/loss_ppl.png")[:4] == b"\x89PNG"
+    for rank in (0, 1):  # each worker's schedule records, as part objects
+        steps = [json.loads(x)["step"]
+                 for x in run.read_lines(f"schedule/rank{rank}.jsonl")]
+        assert steps == list(range(1, 11)), rank
+    assert open_store(data).is_file("manifest.json")
+    local = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert local == [], local  # nothing under the cwd or the home: all in the bucket
+
+    summary2 = run_training(cfg(15))  # same run: resumes from the bucket's step-10 checkpoint
+    assert summary2["steps"] == 15
+    new = [json.loads(x)["step"] for x in run.read_lines("schedule/rank0.jsonl")]
+    assert new == list(range(1, 16))  # continued at 11: no step trained twice
+    assert [r["step"] for r in read_metrics(run.uri)["eval"]] == [5, 10, 15]
