@@ -27,7 +27,7 @@ from sparsebk.store import open_store
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.resume import restore_with_fallback
 from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
-from sparsebk.train.trainer import Trainer, lr_lambda, shuffle_seed  # noqa: F401 (lr_lambda: public)
+from sparsebk.train.trainer import Trainer, lr_lambda, shuffle_seed  # noqa: F401 (lr_lambda)
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -218,5 +218,5 @@ def train_loop_per_worker(config: dict) -> None:
         batches = lambda epoch, start: ray_batches(shard, cfg, epoch, start, world)  # noqa: E731
     else:
         rows = load_blocks(dataset_dir, "train")
-        batches = lambda epoch, start: local_batches(rows, cfg, epoch, start, rank, world)  # noqa: E731
+        batches = lambda epoch, at: local_batches(rows, cfg, epoch, at, rank, world)  # noqa: E731
     trainer.finish(trainer.fit(batches))

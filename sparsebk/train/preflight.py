@@ -30,11 +30,11 @@ class PreflightError(RuntimeError):
 
 
 def _fs(location: str):
-    import pyarrow.fs as pafs
+    """(pyarrow FileSystem, path) of a local path or URI (query options included)."""
+    from sparsebk.store import open_store
 
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), location
+    store = open_store(location)
+    return store.fs, store.root
 
 
 def _why(e: BaseException) -> str:

@@ -111,15 +111,6 @@ def compare(meta: dict, cfg_dict: dict, tokenizer: dict | None, dataset_dir: str
 
 
 # --- finding and reading checkpoints -------------------------------------------------------
-def _fs(location: str):
-    """(pyarrow FileSystem, path) of a local path or URI."""
-    import pyarrow.fs as pafs
-
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    return pafs.LocalFileSystem(), location
-
-
 def list_checkpoints(fs, run_path: str) -> list[str]:
     """The run's checkpoint directories, newest first (Ray names them by timestamp)."""
     import pyarrow.fs as pafs
@@ -171,8 +162,10 @@ def check_resume(loop_config: dict, where: str = "config") -> dict | None:
     from sparsebk.data import load_manifest
 
     cfg = loop_config["cfg"]
-    run_dir = f"{cfg['run']['storage_path'].rstrip('/')}/{cfg['run']['name']}"
-    fs, run_path = _fs(run_dir)
+    from sparsebk.store import open_store
+
+    run = open_store(cfg["run"]["storage_path"]).join(cfg["run"]["name"])
+    fs, run_path = run.fs, run.root
     found = latest_readable(fs, run_path)
     if found is None:
         return None
