@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_table(multi_rows))
     presets = [n for n in args.lm_presets.split(",") if n]
-    lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds) for name in presets]
+    lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds, args.skip_output)
+               for name in presets]
     if lm_rows:
         print()
         print(format_table(lm_rows))
@@ -178,29 +179,42 @@ def multi_channel_rows(args, single: SparseMoEResNetBKLayer, x: torch.Tensor, ma
     return rows
 
 
-def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int) -> dict:
-    """Tokens/s of one full training step (forward, backward, AdamW) of a preset LM at n_seq."""
+def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
+                 skip_output: str = "carry") -> dict:
+    """Tokens/s of one full training step (forward, backward, AdamW) of a preset LM at n_seq,
+    with every gate open (dense) and every gate closed (all skipped), timed round-robin: their
+    ratio is the share of a step that sparsity can remove, and 1 / (1 - s share) the most a
+    sparsity s can buy in tokens/s (the embedding, the output head and the BK-core stay)."""
     from sparsebk.lm import LMConfig, SparseBKLM
 
     torch.manual_seed(0)
-    cfg = LMConfig.preset(name)
+    cfg = LMConfig.preset(name, skip_output=skip_output)
     model = SparseBKLM(cfg).to(dev).train()
     # the training optimizer's groups (decay on ndim >= 2); AdamW's default decay and betas
     opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.n_seq + 1), device=dev)
 
-    def step():
+    def step(bias: float):
+        with torch.no_grad():  # a logit of +-1e3 outweighs any gate noise: all open / closed
+            for layer in model.layers:
+                layer.sparse_bk_core.importance_predictor.bias.fill_(bias)
         out = model(tokens[:, :-1], tokens[:, 1:])
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
 
-    t = time_call(step, repeats=rounds, warmup=1, device=dev)
-    w, c = t["wall_median_s"], t["cpu_median_s"]
+    t = time_calls({"dense": partial(step, 1e3), "skipped": partial(step, -1e3)},
+                   repeats=rounds, warmup=1, device=dev)
+    w, c = t["dense"]["wall_median_s"], t["dense"]["cpu_median_s"]
     n_tok = batch * cfg.n_seq
+    share_w = 1.0 - t["skipped"]["wall_median_s"] / w
+    share_c = 1.0 - t["skipped"]["cpu_median_s"] / c
     return {"preset": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "batch": batch, "seq": cfg.n_seq, "step_wall_ms": 1e3 * w, "tokens_per_s_wall": n_tok / w,
-            "step_cpu_ms": 1e3 * c, "tokens_per_s_cpu": n_tok / c}
+            "step_cpu_ms": 1e3 * c, "tokens_per_s_cpu": n_tok / c,
+            "all_skipped_wall_ms": 1e3 * t["skipped"]["wall_median_s"],
+            "skippable_share_wall": share_w, "skippable_share_cpu": share_c,
+            "max_speedup_at_0.5_cpu": 1.0 / (1.0 - 0.5 * share_c)}
 
 
 if __name__ == "__main__":
