@@ -268,13 +268,20 @@ def progression_batch(batch: int, length: int, vocab: int, stride: int = 3):
     return seq[:, :-1], seq[:, 1:]
 
 
-def test_debug_lm_learns_and_reaches_its_sparsity_target():
+@pytest.fixture(scope="module")
+def progression_run():
+    """200 AdamW steps of the debug LM on progressions at a 0.75 sparsity target (weight 1.0),
+    and the weights and global RNG state after its first 100 steps: two tests read one run,
+    the second where the first 100 steps end (it trained exactly those 100 before)."""
     torch.manual_seed(4)
     target = 0.75  # far from the ~0.5 an untrained gate gives
     model = debug_model(dropout_p=0.0, target_sparsity=target, sparsity_loss_weight=1.0).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ce_hist, sp_hist = [], []
-    for _ in range(200):
+    ce_hist, sp_hist, at_100 = [], [], None
+    for step in range(200):
+        if step == 100:
+            at_100 = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                      torch.get_rng_state())
         x, y = progression_batch(16, 32, 64)
         out = model(x, y)
         opt.zero_grad(set_to_none=True)
@@ -282,6 +289,11 @@ def test_debug_lm_learns_and_reaches_its_sparsity_target():
         opt.step()
         ce_hist.append(out["ce_loss"].detach())
         sp_hist.append(out["layer_sparsity"])
+    return {"target": target, "ce": ce_hist, "sparsity": sp_hist, "at_100": at_100}
+
+
+def test_debug_lm_learns_and_reaches_its_sparsity_target(progression_run):
+    ce_hist, sp_hist, target = (progression_run[k] for k in ("ce", "sparsity", "target"))
     first = ce_hist[0].item()
     last = torch.stack(ce_hist[-20:]).mean().item()
     assert first == pytest.approx(math.log(64), abs=0.1)  # untrained: near uniform
@@ -304,22 +316,15 @@ def test_bf16_autocast_step_tracks_float32(opts):
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
 
 
-def test_eval_mode_sparsity_follows_training_sparsity_and_the_target():
+def test_eval_mode_sparsity_follows_training_sparsity_and_the_target(progression_run):
     """The sparsity loss pulls mean(sigmoid(l)) to the target with logits near one constant; the
     eval mask must keep that rate (the threshold l > 0 measured 0.95 here at a 0.75 target)."""
-    torch.manual_seed(4)
-    target = 0.75
-    model = debug_model(dropout_p=0.0, target_sparsity=target, sparsity_loss_weight=1.0).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sp_hist = []
-    for _ in range(100):
-        x, y = progression_batch(16, 32, 64)
-        out = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        sp_hist.append(out["layer_sparsity"])
-    trained = torch.stack(sp_hist[-20:]).mean(0)  # (L,) training mode (random gate noise)
+    target = progression_run["target"]
+    weights, rng = progression_run["at_100"]  # 100 training steps (the shared run's first 100)
+    model = debug_model(dropout_p=0.0, target_sparsity=target, sparsity_loss_weight=1.0)
+    model.load_state_dict(weights)
+    torch.set_rng_state(rng)
+    trained = torch.stack(progression_run["sparsity"][80:100]).mean(0)  # (L,) training mode
     model.eval()
     x, y = progression_batch(256, 32, 64)
     with torch.no_grad():
