@@ -152,8 +152,8 @@ def test_model_budget_lets_layers_differ_and_equals_the_layer_budget_when_they_a
         m.set_sparsity_schedule(0.5, 2.0)
     # layers at 0.25 and 0.75: the model as a whole is on target
     apart = _masks(0.25, 0.75)
-    assert float(whole._sparsity_loss(apart)) == 0.0
-    assert float(per_layer._sparsity_loss(apart)) > 0.0
+    assert whole._sparsity_loss(apart).item() == 0.0
+    assert per_layer._sparsity_loss(apart).item() > 0.0
     # both layers at 0.3: the same loss and the same gradient either way
     a, b = _masks(0.3, 0.3), _masks(0.3, 0.3)
     la, lb = per_layer._sparsity_loss(a), whole._sparsity_loss(b)
