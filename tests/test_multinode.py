@@ -1,0 +1,98 @@
+"""Two Ray nodes on one machine: a 2-worker `tiny` run with STRICT_SPREAD placement puts one
+worker on each node, passes the pre-flight check on both, finishes, and both ranks' files are
+in the run's storage (a path both nodes share, as a shared mount would be).
+
+This module starts its own cluster (ray.cluster_utils.Cluster, under its own temp dir so no
+other Ray on the machine finds it) and must not use the `ray_local` fixture."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sparsebk.train.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """A head and one more node, 2 CPUs each; the driver connected to the head."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # read by the nodes' processes
+    temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths are limited
+    cluster = None
+    try:
+        cluster = start_cluster(temp)
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        if old is None:
+            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
+        else:
+            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+
+
+def start_cluster(temp: str, attempts: int = 3):
+    """Head + one node. Ray gives a starting node 30 s to register, which a loaded machine
+    can miss; a failed attempt is shut down and tried again."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        cluster = Cluster(initialize_head=False)
+        try:
+            cluster.add_node(num_cpus=2, include_dashboard=False, temp_dir=temp)
+            cluster.add_node(num_cpus=2, temp_dir=temp)
+            cluster.wait_for_nodes(timeout=120)
+            return cluster
+        except Exception:
+            cluster.shutdown()
+            if attempt == attempts - 1:
+                raise
+
+
+def train_worker_nodes() -> list[str]:
+    """Node ids of the Ray Train workers this cluster has run (alive or dead)."""
+    import ray._private.state as state
+
+    return [a["Address"]["NodeID"] for a in state.actors().values()
+            if a["ActorClassName"] == "RayTrainWorker"]
+
+
+def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, two_nodes):
+    import ray
+
+    from sparsebk.train.driver import run_training
+    from sparsebk.train.preflight import worker_nodes
+
+    assert len(worker_nodes()) == 2
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}",
+                             f"run.storage_path={tmp_path / 'runs'}",
+                             "run.name=two", "run.placement_strategy=STRICT_SPREAD",
+                             "data.loader=local", "optim.max_steps=4", "run.eval_every=4",
+                             "run.log_every=2", "optim.warmup_steps=1", "run.plots=false"])
+    summary = run_training(cfg)
+    assert summary["steps"] == 4
+
+    nodes = train_worker_nodes()
+    assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one worker per node
+    assert set(nodes) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    run_dir = tmp_path / "runs" / "two"
+    ckpt = Path(summary["checkpoint"])
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    records = {p.name.split(".")[0] for p in (run_dir / "schedule").iterdir()}
+    assert records == {"rank0", "rank1"}
