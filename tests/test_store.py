@@ -88,12 +88,12 @@ def test_prepared_dataset_in_a_bucket_reads_as_the_local_one(s3_bucket, tmp_path
     CLI lands under $SPARSEBK_HOME."""
     import torch
 
-    from sparsebk.data import check_dataset, load_blocks, prepare_dataset
+    from sparsebk.data import check_dataset, load_blocks, load_tokenizer, prepare_dataset
     from sparsebk.data.cli import main as prepare_main
 
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"line {i} of a small corpus for the bucket\n" for i in range(300)))
-    args = dict(text=str(text), tokenizer="byte", block_len=16, rows_per_file=200)
+    args = dict(text=str(text), tokenizer="word", block_len=16, rows_per_file=200)
     local = prepare_dataset(tmp_path / "local", **args)
     uri = s3_bucket(f"ds-{uuid.uuid4().hex[:8]}")
     assert prepare_dataset(uri, **args) == uri
@@ -103,10 +103,11 @@ def test_prepared_dataset_in_a_bucket_reads_as_the_local_one(s3_bucket, tmp_path
     assert check_dataset(uri) == check_dataset(local) | {"created_unix": check_dataset(uri)["created_unix"]}
     for split in ("train", "valid", "test"):
         assert torch.equal(load_blocks(uri, split), load_blocks(local, split))
+    assert load_tokenizer(uri).identity() == load_tokenizer(local).identity()
 
     monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert prepare_main(["--text", str(text), "--tokenizer", "byte", "--block-len", "16",
+    assert prepare_main(["--text", str(text), "--tokenizer", "word", "--block-len", "16",
                          "--out", "data/rel"]) == 0
     assert (tmp_path / "home" / "data" / "rel" / "manifest.json").is_file()
     assert not (tmp_path / "data").exists()

@@ -279,10 +279,21 @@ def get_tokenizer(name: str, *, vocab: Sequence[str] | None = None,
 
 
 def load_tokenizer(dataset_dir: str | Path) -> Tokenizer:
-    """The tokeniser a prepared dataset was made with, verified against its manifest."""
+    """The tokeniser a prepared dataset (a path or a URI) was made with, verified against its
+    manifest."""
     from sparsebk.data.manifest import MANIFEST_NAME, load_manifest
 
-    root = Path(dataset_dir)
+    from sparsebk.data.manifest import dataset_store
+
+    store = dataset_store(dataset_dir)
+    if not store.is_local:  # a dataset in a bucket: its tokenizer files, copied locally
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="sparsebk-tokenizer-") as tmp:
+            for name in [MANIFEST_NAME] + load_manifest(store.uri)["tokenizer"].get("files", []):
+                (Path(tmp) / name).write_bytes(store.read_bytes(name))
+            return load_tokenizer(tmp)
+    root = Path(store.uri)
     manifest = load_manifest(root)
     mpath = root / MANIFEST_NAME
     ident = manifest["tokenizer"]
