@@ -105,6 +105,29 @@ def test_each_step_of_all_ranks_consumes_a_stretch_of_one_order(tmp_path):
     assert seen == order[16:16 + len(seen)] and len(seen) == 24
 
 
+def test_ray_loader_skips_its_share_of_the_samples_across_batch_boundaries():
+    from sparsebk.train.loop import _rebatch
+
+    stream = (torch.arange(i, i + 4)[:, None] for i in range(0, 20, 4))  # batches of 4 rows
+    out = list(_rebatch(stream, 6, 3))  # skip 6 rows, batches of 3, the short last one dropped
+    assert [b[:, 0].tolist() for b in out] == [[6, 7, 8], [9, 10, 11], [12, 13, 14],
+                                               [15, 16, 17]]
+
+
+def test_a_checkpoint_from_before_sample_positions_converts_its_batch_count(tmp_path):
+    """Old checkpoints counted one worker's batches of their own shape: 3 batches of 8 rows
+    on 2 workers are sample 48, whatever this run's shape."""
+    from sparsebk.lm import SparseBKLM
+
+    old = small_cfg(tmp_path, data__batch_size=8, run__num_workers=2).to_dict()
+    t = Trainer(small_cfg(tmp_path), SparseBKLM(small_cfg(tmp_path).model),
+                device=torch.device("cpu"))
+    ckpt = {"extra": {"run_state": {"step": 3, "epoch": 1, "batch_in_epoch": 3}},
+            "meta": {"train_config": old}}
+    state = t._run_state(ckpt)
+    assert (state.step, state.epoch, state.sample_in_epoch, state.batch_in_epoch) == (3, 1, 48, 12)
+
+
 def fit_recording(cfg, rows, valid, resume_from=None) -> tuple[Trainer, list, list]:
     """A Trainer fit on `rows`; returns it, the sample ids of each step and its checkpoints."""
     torch.manual_seed(0)
