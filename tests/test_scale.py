@@ -138,45 +138,52 @@ def test_fit_takes_n_batches_per_step_and_counts_optimizer_steps(tmp_path):
 
 # --- DDP over two gloo processes -------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, init_file: str, tmp: str, out: str) -> None:
+def _accum_run(rank: int, world: int, tmp: str, out: str) -> None:
+    """DDP over the spawn's process group, 2 micro-batches per step; rank 0 saves the weights,
+    gradients and all-reduce counts to `out`."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        cfg = make_cfg(Path(tmp), grad_accum_steps=2)
-        torch.manual_seed(0)
-        ddp = torch.nn.parallel.DistributedDataParallel(SparseBKLM(cfg.model))
-        calls = []
+    cfg = make_cfg(Path(tmp), grad_accum_steps=2)
+    torch.manual_seed(0)
+    ddp = torch.nn.parallel.DistributedDataParallel(SparseBKLM(cfg.model))
+    calls = []
 
-        def counting_hook(state, bucket):  # the all-reduce DDP would do, counted
-            calls.append(1)
-            return allreduce_hook(state, bucket)
+    def counting_hook(state, bucket):  # the all-reduce DDP would do, counted
+        calls.append(1)
+        return allreduce_hook(state, bucket)
 
-        ddp.register_comm_hook(None, counting_hook)
-        t = exact_trainer(cfg, ddp, rank=rank, world=world)
-        # step 1: 2 micro-batches of B rows per rank; step 2: one batch of 2B rows per rank.
-        # Together the ranks see rows 4B of each step, rank r the r-th half.
-        x = rows(4 * B, seed=0)[2 * B * rank:2 * B * (rank + 1)]
-        t.train_step(list(x.split(B)))
-        per_step = [len(calls)]
-        t.train_step(rows(4 * B, seed=1)[2 * B * rank:2 * B * (rank + 1)])
-        per_step.append(len(calls) - per_step[0])
-        if rank == 0:
-            torch.save({"params": [p.detach() for p in t.net.parameters()],
-                        "grads": grads(t.net), "calls": per_step}, out)
-    finally:
-        dist.destroy_process_group()
+    ddp.register_comm_hook(None, counting_hook)
+    t = exact_trainer(cfg, ddp, rank=rank, world=world)
+    # step 1: 2 micro-batches of B rows per rank; step 2: one batch of 2B rows per rank.
+    # Together the ranks see rows 4B of each step, rank r the r-th half.
+    x = rows(4 * B, seed=0)[2 * B * rank:2 * B * (rank + 1)]
+    t.train_step(list(x.split(B)))
+    per_step = [len(calls)]
+    t.train_step(rows(4 * B, seed=1)[2 * B * rank:2 * B * (rank + 1)])
+    per_step.append(len(calls) - per_step[0])
+    if rank == 0:
+        torch.save({"params": [p.detach() for p in t.net.parameters()],
+                    "grads": grads(t.net), "calls": per_step}, out)
 
 
-def test_ddp_accumulation_on_two_workers_equals_one_big_batch(tmp_path):
+@pytest.fixture(scope="module")
+def gloo_runs(tmp_path_factory):
+    """Every 2-process gloo run of this module in one spawn (a spawn's imports cost more than
+    all of its runs): the DDP accumulation steps, then DDP and FSDP 8-step runs, the FSDP
+    run resumed from its step-4 sharded checkpoint on 2 workers, and on 1 (resharded)."""
+    tmp = tmp_path_factory.mktemp("gloo")
+    ckpt = tmp / "fsdp-ckpt-4"
+    recs = _spawn_runs(tmp, [(2, "accum", "accum", None), (2, "ddp", "ddp", None),
+                             (2, "fsdp", "fsdp", None), (2, "fsdp", "fsdp2", ckpt),
+                             (1, "fsdp", "fsdp1", ckpt)])
+    return {"tmp": tmp, "ckpt": ckpt, "accum": torch.load(tmp / "accum.pt", weights_only=True),
+            **dict(zip(("ddp", "fsdp", "fsdp2", "fsdp1"), recs[1:]))}
+
+
+def test_ddp_accumulation_on_two_workers_equals_one_big_batch(gloo_runs, tmp_path):
     """2 gloo workers x 2 micro-batches of B rows == one process with 4B rows; the gradient
     all-reduce runs once per optimizer step (no_sync on the first micro-batch)."""
-    out = tmp_path / "rank0.pt"
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), str(out)),
-                       nprocs=2, join=True, start_method="spawn")
-    got = torch.load(out, weights_only=True)
+    got = gloo_runs["accum"]
 
     torch.manual_seed(0)
     ref = exact_trainer(make_cfg(tmp_path), SparseBKLM(make_cfg(tmp_path).model))
@@ -224,7 +231,7 @@ def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
     """One worker of a gloo run (or several, one after the other, in the same processes: a
     spawn and its imports cost more than an 8-step run) of the Trainer, as the Ray worker
     builds it (sparsebk.train.loop: same seeds, same wrapping), without Ray. `runs`: (world,
-    parallel, name, restore) each; a run on fewer workers than the one before gets a new
+    parallel, name, restore) each, parallel "ddp" or "fsdp" (or "accum": `_accum_run`); a run on fewer workers than the one before gets a new
     process group of that size (the other ranks are done). `cuda`: NCCL, one GPU per worker,
     bf16 autocast (tests/test_gpu.py)."""
     torch.set_num_threads(1)
@@ -247,7 +254,10 @@ def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
                 size = run_world
             elif i:
                 dist.barrier()  # the run before has written its checkpoints on every rank
-            _train_run(rank, size, tmp, parallel, name, restore, device, cuda)
+            if parallel == "accum":
+                _accum_run(rank, size, tmp, str(Path(tmp) / f"{name}.pt"))
+            else:
+                _train_run(rank, size, tmp, parallel, name, restore, device, cuda)
     finally:
         if size:
             dist.destroy_process_group()
@@ -318,11 +328,13 @@ def _spawn_runs(tmp: Path, runs: list[tuple], cuda: bool = False) -> list[dict]:
     from sparsebk.train.metrics import read_metrics
 
     runs = [(w, par, name, str(r) if r else None) for w, par, name, r in runs]
+    readable = [name for _, par, name, _ in runs if par != "accum"]
     world = max(r[0] for r in runs)
     mp.start_processes(_train_worker, args=(world, str(tmp / f"pg-{runs[0][2]}"), str(tmp),
                                             runs, cuda),
                        nprocs=world, join=True, start_method="spawn")
-    return [read_metrics(tmp / "runs" / name) for _, _, name, _ in runs]
+    return [read_metrics(tmp / "runs" / name) if name in readable else None
+            for _, _, name, _ in runs]
 
 
 def _spawn(tmp: Path, world: int, parallel: str, name: str, restore: Path | None = None,
@@ -334,7 +346,7 @@ def _curve(recs: dict, key: str = "train_loss", kind: str = "train") -> dict[int
     return {r["step"]: r[key] for r in recs[kind]}
 
 
-def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
+def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(gloo_runs):
     """2 gloo workers, accumulation 2, activation checkpointing, gate noise on: FSDP's
     training and validation losses follow DDP's step for step; FSDP holds about half the
     parameter + optimizer bytes per worker; its step-4 sharded checkpoint (one shard file per
@@ -342,11 +354,8 @@ def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(tmp_path):
     a plain single-process model."""
     from sparsebk.train.checkpoint import load_model_weights
 
-    ckpt = tmp_path / "fsdp-ckpt-4"
-    # one spawn for the four runs (a spawn's imports cost more than a run)
-    ddp, fsdp, resumed, one = _spawn_runs(tmp_path, [
-        (2, "ddp", "ddp", None), (2, "fsdp", "fsdp", None), (2, "fsdp", "fsdp2", ckpt),
-        (1, "fsdp", "fsdp1", ckpt)])
+    tmp_path, ckpt = gloo_runs["tmp"], gloo_runs["ckpt"]
+    ddp, fsdp, resumed, one = (gloo_runs[k] for k in ("ddp", "fsdp", "fsdp2", "fsdp1"))
     want, got = _curve(ddp), _curve(fsdp)
     assert sorted(got) == list(range(1, 9))
     for step in want:
