@@ -1,4 +1,5 @@
-"""A real Ray head (token auth, bound to 127.0.0.1) and `ray job submit` of ray_jobs/train.py.
+"""A real Ray head (token auth, bound to 127.0.0.1, 2 CPUs) and `ray job submit` of
+ray_jobs/train.py and ray_jobs/sweep.py.
 
 The head runs with `--block` in its own process group; the test ends it by signalling that
 group (never `ray stop`, which would end every Ray process on the machine). The token lives
@@ -7,6 +8,7 @@ in a temporary HOME (`ray get-auth-token --generate`), so nothing of the user's 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,6 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+HEAD_CPUS = 2  # fewer than the sweep test's trials x workers
 
 
 def free_port() -> int:
@@ -45,7 +48,7 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"],
+         f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", "--disable-usage-stats"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
     try:
@@ -75,17 +78,29 @@ def ray_head(tmp_path_factory):
         log.close()
 
 
+def job_submit(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`ray job submit ARGS`, retried while the head's dashboard agent is still starting (it
+    answers "No available agent to submit job" for a while after the dashboard is up)."""
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([str(BIN / "ray"), "job", "submit", *args], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
+            return done
+        time.sleep(3)
+
+
 def test_job_submit_tiny_runs_and_logs_progress(ray_head, tmp_path):
     env, address = ray_head["env"], ray_head["address"]
     job_id = f"sparsebk-test-{uuid.uuid4().hex[:8]}"
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id,
+    submit = job_submit(
+        ["--address", address, "--submission-id", job_id,
          "--working-dir", str(REPO), "--", "python", "ray_jobs/train.py",
          "--config", "ray_jobs/configs/tiny.yaml",
          "--set", f"data.dir={tmp_path / 'data'}", "--set", f"run.storage_path={tmp_path / 'runs'}",
          "--set", "optim.max_steps=10", "--set", "run.eval_every=10",
          "--set", "data.loader=local"],
-        env=env, capture_output=True, text=True, timeout=500)
+        env, timeout=500)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout, submit.stdout[-3000:]
 
@@ -101,3 +116,37 @@ def test_job_submit_tiny_runs_and_logs_progress(ray_head, tmp_path):
     denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
                             env=no_token, capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0
+
+
+def test_job_submit_sweep_on_fewer_cpus_than_trials_finishes(ray_head, tmp_path):
+    """sweep-tiny (4 trials x 1 worker, ASHA) on a 2-CPU token-auth head: before the fix the
+    placement groups of the trials ASHA stopped stayed CREATED and the next trial waited for
+    its worker group forever (issue 12). Now the sweep ends, its driver saw no live group
+    left, none is listed afterwards, and the Pareto report is written."""
+    env, address = ray_head["env"], ray_head["address"]
+    job_id = f"sparsebk-sweep-{uuid.uuid4().hex[:8]}"
+    train = ["run.num_workers=1", "run.max_failures=0", "run.plots=false", "run.eval_batches=1",
+             "data.loader=local", "optim.max_steps=20", "run.eval_every=5",
+             f"data.dir={tmp_path / 'data'}"]
+    submit = job_submit(
+        ["--address", address, "--submission-id", job_id,
+         "--working-dir", str(REPO), "--", "python", "ray_jobs/sweep.py",
+         "--config", "ray_jobs/configs/sweep-tiny.yaml",
+         "--set", f"storage_path={tmp_path / 'sweeps'}", "--set", "search.num_samples=4",
+         "--set", f"train_overrides=[{', '.join(train)}]"],
+        env, timeout=540)
+    out = submit.stdout + submit.stderr
+    head_log = (ray_head["home"] / "head.log").read_text()[-2000:]
+    assert submit.returncode == 0 and "succeeded" in submit.stdout, out[-4000:] + head_log
+    assert '"placement_groups_left": []' in out, out[-4000:]
+    assert "early_stopped" in out, out[-4000:]  # ASHA stopped a trial: the leak's trigger
+    report = tmp_path / "sweeps" / "sweep-tiny" / "report"
+    assert (report / "report.md").is_file() and (report / "pareto.csv").is_file()
+
+    listed = subprocess.run([str(BIN / "ray"), "list", "placement-groups", "--address", address,
+                             "--format", "json", "--limit", "1000"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    groups = json.loads(listed.stdout)
+    live = [g for g in groups if g.get("state") in ("CREATED", "PENDING", "RESCHEDULING")]
+    assert live == [], live

@@ -61,3 +61,25 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="no trial"):
         densest_index([math.nan], [0.5])
     assert pareto_front([], []) == []
+
+
+def test_front_table_keeps_stopped_and_failed_trials_out():
+    """A trial whose training stopped on non-finite losses (stop_reason "stopped") never
+    enters the front, even when it looks best and even when no trial completed."""
+    import pandas as pd
+
+    from sparsebk.tune.report import front_table
+
+    def table(reasons):
+        return pd.DataFrame({
+            "trial_id": ["nan", "ok", "err", "early"],
+            "best_val_ppl": [50.0, 100.0, 40.0, 120.0],
+            "achieved_sparsity": [0.9, 0.3, 0.95, 0.2],
+            "status": ["TERMINATED", "TERMINATED", "ERROR", "TERMINATED"],
+            "stop_reason": reasons})
+
+    assert front_table(table(["stopped", "completed", "error", "early_stopped"]))[
+        "trial_id"].tolist() == ["ok"]
+    # with no completed trial the early-stopped ones are compared, the stopped one still not
+    assert set(front_table(table(["stopped", "early_stopped", "error", "early_stopped"]))[
+        "trial_id"]) == {"ok"}

@@ -89,6 +89,8 @@ space:
     (("  loss_type:", "  dropout: {uniform: [0.0, 0.2]}\n  loss_type:"),
      ["space.dropout", "key:"]),
     (("space:", "search: {algorithm: grid}\nspace:"), ["space.loss_type", "grid"]),
+    (("storage_path: STORE", "storage_path: STORE\nreport_path: ftp://host/reports"),
+     ["report_path", "ftp"]),
     (("storage_path: STORE", "storage_path: STORE\ntrain_overrides: [optim.lr=-1]"),
      ["train_config/train_overrides", "optim.lr"]),
 ])
@@ -102,23 +104,25 @@ def test_bad_sweep_config_fails_before_any_trial(tmp_path, edit, match):
 ASHA_SWEEP = f"""
 name: asha
 train_config: {TINY}
-train_overrides: {json.dumps(TRAIN_OVERRIDES + ["optim.max_steps=20", "run.eval_every=5"])}
+train_overrides: {json.dumps(TRAIN_OVERRIDES + ["optim.max_steps=20", "run.eval_every=5",
+                                                 "optim.max_bad_steps=1"])}
 storage_path: STORE
 search:
   algorithm: random
-  num_samples: 4
+  num_samples: 5
   points_to_evaluate:
     - {{lr: 3.0e-3, loss_type: l2, inject_faults: []}}
     - {{lr: 3.0e-3, loss_type: adaptive, inject_faults: ["raise@2", "raise@3"]}}
     - {{lr: 1.0e-7, loss_type: l2, inject_faults: []}}
     - {{lr: 1.0e-7, loss_type: adaptive, inject_faults: []}}
+    - {{lr: 2.0e-3, loss_type: l2, inject_faults: ["nan@3"]}}
 space:
-  lr: {{choice: [3.0e-3, 1.0e-7]}}
+  lr: {{choice: [3.0e-3, 2.0e-3, 1.0e-7]}}
   loss_type: {{choice: [l2, adaptive]}}
-  inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"]]}}
+  inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"], ["nan@3"]]}}
   tau: 1.0
 asha: {{enabled: true, grace_period: 1, reduction_factor: 2}}
-max_concurrent_trials: 2
+max_concurrent_trials: null
 max_retries: 1
 sparsity_levels: [0.1, 0.2, 0.9]
 last_k: 2
@@ -148,7 +152,7 @@ def _train_evals(sweep_dir: Path, trial_id: str) -> list[dict]:
 def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     summary, df, by_key = asha_sweep
     sweep_dir = Path(summary["sweep_dir"])
-    assert len(df) == 4 and summary["resumed"] is False
+    assert len(df) == 5 and summary["resumed"] is False
     good = by_key[(3e-3, "l2")]
     assert good.stop_reason == "completed" and good.evaluations == 4 and good.last_step == 20
     slow = [by_key[(1e-7, "l2")], by_key[(1e-7, "adaptive")]]
@@ -157,7 +161,7 @@ def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     assert all(r.evaluations < 4 and r.best_val_loss > good.best_val_loss for r in stopped)
     # each trial ran its own Train run; the table agrees with what that run wrote
     for r in df.itertuples():
-        if r.stop_reason == "error":
+        if r.stop_reason in ("error", "stopped"):
             continue
         evals = _train_evals(sweep_dir, r.trial_id)
         assert len(evals) >= r.evaluations
@@ -168,6 +172,35 @@ def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
         assert r.target_sparsity_final == pytest.approx(seen[-1]["target_sparsity"])
 
 
+def test_nan_trial_is_recorded_as_stopped_and_kept_out_of_the_front(asha_sweep):
+    summary, df, by_key = asha_sweep
+    nan = by_key[(2e-3, "l2")]
+    # Tune saw a trial that returned (TERMINATED); its Train run stopped on the NaN loss
+    assert nan.status == "TERMINATED" and nan.stop_reason == "stopped"
+    assert "non-finite" in nan.stop_detail and nan.attempts == 1 and nan.failures == 0
+    stopped = json.loads((Path(summary["sweep_dir"]) / "train_runs" / nan.trial_id
+                          / "stopped.json").read_text())
+    assert stopped["step"] == 3 and stopped["reason"] == nan.stop_detail
+    out = Path(summary["sweep_dir"]) / "report"
+    assert nan.trial_id not in set(pd.read_csv(out / "pareto.csv")["trial_id"])
+    assert all(r.stop_detail == "" or pd.isna(r.stop_detail)
+               for r in df.itertuples() if r.trial_id != nan.trial_id)
+
+
+def test_sweep_leaves_no_placement_group_behind(asha_sweep):
+    """More trials than the module's 4 CPUs hold at once (5 x 1 worker + ASHA stops): the
+    stopped trials' worker groups were removed while the sweep ran (it finished), and none
+    is live afterwards (GCS's own table: this module's Ray runs without a dashboard)."""
+    import ray
+
+    summary, df, _ = asha_sweep
+    assert (df["stop_reason"] == "early_stopped").any()
+    assert summary["placement_groups_left"] == []
+    live = {k: v["state"] for k, v in ray.util.placement_group_table().items()
+            if v["state"] in ("CREATED", "PENDING", "PREPARED", "RESCHEDULING")}
+    assert live == {}, live
+
+
 def test_failing_trial_is_retried_then_recorded(asha_sweep):
     summary, df, by_key = asha_sweep
     bad = by_key[(3e-3, "adaptive")]
@@ -176,7 +209,7 @@ def test_failing_trial_is_retried_then_recorded(asha_sweep):
     assert bad.failures == 2 and bad.attempts == 2  # max_retries: 1 -> two attempts, both failed
     assert len(attempts_file(summary["sweep_dir"], bad.trial_id).read_text().splitlines()) == 2
     assert all(r.failures == 0 and r.attempts == 1 for r in df.itertuples() if r.trial_id != bad.trial_id)
-    assert summary["trials"] == {"OK": 3, "ERROR": 1}  # the sweep went on and finished
+    assert summary["trials"] == {"OK": 4, "ERROR": 1}  # the sweep went on and finished
 
 
 def test_sweep_writes_tables_front_plots_and_report(asha_sweep):
@@ -210,6 +243,31 @@ def test_sweep_writes_tables_front_plots_and_report(asha_sweep):
     assert report_main([summary["sweep_dir"], "--out", str(out.parent / "again")]) == 0
     again = pd.read_csv(out.parent / "again" / "results.csv")
     pd.testing.assert_frame_equal(again, df)
+
+
+def test_sweep_report_written_to_a_bucket_and_read_back(asha_sweep, s3_bucket, capsys):
+    """`sparsebk report SWEEP --out s3://...`: tables, front, plots and report.md go to a
+    real S3 server through sparsebk.store, and read back equal to the local report."""
+    import io
+
+    from sparsebk.store import open_store
+    from sparsebk.tune.report import main as report_main
+
+    summary, df, _ = asha_sweep
+    uri = s3_bucket("sweeps/asha/report")
+    capsys.readouterr()
+    assert report_main([summary["sweep_dir"], "--out", uri]) == 0
+    printed = capsys.readouterr().out
+    bucket = open_store(uri)
+    pd.testing.assert_frame_equal(pd.read_csv(io.BytesIO(bucket.read_bytes("results.csv"))), df)
+    local = Path(summary["sweep_dir"]) / "report"
+    front = pd.read_parquet(io.BytesIO(bucket.read_bytes("pareto.parquet")))
+    assert list(front["trial_id"]) == list(pd.read_csv(local / "pareto.csv")["trial_id"])
+    for png in ("pareto.png", "sparsity_vs_target.png"):
+        assert bucket.read_bytes(png)[:8] == b"\x89PNG\r\n\x1a\n"
+    md = bucket.read_text("report.md")
+    assert md == (local / "report.md").read_text() and md.strip() in printed
+    assert f"report_md: {bucket.location('report.md')}" in printed
 
 
 # ---------------------------------------------------------------- interrupt and resume

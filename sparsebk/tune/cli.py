@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsebk sweep: {e}", file=sys.stderr)
         return 2
     report_md = summary.get("report", {}).get("report_md")
-    if report_md:
-        with open(report_md) as f:
-            print(f.read())
+    if report_md:  # a path or a URI (report_path): read back through the store
+        from sparsebk.tune.report import read_back
+
+        print(read_back(report_md))
     print(json.dumps(summary, indent=2))
     logging.getLogger(__name__).info("sweep folder: %s", summary["sweep_dir"])
     return 0

@@ -183,6 +183,7 @@ class SweepConfig:
     train_config: str
     train_overrides: list[str] = field(default_factory=list)
     storage_path: str | None = None        # None: the training config's run.storage_path
+    report_path: str | None = None         # a path or URI (s3://...); None: SWEEP_DIR/report
     space: dict[str, ParamSpec] = field(default_factory=dict)
     search: SearchConfig = field(default_factory=SearchConfig)
     asha: AshaConfig = field(default_factory=AshaConfig)
@@ -199,6 +200,12 @@ class SweepConfig:
                 or set(self.name) == {"."}):  # a path separator or ".." would escape storage
             raise ValueError(f"name: {self.name!r} must use letters, digits, '_', '.', '-' "
                              "(not only dots)")
+        if self.report_path is not None:
+            from sparsebk.store import resolve_location
+
+            if not isinstance(self.report_path, str) or not self.report_path:
+                raise ValueError(f"report_path: {self.report_path!r} must be a path or a URI")
+            resolve_location(self.report_path, "report_path")  # an unknown scheme fails here
         if not isinstance(self.train_config, str) or not self.train_config:
             raise ValueError(f"train_config: {self.train_config!r} must be a path to a training YAML")
         if not isinstance(self.train_overrides, list) or \
@@ -286,6 +293,8 @@ class SweepConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("source")
+        if d["report_path"] is None:  # sweeps stored before the field existed still resume
+            d.pop("report_path")
         d["space"] = {n: _spec_to_yaml(p) for n, p in self.space.items()}
         return d
 

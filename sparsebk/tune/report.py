@@ -36,8 +36,10 @@ def _sweep_meta(sweep_dir: Path) -> dict:
 def _usable(df: pd.DataFrame) -> pd.Series:
     """Trials that count for the front and the levels: evaluated, not failed, and trained to
     full length. An early-stopped trial was measured after fewer steps (its gates barely
-    trained), so it is compared only when no trial completed."""
-    ok = df[PPL_COL].notna() & df[SPARSITY_COL].notna() & (df["status"] != "ERROR")
+    trained), so it is compared only when no trial completed. A trial whose training stopped
+    on non-finite losses never counts: its last measurements are not of a working model."""
+    ok = (df[PPL_COL].notna() & df[SPARSITY_COL].notna() & (df["status"] != "ERROR")
+          & (df["stop_reason"] != "stopped"))
     full = ok & (df["stop_reason"] == "completed")
     return full if full.any() else ok
 
@@ -48,7 +50,20 @@ def front_table(df: pd.DataFrame) -> pd.DataFrame:
     return ok.iloc[idx].reset_index(drop=True)
 
 
-def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path) -> Path:
+def _save_png(fig, out, name: str) -> str:
+    """The figure as PNG bytes into the store `out`; returns its location."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    out.write_bytes(name, buf.getvalue())
+    return out.location(name)
+
+
+def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, out, name: str = "pareto.png") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -69,12 +84,11 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, path: Path) -> Path:
     ax.legend(title="loss_type", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, out, name)
 
 
-def plot_sparsity_curves(records: list[TrialRecord], trial_ids: list[str], path: Path) -> Path:
+def plot_sparsity_curves(records: list[TrialRecord], trial_ids: list[str], out,
+                         name: str = "sparsity_vs_target.png") -> str:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,9 +110,7 @@ def plot_sparsity_curves(records: list[TrialRecord], trial_ids: list[str], path:
     if trial_ids:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_png(fig, out, name)
 
 
 def _fmt(v) -> str:
@@ -122,8 +134,8 @@ def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
            f"{len(df)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ".",
            f"Achieved sparsity = mean measured sparsity over the last evaluations "
            f"(`{SPARSITY_COL}`); perplexity = best validation perplexity. The front and the levels "
-           f"use the trials trained to full length (all evaluated ones if none was); failed "
-           f"and early-stopped trials are listed below.", ""]
+           f"use the trials trained to full length (all evaluated ones if none was); failed, "
+           f"stopped (non-finite losses) and early-stopped trials are listed below.", ""]
     valid = df[_usable(df)].reset_index(drop=True)
     out.append("## Best configuration per sparsity level")
     out.append("")
@@ -157,13 +169,16 @@ def markdown_report(df: pd.DataFrame, front: pd.DataFrame, levels: list[float],
 
 def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                 levels: list[float] | None = None, last_k: int | None = None) -> dict:
-    """Regenerate every table and plot of a sweep from its stored results; returns paths."""
+    """Regenerate every table and plot of a sweep from its stored results; returns their
+    locations. `out_dir` (default SWEEP_DIR/report) is a path or a URI (s3://, gs://):
+    everything is written through sparsebk.store."""
+    from sparsebk.store import open_store
+
     sweep_dir = Path(sweep_dir)
     meta = _sweep_meta(sweep_dir)
     levels = levels or meta.get("sparsity_levels") or [0.3, 0.5, 0.7]
     last_k = last_k or meta.get("last_k") or 3
-    out = Path(out_dir) if out_dir else sweep_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = open_store(str(out_dir) if out_dir else str(sweep_dir / "report"))
 
     records = collect_trials(sweep_dir)
     df = results_table(records, last_k=last_k)
@@ -173,15 +188,14 @@ def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
     paths = {
         "results": write_tables(df, out, "results"),
         "pareto": write_tables(front, out, "pareto"),
-        "pareto_png": plot_pareto(df, front, out / "pareto.png"),
+        "pareto_png": plot_pareto(df, front, out),
         "curves_png": plot_sparsity_curves(records, front["trial_id"].tolist() if len(front) else [],
-                                           out / "sparsity_vs_target.png"),
+                                           out),
     }
-    md = out / "report.md"
-    md.write_text(markdown_report(df, front, list(levels), param_names,
-                                  meta.get("name", sweep_dir.name)))
-    paths["report_md"] = md
-    logger.info("report of %d trials written to %s", len(df), out)
+    out.write_text("report.md", markdown_report(df, front, list(levels), param_names,
+                                                meta.get("name", sweep_dir.name)))
+    paths["report_md"] = out.location("report.md")
+    logger.info("report of %d trials written to %s", len(df), out.uri)
     return paths
 
 
@@ -197,13 +211,23 @@ def make_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> d
     return {"evaluations": write_tables(df, out, "evaluations"), "plots": write_plots(run_dir)}
 
 
+def read_back(location: str) -> str:
+    """A written file read back through the store (a path or a URI)."""
+    from sparsebk.store import open_store
+
+    parent, _, name = location.partition("?")[0].rpartition("/")
+    query = location.partition("?")[2]
+    return open_store(parent + (f"?{query}" if query else "")).read_text(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sparsebk report",
                                  description="Regenerate the tables, Pareto front, plots and "
                                              "markdown report of a sweep from its stored results.")
     ap.add_argument("dir", help="a sweep folder (STORAGE/NAME, holding experiment_state-*.json) "
                                 "or a training run folder (holding metrics.jsonl)")
-    ap.add_argument("--out", help="output folder (default DIR/report)")
+    ap.add_argument("--out", help="output folder, a path or a URI such as "
+                                  "s3://bucket/reports/NAME (default DIR/report)")
     ap.add_argument("--levels", type=float, nargs="+", help="sparsity levels to answer for")
     args = ap.parse_args(argv)
     d = Path(args.dir).expanduser()
@@ -218,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
               f"run folder (metrics.jsonl){hint}")
         return 2
     paths = make_report(d, args.out, levels=args.levels)
-    print((Path(paths["report_md"])).read_text())
+    print(read_back(paths["report_md"]))
     for k, v in paths.items():
         print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
     return 0

@@ -43,12 +43,15 @@ class TrialRecord:
     attempts: int = 0               # starts of the trial function (its attempts log)
     error: str | None = None
     completed: bool = False         # the trial's Train run returned normally
+    stopped: str | None = None      # why training stopped early by itself (non-finite losses)
 
     @property
     def stop_reason(self) -> str:
         if self.status == "ERROR":
             return "error"
         if self.status == "TERMINATED":
+            if self.stopped:
+                return "stopped"
             # the final evaluation (step == max_steps) also carries the test loss
             reached_end = bool(self.history) and "test_loss" in self.history[-1]
             return "completed" if self.completed or reached_end else "early_stopped"
@@ -140,6 +143,14 @@ def _first_error_line(trace: str | None) -> str | None:
     return lines[-1][:300] if lines else "unknown error"
 
 
+def _stopped(sweep_dir: Path, trial_id: str) -> str | None:
+    """The reason a trial's training stopped by itself, from its completion marker."""
+    f = completion_marker(sweep_dir, trial_id)
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("stopped") or None
+
+
 def _count_lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
@@ -160,6 +171,7 @@ def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
             # the text trace Tune stored for the trial's last failure (its error.txt)
             error=_first_error_line(trial.get_error()) if trial.status == "ERROR" else None,
             completed=completion_marker(sweep_dir, tid).is_file(),
+            stopped=_stopped(sweep_dir, tid),
             attempts=_count_lines(sweep_dir / COMPLETED_DIR / f"{tid}.attempts"),
         ))
     records.sort(key=lambda r: r.trial_id)
@@ -204,20 +216,27 @@ def results_table(records: list[TrialRecord], *, last_k: int = 3) -> pd.DataFram
             "attempts": r.attempts,
             "failures": r.num_failures,
             "error": r.error or "",
+            "stop_detail": r.stopped or "",  # why a "stopped" trial's training stopped
         })
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def write_tables(df: pd.DataFrame, out_dir: str | Path, stem: str = "results") -> list[Path]:
-    """CSV and Parquet side by side; columns of mixed Python types are stored as strings."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    csv, pq = out / f"{stem}.csv", out / f"{stem}.parquet"
-    df.to_csv(csv, index=False)
+def write_tables(df: pd.DataFrame, out_dir, stem: str = "results") -> list[str]:
+    """CSV and Parquet side by side in `out_dir` (a path, a URI or a sparsebk Store), each
+    written whole (atomically) through sparsebk.store; returns their locations. Columns of
+    mixed Python types are stored as strings in the Parquet file."""
+    import io
+
+    from sparsebk.store import Store, open_store
+
+    out = out_dir if isinstance(out_dir, Store) else open_store(out_dir)
+    out.write_text(f"{stem}.csv", df.to_csv(index=False))
     frame = df.copy()
     for c in frame.columns:
         if frame[c].dtype == object and frame[c].map(type).nunique() > 1:
             frame[c] = frame[c].map(lambda v: "" if v is None else str(v))
-    frame.to_parquet(pq, index=False)
-    return [csv, pq]
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    out.write_bytes(f"{stem}.parquet", buf.getvalue())
+    return [out.location(f"{stem}.csv"), out.location(f"{stem}.parquet")]

@@ -9,6 +9,11 @@ lives in STORAGE/NAME: Tune's experiment state and trial folders, `sweep.json` (
 config), `train_runs/<trial_id>/` (each trial's Train run and checkpoints), `trial_status/`
 (attempt logs and completion markers) and `report/`.
 
+Trials stopped early leave their Train workers' placement group behind (Ray Train V2 under
+Tune, upstream ray-project/ray#54305); `PlacementGroupReaper` removes them while the sweep
+runs, so a sweep with more trials than the cluster holds at once runs to the end (root cause
+in sparsebk/tune/cleanup.py).
+
 Running the same sweep again resumes it (`Tuner.restore`): finished and failed trials are
 kept, unfinished ones continue, and the searcher goes on from its saved state.
 """
@@ -21,6 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparsebk.tune.cleanup import PlacementGroupReaper, settle_placement_groups
 from sparsebk.tune.config import SweepConfig
 from sparsebk.tune.results import SWEEP_FILE
 from sparsebk.tune.trial import apply_params, run_trial
@@ -70,6 +76,20 @@ def check_against_train(cfg: SweepConfig):
     return base
 
 
+def _sweep_storage(cfg: SweepConfig, run_storage: str) -> Path:
+    """The sweep's parent folder: `storage_path`, else the training runs' storage + /sweeps;
+    a relative path lives under $SPARSEBK_HOME (sparsebk.store.home), never under the current
+    directory (under `ray job submit --working-dir` that is a copy Ray may delete)."""
+    from sparsebk.store import is_uri, join_location, resolve_location
+
+    loc = cfg.storage_path or join_location(resolve_location(run_storage), "sweeps")
+    if is_uri(loc):
+        raise ValueError(f"{_where(cfg)}: storage_path: {loc!r}: a sweep keeps Tune's state and "
+                         f"its report on a local or shared path for now (trials' checkpoints "
+                         f"included); give a path")
+    return Path(resolve_location(loc, "storage_path"))
+
+
 def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep:
     """Validate everything and resolve paths; starts nothing."""
     base = check_against_train(cfg)
@@ -82,12 +102,11 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
             base.resolve_vocab(manifest["vocab_size"])
         except ValueError as e:
             raise ValueError(f"{_where(cfg)}: training data/model: {e}") from None
-    storage = Path(cfg.storage_path).expanduser() if cfg.storage_path \
-        else Path(base.run.storage_path) / "sweeps"
+    storage = _sweep_storage(cfg, base.run.storage_path)
     evals = math.ceil(base.optim.max_steps / base.run.eval_every)
     return PreparedSweep(cfg=cfg, base_train=base.to_dict(),
                          keys={n: p.key for n, p in cfg.space.items()},
-                         sweep_dir=storage.resolve() / cfg.name,
+                         sweep_dir=storage / cfg.name,
                          max_t=cfg.asha.max_t or evals, num_workers=base.run.num_workers,
                          cpus_per_worker=base.run.cpus_per_worker, use_gpu=base.run.use_gpu,
                          ray_data=getattr(base.data, "loader", "ray") == "ray")
@@ -226,7 +245,8 @@ def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
         run_config=tune.RunConfig(name=prep.sweep_dir.name,
                                   storage_path=str(prep.sweep_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=prep.cfg.max_retries),
-                                  callbacks=callbacks, verbose=1),
+                                  callbacks=[PlacementGroupReaper(), *(callbacks or [])],
+                                  verbose=1),
     )
     return tuner, False
 
@@ -241,14 +261,20 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = True, callbacks=None, report: 
     prep = prepared or prepare_sweep(cfg)
     tuner, resumed = build_tuner(prep, callbacks=callbacks, resume=resume)
     grid = tuner.fit()
+    # a stopped trial's Train workers hold a placement group until its controller is gone
+    # and the group removed (sparsebk.tune.cleanup): none may outlive the sweep
+    left = settle_placement_groups()
+    if left:
+        logger.warning("placement groups still live after the sweep: %s", left)
     statuses: dict[str, int] = {}
     for r in grid:
         key = "ERROR" if r.error is not None else "OK"
         statuses[key] = statuses.get(key, 0) + 1
-    out = {"sweep_dir": str(prep.sweep_dir), "resumed": resumed, "trials": statuses}
+    out = {"sweep_dir": str(prep.sweep_dir), "resumed": resumed, "trials": statuses,
+           "placement_groups_left": left}
     if report:
         from sparsebk.tune.report import make_report
 
         out["report"] = {k: [str(x) for x in v] if isinstance(v, list) else str(v)
-                         for k, v in make_report(prep.sweep_dir).items()}
+                         for k, v in make_report(prep.sweep_dir, cfg.report_path).items()}
     return out

@@ -9,8 +9,13 @@ rank 0 then reaches Tune as one trial result, which ASHA and the searcher see.
 Isolation between trials: the schedule actor's name carries the trial id and a random
 suffix; the Train run is named after the trial id under SWEEP_DIR/train_runs, so trials never
 share checkpoints, and a retried trial (same id) resumes its own Train run from its latest
-checkpoint. A trial stopped by the scheduler is killed with its actor process; the Train
-controller and the schedule actor are owned by that process and end with it.
+checkpoint. A trial whose training stopped on non-finite losses returns normally and is
+recorded as stopped (its completion marker carries the reason): Ray's Result.metrics are the
+latest *checkpoint's*, so the trial reads the stop marker its Train run wrote instead.
+
+A trial stopped by the scheduler is killed with its actor process; the Train controller and
+the schedule actor are owned by that process and end with it, but the workers' placement
+group does not (the sweep's driver removes it: sparsebk/tune/cleanup.py).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import time
 import uuid
 from pathlib import Path
 
+from sparsebk.store import open_store
 from sparsebk.train.config import set_dotted
 from sparsebk.tune.results import COMPLETED_DIR, completion_marker
 
 logger = logging.getLogger(__name__)
 
 TRAIN_RUNS_DIR = "train_runs"
+STOPPED_FILE = "stopped.json"  # written by rank 0 when training stops on non-finite losses
 
 
 def apply_params(base_train: dict, params: dict, keys: dict[str, str]) -> dict:
@@ -70,20 +77,26 @@ def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir
     actor = create_schedule_actor(
         cfg.schedule, cfg.model.n_layers, name=f"sparsebk-sched-{sweep_name}-{trial_id}-{uuid.uuid4().hex[:8]}")
     logger.info("trial %s attempt %d: %s", trial_id, attempt, config)
+    train_runs = str(Path(sweep_dir) / TRAIN_RUNS_DIR)
+    run = open_store(train_runs).join(trial_id)
+    run.delete(STOPPED_FILE)  # from an earlier attempt of this trial
     try:
         trainer = build_trainer(cfg, schedule_actor=actor, callbacks=[TuneReportCallback()],
-                                run_name=trial_id,
-                                storage_path=str(Path(sweep_dir) / TRAIN_RUNS_DIR),
+                                run_name=trial_id, storage_path=train_runs,
                                 where=f"trial {trial_id}")
         result = trainer.fit()
     finally:
         ray.kill(actor, no_restart=True)
-    metrics = dict(result.metrics or {})
-    if metrics.get("stopped"):
-        raise RuntimeError(f"trial {trial_id}: training stopped: {metrics['stopped']}")
+    metrics = dict(result.metrics or {})  # the latest checkpoint's report, not the last one
+    record = {"trial_id": trial_id, "attempt": attempt, "step": metrics.get("step"),
+              "val_loss": metrics.get("val_loss"), "test_ppl": metrics.get("test_ppl")}
+    if run.is_file(STOPPED_FILE):
+        # rank 0 wrote why training stopped (non-finite losses): a finished trial that did
+        # not complete; not retried (the same config diverges again), kept out of the front
+        stopped = json.loads(run.read_text(STOPPED_FILE))
+        record.update(stopped=stopped.get("reason", "stopped"), step=stopped.get("step"))
+        logger.warning("trial %s: training stopped: %s", trial_id, record["stopped"])
     marker = completion_marker(sweep_dir, trial_id)
     tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"trial_id": trial_id, "attempt": attempt,
-                               "step": metrics.get("step"), "val_loss": metrics.get("val_loss"),
-                               "test_ppl": metrics.get("test_ppl")}, default=str))
+    tmp.write_text(json.dumps(record, default=str))
     tmp.replace(marker)
