@@ -160,3 +160,22 @@ def test_tiny_run_in_a_bucket_writes_nothing_local_and_resumes(s3_bucket, ray_lo
     new = [json.loads(x)["step"] for x in run.read_lines("schedule/rank0.jsonl")]
     assert new == list(range(1, 16))  # continued at 11: no step trained twice
     assert [r["step"] for r in read_metrics(run.uri)["eval"]] == [5, 10, 15]
+
+
+def test_config_takes_uris_and_refuses_local_only_trackers_with_them():
+    from pathlib import Path
+
+    from sparsebk.train.config import load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
+    uri = "s3://b/runs?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    cfg = load_config(tiny, [f"run.storage_path={uri}", "data.dir=gs://b/data/tiny"])
+    assert cfg.run.run_dir == "s3://b/runs/tiny?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"
+    assert cfg.data.dir == "gs://b/data/tiny"
+    with pytest.raises(ValueError, match="run.tracking.*tensorboard writes local"):
+        load_config(tiny, [f"run.storage_path={uri}", "run.tracking=[tensorboard]"])
+    with pytest.raises(ValueError, match="run.mlflow_uri.*SQLite"):
+        load_config(tiny, [f"run.storage_path={uri}", "run.tracking=[mlflow]"])
+    for bad in ("../x", "a/b"):
+        with pytest.raises(ValueError, match="run.name"):
+            load_config(tiny, [f"run.storage_path={uri}", f"run.name={bad}"])
