@@ -196,18 +196,25 @@ def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_pa
 
 
 def test_cli_export_and_eval_in_a_subprocess(trained, tmp_path):
-    out = tmp_path / "exported"
+    """`python -m sparsebk.cli export` and `... eval`, each in its own interpreter, run at the
+    same time (each is mostly torch's import): eval reads an export of the best checkpoint
+    made in-process, which the command's export must equal file for file, byte for byte."""
+    out, ref = tmp_path / "exported", tmp_path / "reference"
+    export(load_checkpoint_model(best_checkpoint(trained["run_dir"])), ref)
     run = [sys.executable, "-m", "sparsebk.cli"]
-    p = subprocess.run(run + ["export", "--run", RUN, "--storage-path",
-                              str(trained["run_dir"].parent), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == str(out)
-    p = subprocess.run(run + ["eval", "--model", str(out), "--json"], capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv in (run + ["export", "--run", RUN, "--storage-path",
+                                 str(trained["run_dir"].parent), "--out", str(out)],
+                          run + ["eval", "--model", str(ref), "--json"])]
+    (exp_out, exp_err), (eval_out, eval_err) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 0, exp_err
+    assert exp_out.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
+    for f in ref.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert procs[1].returncode == 0, eval_err
     best = min(trained["reported"], key=lambda r: r["metrics"]["val_loss"])["metrics"]
-    assert json.loads(p.stdout)["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    assert json.loads(eval_out)["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
 
 
 def _edited_checkpoint(trained, tmp_path, edit) -> Path:
