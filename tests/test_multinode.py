@@ -22,10 +22,15 @@ TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml
 
 
 @pytest.fixture(scope="module")
-def two_nodes():
-    """A head and one more node, 2 CPUs each; the driver connected to the head."""
+def two_nodes(request):
+    """A head and one more node, 2 CPUs each; the driver connected to the head. The S3
+    server first (when there is one): the nodes inherit its credentials from the environment."""
     import ray
 
+    try:
+        request.getfixturevalue("s3_bucket")
+    except pytest.skip.Exception:
+        pass
     if ray.is_initialized():
         ray.shutdown()
     old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
@@ -65,34 +70,47 @@ def start_cluster(temp: str, attempts: int = 3):
                 raise
 
 
-def train_worker_nodes() -> list[str]:
-    """Node ids of the Ray Train workers this cluster has run (alive or dead)."""
+def train_worker_nodes() -> dict[str, str]:
+    """Actor id -> node id of the Ray Train workers this cluster has run (alive or dead)."""
     import ray._private.state as state
 
-    return [a["Address"]["NodeID"] for a in state.actors().values()
-            if a["ActorClassName"] == "RayTrainWorker"]
+    return {actor_id: a["Address"]["NodeID"] for actor_id, a in state.actors().items()
+            if a["ActorClassName"] == "RayTrainWorker"}
 
 
-def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, two_nodes):
+@pytest.fixture(params=["shared-path", "bucket"])
+def storage(request, tmp_path):
+    """Where the run is stored: a path both nodes share (as a mount would be), or an S3
+    bucket (a real SeaweedFS server; credentials in the environment the nodes inherit)."""
+    if request.param == "bucket":
+        return request.getfixturevalue("s3_bucket")("multinode")
+    return str(tmp_path / "runs")
+
+
+def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, storage,
+                                                                     two_nodes):
     import ray
 
+    from sparsebk.store import open_store
     from sparsebk.train.driver import run_training
     from sparsebk.train.preflight import worker_nodes
+    from sparsebk.train.resume import list_checkpoints
 
+    before = set(train_worker_nodes())
     assert len(worker_nodes()) == 2
-    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}",
-                             f"run.storage_path={tmp_path / 'runs'}",
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={storage}",
                              "run.name=two", "run.placement_strategy=STRICT_SPREAD",
                              "data.loader=local", "optim.max_steps=4", "run.eval_every=4",
                              "run.log_every=2", "optim.warmup_steps=1", "run.plots=false"])
     summary = run_training(cfg)
     assert summary["steps"] == 4
 
-    nodes = train_worker_nodes()
+    nodes = [n for a, n in train_worker_nodes().items() if a not in before]
     assert len(nodes) == 2 and len(set(nodes)) == 2, nodes  # one worker per node
     assert set(nodes) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    run_dir = tmp_path / "runs" / "two"
-    ckpt = Path(summary["checkpoint"])
-    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
-    records = {p.name.split(".")[0] for p in (run_dir / "schedule").iterdir()}
+    run = open_store(storage).join("two")
+    newest = list_checkpoints(run.fs, run.root)[0]
+    files = run.list(run.relative(newest) or newest.rsplit("/", 1)[-1])
+    assert {"rng_rank0.pt", "rng_rank1.pt", "state.pt"} <= set(files), files
+    records = {name.split(".")[0] for name in run.list("schedule")}
     assert records == {"rank0", "rank1"}
