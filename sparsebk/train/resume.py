@@ -25,9 +25,10 @@ import posixpath
 
 import torch
 
+from sparsebk.train.checkpoint import STATE_FILE
+
 logger = logging.getLogger("sparsebk.train")
 
-STATE_FILE = "state.pt"
 CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train's directory names: checkpoint_<timestamp>
 
 # Dotted fields (or whole sections, ending in ".") that may change on resume.
@@ -125,11 +126,13 @@ def list_checkpoints(fs, run_path: str) -> list[str]:
 
 
 def read_state(fs, checkpoint_path: str) -> dict:
-    """state.pt of a checkpoint directory, read whole (a truncated file fails here)."""
+    """state.pt of a checkpoint directory (a truncated or corrupt file fails here: the zip
+    directory at its end is read). Local files are memory-mapped, so the weights are not
+    copied into the driver's memory; from an object store the file is downloaded."""
     import pyarrow.fs as pafs
 
     path = posixpath.join(checkpoint_path, STATE_FILE)
-    if isinstance(fs, pafs.LocalFileSystem):  # memory-mapped: the weights are not read
+    if isinstance(fs, pafs.LocalFileSystem):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     with fs.open_input_file(path) as f:
         data = f.read()
