@@ -43,39 +43,62 @@ def ray_head(tmp_path_factory):
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True, timeout=60)
     assert (home / ".ray" / "auth_token").is_file()
-    gcs_port, dash_port = free_port(), free_port()
     log = open(home / "head.log", "w")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash_port}"
+    head = None
     try:
-        deadline = time.monotonic() + 120
-        while True:  # the Jobs API answers once the dashboard is up
-            assert head.poll() is None, (home / "head.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+        for _ in range(3):  # a loaded machine can miss Ray's fixed 30 s node startup
+            head, address = _start_head(env, log)
+            if _wait_for_dashboard(head, address):
                 break
-            except Exception as e:  # noqa: BLE001 - any answer, even 401, means it is up
-                if getattr(e, "code", None) is not None:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError("Ray head did not start: "
-                                       + (home / "head.log").read_text()[-3000:]) from e
-                time.sleep(1)
+            _stop_head(head)
+        else:
+            raise RuntimeError("Ray head did not start: " + (home / "head.log").read_text()[-3000:])
         yield {"env": env, "address": address, "home": home}
     finally:
-        try:
-            os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+        if head is not None:
+            _stop_head(head)
         log.close()
+
+
+def _start_head(env: dict, log) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` in its own process group, every port chosen free."""
+    dash_port = free_port()
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", "--disable-usage-stats",
+         # free ports for the agents too: their defaults (e.g. 52365) may belong to another
+         # Ray on this machine, and then no job can be submitted ("No available agent")
+         *(f"--{flag}={free_port()}" for flag in (
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port"))],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"http://127.0.0.1:{dash_port}"
+
+
+def _wait_for_dashboard(head: subprocess.Popen, address: str) -> bool:
+    """True once the Jobs API answers (even 401); False when the head exited or 120 s passed."""
+    deadline = time.monotonic() + 120
+    while head.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return True
+        except Exception as e:  # noqa: BLE001 - any answer, even 401, means it is up
+            if getattr(e, "code", None) is not None:
+                return True
+            time.sleep(1)
+    return False
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    try:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+    except ProcessLookupError:
+        pass
 
 
 def job_submit(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:

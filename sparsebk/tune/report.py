@@ -71,8 +71,8 @@ def plot_pareto(df: pd.DataFrame, front: pd.DataFrame, out, name: str = "pareto.
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ok = df[df[PPL_COL].notna() & df[SPARSITY_COL].notna()]
     groups = ok.groupby("loss_type", dropna=False) if "loss_type" in ok else [("all", ok)]
-    for name, g in groups:
-        ax.scatter(g[SPARSITY_COL], g[PPL_COL], label=str(name), alpha=0.8, s=36)
+    for group, g in groups:
+        ax.scatter(g[SPARSITY_COL], g[PPL_COL], label=str(group), alpha=0.8, s=36)
     if len(front):
         # staircase: the best ppl reachable at sparsity >= x
         ax.step(front[SPARSITY_COL], front[PPL_COL], where="pre", color="k", lw=1.2,
