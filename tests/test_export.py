@@ -5,7 +5,8 @@ A tiny word-level model is trained in-process by the real Trainer on a real prep
 (`checkpoint_*` dirs and the checkpoint_results of checkpoint_manager_snapshot.json, the one
 part of Ray's snapshot the loader reads). Then: export -> load gives bit-identical logits;
 `eval` of a checkpoint equals the validation loss the Trainer reported for it; bad inputs
-fail with exit code 2 and a message naming the path.
+fail with exit code 2 and a message naming the path. The export of a real Ray Train run
+folder is tests/test_train_ray.py's (one local Ray start, seconds, for all Ray Train runs).
 """
 
 from __future__ import annotations
@@ -290,34 +291,3 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--run", RUN, "--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size=0: must be >= 1" in capsys.readouterr().err
-
-
-TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
-
-
-@pytest.mark.ray
-@pytest.mark.timeout(600)
-def test_a_ray_train_run_exports_and_evaluates(ray_local, tmp_path, capsys):
-    """A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
-    snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
-    in another order)."""
-    from sparsebk.train.config import load_config
-    from sparsebk.train.driver import run_training
-
-    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
-                             "run.name=exp", "optim.max_steps=20", "run.eval_every=10",
-                             "run.eval_batches=null", "run.plots=false"])
-    summary = run_training(cfg)
-    snap = json.loads((tmp_path / "runs" / "exp" / "checkpoint_manager_snapshot.json").read_text())
-    best = min(snap["checkpoint_results"], key=lambda r: r["metrics"]["val_loss"])
-    assert Path(summary["best_checkpoint"]).name == best["checkpoint_dir_name"]
-
-    store = ["--storage-path", str(tmp_path / "runs")]
-    assert main(["export", "--run", "exp", *store, "--out", str(tmp_path / "model")]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "model"), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["step"] == best["metrics"]["step"]
-    assert r["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
-    assert r["sparsity_layers"] == pytest.approx(
-        [best["metrics"][f"sparsity_layer_{i}"] for i in range(2)], abs=1e-6)

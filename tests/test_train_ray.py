@@ -7,7 +7,10 @@ Scenarios are combined into few TorchTrainer runs to keep the module fast:
   2. a run with injected faults: a worker raising, a worker hard-exiting, the schedule actor
      killed, a NaN step -> it finishes with a continuous step sequence and schedule;
   3. consecutive NaN steps -> a clear error, the last good checkpoint intact;
-  4. bad configs fail before any worker starts.
+  4. bad configs fail before any worker starts;
+  5. other modules' features on a Ray Train run (a Ray start costs seconds; one per module):
+     run.parallel fsdp with a fault (tests/test_scale.py), the export and eval of a run
+     folder (tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -192,3 +195,60 @@ def test_bad_configs_fail_before_workers_start(ray_local, workdir):
         build_trainer(tiny(workdir, "bad3", "data.block_len=64",
                            f"data.dir={workdir / 'data' / 'tiny64'}"), where="tiny.yaml")
     assert not (workdir / "runs" / "bad1").exists()
+
+
+# --- Ray Train runs of other modules' features: here for this module's one local Ray
+
+def test_fsdp_on_ray_keeps_schedule_actor_broadcast_and_fault_recovery(ray_local, tmp_path):
+    """(run.parallel fsdp, tests/test_scale.py) The `tiny` preset under run.parallel fsdp on 2 Ray workers, a worker raising at step
+    7: the run restarts from the sharded step-5 checkpoint and finishes; every rank used
+    the scheduler's values; one actor call per scheduled step."""
+    from sparsebk.train.driver import run_training
+
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
+                             "run.name=fsdp", "run.parallel=fsdp", "data.loader=local",
+                             "optim.max_steps=10", "run.eval_every=5", "run.plots=false",
+                             "run.inject_faults=[raise@7]"])
+    summary = run_training(cfg)
+    assert summary["steps"] == 10 and summary["actor_calls"] == 10
+    run_dir = Path(summary["run_dir"])
+    ref = AdaptiveSparsityScheduler(**cfg.schedule)
+    for rank in (0, 1):
+        lines = (run_dir / "schedule" / f"rank{rank}.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        pids = list(dict.fromkeys(r["pid"] for r in recs))
+        steps = [[r["step"] for r in recs if r["pid"] == pid] for pid in pids]
+        assert len(steps) == 2 and steps[0][0] == 1 and steps[0][-1] in (6, 7)
+        assert steps[1] == list(range(6, 11))  # restarted from the step-5 checkpoint
+        for r in recs:
+            assert r["targets"][0] == pytest.approx(ref.state_at(r["step"])["sparsity_target"])
+    ckpt = Path(summary["checkpoint"])
+    assert {p.name for p in (ckpt / "shards").glob("__*.distcp")} == {"__0_0.distcp",
+                                                                      "__1_0.distcp"}
+
+
+def test_a_ray_train_run_exports_and_evaluates(ray_local, tmp_path, capsys):
+    """(sparsebk.export, tests/test_export.py) A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
+    snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
+    in another order)."""
+    from sparsebk.cli import main
+    from sparsebk.train.driver import run_training
+
+    # the plain-Parquet loader: Ray Data's is the clean run's (above)
+    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+                             "run.name=exp", "optim.max_steps=20", "run.eval_every=10",
+                             "run.eval_batches=null", "run.plots=false", "data.loader=local"])
+    summary = run_training(cfg)
+    snap = json.loads((tmp_path / "runs" / "exp" / "checkpoint_manager_snapshot.json").read_text())
+    best = min(snap["checkpoint_results"], key=lambda r: r["metrics"]["val_loss"])
+    assert Path(summary["best_checkpoint"]).name == best["checkpoint_dir_name"]
+
+    store = ["--storage-path", str(tmp_path / "runs")]
+    assert main(["export", "--run", "exp", *store, "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["step"] == best["metrics"]["step"]
+    assert r["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
+    assert r["sparsity_layers"] == pytest.approx(
+        [best["metrics"][f"sparsity_layer_{i}"] for i in range(2)], abs=1e-6)
