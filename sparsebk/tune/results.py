@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 COMPLETED_DIR = "trial_status"
+TRAIN_RUNS_DIR = "train_runs"    # each trial's Train run: SWEEP_DIR/train_runs/<trial_id>
+STOPPED_FILE = "stopped.json"    # rank 0 writes it when training stops on non-finite losses
 SWEEP_FILE = "sweep.json"
 # Tune's experiment snapshot file, as named in ExperimentAnalysis's own error message
 _STATE_GLOB = "experiment_state-*.json"
@@ -144,11 +146,13 @@ def _first_error_line(trace: str | None) -> str | None:
 
 
 def _stopped(sweep_dir: Path, trial_id: str) -> str | None:
-    """The reason a trial's training stopped by itself, from its completion marker."""
-    f = completion_marker(sweep_dir, trial_id)
+    """The reason a trial's training stopped by itself (non-finite losses): from its Train
+    run's stop marker, which rank 0 writes *before* its last report, so it is there even when
+    the scheduler ends the trial on that report before the trial function returns."""
+    f = sweep_dir / TRAIN_RUNS_DIR / trial_id / STOPPED_FILE
     if not f.is_file():
         return None
-    return json.loads(f.read_text()).get("stopped") or None
+    return json.loads(f.read_text()).get("reason") or "stopped"
 
 
 def _count_lines(path: Path) -> int:

@@ -30,12 +30,10 @@ from pathlib import Path
 
 from sparsebk.store import open_store
 from sparsebk.train.config import set_dotted
-from sparsebk.tune.results import COMPLETED_DIR, completion_marker
+from sparsebk.tune.results import COMPLETED_DIR, STOPPED_FILE, TRAIN_RUNS_DIR, completion_marker
 
 logger = logging.getLogger(__name__)
 
-TRAIN_RUNS_DIR = "train_runs"
-STOPPED_FILE = "stopped.json"  # written by rank 0 when training stops on non-finite losses
 
 
 def apply_params(base_train: dict, params: dict, keys: dict[str, str]) -> dict:
