@@ -141,6 +141,7 @@ def test_job_submit_tiny_runs_and_logs_progress(ray_head, tmp_path):
     assert denied.returncode != 0
 
 
+@pytest.mark.timeout(1200)
 def test_job_submit_sweep_on_fewer_cpus_than_trials_finishes(ray_head, tmp_path):
     """sweep-tiny (4 trials x 1 worker, ASHA) on a 2-CPU token-auth head: before the fix the
     placement groups of the trials ASHA stopped stayed CREATED and the next trial waited for
@@ -149,7 +150,7 @@ def test_job_submit_sweep_on_fewer_cpus_than_trials_finishes(ray_head, tmp_path)
     env, address = ray_head["env"], ray_head["address"]
     job_id = f"sparsebk-sweep-{uuid.uuid4().hex[:8]}"
     train = ["run.num_workers=1", "run.max_failures=0", "run.plots=false", "run.eval_batches=1",
-             "data.loader=local", "optim.max_steps=20", "run.eval_every=5",
+             "data.loader=local", "optim.max_steps=10", "run.eval_every=5",
              f"data.dir={tmp_path / 'data'}"]
     submit = job_submit(
         ["--address", address, "--submission-id", job_id,
@@ -157,12 +158,13 @@ def test_job_submit_sweep_on_fewer_cpus_than_trials_finishes(ray_head, tmp_path)
          "--config", "ray_jobs/configs/sweep-tiny.yaml",
          "--set", f"storage_path={tmp_path / 'sweeps'}", "--set", "search.num_samples=4",
          "--set", f"train_overrides=[{', '.join(train)}]"],
-        env, timeout=540)
+        env, timeout=1080)
     out = submit.stdout + submit.stderr
     head_log = (ray_head["home"] / "head.log").read_text()[-2000:]
     assert submit.returncode == 0 and "succeeded" in submit.stdout, out[-4000:] + head_log
     assert '"placement_groups_left": []' in out, out[-4000:]
     assert "early_stopped" in out, out[-4000:]  # ASHA stopped a trial: the leak's trigger
+    assert "left by stopped trials" in out, out[-4000:]  # ... and the driver removed its group
     report = tmp_path / "sweeps" / "sweep-tiny" / "report"
     assert (report / "report.md").is_file() and (report / "pareto.csv").is_file()
 
