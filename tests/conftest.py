@@ -1,8 +1,9 @@
 """Shared fixtures. Ray is started once per test module that asks for it, never per test.
 
-Not once per session: placement groups that Ray Train leaves behind when Tune stops a trial
-early (issue 12's leak) would starve the modules that run after the sweep tests (measured: the
-first Ray Train test after them waited forever for its workers)."""
+Not once per session: each module gets a clean Ray. (A session-wide Ray once let the placement
+groups Ray Train leaves behind when Tune stops a trial early starve the modules after the
+sweep tests; sweeps now remove those groups themselves, sparsebk.tune.cleanup, and
+tests/test_sweep.py checks that none is left, but a module's Ray stays its own.)"""
 
 from __future__ import annotations
 

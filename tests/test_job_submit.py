@@ -40,6 +40,8 @@ def ray_head(tmp_path_factory):
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    # the head (and so every job's driver) runs with the default home: ~/sparsebk of this HOME
+    env.pop("SPARSEBK_HOME", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                    capture_output=True, timeout=60)
     assert (home / ".ray" / "auth_token").is_file()
@@ -113,30 +115,46 @@ def job_submit(args: list[str], env: dict, timeout: float) -> subprocess.Complet
         time.sleep(3)
 
 
-def test_job_submit_tiny_runs_and_logs_progress(ray_head, tmp_path):
+def _submit_tiny(ray_head, max_steps: int) -> str:
+    """`ray job submit` of the unchanged tiny preset (its relative data.dir and storage_path),
+    `max_steps` steps, the loader in-process; returns the job's log."""
     env, address = ray_head["env"], ray_head["address"]
     job_id = f"sparsebk-test-{uuid.uuid4().hex[:8]}"
     submit = job_submit(
         ["--address", address, "--submission-id", job_id,
          "--working-dir", str(REPO), "--", "python", "ray_jobs/train.py",
          "--config", "ray_jobs/configs/tiny.yaml",
-         "--set", f"data.dir={tmp_path / 'data'}", "--set", f"run.storage_path={tmp_path / 'runs'}",
-         "--set", "optim.max_steps=10", "--set", "run.eval_every=10",
+         "--set", f"optim.max_steps={max_steps}", "--set", "run.eval_every=10",
          "--set", "data.loader=local"],
         env, timeout=500)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout, submit.stdout[-3000:]
-
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
                           env=env, capture_output=True, text=True, timeout=120)
     assert logs.returncode == 0, logs.stderr[-2000:]
-    assert "step 5/10 loss" in logs.stdout and "step 10/10 loss" in logs.stdout, logs.stdout[-3000:]
-    assert "run tiny finished: 10 steps" in logs.stdout
-    assert (tmp_path / "runs" / "tiny" / "summary.json").is_file()
+    return logs.stdout
+
+
+def test_job_submit_tiny_runs_outside_the_working_dir_and_resumes(ray_head, tmp_path):
+    """The preset's relative paths land under the head's ~/sparsebk, not in the job's unpacked
+    working-dir copy; the same submission again (more steps) resumes the run."""
+    home = ray_head["home"] / "sparsebk"
+    first = _submit_tiny(ray_head, 10)
+    assert "step 5/10 loss" in first and "step 10/10 loss" in first, first[-3000:]
+    assert "run tiny finished: 10 steps" in first
+    run_dir = home / "runs" / "tiny"
+    assert str(run_dir) in first, first[-3000:]  # the run prints where it lives
+    assert (run_dir / "summary.json").is_file()
+    assert (home / "data" / "tiny-bytes" / "manifest.json").is_file()
+
+    again = _submit_tiny(ray_head, 15)
+    assert "resumed from checkpoint at step 10" in again, again[-3000:]
+    assert "step 15/15 loss" in again and "step 5/15 loss" not in again, again[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 15
 
     # Without the token the Jobs API refuses the client.
-    no_token = dict(env, HOME=str(tmp_path), RAY_AUTH_MODE="token")
-    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address],
+    no_token = dict(ray_head["env"], HOME=str(tmp_path), RAY_AUTH_MODE="token")
+    denied = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_head["address"]],
                             env=no_token, capture_output=True, text=True, timeout=120)
     assert denied.returncode != 0
 

@@ -34,11 +34,11 @@ def setup_logging() -> None:
 def connect_ray(address: str | None, num_cpus: int | None, workers: int) -> None:
     """The cluster at --address / RAY_ADDRESS, else a local Ray (training or a sweep).
 
-    A local Ray gets its dashboard (bound to 127.0.0.1) and a pinned RAY_ADDRESS: Ray Train
-    frees the workers' placement group of a trial that ASHA stopped through a cleaner actor
-    that looks the controller up with the state API, which needs both. Without them
-    (measured here, with other Ray instances on the machine) every early-stopped trial left
-    its workers' CPUs reserved, and later trials waited forever for a worker group.
+    A local Ray gets its dashboard (bound to 127.0.0.1) and a pinned RAY_ADDRESS, which Ray
+    Train's own placement-group cleaner (a state-API lookup of the controller) needs. That
+    cleaner is not relied on: it failed here with other Ray instances on the machine, so a
+    sweep removes the groups of stopped trials itself, through the GCS, on a local Ray and a
+    cluster alike (sparsebk.tune.cleanup).
     """
     import socket
 
