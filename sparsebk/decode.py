@@ -132,7 +132,7 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     wd = _work_dtype(x.dtype)
     idx = _keep(core, x, pos).nonzero().squeeze(1)  # (M,) computed rows
     m = idx.numel()  # host sync: which rows run the experts
-    v = x.new_zeros(B, H)  # (B, H) 0 at a skipped row
+    v = layer.skipped_potentials(x)  # (B, H): a skipped row's (0 unless "mix")
     b = None
     if m:
         h, _ = layer.moe.mix(x.index_select(0, idx))  # (M, D)
@@ -148,7 +148,7 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     k = torch.ones_like(st.k_prev) if b is None else b.to(wd).square()
     carry = st.carry
     if layer.skip_output != "carry":  # "own": every row projects its features; "zero": 0
-        if layer.skip_output == "own":
+        if layer.skip_output in ("own", "mix"):
             y = layer.output_proj(feats)  # (B, D)
             if m:
                 y = y.index_copy(0, idx, h + y.index_select(0, idx))
@@ -178,7 +178,8 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     flat = keep.reshape(-1)
     idx = flat.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
     h, _ = layer.moe.mix(x.reshape(B * T, D).index_select(0, idx))  # (M, D)
-    v = x.new_zeros(B * T, H).index_copy(0, idx, layer.v_proj(h)).view(B, T, H)
+    v = layer.skipped_potentials(x.reshape(B * T, D)).index_copy(0, idx, layer.v_proj(h))
+    v = v.view(B, T, H)
     if layer.coupling_proj is None:
         k = torch.ones(B, T, H, dtype=wd, device=x.device)
     else:
@@ -201,7 +202,7 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     feats = torch.view_as_real(g).view(B, H, T, 2).permute(0, 2, 1, 3).reshape(B, T, 2 * H)
     feats = feats.to(x.dtype).reshape(B * T, 2 * H)
     new_ak = dict(alpha=alpha[:, -1].view(B, H), k_prev=k[:, -1])
-    if layer.skip_output == "own":  # as the forward: every position projects its own features
+    if layer.skip_output in ("own", "mix"):  # as the forward: every position projects its own
         spec = layer.output_proj(feats)  # (B T, D)
         y = spec.index_copy(0, idx, h + spec.index_select(0, idx))
         return y.view(B, T, D), LayerState(**new_ak, carry=st.carry)

@@ -22,9 +22,14 @@ What a skipped position outputs is the option `skip_output`:
                                                   the chain carries to i from every computed
                                                   position before it, for one 2H -> D projection
     "zero"           y_i = 0                      Mixture-of-Depths: the residual stream only
+    "mix"            y_i = W_out f_i + b_out      "own", and the skipped position still writes
+                     v_i = W_s x_i                into the chain: its potentials come from a
+                                                  linear map of its input (no expert)
 
 "own" costs a (2H x D) projection per skipped position (against the expert FFN's 2 x D x 4D
-and the v projection it still skips); the BK features of every position exist anyway.
+and the v projection it still skips); the BK features of every position exist anyway. "mix"
+adds a (D x H) projection: a skipped position is then a linear BK mixing layer, and only the
+expert FFN is what the gate decides on.
 
 Multi-channel mixing (`bk_heads`, `bk_learn_z`, `bk_input_couplings`; the defaults 1, False,
 False are the single-channel layer, bit for bit). The H heads run as one BK-core call over
@@ -70,7 +75,7 @@ from sparsebk.moe import MoEFFN
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int, check_sparsity
 
-SKIP_OUTPUTS = ("carry", "own", "zero")  # what a skipped position outputs (module docstring)
+SKIP_OUTPUTS = ("carry", "own", "zero", "mix")  # what a skipped position outputs (module docstring)
 
 if TYPE_CHECKING:  # lm.py imports this module
     from sparsebk.lm import LMConfig
@@ -254,6 +259,8 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.v_proj = nn.Linear(d_model, self.bk_heads)
         self.output_proj = nn.Linear(2 * self.bk_heads, d_model)
         self.dropout = nn.Dropout(dropout_p)
+        # "mix": the potentials of skipped positions, from their input (sparsebk.layers doc)
+        self.skip_v_proj = nn.Linear(d_model, self.bk_heads) if self.skip_output == "mix" else None
         self.coupling_proj = None
         if self.bk_input_couplings:
             # zero init: every coupling starts at 2 sigmoid(0) = 1, the Laplacian's
@@ -313,6 +320,13 @@ class SparseMoEResNetBKLayer(nn.Module):
         its losses builds them from what `forward_parts` returned."""
         self.last_mask, self.last_aux_loss = mask, aux_loss
 
+    def skipped_potentials(self, x: torch.Tensor) -> torch.Tensor:
+        """Potentials (..., H) of skipped positions of inputs x (..., D): W_s x for "mix", else
+        0 (a skipped position contributes the bare H0)."""
+        if self.skip_v_proj is not None:
+            return self.skip_v_proj(x)
+        return x.new_zeros(*x.shape[:-1], self.bk_heads)
+
     def couplings(self, h: torch.Tensor) -> torch.Tensor:
         """Input-dependent off-diagonals (..., H) in (0, 2) from expert outputs h (..., D)."""
         return 2.0 * torch.sigmoid(self.coupling_proj(h))
@@ -324,14 +338,14 @@ class SparseMoEResNetBKLayer(nn.Module):
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
         h, aux = self.moe.mix(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
         v_c = self.v_proj(h)  # (M, H)
-        v = v_c.new_zeros(B * N, H).index_copy(0, idx, v_c).view(B, N, H)  # 0 where skipped
+        v = self.skipped_potentials(x.reshape(B * N, D)).index_copy(0, idx, v_c).view(B, N, H)
         b = None
         if self.coupling_proj is not None:  # coupling 1 (the Laplacian's) where skipped
             b_c = self.couplings(h)  # (M, H)
             b = b_c.new_ones(B * N, H).index_copy(0, idx, b_c).view(B, N, H)
         feats = self.sparse_bk_core.bk_features(v, b).reshape(B * N, 2 * H)
         m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live: the gate's gradient
-        if self.skip_output == "own":  # every position projects its own features
+        if self.skip_output in ("own", "mix"):  # every position projects its own features
             spec = self.output_proj(feats)  # (B N, D)
             out = m * (h + spec.index_select(0, idx))
             return spec.to(out.dtype).index_copy(0, idx, out).view(B, N, D), aux
@@ -357,13 +371,13 @@ class SparseMoEResNetBKLayer(nn.Module):
         keep = mask > 0.5  # (B, N)
         h, aux = self.moe.mix(x.reshape(B * N, D), token_mask=keep.reshape(-1))
         h = h.view(B, N, D)
-        v = torch.where(keep.unsqueeze(-1), self.v_proj(h), 0.0)  # (B, N, H)
+        v = torch.where(keep.unsqueeze(-1), self.v_proj(h), self.skipped_potentials(x))
         b = None
         if self.coupling_proj is not None:
             b = torch.where(keep.unsqueeze(-1), self.couplings(h), 1.0)  # (B, N, H)
         feats = self.sparse_bk_core.bk_features(v, b)  # (B, N, 2H)
         out = mask.unsqueeze(-1) * (h + self.output_proj(feats))
-        if self.skip_output == "own":
+        if self.skip_output in ("own", "mix"):
             skipped = self.output_proj(feats)
         elif self.skip_output == "zero":
             skipped = torch.zeros_like(out)

@@ -20,13 +20,11 @@ OPTS = [{}, {"bk_heads": 3, "bk_learn_z": True, "bk_input_couplings": True}]
 
 
 def reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The layer, position by position (eval, no dropout). Skipped heads take v = 0 and
-    coupling 1; the skipped output follows the layer's skip_output."""
+    """The layer, position by position (eval, no dropout). A skipped position's heads take
+    coupling 1 and v = 0, or v = W_s x_i with "mix"; its output follows skip_output."""
     B, N, D = x.shape
     H = layer.bk_heads
-    v = torch.zeros(B, N, H, dtype=x.dtype)
-    c = torch.ones(B, N, H, dtype=x.dtype)
-    h = {}
+    h, v, c = {}, {}, {}
     for b in range(B):
         for i in range(N):
             if mask[b, i] == 1:
@@ -34,7 +32,15 @@ def reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor
                 v[b, i] = layer.v_proj(h[b, i])
                 if layer.bk_input_couplings:
                     c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
-    feats = reference_features(layer, v, c)
+            elif layer.skip_output == "mix":
+                v[b, i] = layer.skip_v_proj(x[b, i])
+            v.setdefault((b, i), torch.zeros(H, dtype=x.dtype))
+            c.setdefault((b, i), torch.ones(H, dtype=x.dtype))
+
+    def table(d):  # (B, N, H)
+        return torch.stack([torch.stack([d[b, i] for i in range(N)]) for b in range(B)])
+
+    feats = reference_features(layer, table(v), table(c))
     rows = []
     for b in range(B):
         last = None
@@ -42,7 +48,7 @@ def reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor
             if mask[b, i] == 1:
                 last = i
                 rows.append(h[b, i] + layer.output_proj(feats[b, i]))
-            elif layer.skip_output == "own":
+            elif layer.skip_output in ("own", "mix"):
                 rows.append(layer.output_proj(feats[b, i]))
             elif layer.skip_output == "zero":
                 rows.append(torch.zeros(D, dtype=x.dtype))
@@ -82,7 +88,7 @@ def test_both_paths_match_the_reference_with_gradients(skip, opts):
             torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
 
 
-def test_the_three_choices_differ_only_at_skipped_positions():
+def test_the_choices_differ_where_they_should():
     torch.manual_seed(1)
     x = torch.randn(2, 9, 8, dtype=D64)
     force = (torch.rand(2, 9) < 0.5).double()
@@ -93,13 +99,15 @@ def test_the_three_choices_differ_only_at_skipped_positions():
                                        skip_output=skip).double().eval()
         outs[skip] = layer(x, force_mask=force).detach()
     computed = force > 0.5
-    for skip in ("own", "zero"):
+    for skip in ("own", "zero"):  # computed positions unchanged ("mix" changes the chain)
         assert torch.equal(outs[skip][computed], outs["carry"][computed])
         assert not torch.allclose(outs[skip][~computed], outs["carry"][~computed])
     assert torch.equal(outs["zero"][~computed], torch.zeros_like(outs["zero"][~computed]))
+    # "mix": skipped positions write into the chain, so later computed positions change too
+    assert not torch.allclose(outs["mix"][computed], outs["own"][computed])
 
 
-@pytest.mark.parametrize("skip", ["own", "zero"])
+@pytest.mark.parametrize("skip", ["own", "zero", "mix"])
 @pytest.mark.parametrize("eval_mode", ["quasi", "threshold"])
 def test_decode_equals_the_full_forward(skip, eval_mode):
     """Prefill of a prefix, then step-wise decoding: the logits of every position equal the
