@@ -30,6 +30,7 @@ tokens (no state carried across windows), in eval mode (no gate noise, no dropou
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -398,6 +399,49 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     return [p1, p2]
 
 
+def tradeoff_plot(paths: list[str], out: Path) -> Path:
+    """One plot from several `quality.json` files of the same protocol: test perplexity against
+    training tokens/s, dense models as one series, each sparse model a point labelled with its
+    target and what its skipped positions output. Sparsity pays where a sparse point lies below
+    the dense series (better perplexity at the same speed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    dense, sparse, other = [], [], []
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        over = rec["settings"].get("model_overrides", {})
+        for r in rec["results"]:
+            x, y = r["train_tokens_per_s"], r["test_ppl"]
+            if r["model"] == TRANSFORMER:
+                other.append((x, y, "Transformer"))
+            elif not r["target_sparsity"]:
+                mc = rec["model_config"]
+                dense.append((x, y, f"d{mc['d_model']} H{mc.get('bk_heads', 1)}"))
+            else:
+                skip = over.get("skip_output", rec["model_config"].get("skip_output", "carry"))
+                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}"))
+    for pts, style, name in ((sorted(dense), "o-", "BK dense"), (sparse, "^", "BK sparse"),
+                             (other, "r*", "Transformer")):
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=8)
+        for x, y, label in pts:
+            ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
+    ax.set_xlabel("training tokens/s")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("PTB: perplexity against training speed (same wall-clock budget)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="sparsebk bench quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="bench_out")
@@ -419,7 +463,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dense-mode", choices=DENSE_MODES, default="pinned",
                    help="target 0 as the model with gates pinned open (default) or the learned gate at target 0")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
+    p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
+                   help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
     a = p.parse_args(argv)
+    if a.tradeoff:
+        print(f"wrote {tradeoff_plot(a.tradeoff, Path(a.out) / 'quality_tradeoff.png')}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = model_overrides(a.set)
     s = QualitySettings(
