@@ -76,7 +76,9 @@ def reference_features(layer: SparseMoEResNetBKLayer, v: torch.Tensor,
 
 def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The layer's equations, position by position (eval mode, no dropout). A skipped position's
-    heads take v = 0 and coupling 1 (bare H0) and its output carries the last computed features."""
+    heads take coupling 1 and v = 0 (bare H0), or v = W_s x_i with skip_output "mix"; its
+    output carries the last computed features ("carry"), projects its own ("own", "mix") or is
+    0 ("zero")."""
     B, N, D = x.shape
     H = layer.bk_heads
     h, v, c = {}, {}, {}  # (b, i) -> expert output (D,), potentials (H,), couplings (H,)
@@ -87,6 +89,8 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
                 v[b, i] = layer.v_proj(h[b, i])
                 if layer.bk_input_couplings:  # b_i links i and i + 1
                     c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
+            elif layer.skip_output == "mix":
+                v[b, i] = layer.skip_v_proj(x[b, i])
             v.setdefault((b, i), torch.zeros(H, dtype=x.dtype))
             c.setdefault((b, i), torch.ones(H, dtype=x.dtype))
 
@@ -101,6 +105,10 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
             if mask[b, i] == 1:
                 last = i
                 rows.append(h[b, i] + layer.output_proj(feats[b, i]))
+            elif layer.skip_output in ("own", "mix"):
+                rows.append(layer.output_proj(feats[b, i]))
+            elif layer.skip_output == "zero":
+                rows.append(torch.zeros(D, dtype=x.dtype))
             else:
                 f = feats[b, last] if last is not None else torch.zeros(2 * H, dtype=x.dtype)
                 rows.append(layer.output_proj(f))

@@ -12,50 +12,11 @@ import torch
 
 from sparsebk.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
 from sparsebk.lm import LMConfig, SparseBKLM
-from test_layers import D64, away_from_init, moe_reference, reference_features
+from test_layers import D64, away_from_init, layer_reference as reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 OPTS = [{}, {"bk_heads": 3, "bk_learn_z": True, "bk_input_couplings": True}]
-
-
-def reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The layer, position by position (eval, no dropout). A skipped position's heads take
-    coupling 1 and v = 0, or v = W_s x_i with "mix"; its output follows skip_output."""
-    B, N, D = x.shape
-    H = layer.bk_heads
-    h, v, c = {}, {}, {}
-    for b in range(B):
-        for i in range(N):
-            if mask[b, i] == 1:
-                h[b, i] = moe_reference(layer.moe, x[b, i:i + 1])[0]
-                v[b, i] = layer.v_proj(h[b, i])
-                if layer.bk_input_couplings:
-                    c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
-            elif layer.skip_output == "mix":
-                v[b, i] = layer.skip_v_proj(x[b, i])
-            v.setdefault((b, i), torch.zeros(H, dtype=x.dtype))
-            c.setdefault((b, i), torch.ones(H, dtype=x.dtype))
-
-    def table(d):  # (B, N, H)
-        return torch.stack([torch.stack([d[b, i] for i in range(N)]) for b in range(B)])
-
-    feats = reference_features(layer, table(v), table(c))
-    rows = []
-    for b in range(B):
-        last = None
-        for i in range(N):
-            if mask[b, i] == 1:
-                last = i
-                rows.append(h[b, i] + layer.output_proj(feats[b, i]))
-            elif layer.skip_output in ("own", "mix"):
-                rows.append(layer.output_proj(feats[b, i]))
-            elif layer.skip_output == "zero":
-                rows.append(torch.zeros(D, dtype=x.dtype))
-            else:
-                f = feats[b, last] if last is not None else torch.zeros(2 * H, dtype=x.dtype)
-                rows.append(layer.output_proj(f))
-    return torch.stack(rows).view(B, N, D)
 
 
 @pytest.mark.parametrize("opts", OPTS, ids=["h1", "h3-z-b"])
