@@ -6,6 +6,10 @@ a Ray worker has: its rank and device, the parallelism applied to the built mode
 `fully_shard`), the dataset shard, the schedule actor (rank 0 asks it, a gloo broadcast
 hands the values to every rank), checkpoints restored from and reported to Ray Train, and
 fault injection for the tests.
+
+`ray.train` is imported where a worker uses it, not with this module: the single-process
+pieces here (local_batches, shard, compile_blocks) are imported by processes that never run a
+Ray Train worker (gloo test runs, benchmarks), and `ray.train` costs seconds to import.
 """
 
 from __future__ import annotations
@@ -16,8 +20,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 
@@ -128,6 +130,8 @@ def _device(cfg: TrainConfig, rank: int) -> torch.device:
     if not torch.cuda.is_bf16_supported():
         raise RuntimeError(f"worker rank {rank}: {torch.cuda.get_device_name()} has no bf16 "
                            "support, which the GPU path's autocast uses")
+    import ray.train.torch
+
     return ray.train.torch.get_device()  # [ray]
 
 
@@ -168,11 +172,15 @@ def parallelize(model: SparseBKLM, cfg: TrainConfig, world: int, device: torch.d
     if cfg.run.parallel == "fsdp":
         return shard(model, world, device)
     if world > 1 or cfg.run.use_gpu:
+        import ray.train.torch
+
         return ray.train.torch.prepare_model(model)  # [ray] DDP, on the worker's device
     return model
 
 
 def _report(metrics: dict, directory: str | None) -> None:
+    import ray.train
+
     checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
     ray.train.report(metrics, checkpoint=checkpoint)  # [ray] a barrier: every rank calls it
 
@@ -180,6 +188,8 @@ def _report(metrics: dict, directory: str | None) -> None:
 def train_loop_per_worker(config: dict) -> None:
     """Run by every Ray Train worker. `config`: {"cfg": TrainConfig.to_dict() (vocabulary
     resolved), "dataset_dir": str, "schedule_actor": ActorHandle}."""
+    import ray.train
+
     cfg = TrainConfig.from_dict(config["cfg"])
     actor, dataset_dir = config["schedule_actor"], config["dataset_dir"]
     ctx = ray.train.get_context()  # [ray]
