@@ -52,11 +52,15 @@ class DataConfig:
     of .txt files or a glob); `ptb_lines: N` makes a small text corpus from the first N lines
     of PTB's train split (the `tiny` preset: seconds to prepare).
 
-    `loader: ray` (default) feeds each worker its shard of a Ray Data dataset (streaming split);
-    a resumed run skips the batches its epoch had consumed. `loader: local` has every worker
-    read the train split's Parquet files itself (rows strided by rank, a seeded permutation
-    per epoch when shuffling): no Ray Data actors to start, and an exactly reproducible data
-    position after a restart. Both need the dataset on storage every worker can read.
+    Sizes count rows (samples of block_len + 1 tokens): `batch_size` per worker and micro-batch,
+    `eval_batch_size`, `shuffle_buffer`. So does a checkpoint's data position: the samples all
+    workers together consumed in the epoch, so a run resumed with another worker count or
+    batch size continues at that sample. `loader: ray` (default) feeds each worker its shard
+    of a Ray Data dataset (streaming split); on resume each worker skips its share of those
+    samples (as many rows, not necessarily the same ones). `loader: local` has every worker
+    read the train split's Parquet files itself (a seeded permutation per epoch when
+    shuffling, the rows left strided by rank): no Ray Data actors to start, and exactly the
+    same rows left after a restart. Both need the dataset on storage every worker can read.
 
     `dir`: a local path or a URI (s3://, gs://, ...; sparsebk.store); a relative path is under
     $SPARSEBK_HOME (default ~/sparsebk), never the launch directory."""
