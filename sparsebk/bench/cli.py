@@ -12,6 +12,7 @@ BENCHMARKS = {
     "data": "sparsebk.bench.data",
     "training": "sparsebk.bench.training",
     "quality": "sparsebk.bench.quality",
+    "gates": "sparsebk.bench.gates",
     "decode": "sparsebk.bench.decode",
     "scale": "sparsebk.bench.scale",
 }
