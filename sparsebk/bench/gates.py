@@ -195,7 +195,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preset", default="small")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--dataset", default=None)
-    p.add_argument("--eval-blocks", type=int, default=256, help="validation blocks analysed")
+    p.add_argument("--eval-blocks", type=int, default=None,
+                   help="validation and test blocks evaluated and analysed (default: all)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--sparsity-weight", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="smoke run: 5 steps, 8 validation blocks")
