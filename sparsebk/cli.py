@@ -16,8 +16,8 @@ SUBCOMMANDS = {
     "report": ("sparsebk.tune.report", "regenerate tables and plots of a run or sweep dir"),
     "prepare-data": ("sparsebk.data.cli", "tokenise a corpus into Parquet blocks"),
     "bench": ("sparsebk.bench.cli", "run benchmarks (bk-core, layer, training, ..., all)"),
-    "export": ("sparsebk.export:export_main", "write a trained model as a self-contained folder"),
-    "eval": ("sparsebk.export:eval_main", "perplexity, sparsity and speed of a trained model"),
+    "export": ("sparsebk.model_cli:export_main", "write a trained model as a self-contained folder"),
+    "eval": ("sparsebk.model_cli:eval_main", "perplexity, sparsity and speed of a trained model"),
     "generate": ("sparsebk.generate", "sample text from a trained model, token by token"),
 }
 

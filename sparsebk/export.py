@@ -3,6 +3,7 @@ an exported folder; export a self-contained folder; evaluate it on a split of it
 
     m = load_checkpoint_model("runs/tiny")           # a run folder: its best checkpoint
     m = load_checkpoint_model("runs/tiny/checkpoint_2026-...")
+    m = load_checkpoint_model("s3://bucket/runs/tiny?endpoint_override=...")  # in a bucket
     export(m, "models/tiny")                         # or: sparsebk export --run tiny --out ...
     m = load_pretrained("models/tiny")               # needs neither the run nor the dataset
     m.model, m.tokenizer, m.record                   # record: how the weights were trained
@@ -16,15 +17,18 @@ An exported folder holds:
     vocab.txt | encoder.json, vocab.bpe    the tokenizer's files (none for "byte")
     README.md            how the model was trained, for a person
 
-A run folder's best checkpoint is the one of lowest val_loss among those Ray Train kept
-(`checkpoint_manager_snapshot.json`), else summary.json's "best_checkpoint". Every error
-names the path at fault.
+Checkpoints and run folders are local paths or URIs (sparsebk.run_folder finds them): from an
+object store, state.pt is read into memory and an FSDP run's DCP shards are copied into a
+temporary folder, removed after loading. A checkpoint carries its tokenizer's files
+(meta.tokenizer_files, checked against the tokenizer's checksum); one written before that
+rebuilds its tokenizer from its dataset's files. Every error names the path or URI at fault.
+The command lines (`sparsebk export`, `sparsebk eval`) are sparsebk.model_cli.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import os
 import pickle
 import shutil
@@ -37,12 +41,14 @@ import torch
 
 from sparsebk.data.tokenizers import GPT2Tokenizer, Tokenizer, WordTokenizer, get_tokenizer
 from sparsebk.lm import LMConfig, SparseBKLM
-from sparsebk.train.checkpoint import STATE_FILE, load_model_weights
+from sparsebk.run_folder import (EXPORT_CONFIG, best_checkpoint, local_dir,  # noqa: F401 (API)
+                                 ray_metrics, resolve_checkpoint, run_dir)
+from sparsebk.store import Store, is_uri, open_store, resolve_location
+from sparsebk.train.checkpoint import SHARDS_DIR, STATE_FILE, load_sharded_weights
 from sparsebk.train.metrics import safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
-CONFIG_FILE, WEIGHTS_FILE, README_FILE = "config.json", "model.safetensors", "README.md"
-RAY_SNAPSHOT, SUMMARY_FILE = "checkpoint_manager_snapshot.json", "summary.json"
+CONFIG_FILE, WEIGHTS_FILE, README_FILE = EXPORT_CONFIG, "model.safetensors", "README.md"
 
 
 @dataclass
@@ -54,78 +60,19 @@ class Pretrained:
     model: SparseBKLM
     tokenizer: Tokenizer
     record: dict
-    source: Path
-
-
-# --- finding a checkpoint ------------------------------------------------------------------
-def run_dir(name: str, storage_path: str | None = None) -> Path:
-    """The folder of run `name` under `storage_path` (default: the training config's)."""
-    from sparsebk.train.config import RunConfig
-
-    cfg = RunConfig(name=name, storage_path=storage_path or RunConfig.storage_path)
-    path = Path(cfg.run_dir)
-    if not path.is_dir():
-        raise ValueError(f"{path}: no run folder here (run {name!r} under {cfg.storage_path})")
-    return path
-
-
-def _ray_results(folder: Path) -> list[dict]:
-    path = folder / RAY_SNAPSHOT
-    if not path.is_file():
-        return []
-    try:
-        return list(json.loads(path.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable Ray checkpoint snapshot ({e})") from None
-
-
-def best_checkpoint(folder: Path) -> Path:
-    """The kept checkpoint of lowest val_loss in a run folder."""
-    scored = []
-    for r in _ray_results(folder):
-        loss = (r.get("metrics") or {}).get("val_loss")
-        path = folder / str(r.get("checkpoint_dir_name"))
-        if isinstance(loss, (int, float)) and math.isfinite(loss) and (path / STATE_FILE).is_file():
-            scored.append((loss, path.name))
-    if scored:
-        return folder / min(scored)[1]
-    summary = folder / SUMMARY_FILE
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        # the absolute path the driver wrote, else the same name here (a moved run folder)
-        for path in ((Path(best), folder / Path(best).name) if best else ()):
-            if (path / STATE_FILE).is_file():
-                return path
-    raise ValueError(f"{folder}: no checkpoint to load (no {STATE_FILE} under the checkpoints "
-                     f"of {RAY_SNAPSHOT} or the best_checkpoint of {SUMMARY_FILE})")
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint dir (or its state.pt) as itself; a run folder as its best checkpoint."""
-    p = Path(path).expanduser().resolve()
-    if not p.exists():
-        raise ValueError(f"{p}: no such checkpoint or run folder")
-    if p.is_file() and p.name == STATE_FILE:
-        return p.parent
-    if (p / STATE_FILE).is_file():
-        return p
-    if (p / RAY_SNAPSHOT).is_file() or (p / SUMMARY_FILE).is_file():
-        return best_checkpoint(p)
-    if (p / CONFIG_FILE).is_file():
-        raise ValueError(f"{p}: an exported model, not a training checkpoint; load it with "
-                         "load_pretrained / --model")
-    raise ValueError(f"{p}: not a training checkpoint (no {STATE_FILE}) nor a run folder "
-                     f"(no {RAY_SNAPSHOT} or {SUMMARY_FILE})")
+    source: Path | str  # a local folder, or the URI of a checkpoint in an object store
 
 
 # --- building the pieces -------------------------------------------------------------------
-def _tokenizer(root: Path, ident: dict, where: str) -> Tokenizer:
-    """The tokenizer of identity `ident` ({name, checksum, files, ...}) from files in `root`."""
+def _tokenizer(root: Path, ident: dict, where: str, source: str | None = None) -> Tokenizer:
+    """The tokenizer of identity `ident` ({name, checksum, files, ...}) from files in `root`
+    (named `source` in errors: default, `root`)."""
     name, files = ident.get("name"), list(ident.get("files") or [])
+    source = source or str(root)
     missing = [f for f in files if not (root / f).is_file()]
     if missing or (name == "word" and not files):
         raise ValueError(f"{where}: the {name!r} tokenizer's file(s) {missing or ['vocab.txt']} "
-                         f"are missing in {root}")
+                         f"are missing in {source}")
     if name == "word":
         tok: Tokenizer = WordTokenizer.from_file(root / files[0])
     elif name == "gpt2" and files:
@@ -133,9 +80,40 @@ def _tokenizer(root: Path, ident: dict, where: str) -> Tokenizer:
     else:
         tok = get_tokenizer(name)
     if tok.checksum != ident.get("checksum"):
-        raise ValueError(f"{where}: the tokenizer rebuilt from {root} has checksum "
+        raise ValueError(f"{where}: the tokenizer rebuilt from {source} has checksum "
                          f"{tok.checksum[:16]}..., not the model's {str(ident.get('checksum'))[:16]}...")
     return tok
+
+
+def _tokenizer_of(files: dict[str, bytes], ident: dict, where: str, source: str) -> Tokenizer:
+    """`_tokenizer` from the files' contents (a checkpoint's own copy, or read from a bucket),
+    put in a temporary folder for the tokenizers to read."""
+    with tempfile.TemporaryDirectory(prefix="sparsebk-tokenizer-") as tmp:
+        for name, data in files.items():
+            if name != Path(name).name or name in ("", ".", ".."):
+                raise ValueError(f"{where}: tokenizer file {name!r} is not a plain file name")
+            Path(tmp, name).write_bytes(data)
+        try:
+            return _tokenizer(Path(tmp), ident, where, source)
+        except ValueError as e:  # a tokenizer's own error names the temporary copy
+            raise ValueError(str(e).replace(tmp, source)) from None
+
+
+def _checkpoint_tokenizer(meta: dict, where: str) -> Tokenizer:
+    """From the files the checkpoint carries, else (a checkpoint written before it carried
+    them) from those of its dataset, a local path or a URI."""
+    ident, data = meta["tokenizer"], str(meta["dataset_dir"])
+    names = list(ident.get("files") or [])
+    own = meta.get("tokenizer_files") or {}
+    if names and all(isinstance(own.get(n), str) for n in names):
+        return _tokenizer_of({n: own[n].encode("utf-8") for n in names}, ident,
+                             f"{where} (its tokenizer files)", "meta.tokenizer_files")
+    where = f"{where} (tokenizer from its dataset)"
+    if not is_uri(data):
+        return _tokenizer(Path(data), ident, where)
+    store = open_store(data)
+    return _tokenizer_of({n: store.read_bytes(n) for n in names if store.is_file(n)}, ident,
+                         where, data)
 
 
 def _model(model_config: dict, state: dict | None, where: str) -> SparseBKLM:
@@ -160,44 +138,36 @@ def _model(model_config: dict, state: dict | None, where: str) -> SparseBKLM:
     return model.eval()
 
 
-def _ray_metrics(ckpt: Path) -> dict:
-    """The metrics Ray Train stored with this checkpoint (empty outside a run folder)."""
-    for r in _ray_results(ckpt.parent):
-        if r.get("checkpoint_dir_name") == ckpt.name:
-            return dict(r.get("metrics") or {})
-    return {}
-
-
-def load_checkpoint_model(path: str | os.PathLike, device="cpu") -> Pretrained:
-    """Model and tokenizer from a training checkpoint (or a run folder's best). The tokenizer
-    is rebuilt from the files of the dataset the checkpoint names (none for byte and gpt2)."""
-    ckpt = resolve_checkpoint(path)
-    where = str(ckpt / STATE_FILE)
+def _read_state(store: Store, where: str) -> dict:
     try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        source = (store.path(STATE_FILE) if store.is_local  # an object: read into memory
+                  else io.BytesIO(store.read_bytes(STATE_FILE)))
+        return torch.load(source, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
         raise ValueError(f"{where}: not a readable checkpoint ({e})") from None
-    meta = state.get("meta") or {}
-    for key in ("model_config", "train_config", "tokenizer", "dataset_dir"):
-        if key not in meta:
-            raise ValueError(f"{where}: no meta.{key} (a checkpoint written before checkpoints "
-                             "recorded their configs and tokenizer); it cannot be rebuilt")
-    if state.get("sharded", False):  # an FSDP run: the weights are DCP shards beside state.pt
-        model = _model(meta["model_config"], None, where)
-        try:
-            load_model_weights(ckpt, model)
-        except Exception as e:  # noqa: BLE001 (DCP raises several kinds; all mean "not these")
-            raise ValueError(f"{ckpt}: the sharded weights do not load into the model its "
-                             f"config describes: {e}") from None
-    else:
-        model = _model(meta["model_config"], state["model"], where)
-    tok = _tokenizer(Path(meta["dataset_dir"]), meta["tokenizer"],
-                     f"{where} (tokenizer from its dataset)")
-    tc, metrics = meta["train_config"], _ray_metrics(ckpt)
+
+
+def _checkpoint_model(store: Store, state: dict, meta: dict, where: str) -> SparseBKLM:
+    if not state.get("sharded", False):
+        return _model(meta["model_config"], state["model"], where)
+    # an FSDP run: the weights are DCP shards beside state.pt
+    model = _model(meta["model_config"], None, where)
+    try:
+        with local_dir(store.join(SHARDS_DIR)) as shards:
+            load_sharded_weights(shards, model)
+    except Exception as e:  # noqa: BLE001 (DCP raises several kinds; all mean "not these")
+        raise ValueError(f"{store.uri}: the sharded weights do not load into the model its "
+                         f"config describes: {e}") from None
+    return model
+
+
+def _record(state: dict, meta: dict, ckpt: Path | str) -> dict:
+    """How the checkpoint's weights were trained (Pretrained.record)."""
+    tc, metrics = meta["train_config"], ray_metrics(ckpt)
     run_state = (state.get("extra") or {}).get("run_state") or {}
     n = meta["model_config"]["n_layers"]
     eval_batches = tc["run"].get("eval_batches")
-    record = {
+    return {
         "run_name": tc["run"]["name"], "step": state["step"], "checkpoint": str(ckpt),
         "dataset_dir": meta["dataset_dir"], "eval_batch_size": tc["data"]["eval_batch_size"],
         "val_loss": metrics.get("val_loss", run_state.get("last_val_loss")),
@@ -206,8 +176,26 @@ def load_checkpoint_model(path: str | os.PathLike, device="cpu") -> Pretrained:
         "test_loss": metrics.get("test_loss"),
         "sparsity_layers": ([metrics[f"sparsity_layer_{i}"] for i in range(n)]
                             if f"sparsity_layer_{n - 1}" in metrics else None),
+        "train_config": tc,
     }
-    return Pretrained(model.to(device), tok, {**record, "train_config": tc}, ckpt)
+
+
+def load_checkpoint_model(path: str | os.PathLike, device="cpu") -> Pretrained:
+    """Model and tokenizer from a training checkpoint (or a run folder's best), a local path or
+    a URI. The tokenizer is rebuilt from the files the checkpoint carries, else from those of
+    the dataset it names (none needed for byte and gpt2)."""
+    ckpt = resolve_checkpoint(path)
+    store = open_store(ckpt)
+    where = store.location(STATE_FILE)
+    state = _read_state(store, where)
+    meta = state.get("meta") or {}
+    for key in ("model_config", "train_config", "tokenizer", "dataset_dir"):
+        if key not in meta:
+            raise ValueError(f"{where}: no meta.{key} (a checkpoint written before checkpoints "
+                             "recorded their configs and tokenizer); it cannot be rebuilt")
+    model = _checkpoint_model(store, state, meta, where)
+    tok = _checkpoint_tokenizer(meta, where)
+    return Pretrained(model.to(device), tok, _record(state, meta, ckpt), ckpt)
 
 
 def load_pretrained(directory: str | os.PathLike, device="cpu") -> Pretrained:
@@ -239,7 +227,7 @@ def load_pretrained(directory: str | os.PathLike, device="cpu") -> Pretrained:
 
 def load(*, run: str | None = None, storage_path: str | None = None,
          checkpoint: str | None = None, model: str | None = None, device="cpu") -> Pretrained:
-    """One of: a run by name, a checkpoint (or run folder) path, an exported folder."""
+    """One of: a run by name, a checkpoint (or run folder) path or URI, an exported folder."""
     if sum(x is not None for x in (run, checkpoint, model)) != 1:
         raise ValueError("give exactly one of run, checkpoint, model")
     if model is not None:
@@ -322,12 +310,15 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
                    data_dir: str | os.PathLike | None = None, device="cpu") -> dict:
     """Perplexity over every row of a split of the model's dataset (or `data_dir`, which
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
-    One evaluation function: the trainer's `evaluate`, single process, float32."""
+    The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
+    single process, float32."""
     from sparsebk.data import check_dataset, load_blocks
     from sparsebk.train.trainer import evaluate
 
-    root = Path(data_dir or m.record["dataset_dir"]).expanduser().resolve()
-    if data_dir is None and not root.exists():
+    root = str(data_dir or m.record["dataset_dir"])
+    root = (resolve_location(root, "--data") if is_uri(root)
+            else str(Path(root).expanduser().resolve()))
+    if data_dir is None and not open_store(root).exists():
         raise ValueError(f"{root}: the dataset the model was trained on is not here; give "
                          "another copy of it (--data DIR, made with the same tokenizer)")
     c = m.model.config
@@ -347,79 +338,8 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     seconds = time.perf_counter() - t0
     tokens = blocks[:, 1:].numel()
     return {"source": str(m.source), "run_name": m.record.get("run_name"),
-            "step": m.record.get("step"), "dataset_dir": str(root), "split": split,
+            "step": m.record.get("step"), "dataset_dir": root, "split": split,
             "rows": len(blocks), "tokens": tokens, "split_tokens": manifest["splits"][split]["tokens"],
             "loss": loss, "ppl": safe_ppl(loss), "sparsity": sum(spars) / len(spars),
             "sparsity_layers": spars, "tokens_per_s": tokens / max(seconds, 1e-9),
             "seconds": seconds, "batch_size": batch_size, "device": str(device)}
-
-
-def eval_table(r: dict) -> str:
-    layers = " ".join(f"{s:.3f}" for s in r["sparsity_layers"])
-    return "\n".join([
-        f"model       {r['source']} (run {r['run_name']}, step {r['step']})",
-        f"data        {r['dataset_dir']} split {r['split']}: {r['rows']} rows, {r['tokens']} "
-        f"predicted tokens (of {r['split_tokens']} in the split)",
-        f"loss        {r['loss']:.4f}   perplexity {r['ppl']:.2f}",
-        f"sparsity    {r['sparsity']:.3f} (eval mode; per layer {layers})",
-        f"speed       {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s, batch "
-        f"{r['batch_size']}, {r['device']})"])
-
-
-# --- command line (`sparsebk export`, `sparsebk eval`) -------------------------------------
-def _parser(prog: str, doc: str, *, model_source: bool):
-    import argparse
-
-    p = argparse.ArgumentParser(prog=prog, description=doc)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run's name: its best checkpoint (lowest val_loss)")
-    src.add_argument("--checkpoint", help="a checkpoint folder (or a run folder)")
-    if model_source:
-        src.add_argument("--model", help="a folder written by `sparsebk export`")
-    p.add_argument("--storage-path", default=None,
-                   help="where runs are (default: the training config's, ./runs)")
-    return p
-
-
-def export_main(argv: list[str]) -> int:
-    import sys
-
-    p = _parser("sparsebk export", "write a trained model as a self-contained folder",
-                model_source=False)
-    p.add_argument("--out", required=True, help="a new (or empty) folder")
-    args = p.parse_args(argv)
-    try:
-        out = export(load(run=args.run, storage_path=args.storage_path,
-                          checkpoint=args.checkpoint), args.out)
-    except ValueError as e:
-        print(f"sparsebk export: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
-
-def eval_main(argv: list[str]) -> int:
-    import sys
-
-    p = _parser("sparsebk eval", "perplexity, eval-mode sparsity and speed on a dataset split",
-                model_source=True)
-    p.add_argument("--split", choices=("valid", "test"), default="valid")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per batch (default: the training run's eval_batch_size)")
-    p.add_argument("--data", default=None,
-                   help="dataset folder (default: the one the model was trained on)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
-    if args.batch_size is not None and args.batch_size < 1:
-        p.error(f"--batch-size={args.batch_size}: must be >= 1")
-    try:
-        m = load(run=args.run, storage_path=args.storage_path, checkpoint=args.checkpoint,
-                 model=args.model)
-        r = evaluate_split(m, args.split, batch_size=args.batch_size, data_dir=args.data,
-                           device=args.device)
-    except ValueError as e:
-        print(f"sparsebk eval: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(r, indent=2) if args.json else eval_table(r))
-    return 0

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import torch
 
 from sparsebk.data.tokenizers import Tokenizer, WordTokenizer
+from sparsebk.model_cli import add_source_args, load_source
 
 __all__ = ["generate", "sample_next", "check_sampling", "encode_prompt", "StreamDecoder", "main"]
 
@@ -156,12 +157,7 @@ class StreamDecoder:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparsebk generate",
                                 description="sample a continuation of a prompt, printed as it comes")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a run's name: its best checkpoint (lowest val_loss)")
-    src.add_argument("--checkpoint", help="a checkpoint folder (or a run folder)")
-    src.add_argument("--model", help="a folder written by `sparsebk export`")
-    p.add_argument("--storage-path", default=None,
-                   help="where runs are (default: the training config's, ./runs)")
+    add_source_args(p, model_source=True)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -177,10 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        from sparsebk.export import load
-
-        m = load(run=args.run, storage_path=args.storage_path, checkpoint=args.checkpoint,
-                 model=args.model, device=args.device)
+        m = load_source(args, device=args.device)
         ids = encode_prompt(m.tokenizer, args.prompt)
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
         prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
@@ -188,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                           seed=seed, eos_id=m.tokenizer.eos_id if args.stop_at_eos else None)
         first = next(stream)  # checks the context length before anything is printed
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: an object store that does not answer
         print(f"sparsebk generate: {e}", file=sys.stderr)
         return 2
     if args.seed is None:

@@ -5,8 +5,11 @@ A tiny word-level model is trained in-process by the real Trainer on a real prep
 (`checkpoint_*` dirs and the checkpoint_results of checkpoint_manager_snapshot.json, the one
 part of Ray's snapshot the loader reads). Then: export -> load gives bit-identical logits;
 `eval` of a checkpoint equals the validation loss the Trainer reported for it; bad inputs
-fail with exit code 2 and a message naming the path. The export of a real Ray Train run
-folder is tests/test_train_ray.py's (one local Ray start, seconds, for all Ray Train runs).
+fail with exit code 2 and a message naming the path. A checkpoint carries its tokenizer files
+(it loads with its dataset deleted). The run folder and its dataset copied into a real S3
+bucket (SeaweedFS, fixture s3_bucket) load, evaluate and generate as the local ones, bit for
+bit. The export of a real Ray Train run folder is tests/test_train_ray.py's (one local Ray
+start, seconds, for all Ray Train runs).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from sparsebk.data import load_blocks, load_manifest, prepare_dataset
 from sparsebk.export import (best_checkpoint, evaluate_split, export, load_checkpoint_model,
                              load_pretrained)
 from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.store import open_store
+from sparsebk.train.checkpoint import tokenizer_files
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.loop import local_batches
 from sparsebk.train.schedule_client import LocalSchedule
@@ -77,7 +82,8 @@ def trained(tmp_path_factory):
     trainer = Trainer(cfg, SparseBKLM(cfg.model), device=torch.device("cpu"),
                       valid=load_blocks(data, "valid"), test=lambda: load_blocks(data, "test"),
                       reporter=reporter, run_dir=run_dir,
-                      meta={"tokenizer": manifest["tokenizer"], "dataset_dir": str(data)})
+                      meta={"tokenizer": manifest["tokenizer"], "dataset_dir": str(data),  # as loop.py
+                            "tokenizer_files": tokenizer_files(data)})
     trainer.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers)
     train = load_blocks(data, "train")
     assert trainer.fit(lambda e, skip: local_batches(train, cfg, e, skip, 0, 1)) is None
@@ -132,20 +138,25 @@ def test_export_then_load_gives_bit_identical_logits(trained, tmp_path):
     assert TrainConfig.from_dict(cfg["train_config"]) == trained["cfg"]
 
 
-def test_a_sharded_checkpoint_loads_the_same_weights(trained, tmp_path):
-    """An FSDP run's checkpoint keeps its weights as torch.distributed.checkpoint shards
-    beside a state.pt without "model"; loading gathers them into the plain model."""
+def _sharded_copy(trained, dst: Path) -> Path:
+    """The last checkpoint in an FSDP run's layout: its weights as torch.distributed.checkpoint
+    shards beside a state.pt without "model" (written by one process)."""
     import torch.distributed.checkpoint as dcp
 
     from sparsebk.train.checkpoint import SHARDS_DIR, STATE_FILE
 
-    src = trained["run_dir"] / "checkpoint_000012"
-    dst = tmp_path / "checkpoint_sharded"
-    shutil.copytree(src, dst)
+    shutil.copytree(trained["run_dir"] / "checkpoint_000012", dst)
     state = torch.load(dst / STATE_FILE, weights_only=True)
-    dcp.save({"model": state.pop("model")}, checkpoint_id=dst / SHARDS_DIR)  # one process
+    dcp.save({"model": state.pop("model")}, checkpoint_id=dst / SHARDS_DIR)
     state.pop("optimizer")
     torch.save({**state, "sharded": True}, dst / STATE_FILE)
+    return dst
+
+
+def test_a_sharded_checkpoint_loads_the_same_weights(trained, tmp_path):
+    """Loading an FSDP run's checkpoint gathers its shards into the plain model."""
+    src = trained["run_dir"] / "checkpoint_000012"
+    dst = _sharded_copy(trained, tmp_path / "checkpoint_sharded")
     rows = load_blocks(trained["data"], "valid")[:8]
     got = load_checkpoint_model(dst)
     assert torch.equal(_logits(got.model, rows), _logits(load_checkpoint_model(src).model, rows))
@@ -252,10 +263,10 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
     _fails(capsys, ["eval", "--checkpoint", str(ckpt)], str(ckpt / "state.pt"),
            "the weights are not those of the model its config describes",
            "tok_emb.weight: (", ", 48) stored, (", ", 32) expected")
-    # a checkpoint whose tokenizer files are gone (its dataset moved)
+    # a checkpoint from before checkpoints carried their tokenizer files, its dataset moved
     gone = tmp_path / "moved-away"
-    ckpt = _edited_checkpoint(trained, tmp_path / "b",
-                              lambda s: s["meta"].update(dataset_dir=str(gone)))
+    ckpt = _edited_checkpoint(trained, tmp_path / "b", lambda s: (
+        s["meta"].pop("tokenizer_files"), s["meta"].update(dataset_dir=str(gone))))
     _fails(capsys, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o")],
            str(ckpt / "state.pt"), f"tokenizer's file(s) ['vocab.txt'] are missing in {gone}")
     # a checkpoint from before checkpoints carried their configs
@@ -291,3 +302,154 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", "--run", RUN, "--batch-size", "0"])
     assert e.value.code == 2 and "--batch-size=0: must be >= 1" in capsys.readouterr().err
+    _fails(capsys, ["eval", "--run", RUN, "--set", "run.seed=1"], "--set goes with --config")
+
+
+# --- a checkpoint carries its tokenizer; runs in a bucket ----------------------------------
+def _greedy(capsys, source: list[str], prompt: str) -> str:
+    argv = ["generate", *source, "--prompt", prompt, "--max-new-tokens", "5", "--temperature", "0"]
+    assert main(argv) == 0
+    return capsys.readouterr().out
+
+
+def test_a_checkpoint_carries_its_tokenizer_files(trained, tmp_path, capsys):
+    """A word checkpoint loads with its dataset deleted: the vocabulary travels in
+    meta.tokenizer_files. One written before that (none) still loads from its dataset; carried
+    files of another vocabulary are refused by the checksum, naming the checkpoint."""
+    last = trained["run_dir"] / "checkpoint_000012"
+    ref = load_checkpoint_model(last)
+    state = torch.load(last / "state.pt", weights_only=True)
+    assert state["meta"]["tokenizer_files"] == {"vocab.txt": (trained["data"] / "vocab.txt").read_text()}
+    rows = load_blocks(trained["data"], "valid")[:8]
+    data = tmp_path / "data"  # a copy of the dataset, named by the checkpoint, then deleted
+    shutil.copytree(trained["data"], data)
+    ckpt = _edited_checkpoint(trained, tmp_path / "a", lambda s: s["meta"].update(dataset_dir=str(data)))
+    shutil.rmtree(data)
+    got = load_checkpoint_model(ckpt)
+    assert got.tokenizer.vocab == ref.tokenizer.vocab and got.tokenizer.checksum == ref.tokenizer.checksum
+    assert torch.equal(_logits(got.model, rows), _logits(ref.model, rows))
+    prompt = " ".join(ref.tokenizer.vocab[2:5])
+    assert _greedy(capsys, ["--checkpoint", str(ckpt)], prompt) == _greedy(
+        capsys, ["--checkpoint", str(last)], prompt)
+
+    old = _edited_checkpoint(trained, tmp_path / "b", lambda s: s["meta"].pop("tokenizer_files"))
+    assert load_checkpoint_model(old).tokenizer.vocab == ref.tokenizer.vocab
+
+    def swap_two_words(s):
+        words = s["meta"]["tokenizer_files"]["vocab.txt"].split("\n")
+        words[2], words[3] = words[3], words[2]
+        s["meta"]["tokenizer_files"]["vocab.txt"] = "\n".join(words)
+
+    bad = _edited_checkpoint(trained, tmp_path / "c", swap_two_words)
+    _fails(capsys, ["eval", "--checkpoint", str(bad)], str(bad / "state.pt"),
+           "the tokenizer rebuilt from meta.tokenizer_files has checksum")
+
+
+@pytest.fixture
+def bucket_run(trained, s3_bucket):
+    """The trained run folder and its dataset copied into a real S3 bucket (SeaweedFS) through
+    the Store: (runs URI, run folder URI, dataset URI)."""
+    import uuid
+
+    key = uuid.uuid4().hex[:8]
+    runs, data = s3_bucket(f"runs-{key}"), s3_bucket(f"data-{key}")
+    run = open_store(runs).join(RUN)
+    run.upload(trained["run_dir"])
+    open_store(data).upload(trained["data"])
+    return runs, run.uri, data
+
+
+@pytest.fixture
+def no_temp_left(tmp_path, monkeypatch):
+    """Temporary files go to a folder of this test, which must be empty at its end: the local
+    copies of checkpoints and tokenizer files are removed."""
+    import tempfile
+
+    tmp = tmp_path / "tempdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    yield
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_run_in_a_bucket_loads_and_evaluates_as_the_local_one(trained, bucket_run, no_temp_left,
+                                                                   tmp_path, capsys):
+    """--checkpoint URI and --run NAME --storage-path URI load the weights the local run folder
+    holds, bit for bit; eval and greedy generation equal the local ones; export writes the
+    same weights and vocabulary; the dataset can be in the bucket too (--data URI)."""
+    runs, run_uri, data_uri = bucket_run
+    local_runs = ["--storage-path", str(trained["run_dir"].parent)]
+    best = best_checkpoint(trained["run_dir"]).name
+    ckpt_uri = open_store(run_uri).join(best).uri
+    assert best_checkpoint(run_uri) == ckpt_uri
+    local, remote = load_checkpoint_model(trained["run_dir"]), load_checkpoint_model(ckpt_uri)
+    rows = load_blocks(trained["data"], "valid")[:8]
+    assert torch.equal(_logits(remote.model, rows), _logits(local.model, rows))
+    assert remote.source == ckpt_uri and remote.record["checkpoint"] == ckpt_uri
+    # the metrics Ray kept with it are read from the snapshot in the bucket
+    assert {k: v for k, v in remote.record.items() if k != "checkpoint"} == \
+        {k: v for k, v in local.record.items() if k != "checkpoint"}
+
+    config = tmp_path / "run.yaml"  # a training config whose run.storage_path is the bucket
+    config.write_text(f"run:\n  name: {RUN}\n  storage_path: \"{runs}\"\n")
+    evals = {}
+    for name, argv in [("local", ["--run", RUN, *local_runs]),
+                       ("run", ["--run", RUN, "--storage-path", runs]),
+                       ("checkpoint", ["--checkpoint", ckpt_uri]),
+                       ("data", ["--checkpoint", run_uri, "--data", data_uri]),
+                       ("config", ["--config", str(config)])]:
+        assert main(["eval", *argv, "--json"]) == 0, name
+        evals[name] = json.loads(capsys.readouterr().out)
+    for name in ("run", "checkpoint", "data", "config"):
+        assert evals[name]["loss"] == evals["local"]["loss"], name
+        assert evals[name]["sparsity_layers"] == evals["local"]["sparsity_layers"], name
+    assert evals["run"]["source"] == evals["config"]["source"] == ckpt_uri
+    assert evals["data"]["dataset_dir"] == data_uri
+
+    prompt = " ".join(local.tokenizer.vocab[2:5])
+    assert _greedy(capsys, ["--run", RUN, "--storage-path", runs], prompt) == _greedy(
+        capsys, ["--run", RUN, *local_runs], prompt)
+    assert main(["export", "--checkpoint", ckpt_uri, "--out", str(tmp_path / "m")]) == 0
+    ref = export(local, tmp_path / "ref")
+    for name in ("model.safetensors", "vocab.txt"):
+        assert (tmp_path / "m" / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_checkpoints_in_a_bucket_sharded_and_old_style(trained, bucket_run, no_temp_left,
+                                                      tmp_path):
+    """An FSDP checkpoint's shards are copied from the bucket and gathered; a checkpoint
+    without carried tokenizer files, whose dataset is in the bucket, reads the vocabulary
+    from there, and its eval reads the split from there (equal to the reported loss)."""
+    runs, _, data_uri = bucket_run
+    store = open_store(runs)
+    assert tokenizer_files(data_uri) == tokenizer_files(trained["data"])
+    rows = load_blocks(trained["data"], "valid")[:8]
+    local = load_checkpoint_model(trained["run_dir"] / "checkpoint_000012")
+
+    store.join("sharded").upload(_sharded_copy(trained, tmp_path / "sharded"))
+    got = load_checkpoint_model(store.join("sharded").uri)
+    assert torch.equal(_logits(got.model, rows), _logits(local.model, rows))
+
+    old = _edited_checkpoint(trained, tmp_path / "old", lambda s: (
+        s["meta"].pop("tokenizer_files"), s["meta"].update(dataset_dir=data_uri)))
+    store.join("old").upload(old)
+    got = load_checkpoint_model(store.join("old", "state.pt").uri)  # state.pt names its folder
+    assert got.tokenizer.vocab == local.tokenizer.vocab
+    r = evaluate_split(got, "valid")
+    assert r["dataset_dir"] == data_uri and r["loss"] == trained["reported"][-1]["metrics"]["val_loss"]
+
+
+def test_bad_bucket_inputs_name_the_uri(bucket_run, capsys):
+    runs, run_uri, _ = bucket_run
+    store = open_store(runs)
+    missing = store.join("no-such-run").uri
+    _fails(capsys, ["eval", "--checkpoint", missing], missing, "no such checkpoint or run folder")
+    _fails(capsys, ["eval", "--run", "no-such-run", "--storage-path", runs], missing,
+           "no run folder here")
+    broken = store.join("broken")
+    broken.write_bytes("state.pt", b"not a checkpoint")
+    _fails(capsys, ["export", "--checkpoint", broken.uri, "--out", "unused"],
+           broken.location("state.pt"), "not a readable checkpoint")
+    empty = store.join("no-checkpoints")
+    empty.write_text("summary.json", json.dumps({"best_checkpoint": None}))
+    _fails(capsys, ["eval", "--checkpoint", empty.uri], empty.uri, "no checkpoint to load")

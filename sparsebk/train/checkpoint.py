@@ -6,7 +6,8 @@ Layout of a checkpoint directory (Ray Train copies it into the run's storage):
     state.pt            rank 0: model, optimizer, LR schedule, step, data position,
                         schedule state (plain JSON-able values), counters, and "meta": what
                         the weights are (the training config, the model config, the
-                        tokenizer's identity with its vocabulary checksum, the dataset dir)
+                        tokenizer's identity with its vocabulary checksum, the dataset dir,
+                        and the text of the tokenizer's files: `tokenizer_files`)
     rng_rank{r}.pt      every rank: its own torch (and CUDA) and Python RNG states, so the
                         gate noise continues exactly where it stopped
     shards/             sharded runs (run.parallel fsdp) only, instead of state.pt's model and
@@ -18,7 +19,9 @@ Ray merges the files all ranks report into one checkpoint directory, which is wh
 RNG state (and DCP shard) has its own file name.
 
 `load_model_weights` reads the weights of either layout into a plain single-process model
-(export, evaluation).
+(export, evaluation). A checkpoint carries its tokenizer's files (a word vocabulary, GPT-2's
+two files when the dataset has them) so that it loads without its dataset, which may live in
+a bucket, on another machine, or nowhere any more.
 """
 
 from __future__ import annotations
@@ -150,8 +153,26 @@ def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> 
     if not state.get("sharded", False):
         model.load_state_dict(state["model"])
         return
+    load_sharded_weights(d / SHARDS_DIR, model)
+
+
+def load_sharded_weights(shards: str | os.PathLike, model: torch.nn.Module) -> None:
+    """A checkpoint's DCP `shards/` folder gathered into a plain `model` in this process."""
     import torch.distributed.checkpoint as dcp
 
     target = {"model": model.state_dict()}
-    dcp.load(target, checkpoint_id=d / SHARDS_DIR)  # no process group: read in this process
+    dcp.load(target, checkpoint_id=Path(shards))  # no process group: read in this process
     model.load_state_dict(target["model"])
+
+
+def tokenizer_files(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """{name: text} of the files that rebuild a dataset's tokenizer (a path or a URI):
+    vocab.txt for word; GPT-2's encoder.json and vocab.bpe when the dataset has them; none for
+    byte. A checkpoint's meta["tokenizer_files"], read once when training starts, so the
+    checkpoint loads without its dataset (sparsebk.export checks them against the tokenizer
+    identity's checksum, as it does files read from a dataset)."""
+    from sparsebk.data.manifest import dataset_store, load_manifest
+
+    store = dataset_store(dataset_dir)
+    names = load_manifest(store.uri)["tokenizer"].get("files") or []
+    return {name: store.read_text(name) for name in names}

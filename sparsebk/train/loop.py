@@ -26,6 +26,7 @@ import torch.distributed as dist
 from sparsebk.data import load_blocks, load_manifest
 from sparsebk.lm import SparseBKLM
 from sparsebk.store import open_store
+from sparsebk.train.checkpoint import tokenizer_files
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.resume import restore_with_fallback
 from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
@@ -210,7 +211,9 @@ def train_loop_per_worker(config: dict) -> None:
         reporter=_report, hooks=FaultInjector(cfg, rank, world, actor), run_dir=cfg.run.run_dir,
         autocast=((lambda: torch.autocast("cuda", dtype=torch.bfloat16))
                   if device.type == "cuda" else nullcontext),
-        meta={"tokenizer": load_manifest(dataset_dir)["tokenizer"], "dataset_dir": dataset_dir})
+        # the tokenizer files travel in every checkpoint: it loads without its dataset
+        meta={"tokenizer": load_manifest(dataset_dir)["tokenizer"], "dataset_dir": dataset_dir,
+              "tokenizer_files": tokenizer_files(dataset_dir)})
     sched_state = None
     ckpt = ray.train.get_checkpoint()  # [ray]
     if ckpt is not None:  # the latest, or the newest earlier one if it does not load

@@ -1,0 +1,110 @@
+"""`sparsebk export` and `sparsebk eval`: thin command lines over sparsebk.export.
+
+    sparsebk eval --run tiny [--storage-path s3://bucket/runs?endpoint_override=...] --split test
+    sparsebk eval --checkpoint s3://bucket/runs/tiny/checkpoint_...?endpoint_override=...
+    sparsebk export --run tiny --out models/tiny
+    sparsebk eval --model models/tiny [--data DATASET_DIR_OR_URI] --json
+
+`add_source_args` gives `sparsebk generate` the same ways to name a model. A bad input exits
+with code 2 and one line naming the path or URI at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+STORAGE_HELP = ("where runs are: a local path or a URI such as s3://bucket/runs?endpoint_override="
+                "HOST:PORT&scheme=http (default: training's run.storage_path, runs under "
+                "$SPARSEBK_HOME)")
+
+
+def add_source_args(p: argparse.ArgumentParser, *, model_source: bool) -> None:
+    """--run NAME | --config YAML | --checkpoint PATH_OR_URI [| --model DIR], --storage-path
+    and --set (read by `load_source`)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run's name: its best checkpoint (lowest val_loss)")
+    src.add_argument("--config", help="a training config (YAML): the run it names (run.name "
+                     "under run.storage_path), its best checkpoint")
+    src.add_argument("--checkpoint",
+                     help="a checkpoint folder or a run folder (a local path or a URI)")
+    if model_source:
+        src.add_argument("--model", help="a folder written by `sparsebk export`")
+    p.add_argument("--storage-path", default=None, help=STORAGE_HELP)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --config: override a field, as for `sparsebk train`")
+
+
+def load_source(args: argparse.Namespace, device="cpu"):
+    """The model `add_source_args`' options name (sparsebk.export.Pretrained)."""
+    from sparsebk.export import load
+
+    run, storage_path = args.run, args.storage_path
+    if args.config is not None:
+        from sparsebk.train.config import load_config
+
+        cfg = load_config(args.config, args.overrides).run
+        run, storage_path = cfg.name, storage_path or cfg.storage_path
+    elif args.overrides:
+        raise ValueError("--set goes with --config (a training config's fields)")
+    return load(run=run, storage_path=storage_path, checkpoint=args.checkpoint,
+                model=getattr(args, "model", None), device=device)
+
+
+def eval_table(r: dict) -> str:
+    layers = " ".join(f"{s:.3f}" for s in r["sparsity_layers"])
+    return "\n".join([
+        f"model       {r['source']} (run {r['run_name']}, step {r['step']})",
+        f"data        {r['dataset_dir']} split {r['split']}: {r['rows']} rows, {r['tokens']} "
+        f"predicted tokens (of {r['split_tokens']} in the split)",
+        f"loss        {r['loss']:.4f}   perplexity {r['ppl']:.2f}",
+        f"sparsity    {r['sparsity']:.3f} (eval mode; per layer {layers})",
+        f"speed       {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s, batch "
+        f"{r['batch_size']}, {r['device']})"])
+
+
+def export_main(argv: list[str]) -> int:
+    from sparsebk.export import export
+
+    p = argparse.ArgumentParser(prog="sparsebk export",
+                                description="write a trained model as a self-contained folder")
+    add_source_args(p, model_source=False)
+    p.add_argument("--out", required=True, help="a new (or empty) local folder")
+    args = p.parse_args(argv)
+    try:
+        out = export(load_source(args), args.out)
+    except (ValueError, OSError) as e:  # OSError: an object store that does not answer
+        print(f"sparsebk export: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    import torch
+
+    from sparsebk.export import evaluate_split
+
+    p = argparse.ArgumentParser(
+        prog="sparsebk eval", description="perplexity, eval-mode sparsity and speed on a dataset split")
+    add_source_args(p, model_source=True)
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: the training run's eval_batch_size)")
+    p.add_argument("--data", default=None, help="dataset folder or URI (default: the one the "
+                   "model was trained on)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error(f"--batch-size={args.batch_size}: must be >= 1")
+    try:
+        m = load_source(args)
+        r = evaluate_split(m, args.split, batch_size=args.batch_size, data_dir=args.data,
+                           device=args.device)
+    except (ValueError, OSError) as e:
+        print(f"sparsebk eval: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if args.json else eval_table(r))
+    return 0
