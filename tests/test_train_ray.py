@@ -2,15 +2,16 @@
 
 Scenarios are combined into few TorchTrainer runs to keep the module fast:
   1. a clean run (DDP lowers the loss; ranks saw identical schedules; one actor call per step;
-     the distributed validation loss equals a single-process one), then the same run name
-     again with a larger budget (it resumes);
+     the distributed validation loss equals a single-process one), exported and evaluated
+     (tests/test_export.py's feature), then the same run name again with a larger budget (it
+     resumes);
   2. a run with injected faults: a worker raising, a worker hard-exiting, the schedule actor
-     killed, a NaN step -> it finishes with a continuous step sequence and schedule;
+     killed, a NaN step -> it finishes with a continuous step sequence and schedule (and its
+     validation over run.eval_batches' rows equals a single-process one);
   3. consecutive NaN steps -> a clear error, the last good checkpoint intact;
   4. bad configs fail before any worker starts;
-  5. other modules' features on a Ray Train run (a Ray start costs seconds; one per module):
-     run.parallel fsdp with a fault (tests/test_scale.py), the export and eval of a run
-     folder (tests/test_export.py).
+  5. another module's feature on a Ray Train run (a Ray start costs seconds; one per module):
+     run.parallel fsdp with a fault (tests/test_scale.py).
 """
 
 from __future__ import annotations
@@ -86,13 +87,48 @@ def latest_state(run_dir: Path) -> dict:
     return torch.load(run_dir / name / "state.pt", weights_only=True)
 
 
-def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
+@pytest.fixture(scope="module")
+def clean_run(ray_local, workdir):
+    """The clean 20-step DDP run (Ray Data loader, every validation row), run once for the
+    tests that read it: the first to ask runs it."""
+    from sparsebk.train.driver import run_training
+
+    cfg = tiny(workdir, "clean", "optim.max_steps=20", "run.eval_every=10",
+               "run.eval_batches=null")
+    return cfg, run_training(cfg)
+
+
+def test_a_ray_train_run_exports_and_evaluates(clean_run, tmp_path, capsys):
+    """(sparsebk.export, tests/test_export.py) A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
+    snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
+    in another order). The clean run's folder; before the resume test continues it, and
+    correct after it too (every checkpoint's validation covers every row)."""
+    from sparsebk.cli import main
+
+    cfg, _ = clean_run
+    run_dir = Path(cfg.run.run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())  # the latest run_training's
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    best = min(snap["checkpoint_results"], key=lambda r: r["metrics"]["val_loss"])
+    assert Path(summary["best_checkpoint"]).name == best["checkpoint_dir_name"]
+
+    store = ["--storage-path", cfg.run.storage_path]
+    assert main(["export", "--run", "clean", *store, "--out", str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["step"] == best["metrics"]["step"]
+    assert r["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
+    assert r["sparsity_layers"] == pytest.approx(
+        [best["metrics"][f"sparsity_layer_{i}"] for i in range(2)], abs=1e-6)
+
+
+def test_ddp_run_lowers_loss_ranks_agree_then_resumes(clean_run, workdir):
     from sparsebk.data import load_blocks, load_manifest
     from sparsebk.lm import SparseBKLM
     from sparsebk.train.driver import run_training
 
-    cfg = tiny(workdir, "clean", "optim.max_steps=20", "run.eval_every=10")
-    summary = run_training(cfg)
+    cfg, summary = clean_run
     run_dir = Path(cfg.run.run_dir)
     assert summary["steps"] == 20
     # One actor call per step, whatever the world size.
@@ -107,12 +143,12 @@ def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
     lm_cfg = cfg.resolve_vocab(load_manifest(cfg.data.dir)["vocab_size"]).model
     assert_schedule_matches_reference(cfg, records, lm_cfg.n_layers)
 
-    # The all-reduced validation loss equals a single-process evaluation of the same weights
-    # on the same rows, and training lowered it well below the initial model's.
+    # The all-reduced validation loss (every row: run.eval_batches null) equals a
+    # single-process evaluation of the same weights, and training lowered it well below the
+    # initial model's. (A limited run.eval_batches: the faults test.)
     state = latest_state(run_dir)
     assert state["step"] == 20
-    rows = cfg.run.eval_batches * cfg.data.eval_batch_size * cfg.run.num_workers
-    valid = load_blocks(cfg.data.dir, "valid")[:rows]
+    valid = load_blocks(cfg.data.dir, "valid")
     final = reference_val_loss(state["model"], lm_cfg, valid)
     assert summary["best_val_loss"] == pytest.approx(final, rel=1e-4, abs=1e-4)
     torch.manual_seed(cfg.run.seed * 1000)  # rank 0's seed: DDP starts from rank 0's weights
@@ -128,7 +164,8 @@ def test_ddp_run_lowers_loss_ranks_agree_then_resumes(ray_local, workdir):
         reference_val_loss(best["model"], lm_cfg, test_rows), rel=1e-4, abs=1e-4)
 
     # The same command with the same run name resumes from step 20.
-    cfg2 = tiny(workdir, "clean", "optim.max_steps=30", "run.eval_every=10")
+    cfg2 = tiny(workdir, "clean", "optim.max_steps=30", "run.eval_every=10",
+                "run.eval_batches=null")
     summary2 = run_training(cfg2)
     assert summary2["steps"] == 30
     assert summary2["actor_served"] == 10  # only the new steps were scheduled
@@ -168,6 +205,21 @@ def test_faults_worker_raise_exit_actor_kill_and_nan_step(ray_local, workdir):
         assert by_step[0][step] == by_step[1][step]
     # The schedule timeline continued across the actor restart: one call per scheduled step.
     assert summary["actor_calls"] == 20
+
+    # run.eval_batches=2 (the preset's): the all-reduced validation loss covers the split's
+    # first eval_batches * eval_batch_size * num_workers rows, and equals a single-process
+    # evaluation of the latest weights on those rows.
+    from sparsebk.data import load_blocks, load_manifest
+
+    lm_cfg = cfg.resolve_vocab(load_manifest(cfg.data.dir)["vocab_size"]).model
+    rows = cfg.run.eval_batches * cfg.data.eval_batch_size * cfg.run.num_workers
+    valid = load_blocks(cfg.data.dir, "valid")
+    assert rows < len(valid)
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    state = latest_state(run_dir)
+    assert state["step"] == snap["latest_checkpoint_result"]["metrics"]["step"] == 20
+    assert snap["latest_checkpoint_result"]["metrics"]["val_loss"] == pytest.approx(
+        reference_val_loss(state["model"], lm_cfg, valid[:rows]), rel=1e-4, abs=1e-4)
 
 
 def test_consecutive_non_finite_steps_stop_with_clear_error(ray_local, workdir):
@@ -225,30 +277,3 @@ def test_fsdp_on_ray_keeps_schedule_actor_broadcast_and_fault_recovery(ray_local
     ckpt = Path(summary["checkpoint"])
     assert {p.name for p in (ckpt / "shards").glob("__*.distcp")} == {"__0_0.distcp",
                                                                       "__1_0.distcp"}
-
-
-def test_a_ray_train_run_exports_and_evaluates(ray_local, tmp_path, capsys):
-    """(sparsebk.export, tests/test_export.py) A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
-    snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
-    in another order)."""
-    from sparsebk.cli import main
-    from sparsebk.train.driver import run_training
-
-    # the plain-Parquet loader: Ray Data's is the clean run's (above)
-    cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
-                             "run.name=exp", "optim.max_steps=20", "run.eval_every=10",
-                             "run.eval_batches=null", "run.plots=false", "data.loader=local"])
-    summary = run_training(cfg)
-    snap = json.loads((tmp_path / "runs" / "exp" / "checkpoint_manager_snapshot.json").read_text())
-    best = min(snap["checkpoint_results"], key=lambda r: r["metrics"]["val_loss"])
-    assert Path(summary["best_checkpoint"]).name == best["checkpoint_dir_name"]
-
-    store = ["--storage-path", str(tmp_path / "runs")]
-    assert main(["export", "--run", "exp", *store, "--out", str(tmp_path / "model")]) == 0
-    capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "model"), "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
-    assert r["step"] == best["metrics"]["step"]
-    assert r["loss"] == pytest.approx(best["metrics"]["val_loss"], rel=1e-5)
-    assert r["sparsity_layers"] == pytest.approx(
-        [best["metrics"][f"sparsity_layer_{i}"] for i in range(2)], abs=1e-6)
