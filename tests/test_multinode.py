@@ -1,6 +1,8 @@
 """Two Ray nodes on one machine: a 2-worker `tiny` run with STRICT_SPREAD placement puts one
 worker on each node, passes the pre-flight check on both, finishes, and both ranks' files are
-in the run's storage (a path both nodes share, as a shared mount would be).
+in the run's storage: an S3 bucket (a real SeaweedFS server), its dataset on a path both nodes
+share (as a shared mount would be). Both nodes also pass the pre-flight check of a run stored
+on that shared path. (One run, not one per storage: a 2-node run costs a minute or two.)
 
 This module starts its own cluster (ray.cluster_utils.Cluster, under its own temp dir so no
 other Ray on the machine finds it) and must not use the `ray_local` fixture."""
@@ -78,30 +80,31 @@ def train_worker_nodes() -> dict[str, str]:
             if a["ActorClassName"] == "RayTrainWorker"}
 
 
-@pytest.fixture(params=["shared-path", "bucket"])
-def storage(request, tmp_path):
-    """Where the run is stored: a path both nodes share (as a mount would be), or an S3
-    bucket (a real SeaweedFS server; credentials in the environment the nodes inherit)."""
-    if request.param == "bucket":
-        return request.getfixturevalue("s3_bucket")("multinode")
-    return str(tmp_path / "runs")
-
-
-def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, storage,
+def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, request,
                                                                      two_nodes):
+    """Storage in the bucket (a shared path when the `weed` binary is missing), the dataset
+    on a shared path; the shared path as storage passes every node's pre-flight check."""
     import ray
 
     from sparsebk.store import open_store
-    from sparsebk.train.driver import run_training
-    from sparsebk.train.preflight import worker_nodes
+    from sparsebk.train.driver import ensure_dataset, run_training
+    from sparsebk.train.preflight import PROBE_DIR, check_nodes, worker_nodes
     from sparsebk.train.resume import list_checkpoints
 
+    shared = tmp_path / "runs"
+    try:
+        storage = request.getfixturevalue("s3_bucket")("multinode")
+    except pytest.skip.Exception:
+        storage = str(shared)
     before = set(train_worker_nodes())
     assert len(worker_nodes()) == 2
     cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={storage}",
                              "run.name=two", "run.placement_strategy=STRICT_SPREAD",
                              "data.loader=local", "optim.max_steps=4", "run.eval_every=4",
                              "run.log_every=2", "optim.warmup_steps=1", "run.plots=false"])
+    # a run stored on the shared path: every node writes, reads back and deletes its probe
+    assert check_nodes(str(shared), str(ensure_dataset(cfg.data))) == 2
+    assert not any((shared / PROBE_DIR).iterdir())
     summary = run_training(cfg)
     assert summary["steps"] == 4
 
