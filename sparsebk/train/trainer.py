@@ -27,7 +27,9 @@ Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N m
 The one host sync per step is the finiteness check of the gradient norm (step 2): skipping a
 NaN step needs its answer before the optimizer runs. Nothing here imports Ray: the worker
 function (sparsebk.train.loop) plugs Ray in through `schedule` and `reporter`, and the plain
-benchmark loops drive the same `train_step`.
+benchmark loops drive the same `train_step`. Beside this module: the DDP/FSDP differences
+(sparsebk.train.parallel), the all-reduced validation and its record
+(sparsebk.train.evaluation) and the run's position (sparsebk.train.run_state).
 """
 
 from __future__ import annotations
@@ -40,28 +42,26 @@ import math
 import os
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from typing import Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
 from sparsebk.store import open_store
 from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig
+# evaluate, memory_stats and shuffle_seed are also imported from here (export, benchmarks,
+# the worker loop, tests)
+from sparsebk.train.evaluation import evaluate, validation_metrics
 from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
+from sparsebk.train.parallel import (all_reduce_sum, gradient_sync, is_sharded,
+                                     memory_stats, unwrap)
+from sparsebk.train.run_state import RunState, shuffle_seed  # noqa: F401 (shuffle_seed)
 from sparsebk.train.tracking import Tracking
 
 logger = logging.getLogger("sparsebk.train")
 
 Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, start sample) -> (B, T + 1)
-
-
-def shuffle_seed(seed: int, epoch: int) -> int:
-    """The seed of an epoch's sample order: the run's seed and the epoch, nothing else (not
-    the worker count or batch size), so a sample position means the same row after a resume."""
-    return seed * 100_003 + epoch
 
 
 def lr_lambda(optim_cfg) -> Callable[[int], float]:
@@ -75,114 +75,6 @@ def lr_lambda(optim_cfg) -> Callable[[int], float]:
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP's wrapper (a fully_shard model is its own module)."""
-    return model.module if hasattr(model, "module") else model
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """A fully_shard (FSDP2) model: its forward and its checkpoints are collective."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """This worker's memory: parameters + gradients + optimizer state it holds (its shards
-    under FSDP), the process's peak resident set, and on CUDA the peak allocated. No device
-    sync: sizes and host counters only."""
-    import resource
-
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
-
-    held = 0
-    for p in model.parameters():
-        held += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
-    for st in optimizer.state.values():
-        held += sum(local(v).nbytes for v in st.values() if torch.is_tensor(v))
-    out = {"param_optim_mb": held / 2**20,
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
-
-
-@contextmanager
-def gradient_sync(model: torch.nn.Module, enabled: bool):
-    """Backward passes inside synchronise gradients across workers only when `enabled`:
-    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`; a plain module has nothing to
-    synchronise. Forward and backward of a micro-batch both belong inside (DDP reads the flag
-    in forward)."""
-    if enabled:
-        yield
-    elif hasattr(model, "no_sync"):  # DistributedDataParallel
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # fully_shard (FSDP2)
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-@torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int = 0,
-             world: int = 1, max_rows: int | None = None, autocast=nullcontext
-             ) -> tuple[float, list[float]]:
-    """Token-weighted mean cross-entropy over `blocks` (rows strided across ranks, sums
-    all-reduced) and the measured per-layer sparsity (eval mode: no gate noise). Under FSDP
-    a forward is collective, so every rank runs as many batches as the largest share (a rank
-    with fewer rows repeats a row and does not count it)."""
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    rows = blocks if max_rows is None else blocks[:max_rows]
-    mine = rows[rank::world]
-    share = -(-len(rows) // world) if is_sharded(model) else len(mine)  # rows to run
-    acc = torch.zeros(2 + net.config.n_layers, dtype=torch.float64, device=device)
-    for i in range(0, share, batch_size):  # acc: loss sum, tokens, sparsity sums
-        b = mine[i:i + batch_size]
-        count = len(b) > 0
-        b = (b if count else rows[:1]).to(device, non_blocking=True)
-        with autocast():
-            out = net(b[:, :-1], targets=b[:, 1:])
-        if not count:
-            continue
-        n_tok = b[:, 1:].numel()
-        acc[0] += out["ce_loss"].double() * n_tok
-        acc[1] += n_tok
-        acc[2:] += out["layer_sparsity"].double() * n_tok
-    all_reduce_sum(acc, world)
-    if was_training:
-        net.train()
-    tokens = max(acc[1].item(), 1.0)
-    return acc[0].item() / tokens, (acc[2:] / tokens).tolist()
-
-
-@dataclass
-class RunState:
-    """What a resumed run needs besides the weights, optimizer and schedule."""
-
-    step: int = 0  # optimizer steps
-    epoch: int = 0
-    sample_in_epoch: int = 0  # rows all workers together consumed in this epoch
-    batch_in_epoch: int = 0  # this worker's micro-batches in the epoch (N per step; for logs)
-    best_val_loss: float = math.inf
-    last_val_loss: float | None = None
-    bad_steps: int = 0  # non-finite steps skipped, in total
-    nonfinite_evals: int = 0  # validations whose loss was not finite (kept from the schedule)
 
 
 class _Window:
@@ -254,8 +146,7 @@ class Trainer:
         save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
                         sharded=is_sharded(self.model),
                         lr_scheduler=self.lr_sched, step=s.step,
-                        data_position={"epoch": s.epoch, "sample_in_epoch": s.sample_in_epoch,
-                                       "shuffle_seed": shuffle_seed(self.cfg.run.seed, s.epoch)},
+                        data_position=s.data_position(self.cfg.run.seed),
                         schedule_state=sched, extra={"run_state": dataclasses.asdict(s)},
                         meta=self.meta)
 
@@ -274,18 +165,9 @@ class Trainer:
         return ckpt["schedule_state"]
 
     def _run_state(self, ckpt: dict) -> RunState:
-        """The checkpoint's RunState in this run's terms: this worker's batch count from the
-        sample position (the worker count or batch size may have changed). A checkpoint from
-        before sample positions counted batches of its own run's shape: converted."""
-        saved = dict(ckpt["extra"]["run_state"])
-        if "sample_in_epoch" not in saved:
-            old = ckpt.get("meta", {}).get("train_config", self.cfg.to_dict())
-            per_batch = (old["data"]["batch_size"] * max(1, old["run"]["num_workers"]))
-            saved["sample_in_epoch"] = saved.get("batch_in_epoch", 0) * per_batch
-        names = {f.name for f in dataclasses.fields(RunState)}
-        state = RunState(**{k: v for k, v in saved.items() if k in names})
-        state.batch_in_epoch = state.sample_in_epoch // (self.world * self.cfg.data.batch_size)
-        return state
+        """The checkpoint's RunState in this run's terms (RunState.from_checkpoint)."""
+        return RunState.from_checkpoint(ckpt, self.cfg.to_dict(), self.world,
+                                        self.cfg.data.batch_size)
 
     # --- the loop ------------------------------------------------------------------------
     def is_eval_step(self, step: int) -> bool:
@@ -457,23 +339,8 @@ class Trainer:
             logger.warning("step %d: validation loss is %s; not given to the schedule",
                            s.step, val_loss)
         s.last_val_loss = val_loss
-        # training-mode (sampled-mask) sparsity: the mean over the last log interval,
-        # all-reduced there; the eval-mode values above come from the deterministic gate
-        train_spars = self.last_log.get("sparsity_layers") or [float("nan")] * len(spars)
-        sched = self.current_schedule
-        metrics = {
-            "step": s.step, "epoch": s.epoch, "val_loss": val_loss, "val_ppl": safe_ppl(val_loss),
-            "sparsity": sum(spars) / len(spars),
-            **{f"sparsity_layer_{i}": x for i, x in enumerate(spars)},
-            "train_sparsity": sum(train_spars) / len(train_spars),
-            **{f"train_sparsity_layer_{i}": x for i, x in enumerate(train_spars)},
-            **{f"target_layer_{i}": t for i, t in enumerate(sched.targets)},
-            "target_sparsity": sum(sched.targets) / len(sched.targets),
-            "loss_weight": sched.weight,
-            "train_loss": self.last_log.get("train_loss", float("nan")),
-            "tokens_per_s": self.last_log.get("tokens_per_s", float("nan")),
-            "lr": self.lr_sched.get_last_lr()[0], "bad_steps": s.bad_steps,
-        }
+        metrics = validation_metrics(s, val_loss, spars, self.current_schedule, self.last_log,
+                                     self.lr_sched.get_last_lr()[0])
         if s.step == c.optim.max_steps and self.test is not None:
             test_loss, _ = self.evaluate(self.test())
             metrics.update(test_loss=test_loss, test_ppl=safe_ppl(test_loss))

@@ -1,0 +1,84 @@
+"""What a worker does differently when the model is wrapped for data parallelism.
+
+The Trainer is written once for three kinds of model: a plain module (one process, the
+benchmarks), DistributedDataParallel (a replica per worker) and torch's fully_shard (FSDP2:
+parameters, gradients and optimizer state sharded). The few places where they differ are
+here, so the training step reads the same for all three:
+
+    unwrap(model)                 the module under DDP's wrapper (FSDP2's is the module itself)
+    is_sharded(model)             FSDP2: forwards and checkpoints are collective
+    gradient_sync(model, last)    gradient accumulation: synchronise on the last micro-batch only
+    all_reduce_sum(t, world)      sums across workers (nothing to do with one)
+    memory_stats(model, optim)    what this worker holds (its shards under FSDP)
+
+Nothing here imports Ray: sparsebk.train.loop applies the wrapping from outside.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP's wrapper (a fully_shard model is its own module)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """A fully_shard (FSDP2) model: its forward and its checkpoints are collective."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """Backward passes inside synchronise gradients across workers only when `enabled`:
+    DDP's `no_sync`, FSDP2's `set_requires_gradient_sync`; a plain module has nothing to
+    synchronise. Forward and backward of a micro-batch both belong inside (DDP reads the flag
+    in forward)."""
+    if enabled:
+        yield
+    elif hasattr(model, "no_sync"):  # DistributedDataParallel
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # fully_shard (FSDP2)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """`t` summed over the workers, in place (a single process has nothing to reduce and may
+    have no process group)."""
+    if world > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """This worker's memory: parameters + gradients + optimizer state it holds (its shards
+    under FSDP), the process's peak resident set, and on CUDA the peak allocated. No device
+    sync: sizes and host counters only."""
+    import resource
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard
+
+    held = 0
+    for p in model.parameters():
+        held += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+    for st in optimizer.state.values():
+        held += sum(local(v).nbytes for v in st.values() if torch.is_tensor(v))
+    out = {"param_optim_mb": held / 2**20,
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out

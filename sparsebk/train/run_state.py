@@ -1,0 +1,56 @@
+"""Where a run is: its step, its data position and its counters, as a checkpoint keeps them.
+
+The data position is kept in samples: `sample_in_epoch` is the number of rows all workers
+together have consumed in the epoch, and the epoch's order depends only on run.seed and the
+epoch (`shuffle_seed`), so a run resumed with another worker count, batch size or gradient
+accumulation continues at the same sample. `from_checkpoint` reads a checkpoint's state in the
+resumed run's terms, including a checkpoint from before positions were kept in samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's sample order: the run's seed and the epoch, nothing else (not
+    the worker count or batch size), so a sample position means the same row after a resume."""
+    return seed * 100_003 + epoch
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides the weights, optimizer and schedule."""
+
+    step: int = 0  # optimizer steps
+    epoch: int = 0
+    sample_in_epoch: int = 0  # rows all workers together consumed in this epoch
+    batch_in_epoch: int = 0  # this worker's micro-batches in the epoch (N per step; for logs)
+    best_val_loss: float = math.inf
+    last_val_loss: float | None = None
+    bad_steps: int = 0  # non-finite steps skipped, in total
+    nonfinite_evals: int = 0  # validations whose loss was not finite (kept from the schedule)
+
+    def data_position(self, seed: int) -> dict:
+        """The position as a checkpoint records it (the seed names the epoch's order)."""
+        return {"epoch": self.epoch, "sample_in_epoch": self.sample_in_epoch,
+                "shuffle_seed": shuffle_seed(seed, self.epoch)}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, cfg_dict: dict, world: int, batch_size: int
+                        ) -> "RunState":
+        """The checkpoint's RunState in the resumed run's terms: this worker's batch count from
+        the sample position (the worker count `world` or `batch_size` may have changed). A
+        checkpoint from before sample positions counted batches of its own run's shape: its
+        training config (`cfg_dict` when it has none) converts them."""
+        saved = dict(ckpt["extra"]["run_state"])
+        if "sample_in_epoch" not in saved:
+            old = ckpt.get("meta", {}).get("train_config", cfg_dict)
+            per_batch = (old["data"]["batch_size"] * max(1, old["run"]["num_workers"]))
+            saved["sample_in_epoch"] = saved.get("batch_in_epoch", 0) * per_batch
+        names = {f.name for f in dataclasses.fields(cls)}
+        state = cls(**{k: v for k, v in saved.items() if k in names})
+        state.batch_in_epoch = state.sample_in_epoch // (world * batch_size)
+        return state
