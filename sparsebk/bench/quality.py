@@ -25,12 +25,13 @@ sparsity loss weight still skips about half of the positions (measure it with
 
 Evaluation scores every token of the split once, in independent windows of `block_len`
 tokens (no state carried across windows), in eval mode (no gate noise, no dropout).
+
+The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -41,15 +42,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsebk.bench.common import format_table, model_overrides, write_result
+from sparsebk.bench.common import model_overrides, write_result
+from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
+                                           plots, tables, tradeoff_plot)
 
 log = logging.getLogger(__name__)
 
-# test perplexity on PTB (Mikolov splits) from the literature, printed beside our numbers
-ANCHORS = {"Kneser-Ney 5-gram": 141.2, "small LSTM (Zaremba et al. 2014)": 114.5,
-           "medium LSTM (Zaremba et al. 2014)": 82.7}
-DENSE = "bk-dense"
-TRANSFORMER = "transformer"
 DENSE_MODES = ("pinned", "target0")
 
 
@@ -124,13 +122,6 @@ def pin_gates_open(model) -> None:
             pred.weight.zero_()
             pred.bias.fill_(30.0)
         pred.requires_grad_(False)
-
-
-def _budget(s) -> str:
-    """The budget in words, from settings or their dict."""
-    get = s.get if isinstance(s, dict) else lambda k: getattr(s, k)
-    steps = get("budget_steps")
-    return f"{get('budget_s'):g} s" if steps is None else f"{steps} steps"
 
 
 def _schedule_step(frac: float, s: QualitySettings, warmup_steps: int) -> int:
@@ -266,7 +257,8 @@ def run_quality(s: QualitySettings) -> dict:
     manifest, blocks = load_data(s, base.n_seq)
     cfg = LMConfig.from_dict({**base.to_dict(), "vocab_size": manifest["vocab_size"]})
     # the training package's optimizer settings (AdamW, warmup, clipping) at this lr
-    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps}, data={"batch_size": s.batch_size})
+    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
+                            data={"batch_size": s.batch_size})
     results = []
     for target in s.targets:
         torch.manual_seed(s.seed)  # the same initial weights for every BK variant
@@ -279,13 +271,13 @@ def run_quality(s: QualitySettings) -> dict:
         if target == 0.0 and s.dense_mode == "pinned":
             name, sched = DENSE, None
             pin_gates_open(model)
-        log.info("training %s for %s", name, _budget(s))
+        log.info("training %s for %s", name, budget_words(s))
         results.append(train_one(name, model, blocks, s, target=target, train_cfg=train_cfg,
                                  sched_kwargs=sched))
     if s.transformer:
         torch.manual_seed(s.seed)
         tcfg = TransformerConfig.matching(cfg)
-        log.info("training %s for %s", TRANSFORMER, _budget(s))
+        log.info("training %s for %s", TRANSFORMER, budget_words(s))
         results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
                                  train_cfg=train_cfg, sched_kwargs=None))
     return {"settings": asdict(s), "model_config": cfg.to_dict(),
@@ -293,156 +285,6 @@ def run_quality(s: QualitySettings) -> dict:
                         "block_len": manifest["block_len"],
                         "tokenizer": manifest.get("tokenizer", {}).get("name")},
             "anchors_test_ppl": ANCHORS, "results": results, "goal": goal_check(results)}
-
-
-def goal_check(results: list[dict]) -> dict | None:
-    """The issue's goal at 0.5: test ppl within 3% of dense, and faster per token."""
-    by = {r["model"]: r for r in results}
-    dense, half = by.get(DENSE), by.get("bk-sparse-0.5")
-    if dense is None or half is None:
-        return None
-    ppl_ratio = half["test_ppl"] / dense["test_ppl"]
-    train_speedup = half["train_tokens_per_s"] / dense["train_tokens_per_s"]
-    eval_speedup = half["eval_tokens_per_s"] / dense["eval_tokens_per_s"]
-    return {"test_ppl_ratio": ppl_ratio, "train_speedup": train_speedup,
-            "eval_speedup": eval_speedup, "achieved_sparsity": half["achieved_sparsity"],
-            "ppl_within_3pct": ppl_ratio <= 1.03, "faster_per_token": train_speedup > 1.0}
-
-
-def tables(record: dict) -> str:
-    rows = []
-    dense = next((r for r in record["results"] if r["model"] == DENSE), None)
-    for r in record["results"]:
-        sp = r["layer_sparsity"]
-        rows.append({
-            "model": r["model"], "target": "-" if r["target_sparsity"] is None else r["target_sparsity"],
-            "eval sparsity": "-" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.3f}",
-            "eval per layer": "-" if sp is None else " ".join(f"{x:.2f}" for x in sp),
-            "train sparsity": "-" if not r["train_layer_sparsity"] else
-            f"{sum(r['train_layer_sparsity']) / len(r['train_layer_sparsity']):.3f}",
-            "valid ppl": r["valid_ppl"], "test ppl": r["test_ppl"],
-            "test vs dense": "-" if dense is None else f"{r['test_ppl'] / dense['test_ppl']:.3f}",
-            "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),
-            "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"],
-            "cpu s / wall s": f"{r['train_cpu_s'] / r['train_s']:.2f}",
-            "load 1m start/end": f"{r['load_avg_1m_start']:.1f}/{r['load_avg_1m_end']:.1f}"})
-    s = record["settings"]
-    out = [f"PTB word-level quality, {_budget(s)} of training per model (seed {s['seed']}, "
-           f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
-           "Literature anchors (PTB test perplexity):",
-           format_table([{"model": k, "test ppl": v} for k, v in ANCHORS.items()])]
-    g = record["goal"]
-    if g:
-        out += ["", "Goal at target 0.5 (test ppl within 3% of dense; faster per token):",
-                format_table([{"test ppl / dense": f"{g['test_ppl_ratio']:.3f}",
-                               "within 3%": "yes" if g["ppl_within_3pct"] else "no",
-                               "train speed-up": f"{g['train_speedup']:.2f}x",
-                               "eval speed-up": f"{g['eval_speedup']:.2f}x",
-                               "achieved sparsity": g["achieved_sparsity"]}])]
-    return "\n".join(out)
-
-
-def plots(record: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = record["results"]
-    bk = [r for r in res if r["model"] != TRANSFORMER]
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    xs = [r["achieved_sparsity"] or 0.0 for r in bk]
-    ax.plot(xs, [r["test_ppl"] for r in bk], "o-", label="sparse BK (test)")
-    ax.plot(xs, [r["valid_ppl"] for r in bk], "s--", alpha=0.6, label="sparse BK (valid)")
-    for r, x in zip(bk, xs):
-        ax.annotate(f"target {r['target_sparsity']:g}", (x, r["test_ppl"]), fontsize=7,
-                    textcoords="offset points", xytext=(4, 4))
-    for r in res:
-        if r["model"] == TRANSFORMER:
-            ax.plot([0.0], [r["test_ppl"]], "r*", markersize=12, label="Transformer (test)")
-    for (k, v), style in zip(ANCHORS.items(), (":", "-.", "--")):
-        ax.axhline(v, color="gray", linestyle=style, linewidth=0.8, label=k)
-    ax.set_yscale("log")
-    ax.set_xlabel("achieved sparsity (eval, mean over layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"PTB, {_budget(record['settings'])} per model")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out_dir / "quality_ppl_vs_sparsity.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
-
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r in res:
-        c = r["curve"]
-        line, = a1.plot([p["train_s"] for p in c], [p["valid_subset_ppl"] for p in c], "o-", ms=3,
-                        label=r["model"])
-        a2.plot([p["tokens"] for p in c], [math.exp(min(p["train_ce"], 30)) for p in c], "o-", ms=3,
-                label=r["model"])
-        if c and c[0].get("train_layer_sparsity") is not None:
-            t = [p["train_s"] for p in c]
-            a3.plot(t, [sum(p["train_layer_sparsity"]) / len(p["train_layer_sparsity"]) for p in c],
-                    "o-", ms=3, color=line.get_color(), label=r["model"])
-            a3.plot(t, [p["target"] for p in c], ":", color=line.get_color())
-    a1.set_xlabel("training seconds")
-    a1.set_ylabel("valid-subset perplexity")
-    a2.set_xlabel("tokens seen")
-    a2.set_ylabel("train perplexity (mean since last point)")
-    a3.set_xlabel("training seconds")
-    a3.set_ylabel("train-mode sparsity, layer mean (dotted: target)")
-    a3.set_ylim(-0.02, 1.02)
-    for a in (a1, a2):
-        a.set_yscale("log")
-    for a in (a1, a2, a3):
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    p2 = out_dir / "quality_curves.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
-
-
-def tradeoff_plot(paths: list[str], out: Path) -> Path:
-    """One plot from several `quality.json` files of the same protocol: test perplexity against
-    training tokens/s, dense models as one series, each sparse model a point labelled with its
-    target and what its skipped positions output. Sparsity pays where a sparse point lies below
-    the dense series (better perplexity at the same speed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    dense, sparse, other = [], [], []
-    for path in paths:
-        rec = json.loads(Path(path).read_text())
-        over = rec["settings"].get("model_overrides", {})
-        for r in rec["results"]:
-            x, y = r["train_tokens_per_s"], r["test_ppl"]
-            if r["model"] == TRANSFORMER:
-                other.append((x, y, "Transformer"))
-            elif not r["target_sparsity"]:
-                mc = rec["model_config"]
-                dense.append((x, y, f"d{mc['d_model']} H{mc.get('bk_heads', 1)}"))
-            else:
-                skip = over.get("skip_output", rec["model_config"].get("skip_output", "carry"))
-                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}"))
-    for pts, style, name in ((sorted(dense), "o-", "BK dense"), (sparse, "^", "BK sparse"),
-                             (other, "r*", "Transformer")):
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=8)
-        for x, y, label in pts:
-            ax.annotate(label, (x, y), fontsize=7, textcoords="offset points", xytext=(4, 3))
-    ax.set_xlabel("training tokens/s")
-    ax.set_ylabel("test perplexity")
-    ax.set_title("PTB: perplexity against training speed (same wall-clock budget)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def main(argv: list[str]) -> int:
@@ -478,7 +320,8 @@ def main(argv: list[str]) -> int:
     s = QualitySettings(
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
-        lr=a.lr, warmup_steps=a.warmup_steps, budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset, transformer=not a.no_transformer,
+        lr=a.lr, warmup_steps=a.warmup_steps, budget_steps=a.budget_steps, data_dir=a.data_dir,
+        dataset=a.dataset, transformer=not a.no_transformer,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
