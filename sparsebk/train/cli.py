@@ -74,10 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     connect_ray(args.address, args.num_cpus, cfg.run.num_workers)
     from sparsebk.train.driver import run_training
+    from sparsebk.train.preflight import PreflightError
 
     try:
         summary = run_training(cfg, where=args.config)
-    except ValueError as e:
+    except (ValueError, PreflightError) as e:  # config, resume and node checks: one line each
         print(f"sparsebk train: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))
