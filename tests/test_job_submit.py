@@ -37,8 +37,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: as the ray_local fixture's (conftest), here for every
+    # process the head starts, the jobs' drivers and Ray Train controllers among them
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
     env.pop("RAY_ADDRESS", None)
     # the head (and so every job's driver) runs with the default home: ~/sparsebk of this HOME
     env.pop("SPARSEBK_HOME", None)
