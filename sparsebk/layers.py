@@ -40,6 +40,21 @@ hands the task gradient to the importance predictor, and the sparsity loss is bu
 same live mask. (At a skipped position the computed output does not exist, so its logit gets
 the sparsity-loss gradient only, as with tokens that bypass a block in Mixture-of-Depths.)
 
+What the task gradient tells the gate at a computed position is the option `gate_grad`:
+
+    "scale"     y_i = m_i (h_i + W_out f_i + b_out)              dL/dm_i = <g_i, y_i>
+    "contrast"  y_i = m_i (h_i + W_out f_i + b_out) + (1 - m_i) s_i
+                                                                 dL/dm_i = <g_i, y_i - s_i>
+
+where s_i is what position i outputs when skipped (the carried row of the last computed j < i
+for "carry", its own projected features for "own"/"mix", 0 for "zero"). The forward values
+are the same (m_i is exactly 1 there). "scale" only asks whether a larger output would help;
+"contrast" asks whether computing beats skipping, the straight-through estimate of the
+choice the gate makes. (Measured, `sparsebk bench gates`: with "scale" the trained gates
+skip no better than random masks of the same rate.) For "carry" s_i is the exact
+counterfactual (the carried row does not depend on i); for "own"/"mix" it uses the features
+of i as computed (skipping i would also change its potential).
+
 `use_sparse_computation=False` computes every position densely and selects with the mask:
 the same outputs (to rounding) at full cost; it is the reference the sparse path is tested
 against. Host syncs: the sparse path reads the number of computed positions (one sync per
@@ -65,6 +80,7 @@ from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int
 
 SKIP_OUTPUTS = ("carry", "own", "zero", "mix")  # what a skipped position outputs (module docstring)
+GATE_GRADS = ("scale", "contrast")  # what the task gradient tells the gate (module docstring)
 
 if TYPE_CHECKING:  # lm.py imports this module
     from sparsebk.lm import LMConfig
@@ -93,9 +109,10 @@ class SparseMoEResNetBKLayer(nn.Module):
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
                  bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False,
-                 skip_output: str = "carry"):
+                 skip_output: str = "carry", gate_grad: str = "scale"):
         super().__init__()
         self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
+        self.gate_grad = check_choice("gate_grad", gate_grad, GATE_GRADS)
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
         dropout_p = check_float("dropout_p", dropout_p, min=0.0, max=1.0, max_open=True)
@@ -132,7 +149,7 @@ class SparseMoEResNetBKLayer(nn.Module):
                    use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
                    gate_eval_mode=cfg.gate_eval_mode, bk_heads=cfg.bk_heads,
                    bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings,
-                   skip_output=cfg.skip_output)
+                   skip_output=cfg.skip_output, gate_grad=cfg.gate_grad)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -194,13 +211,15 @@ class SparseMoEResNetBKLayer(nn.Module):
             b = b_c.new_ones(B * N, H).index_copy(0, idx, b_c).view(B, N, H)
         feats = self.sparse_bk_core.bk_features(v, b).reshape(B * N, 2 * H)
         m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live: the gate's gradient
+        contrast = self.gate_grad == "contrast"
         if self.skip_output in ("own", "mix"):  # every position projects its own features
             spec = self.output_proj(feats)  # (B N, D)
-            out = m * (h + spec.index_select(0, idx))
+            own = spec.index_select(0, idx)
+            out = m * (h + own) + ((1 - m) * own if contrast else 0)
             return spec.to(out.dtype).index_copy(0, idx, out).view(B, N, D), aux
         spec = self.output_proj(feats.index_select(0, idx))  # (M, D)
         out = m * (h + spec)  # (M, D)
-        if self.skip_output == "zero":
+        if self.skip_output == "zero":  # skipping outputs 0: "contrast" is "scale"
             return out.new_zeros(B * N, D).index_copy(0, idx, out).view(B, N, D), aux
 
         # row of the output table each position copies: 0 = projected zero features,
@@ -208,10 +227,13 @@ class SparseMoEResNetBKLayer(nn.Module):
         src = self.sparse_bk_core.carry_index(mask)  # (B, N)
         rank = keep.cumsum(0)  # (B N,) rank of a computed position, 1-based
         base = torch.arange(B, device=x.device).unsqueeze(1) * N
-        row = torch.where(src >= 0, rank[(base + src.clamp_min(0)).reshape(-1)].view(B, N), 0)
-        table = torch.cat([self.output_proj(spec.new_zeros(1, 2 * H)), spec], dim=0)  # (M + 1, D)
+        row_of = lambda j: torch.where(j >= 0, rank[(base + j.clamp_min(0)).reshape(-1)].view(B, N), 0)
         # under autocast the projections may be half precision while h is float32: one dtype
-        y = table.to(out.dtype).index_select(0, row.reshape(-1)).index_copy(0, idx, out)  # (B N, D)
+        table = torch.cat([self.output_proj(spec.new_zeros(1, 2 * H)), spec], dim=0).to(out.dtype)
+        if contrast:  # a computed i, had it been skipped, copies the last computed j < i
+            prev = torch.cat([src.new_full((B, 1), -1), src[:, :-1]], dim=1)  # (B, N)
+            out = out + (1 - m) * table.index_select(0, row_of(prev).reshape(-1).index_select(0, idx))
+        y = table.index_select(0, row_of(src).reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
 
     def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor):
@@ -225,13 +247,21 @@ class SparseMoEResNetBKLayer(nn.Module):
         if self.coupling_proj is not None:
             b = torch.where(keep.unsqueeze(-1), self.couplings(h), 1.0)  # (B, N, H)
         feats = self.sparse_bk_core.bk_features(v, b)  # (B, N, 2H)
-        out = mask.unsqueeze(-1) * (h + self.output_proj(feats))
+        m = mask.unsqueeze(-1)
+        out = m * (h + self.output_proj(feats))
         if self.skip_output in ("own", "mix"):
             skipped = self.output_proj(feats)
         elif self.skip_output == "zero":
             skipped = torch.zeros_like(out)
         else:
             skipped = self.output_proj(SparseBKCore.interpolate(feats, mask))
+        if self.gate_grad == "contrast" and self.skip_output != "zero":
+            alt = skipped  # own / mix: the position's own projected features
+            if self.skip_output == "carry":  # the carried row of the last computed j < i
+                carried = SparseBKCore.interpolate(feats, mask)  # (B, N, 2H): last computed <= i
+                carried = torch.cat([torch.zeros_like(carried[:, :1]), carried[:, :-1]], dim=1)
+                alt = self.output_proj(carried)  # row i: the last computed <= i - 1
+            out = out + (1 - m) * alt
         return torch.where(keep.unsqueeze(-1), out, skipped), aux
 
     def _mask(self) -> torch.Tensor:

@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsebk import decode
 from sparsebk.decode import DecodeState
 from sparsebk.gate import EVAL_MODES
-from sparsebk.layers import SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
+from sparsebk.layers import GATE_GRADS, SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES, sparsity_loss
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
                                  check_sparsity, from_mapping)
@@ -118,6 +118,9 @@ class LMConfig:
     # position), "own" (its own BK features, projected), "zero" (the residual stream only);
     # see sparsebk.layers
     skip_output: str = "carry"
+    # what the task gradient tells the gate: "scale" (whether a larger output helps) or
+    # "contrast" (whether computing beats skipping); forward values identical (layers.py)
+    gate_grad: str = "scale"
     # how the sparsity loss shares the budget: "layer" pulls every layer's sparsity to its own
     # target; "model" pulls the sparsity of all layers' masks together to the mean target, so
     # the gates choose which layers skip more (as Mixture-of-Depths routes some blocks only)
@@ -146,6 +149,7 @@ class LMConfig:
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
         check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
+        check_choice("LMConfig.gate_grad", self.gate_grad, GATE_GRADS)
         check_choice("LMConfig.sparsity_budget", self.sparsity_budget, SPARSITY_BUDGETS)
 
     @classmethod

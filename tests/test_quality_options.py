@@ -133,3 +133,88 @@ def test_model_budget_lets_layers_differ_and_equals_the_layer_budget_when_they_a
         assert x.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="sparsity_budget"):
         LMConfig(**cfg, sparsity_budget="global")
+
+
+# --- gate_grad: what the task gradient tells the gate ------------------------------------------
+
+def _mask_grad(layer, x, force, cot):
+    """(y, dL/dmask) for L = sum(cot * y): the gradient reaching the layer's live mask."""
+    seen = []
+
+    def keep(_module, _inputs, out):  # returns None: the output stays as it is
+        out.retain_grad()
+        seen.append(out)
+
+    hook = layer.sparse_bk_core.gate.register_forward_hook(keep)
+    try:
+        y = layer(x, force_mask=force)
+        (y * cot).sum().backward()
+    finally:
+        hook.remove()
+    return y.detach(), seen[0].grad
+
+
+@pytest.mark.parametrize("skip", ["carry", "zero"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_contrast_gradient_is_computing_minus_skipping(skip, sparse):
+    """At a computed position i, dL/dm_i is <g_i, y_i> under "scale" and <g_i, y_i - y_i'>
+    under "contrast", where y_i' is the layer's output at i in a second forward that skips i
+    (for carry and zero that output does not depend on i's own work: an exact counterfactual)."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 9, 8, dtype=D64)
+    force = (torch.rand(2, 9) < 0.6).double()
+    force[:, 0] = 1
+    cot = torch.randn(2, 9, 8, dtype=D64)
+    grads = {}
+    for mode in ("scale", "contrast"):
+        torch.manual_seed(6)
+        layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, dropout_p=0.0, skip_output=skip,
+                                       gate_grad=mode, use_sparse_computation=sparse).double().eval()
+        away_from_init(layer)
+        y, grads[mode] = _mask_grad(layer, x, force, cot)
+        if mode == "scale":
+            y_scale = y
+        else:
+            assert torch.equal(y, y_scale)  # the forward values do not change
+    checked = 0
+    for b, i in force.nonzero().tolist():
+        skipped = force.clone()
+        skipped[b, i] = 0
+        with torch.no_grad():
+            y_alt = layer(x, force_mask=skipped)[b, i]
+        torch.testing.assert_close(grads["scale"][b, i], (cot[b, i] * y_scale[b, i]).sum(), atol=1e-10, rtol=0)
+        torch.testing.assert_close(grads["contrast"][b, i], (cot[b, i] * (y_scale[b, i] - y_alt)).sum(),
+                                   atol=1e-10, rtol=0)
+        checked += 1
+    assert checked >= 6
+
+
+@pytest.mark.parametrize("skip", SKIP_OUTPUTS)
+def test_contrast_sparse_and_dense_paths_agree_in_training(skip):
+    """Gate noise and dropout on: the two paths give the same outputs and every gradient, the
+    importance predictor's included."""
+    torch.manual_seed(7)
+    layer = away_from_init(SparseMoEResNetBKLayer(8, 10, num_experts=3, dropout_p=0.1, skip_output=skip,
+                                                  gate_grad="contrast").double().train())
+    x = torch.randn(3, 10, 8, dtype=D64, requires_grad=True)
+    runs = []
+    for sparse in (True, False):
+        layer.use_sparse_computation = sparse
+        torch.manual_seed(8)
+        y = layer(x)
+        (y.square().mean() + layer.get_sparsity_loss()).backward()
+        runs.append((y.detach(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}))
+        layer.zero_grad(set_to_none=True)
+    (y_s, g_s), (y_d, g_d) = runs
+    assert 0 < layer.last_mask.sum() < layer.last_mask.numel()
+    torch.testing.assert_close(y_s, y_d, atol=1e-12, rtol=0)
+    assert g_s.keys() == g_d.keys() and "sparse_bk_core.importance_predictor.weight" in g_s
+    for name in g_s:
+        torch.testing.assert_close(g_s[name], g_d[name], atol=1e-11, rtol=0, msg=name)
+
+
+def test_gate_grad_is_checked_and_reaches_every_layer():
+    with pytest.raises(ValueError, match="gate_grad"):
+        LMConfig.preset("debug", gate_grad="both")
+    model = SparseBKLM(LMConfig.preset("debug", gate_grad="contrast"))
+    assert {layer.gate_grad for layer in model.layers} == {"contrast"}
