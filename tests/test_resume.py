@@ -251,3 +251,65 @@ def test_preflight_fails_fast_naming_the_node_and_the_path(tmp_path, ray_local):
         assert time.perf_counter() - t0 < 30
         msg = str(err.value)
         assert node in msg and bad in msg, msg
+
+
+# --- ranks that read different checkpoints agree on one -----------------------------------------
+
+class _Reader:
+    """The worker side of a Trainer, as restore_with_fallback sees it (rank, world, device,
+    restore): restores the step written in the checkpoint, except the steps this rank is told
+    cannot be read (a store that fails one worker's read under load)."""
+
+    def __init__(self, rank: int, world: int, unreadable: set[int]):
+        self.rank, self.world, self.device, self.unreadable = rank, world, torch.device("cpu"), unreadable
+
+    def restore(self, directory) -> dict:
+        step = int((Path(directory) / "step.txt").read_text())
+        if step in self.unreadable:
+            raise OSError(f"PytorchStreamReader failed reading step {step} (simulated on rank {self.rank})")
+        return {"step": step}
+
+
+def _agree_worker(rank: int, world: int, init_file: str, run_dir: str, unreadable: list, out: str):
+    import json
+
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    from sparsebk.train.resume import restore_with_fallback
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        newest = Checkpoint(list_checkpoints(*_local(run_dir))[0])
+        try:
+            got = restore_with_fallback(_Reader(rank, world, set(unreadable[rank])), newest)
+        except RuntimeError as e:
+            got = {"error": str(e)}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("unreadable, want", [
+    ([[], [3]], {"step": 2}),  # rank 1 cannot read the newest: both restore step 2
+    ([[3, 2], [1]], None),  # no step both can read: both stop with the same error, no hang
+])
+def test_ranks_that_read_different_checkpoints_restore_the_same_one(tmp_path, unreadable, want):
+    import json
+
+    import torch.multiprocessing as mp
+
+    for step in (1, 2, 3):  # checkpoint names sort by time, as Ray's
+        d = tmp_path / "run" / f"checkpoint_2026-11-30_00-00-0{step}.000000"
+        d.mkdir(parents=True)
+        (d / "step.txt").write_text(str(step))
+    mp.start_processes(_agree_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "run"),
+                                            unreadable, str(tmp_path)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    if want is not None:
+        assert got == [want, want]
+    else:
+        # each rank names the oldest checkpoint and its own last error
+        assert all("no readable checkpoint on every worker" in g["error"]
+                   and "00-00-01.000000" in g["error"] for g in got), got

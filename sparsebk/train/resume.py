@@ -200,23 +200,55 @@ def check_resume(loop_config: dict, where: str = "config") -> dict | None:
 def restore_with_fallback(trainer, checkpoint) -> dict | None:
     """Worker side: `trainer.restore` from Ray's checkpoint, or, when it does not load
     (truncated, unreadable), from the newest earlier checkpoint of the run that does.
-    Returns the schedule state."""
+    Returns the schedule state.
+
+    Every rank reads the checkpoint itself, and a read can fail on one rank only (a flaky
+    store under load), so the ranks agree: each reports the newest candidate it could read,
+    and all restore the oldest of those (the newest that every rank reads). Ranks that
+    restored different steps would wait for each other's `ray.train.report` forever."""
     from ray.train import Checkpoint
 
     fs, path = checkpoint.filesystem, checkpoint.path
     older = [p for p in list_checkpoints(fs, posixpath.dirname(path.rstrip("/")))
              if posixpath.basename(p) < posixpath.basename(path.rstrip("/"))]
     candidates = [checkpoint] + [Checkpoint(p, filesystem=fs) for p in older]
-    for i, ckpt in enumerate(candidates):
+    mine, state, error = _first_readable(trainer, candidates, 0)
+    while True:
+        lo, hi = _agree(trainer, mine)  # over the ranks; hi: the newest that every rank read
+        if hi >= len(candidates):
+            raise RuntimeError(f"no readable checkpoint on every worker: the last one tried, "
+                               f"{candidates[-1].path}, failed with {error}")
+        if lo == hi:
+            if hi > 0 and trainer.rank == 0:
+                logger.warning("checkpoint %s is unreadable on at least one worker; falling "
+                               "back to %s on every worker", candidates[0].path, candidates[hi].path)
+            return state
+        if mine < hi:  # another rank could not read what this one restored: step back
+            mine, state, error = _first_readable(trainer, candidates, hi)
+
+
+def _first_readable(trainer, candidates: list, start: int) -> tuple[int, dict | None, str | None]:
+    """(index, schedule state, last error) of the first of candidates[start:] this rank
+    restores; index len(candidates) when none loads."""
+    error = None
+    for i in range(start, len(candidates)):
         try:
-            with ckpt.as_directory() as d:
-                return trainer.restore(d)
+            with candidates[i].as_directory() as d:
+                return i, trainer.restore(d), error
         except Exception as e:  # noqa: BLE001 -- a bad file of any kind: the one before
-            nxt = candidates[i + 1].path if i + 1 < len(candidates) else None
-            if nxt is None:
-                raise RuntimeError(f"no readable checkpoint: the last one tried, {ckpt.path}, "
-                                   f"failed with {_why(e)}") from e
-            if trainer.rank == 0:
-                logger.warning("checkpoint %s is unreadable (%s); falling back to %s",
-                               ckpt.path, _why(e), nxt)
-    return None
+            error = _why(e)
+            logger.warning("rank %d: checkpoint %s is unreadable (%s)", trainer.rank,
+                           candidates[i].path, error)
+    return len(candidates), None, error
+
+
+def _agree(trainer, index: int) -> tuple[int, int]:
+    """(min, max) of `index` over the workers (a single process: itself)."""
+    if trainer.world <= 1:
+        return index, index
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([index, -index], dtype=torch.int64, device=trainer.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return -int(t[1]), int(t[0])
