@@ -32,7 +32,7 @@ from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
 from sparsebk.train.preflight import check_nodes
-from sparsebk.train.resume import check_resume
+from sparsebk.train.resume import check_resume, private_copy
 from sparsebk.train.tracking import log_plots
 
 logger = logging.getLogger("sparsebk.train")
@@ -185,7 +185,7 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
         # the last checkpoint's test loss was measured in the run; the best one's is not
         from sparsebk.export import evaluate_split, load_checkpoint_model
 
-        with best_ckpts[0][0].as_directory() as d:  # a local copy of one in a bucket
+        with private_copy(best_ckpts[0][0]) as d:  # a local copy of one in a bucket
             model = load_checkpoint_model(d)
         test = evaluate_split(model, "test", batch_size=cfg.data.eval_batch_size)
         summary.update(best_test_loss=test["loss"], best_test_ppl=test["ppl"])

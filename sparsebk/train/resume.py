@@ -19,9 +19,11 @@ is skipped for the one before it, with a warning naming it and why.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import posixpath
+import tempfile
 
 import torch
 
@@ -233,13 +235,29 @@ def _first_readable(trainer, candidates: list, start: int) -> tuple[int, dict | 
     error = None
     for i in range(start, len(candidates)):
         try:
-            with candidates[i].as_directory() as d:
+            with private_copy(candidates[i]) as d:
                 return i, trainer.restore(d), error
         except Exception as e:  # noqa: BLE001 -- a bad file of any kind: the one before
             error = _why(e)
             logger.warning("rank %d: checkpoint %s is unreadable (%s)", trainer.rank,
                            candidates[i].path, error)
     return len(candidates), None, error
+
+
+@contextlib.contextmanager
+def private_copy(checkpoint):
+    """A Ray checkpoint as a local folder this process alone reads: the folder itself on a
+    local file system, else a download into a temporary folder of this process, removed
+    afterwards. (Ray's `as_directory` shares one download folder among the processes of a
+    node, named by the checkpoint: on one machine with a bucket, a rank read state.pt there
+    while another process was still writing or removing it, and got a corrupt file.)"""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    with tempfile.TemporaryDirectory(prefix="sparsebk-restore-") as d:
+        yield checkpoint.to_directory(d)
 
 
 def _agree(trainer, index: int) -> tuple[int, int]:
