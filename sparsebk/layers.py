@@ -254,13 +254,12 @@ class SparseMoEResNetBKLayer(nn.Module):
         elif self.skip_output == "zero":
             skipped = torch.zeros_like(out)
         else:
-            skipped = self.output_proj(SparseBKCore.interpolate(feats, mask))
+            carried = SparseBKCore.interpolate(feats, mask)  # (B, N, 2H): last computed <= i
+            skipped = self.output_proj(carried)
         if self.gate_grad == "contrast" and self.skip_output != "zero":
             alt = skipped  # own / mix: the position's own projected features
-            if self.skip_output == "carry":  # the carried row of the last computed j < i
-                carried = SparseBKCore.interpolate(feats, mask)  # (B, N, 2H): last computed <= i
-                carried = torch.cat([torch.zeros_like(carried[:, :1]), carried[:, :-1]], dim=1)
-                alt = self.output_proj(carried)  # row i: the last computed <= i - 1
+            if self.skip_output == "carry":  # row i: the carried row of the last computed j < i
+                alt = self.output_proj(torch.cat([torch.zeros_like(carried[:, :1]), carried[:, :-1]], dim=1))
             out = out + (1 - m) * alt
         return torch.where(keep.unsqueeze(-1), out, skipped), aux
 

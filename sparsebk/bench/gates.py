@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsebk.bench.common import model_overrides, write_result
-from sparsebk.bench.quality import QualitySettings, load_data, train_one
+from sparsebk.bench.quality import QualitySettings, setup, sparse_schedule, train_one
 
 log = logging.getLogger("sparsebk.bench.gates")
 FREQ_BUCKETS = ((0, 100), (100, 1000), (1000, None))  # frequency ranks in the training split
@@ -37,20 +37,12 @@ POS_BUCKETS = ((0, 8), (8, 32), (32, None))
 def train_sparse(s: QualitySettings, target: float):
     """(model, blocks, record): one sparse model trained as a `bench quality` row."""
     from sparsebk.lm import LMConfig, SparseBKLM
-    from sparsebk.train.config import TrainConfig
 
-    base = LMConfig.preset(s.preset, **s.model_overrides)
-    manifest, blocks = load_data(s, base.n_seq)
-    cfg = LMConfig.from_dict({**base.to_dict(), "vocab_size": manifest["vocab_size"],
-                              "target_sparsity": target})
-    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
-                            data={"batch_size": s.batch_size})
+    cfg, _, blocks, train_cfg = setup(s)
     torch.manual_seed(s.seed)
-    model = SparseBKLM(cfg)
-    sched = dict(initial_sparsity=0.0, final_sparsity=target, initial_weight=s.sparsity_weight / 10,
-                 final_weight=s.sparsity_weight, warmup_steps=1000, schedule_type="cosine")
+    model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
     record = train_one(f"bk-sparse-{target:g}", model, blocks, s, target=target,
-                       train_cfg=train_cfg, sched_kwargs=sched)
+                       train_cfg=train_cfg, sched_kwargs=sparse_schedule(s, target))
     return model, blocks, record
 
 

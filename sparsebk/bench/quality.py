@@ -248,9 +248,10 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     }
 
 
-def run_quality(s: QualitySettings) -> dict:
-    from sparsebk.baselines import TransformerConfig, TransformerLM
-    from sparsebk.lm import LMConfig, SparseBKLM
+def setup(s: QualitySettings):
+    """(model config with the dataset's vocabulary, manifest, blocks, TrainConfig): what every
+    row of a run shares (also `sparsebk bench gates`)."""
+    from sparsebk.lm import LMConfig
     from sparsebk.train.config import TrainConfig
 
     base = LMConfig.preset(s.preset, **s.model_overrides)
@@ -259,15 +260,27 @@ def run_quality(s: QualitySettings) -> dict:
     # the training package's optimizer settings (AdamW, warmup, clipping) at this lr
     train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
                             data={"batch_size": s.batch_size})
+    return cfg, manifest, blocks, train_cfg
+
+
+def sparse_schedule(s: QualitySettings, target: float) -> dict:
+    """AdaptiveSparsityScheduler arguments of a sparse row: the target ramps from 0, the
+    loss weight from a tenth of `s.sparsity_weight` to it (as the training presets)."""
+    return dict(initial_sparsity=0.0, final_sparsity=target, initial_weight=s.sparsity_weight / 10,
+                final_weight=s.sparsity_weight, warmup_steps=1000, schedule_type="cosine")
+
+
+def run_quality(s: QualitySettings) -> dict:
+    from sparsebk.baselines import TransformerConfig, TransformerLM
+    from sparsebk.lm import LMConfig, SparseBKLM
+
+    cfg, manifest, blocks, train_cfg = setup(s)
     results = []
     for target in s.targets:
         torch.manual_seed(s.seed)  # the same initial weights for every BK variant
         name = f"bk-sparse-{target:g}"
         model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
-        sched = dict(initial_sparsity=0.0, final_sparsity=target,
-                     initial_weight=s.sparsity_weight / 10,
-                     final_weight=s.sparsity_weight, warmup_steps=1000,
-                     schedule_type="cosine")
+        sched = sparse_schedule(s, target)
         if target == 0.0 and s.dense_mode == "pinned":
             name, sched = DENSE, None
             pin_gates_open(model)
