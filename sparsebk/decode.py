@@ -101,9 +101,10 @@ def quasi_offsets(start: int, n: int, *, device=None, dtype=torch.float32) -> to
     return (torch.log(u) - torch.log1p(-u)).to(dtype)
 
 
-def _keep(core: SparseBKCore, x: torch.Tensor, start: int) -> torch.Tensor:
-    """Eval-mode mask (bool, x's leading dims) of x (..., T, D) at positions start..start+T-1,
-    or of x (B, D) at position `start`: the gate's comparison, on the same values."""
+def _keep(core: SparseBKCore, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eval-mode mask (bool), gate logits), both of x's leading dims, of x (..., T, D) at
+    positions start..start+T-1, or of x (B, D) at position `start`: the gate's comparison, on
+    the same values."""
     logits = core.importance_predictor(x).squeeze(-1)  # (B, T) or (B,)
     gate = core.gate
     if gate.eval_mode == "quasi":
@@ -111,7 +112,7 @@ def _keep(core: SparseBKCore, x: torch.Tensor, start: int) -> torch.Tensor:
         pre = (logits + quasi_offsets(start, n, device=x.device, dtype=logits.dtype)) / gate.tau
     else:
         pre = logits / gate.tau
-    return pre > 0
+    return pre > 0, logits
 
 
 def _shifts(core: SparseBKCore, wd: torch.dtype):
@@ -130,12 +131,13 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     B, D = x.shape
     H, core = layer.bk_heads, layer.sparse_bk_core
     wd = _work_dtype(x.dtype)
-    idx = _keep(core, x, pos).nonzero().squeeze(1)  # (M,) computed rows
+    keep, logits = _keep(core, x, pos)
+    idx = keep.nonzero().squeeze(1)  # (M,) computed rows
     m = idx.numel()  # host sync: which rows run the experts
     v = layer.skipped_potentials(x)  # (B, H): a skipped row's (0 unless "mix")
     b = None
     if m:
-        h, _ = layer.moe.mix(x.index_select(0, idx))  # (M, D)
+        h, _ = layer.experts(x.index_select(0, idx), logits.index_select(0, idx))  # (M, D)
         v = v.index_copy(0, idx, layer.v_proj(h))
         if layer.coupling_proj is not None:
             b = x.new_ones(B, H).index_copy(0, idx, layer.couplings(h))
@@ -174,10 +176,11 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     B, T, D = x.shape
     H, core = layer.bk_heads, layer.sparse_bk_core
     wd = _work_dtype(x.dtype)
-    keep = _keep(core, x, start)  # (B, T)
+    keep, logits = _keep(core, x, start)  # (B, T) each
     flat = keep.reshape(-1)
     idx = flat.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
-    h, _ = layer.moe.mix(x.reshape(B * T, D).index_select(0, idx))  # (M, D)
+    h, _ = layer.experts(x.reshape(B * T, D).index_select(0, idx),
+                         logits.reshape(-1).index_select(0, idx))  # (M, D)
     v = layer.skipped_potentials(x.reshape(B * T, D)).index_copy(0, idx, layer.v_proj(h))
     v = v.view(B, T, H)
     if layer.coupling_proj is None:

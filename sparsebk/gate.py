@@ -11,6 +11,11 @@ sample instead, as the studied code did, biases P(mask = 1) to 0.632 at l = 0.)
 Straight-through: the forward value is the hard mask (exactly 0.0 or 1.0), the backward uses
 the gradient of y_soft. The noise comes from torch's global RNG, so `torch.manual_seed` fixes it.
 
+`train_noise="none"` drops the random draw in training too: the training mask is then
+l > 0, the "threshold" eval mask, so training and eval decide the same way (a Mixture-of-Depths
+router's choice), and the sparsity loss, which reads the hard forward value, sees the rate
+that eval gets. The gradient is still that of sigmoid(l / tau).
+
 Eval mode is deterministic (no random draw), in one of two ways:
 
 - "quasi" (default): the random L is replaced by a fixed per-position offset
@@ -37,10 +42,11 @@ import torch.nn as nn
 from sparsebk.validation import check_choice, check_float, field_error
 
 __all__ = ["gumbel_sigmoid", "GumbelSigmoidGate", "quasi_logistic_offsets", "NOISE_MODES",
-           "EVAL_MODES"]
+           "EVAL_MODES", "TRAIN_NOISES"]
 
 NOISE_MODES = ("random", "quasi", "none")
 EVAL_MODES = ("quasi", "threshold")
+TRAIN_NOISES = ("random", "none")  # the training draw: logistic noise, or none (mask = l > 0)
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0  # 1 / golden ratio: the most uniform 1-D Kronecker step
 
 
@@ -117,15 +123,17 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float = 1.0, *, hard: bool = True,
 class GumbelSigmoidGate(nn.Module):
     """Turns per-position logits (B, N) into a straight-through binary mask (B, N).
 
-    Random noise in training mode only. In eval mode `eval_mode` decides: "quasi" (fixed
-    per-position offsets, the default) or "threshold" (logits > 0); both are deterministic and
-    causal. `tau` may be changed at any step (annealing).
+    In training mode `train_noise` decides: "random" (logistic noise, the default) or "none"
+    (logits > 0). In eval mode `eval_mode` decides: "quasi" (fixed per-position offsets, the
+    default) or "threshold" (logits > 0); both are deterministic and causal. `tau` may be
+    changed at any step (annealing).
     """
 
-    def __init__(self, tau: float = 1.0, eval_mode: str = "quasi"):
+    def __init__(self, tau: float = 1.0, eval_mode: str = "quasi", train_noise: str = "random"):
         super().__init__()
         self.tau = tau
         self.eval_mode = eval_mode
+        self.train_noise = check_choice("train_noise", train_noise, TRAIN_NOISES)
 
     @property
     def eval_mode(self) -> str:
@@ -145,10 +153,10 @@ class GumbelSigmoidGate(nn.Module):
 
     def forward(self, logits: torch.Tensor, force: torch.Tensor | None = None) -> torch.Tensor:
         if self.training:
-            noise = "random"
+            noise = self.train_noise
         else:
             noise = "quasi" if self._eval_mode == "quasi" else "none"
         return gumbel_sigmoid(logits, self._tau, hard=True, noise=noise, force=force)
 
     def extra_repr(self) -> str:
-        return f"tau={self._tau}, eval_mode={self._eval_mode!r}"
+        return f"tau={self._tau}, eval_mode={self._eval_mode!r}, train_noise={self.train_noise!r}"

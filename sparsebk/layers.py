@@ -55,6 +55,18 @@ skip no better than random masks of the same rate.) For "carry" s_i is the exact
 counterfactual (the carried row does not depend on i); for "own"/"mix" it uses the features
 of i as computed (skipping i would also change its potential).
 
+`gate_weight=True` scales the expert output of a computed position by the gate's
+probability of computing it, as a Mixture-of-Experts router weighs its experts and a
+Mixture-of-Depths router its block:
+
+    h_i = sigmoid(l_i) MoE(x_i)                     l_i the gate logit of position i
+
+This changes the forward values (h then feeds the potentials, couplings and output), and it
+gives the gate a task gradient at every computed position, sigmoid'(l_i) <dL/dh_i, MoE(x_i)>:
+how much the expert's work helps there. A token whose expert output the model turns down
+costs little to skip, so what training sees and what skipping removes agree. In eval and
+decoding the weight is the same function of the same logit.
+
 `use_sparse_computation=False` computes every position densely and selects with the mask:
 the same outputs (to rounding) at full cost; it is the reference the sparse path is tested
 against. Host syncs: the sparse path reads the number of computed positions (one sync per
@@ -109,10 +121,12 @@ class SparseMoEResNetBKLayer(nn.Module):
                  use_sparse_computation: bool = True, *, tau: float = 1.0,
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
                  bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False,
-                 skip_output: str = "carry", gate_grad: str = "scale"):
+                 skip_output: str = "carry", gate_grad: str = "scale", gate_weight: bool = False,
+                 gate_train_noise: str = "random"):
         super().__init__()
         self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
         self.gate_grad = check_choice("gate_grad", gate_grad, GATE_GRADS)
+        self.gate_weight = check_bool("gate_weight", gate_weight)
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
         dropout_p = check_float("dropout_p", dropout_p, min=0.0, max=1.0, max_open=True)
@@ -120,6 +134,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.bk_input_couplings = check_bool("bk_input_couplings", bk_input_couplings)
         self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal,
                                            gate_eval_mode=gate_eval_mode, heads=bk_heads,
+                                           gate_train_noise=gate_train_noise,
                                            learn_z=bk_learn_z)
         self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
         self.v_proj = nn.Linear(d_model, self.bk_heads)
@@ -149,7 +164,8 @@ class SparseMoEResNetBKLayer(nn.Module):
                    use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,
                    gate_eval_mode=cfg.gate_eval_mode, bk_heads=cfg.bk_heads,
                    bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings,
-                   skip_output=cfg.skip_output, gate_grad=cfg.gate_grad)
+                   skip_output=cfg.skip_output, gate_grad=cfg.gate_grad,
+                   gate_weight=cfg.gate_weight, gate_train_noise=cfg.gate_train_noise)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -172,11 +188,11 @@ class SparseMoEResNetBKLayer(nn.Module):
     def forward_parts(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> LayerOutput:
         """(y (B, N, D), mask (B, N), aux_loss ()) for x (B, N, D) with N <= n_seq, which the
         caller guarantees (unchecked here). Stores nothing."""
-        mask = self.sparse_bk_core.compute_mask(x, force_mask)  # (B, N)
+        mask, logits = self.sparse_bk_core.gate_parts(x, force_mask)  # (B, N) each
         if self.use_sparse_computation:
-            y, aux = self._sparse_forward(x, mask)
+            y, aux = self._sparse_forward(x, mask, logits)
         else:
-            y, aux = self._dense_forward(x, mask)
+            y, aux = self._dense_forward(x, mask, logits)
         # dropout over the full (B, N, D) output: the RNG draws do not depend on the mask
         return LayerOutput(self.dropout(y), mask, aux)
 
@@ -185,6 +201,14 @@ class SparseMoEResNetBKLayer(nn.Module):
         module-level `get_sparsity_loss(model)`, ...). Only those read them; a model that wants
         its losses builds them from what `forward_parts` returned."""
         self.last_mask, self.last_aux_loss = mask, aux_loss
+
+    def experts(self, x: torch.Tensor, logits: torch.Tensor, token_mask: torch.Tensor | None = None):
+        """(h (M, D), aux loss) for the computed rows x (M, D) with gate logits (M,): the MoE's
+        output, scaled by sigmoid(logits) when `gate_weight` (module docstring)."""
+        h, aux = self.moe.mix(x, token_mask=token_mask)
+        if self.gate_weight:
+            h = h * torch.sigmoid(logits).unsqueeze(-1).to(h.dtype)
+        return h, aux
 
     def skipped_potentials(self, x: torch.Tensor) -> torch.Tensor:
         """Potentials (..., H) of skipped positions of inputs x (..., D): W_s x for "mix", else
@@ -197,12 +221,13 @@ class SparseMoEResNetBKLayer(nn.Module):
         """Input-dependent off-diagonals (..., H) in (0, 2) from expert outputs h (..., D)."""
         return 2.0 * torch.sigmoid(self.coupling_proj(h))
 
-    def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor):
+    def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor):
         B, N, D = x.shape
         H = self.bk_heads
         keep = mask.reshape(-1) > 0.5  # (B N,)
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
-        h, aux = self.moe.mix(x.reshape(B * N, D).index_select(0, idx))  # (M, D)
+        h, aux = self.experts(x.reshape(B * N, D).index_select(0, idx),
+                              logits.reshape(-1).index_select(0, idx))  # (M, D)
         v_c = self.v_proj(h)  # (M, H)
         v = self.skipped_potentials(x.reshape(B * N, D)).index_copy(0, idx, v_c).view(B, N, H)
         b = None
@@ -236,11 +261,11 @@ class SparseMoEResNetBKLayer(nn.Module):
         y = table.index_select(0, row_of(src).reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
 
-    def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor):
+    def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor):
         """Every position computed, the mask applied by selection: the sparse path's reference."""
         B, N, D = x.shape
         keep = mask > 0.5  # (B, N)
-        h, aux = self.moe.mix(x.reshape(B * N, D), token_mask=keep.reshape(-1))
+        h, aux = self.experts(x.reshape(B * N, D), logits.reshape(-1), token_mask=keep.reshape(-1))
         h = h.view(B, N, D)
         v = torch.where(keep.unsqueeze(-1), self.v_proj(h), self.skipped_potentials(x))
         b = None

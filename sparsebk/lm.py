@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sparsebk import decode
 from sparsebk.decode import DecodeState
-from sparsebk.gate import EVAL_MODES
+from sparsebk.gate import EVAL_MODES, TRAIN_NOISES
 from sparsebk.layers import GATE_GRADS, SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
 from sparsebk.sparsity import LOSS_TYPES, sparsity_loss
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
@@ -121,6 +121,13 @@ class LMConfig:
     # what the task gradient tells the gate: "scale" (whether a larger output helps) or
     # "contrast" (whether computing beats skipping); forward values identical (layers.py)
     gate_grad: str = "scale"
+    # scale a computed position's expert output by the gate's probability sigmoid(logit), as
+    # a Mixture-of-Experts router weighs its experts: the gate then learns where the experts'
+    # work helps (sparsebk.layers)
+    gate_weight: bool = False
+    # the gate's training draw: "random" (logistic noise: a Bernoulli(sigmoid(logit)) mask) or
+    # "none" (mask = logit > 0, deterministic; needs gate_eval_mode "threshold", the same rule)
+    gate_train_noise: str = "random"
     # how the sparsity loss shares the budget: "layer" pulls every layer's sparsity to its own
     # target; "model" pulls the sparsity of all layers' masks together to the mean target, so
     # the gates choose which layers skip more (as Mixture-of-Depths routes some blocks only)
@@ -143,8 +150,14 @@ class LMConfig:
         check_choice("LMConfig.sparsity_loss_type", self.sparsity_loss_type, LOSS_TYPES)
         self.tau = check_float("LMConfig.tau", self.tau, min=0.0, min_open=True)
         check_choice("LMConfig.gate_eval_mode", self.gate_eval_mode, EVAL_MODES)
+        check_choice("LMConfig.gate_train_noise", self.gate_train_noise, TRAIN_NOISES)
+        if self.gate_train_noise == "none" and self.gate_eval_mode != "threshold":
+            raise ValueError(
+                f"LMConfig.gate_train_noise='none' trains on the mask logit > 0; set "
+                f"gate_eval_mode='threshold' (got {self.gate_eval_mode!r}) so that evaluation "
+                f"decides the same way")
         for name in ("use_sparse_computation", "bk_learn_z", "bk_input_couplings",
-                     "activation_checkpointing"):
+                     "activation_checkpointing", "gate_weight"):
             check_bool(f"LMConfig.{name}", getattr(self, name))
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)

@@ -47,13 +47,14 @@ class SparseBKCore(nn.Module):
     H = 1 too); `couplings` (B, N, H) are the input-dependent off-diagonals, None for ones.
     The predictor scores position i from x_i alone, so the mask is causal. `target_sparsity`
     and `tau` may be set at any step (the scheduler does). `gate_eval_mode` ("quasi" or
-    "threshold") picks the deterministic eval mask (see sparsebk.gate). `z` is every head's
+    "threshold") picks the deterministic eval mask, `gate_train_noise` ("random" or "none") the
+    training draw (see sparsebk.gate). `z` is every head's
     fixed shift; `learn_z=True` gives each head a learnt shift instead (module docstring).
     """
 
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
                  *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi",
-                 heads: int = 1, learn_z: bool = False):
+                 heads: int = 1, learn_z: bool = False, gate_train_noise: str = "random"):
         super().__init__()
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
@@ -66,7 +67,7 @@ class SparseBKCore(nn.Module):
             raise ValueError(f"z={z!r} is a fixed shift: with learn_z=True the shifts are "
                              f"learnt from their own init; leave z at its default 1j")
         self.importance_predictor = nn.Linear(d_model, 1)
-        self.gate = GumbelSigmoidGate(tau, eval_mode=gate_eval_mode)
+        self.gate = GumbelSigmoidGate(tau, eval_mode=gate_eval_mode, train_noise=gate_train_noise)
         self.target_sparsity = target_sparsity
         if self.learn_z:
             # z_h = z_re_h + i exp(z_log_im_h); Im z_h log-spaced over [0.1, 10] (bin centres)
@@ -90,10 +91,16 @@ class SparseBKCore(nn.Module):
     def tau(self, value: float) -> None:
         self.gate.tau = value
 
+    def gate_parts(self, x: torch.Tensor, force_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(straight-through mask (B, N), gate logits (B, N)) from x (B, N, D); `force_mask`
+        fixes the mask's forward value."""
+        logits = self.importance_predictor(x).squeeze(-1)  # (B, N)
+        return self.gate(logits, force=force_mask), logits
+
     def compute_mask(self, x: torch.Tensor, force_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Straight-through mask (B, N) from x (B, N, D); `force_mask` fixes its forward value."""
-        logits = self.importance_predictor(x).squeeze(-1)  # (B, N)
-        return self.gate(logits, force=force_mask)
+        return self.gate_parts(x, force_mask)[0]
 
     def shifts(self) -> torch.Tensor | complex:
         """The heads' shifts: a complex (H,) tensor when learnt, else the fixed python z."""

@@ -51,6 +51,7 @@ VARIANTS = {
     "heads-couplings-threshold": dict(bk_heads=2, bk_input_couplings=True,
                                       gate_eval_mode="threshold"),
     "no-positions": dict(pos_emb="none", bk_heads=2, bk_learn_z=True),
+    "gate-weight": dict(gate_weight=True, bk_heads=2, bk_input_couplings=True),
 }
 
 

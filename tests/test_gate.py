@@ -146,3 +146,29 @@ def test_tau_is_settable_and_validated():
         gumbel_sigmoid(torch.zeros(3), noise="gauss")
     with pytest.raises(ValueError, match="force has shape"):
         gumbel_sigmoid(torch.zeros(2, 3), force=torch.zeros(3))
+
+
+def test_train_noise_none_trains_on_the_threshold_mask():
+    """train_noise="none": in training the mask is exactly logits > 0 (the "threshold" eval
+    rule), no random number is drawn, and the gradient is d sigmoid(l / tau)."""
+    gate = GumbelSigmoidGate(tau=0.5, eval_mode="threshold", train_noise="none").train()
+    logits = torch.randn(4, 50, dtype=torch.float64, requires_grad=True)
+    before = torch.get_rng_state()
+    mask = gate(logits)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(mask.detach(), (logits > 0).double())
+    assert torch.equal(mask.detach(), gate.eval()(logits).detach())  # eval decides the same
+    (mask * torch.arange(50.0, dtype=torch.float64)).sum().backward()
+    s = torch.sigmoid(logits.detach() / 0.5)
+    torch.testing.assert_close(logits.grad, torch.arange(50.0, dtype=torch.float64) * s * (1 - s) / 0.5)
+    with pytest.raises(ValueError, match="train_noise"):
+        GumbelSigmoidGate(train_noise="quasi")
+
+
+def test_lm_config_wires_train_noise_and_refuses_a_mismatched_eval_rule():
+    from sparsebk.lm import LMConfig, SparseBKLM
+
+    with pytest.raises(ValueError, match="gate_eval_mode='threshold'"):
+        LMConfig.preset("debug", gate_train_noise="none")
+    model = SparseBKLM(LMConfig.preset("debug", gate_train_noise="none", gate_eval_mode="threshold"))
+    assert {layer.sparse_bk_core.gate.train_noise for layer in model.layers} == {"none"}

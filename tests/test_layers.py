@@ -78,7 +78,8 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
     """The layer's equations, position by position (eval mode, no dropout). A skipped position's
     heads take coupling 1 and v = 0 (bare H0), or v = W_s x_i with skip_output "mix"; its
     output carries the last computed features ("carry"), projects its own ("own", "mix") or is
-    0 ("zero")."""
+    0 ("zero"). With `gate_weight` a computed position's expert output is scaled by
+    sigmoid(gate logit)."""
     B, N, D = x.shape
     H = layer.bk_heads
     h, v, c = {}, {}, {}  # (b, i) -> expert output (D,), potentials (H,), couplings (H,)
@@ -86,6 +87,8 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
         for i in range(N):
             if mask[b, i] == 1:
                 h[b, i] = moe_reference(layer.moe, x[b, i:i + 1])[0]
+                if layer.gate_weight:  # the gate's probability weighs the expert output
+                    h[b, i] = torch.sigmoid(layer.sparse_bk_core.importance_predictor(x[b, i]))[0] * h[b, i]
                 v[b, i] = layer.v_proj(h[b, i])
                 if layer.bk_input_couplings:  # b_i links i and i + 1
                     c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))

@@ -1,5 +1,6 @@
 """Model options from the quality work: what a skipped position outputs (`skip_output`: "carry",
-"own", "zero"; sparsebk.layers) and how the sparsity budget is shared (`sparsity_budget`).
+"own", "zero"; sparsebk.layers), what the gate is trained on (`gate_grad`, `gate_weight`) and how
+the sparsity budget is shared (`sparsity_budget`).
 
 References: the layer's equations position by position with dense matrix inverses for the BK
 features (tests/test_layers.py's helpers), and the full forward for the streaming decoder.
@@ -218,3 +219,90 @@ def test_gate_grad_is_checked_and_reaches_every_layer():
         LMConfig.preset("debug", gate_grad="both")
     model = SparseBKLM(LMConfig.preset("debug", gate_grad="contrast"))
     assert {layer.gate_grad for layer in model.layers} == {"contrast"}
+
+
+# --- gate_weight: the gate's probability weighs the expert output ----------------------------
+
+@pytest.mark.parametrize("opts", OPTS, ids=["h1", "h3-z-b"])
+@pytest.mark.parametrize("skip", SKIP_OUTPUTS)
+def test_gate_weight_matches_the_reference_with_gate_gradients(skip, opts):
+    """Both paths equal the layer's equations with h_i = sigmoid(l_i) MoE(x_i), gradients of
+    every parameter included: the importance predictor now gets the task's gradient through
+    the weight (the reference differentiates sigmoid(predictor(x_i)) itself)."""
+    torch.manual_seed(11)
+    layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, top_k=2, dropout_p=0.0, skip_output=skip,
+                                   gate_weight=True, **opts).double().eval()
+    away_from_init(layer)
+    x = torch.randn(2, 9, 8, dtype=D64, requires_grad=True)
+    force = (torch.rand(2, 9) < 0.5).double()
+    force[0, :2] = 0
+    assert 0 < force.sum() < force.numel()
+    cot = torch.randn(2, 9, 8, dtype=D64)
+    pred = layer.sparse_bk_core.importance_predictor
+    params = [x, *layer.parameters()]
+
+    def value_and_grads(fn):
+        y = fn()
+        return y.detach(), torch.autograd.grad((y * cot).sum(), params, allow_unused=True)
+
+    ref, ref_grads = value_and_grads(lambda: reference(layer, x, force))
+    i_w = next(k for k, p in enumerate(params) if p is pred.weight)
+    assert ref_grads[i_w].abs().max() > 1e-3  # the weight reaches the predictor
+    core = layer.sparse_bk_core
+    # the reference's mask is a constant: so is the layer's here (no straight-through part)
+    core.gate_parts = lambda x_, force_mask=None: (force, pred(x_).squeeze(-1))
+    for sparse in (True, False):
+        layer.use_sparse_computation = sparse
+        y, grads = value_and_grads(lambda: layer(x, force_mask=force))
+        torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+        for g, g_ref in zip(grads, ref_grads):
+            g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+            torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
+
+
+def test_gate_weight_gradient_is_the_experts_usefulness():
+    """With the mask held fixed (straight-through part removed), dL/dl_i at a computed position
+    is sigmoid'(l_i) <dL/dh_i, MoE(x_i)>; at a skipped position it is 0 through the weight."""
+    torch.manual_seed(12)
+    layer = away_from_init(SparseMoEResNetBKLayer(8, 9, num_experts=3, dropout_p=0.0,
+                                                  gate_weight=True).double().eval())
+    x = torch.randn(2, 9, 8, dtype=D64)
+    force = (torch.rand(2, 9) < 0.6).double()
+    cot = torch.randn(2, 9, 8, dtype=D64)
+    core = layer.sparse_bk_core
+    logits = core.importance_predictor(x).squeeze(-1).detach().requires_grad_(True)
+    # the layer's sparse forward with these logits; mask forced and constant
+    y, _ = layer._sparse_forward(x, force, logits)
+    (g_logits,) = torch.autograd.grad((y * cot).sum(), logits)
+    # reference: dL/dl_i = dL/dw_i * w_i (1 - w_i), with dL/dw_i by a finite difference of
+    # the weight at position i alone
+    eps = 1e-6
+    for b, i in [(b, i) for b in range(2) for i in range(9)]:
+        bump = torch.zeros_like(logits)
+        bump[b, i] = eps
+        with torch.no_grad():
+            up = (layer._sparse_forward(x, force, logits + bump)[0] * cot).sum()
+            dn = (layer._sparse_forward(x, force, logits - bump)[0] * cot).sum()
+        fd = (up - dn) / (2 * eps)
+        torch.testing.assert_close(g_logits[b, i], fd, atol=1e-7, rtol=1e-6)
+        if force[b, i] == 0:
+            assert g_logits[b, i] == 0
+    assert (g_logits[force > 0].abs() > 1e-6).all()
+
+
+def test_gate_weight_is_checked_and_changes_only_computed_expert_outputs():
+    with pytest.raises(ValueError, match="gate_weight"):
+        LMConfig.preset("debug", gate_weight="yes")
+    model = SparseBKLM(LMConfig.preset("debug", gate_weight=True))
+    assert {layer.gate_weight for layer in model.layers} == {True}
+    torch.manual_seed(13)
+    x = torch.randn(2, 9, 8, dtype=D64)
+    force = torch.zeros(2, 9, dtype=D64)  # every position skipped: no expert, no weight
+    outs = []
+    for weight in (False, True):
+        torch.manual_seed(14)
+        layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, dropout_p=0.0,
+                                       gate_weight=weight).double().eval()
+        outs.append((layer(x, force_mask=force).detach(), layer(x, force_mask=torch.ones_like(force)).detach()))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert not torch.allclose(outs[0][1], outs[1][1])

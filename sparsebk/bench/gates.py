@@ -66,15 +66,15 @@ def forced_masks(model, make):
     through the gate's own `force` path (the straight-through code a learned mask takes)."""
     cores = [layer.sparse_bk_core for layer in model.layers]
     for k, core in enumerate(cores):
-        def compute(x, force_mask=None, core=core, k=k):
+        def parts(x, force_mask=None, core=core, k=k):
             logits = core.importance_predictor(x).squeeze(-1)
-            return core.gate(logits, force=make(k, logits))
-        core.compute_mask = compute  # an instance attribute shadows the method
+            return core.gate(logits, force=make(k, logits)), logits
+        core.gate_parts = parts  # an instance attribute shadows the method
     try:
         yield
     finally:
         for core in cores:
-            del core.compute_mask
+            del core.gate_parts
 
 
 @torch.no_grad()
