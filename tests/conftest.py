@@ -28,6 +28,11 @@ def sparsebk_home(tmp_path_factory):
         os.environ["SPARSEBK_HOME"] = old
 
 
+# Set for the local Ray of ray_local (tests/test_job_submit.py sets the same for its head).
+RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray cluster on 127.0.0.1 for the module's tests."""
@@ -36,18 +41,21 @@ def ray_local():
     if ray.is_initialized():
         ray.shutdown()
     # Ray Train's controller polls workers every 2 s by default, and each ray.train.report
-    # waits for that poll; tests report often. Read by the processes ray.init starts.
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"
+    # waits for that poll; tests report often. Ray Train's preemption watcher (an actor per
+    # run, watching for node preemption, which nothing here tests) costs ~3 s of CPU at each
+    # run's start on a 2-core box. Read by the processes ray.init starts.
+    old = {k: os.environ.get(k) for k in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
     # More logical CPUs than cores is fine: workers are mostly idle between steps.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              configure_logging=False, address="local")
     yield ray
     ray.shutdown()
-    if old is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

@@ -37,11 +37,11 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: as the ray_local fixture's (conftest), here for every
-    # process the head starts, the jobs' drivers and Ray Train controllers among them
+    # RAY_TRAIN_*: as the ray_local fixture's (conftest RAY_TEST_ENV), here for every process
+    # the head starts, the jobs' drivers and Ray Train controllers among them
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token",
                PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2")
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
     env.pop("RAY_ADDRESS", None)
     # the head (and so every job's driver) runs with the default home: ~/sparsebk of this HOME
     env.pop("SPARSEBK_HOME", None)
@@ -91,14 +91,14 @@ def _wait_for_dashboard(head: subprocess.Popen, address: str) -> bool:
         except Exception as e:  # noqa: BLE001 - any answer, even 401, means it is up
             if getattr(e, "code", None) is not None:
                 return True
-            time.sleep(1)
+            time.sleep(0.25)
     return False
 
 
 def _stop_head(head: subprocess.Popen) -> None:
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=15)
+        head.wait(timeout=5)  # `ray start --block` often takes longer: its group is killed then
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
@@ -115,7 +115,7 @@ def job_submit(args: list[str], env: dict, timeout: float) -> subprocess.Complet
                               capture_output=True, text=True, timeout=timeout)
         if "No available agent" not in done.stderr + done.stdout or time.monotonic() > deadline:
             return done
-        time.sleep(3)
+        time.sleep(1)
 
 
 def _submit_tiny(ray_head, max_steps: int) -> str:

@@ -270,7 +270,8 @@ class _Reader:
         return {"step": step}
 
 
-def _agree_worker(rank: int, world: int, init_file: str, run_dir: str, unreadable: list, out: str):
+def _agree_worker(rank: int, world: int, init_file: str, cases: list, out: str):
+    """Every case in one process group: each case is (run_dir, unreadable per rank)."""
     import json
 
     import torch.distributed as dist
@@ -280,36 +281,44 @@ def _agree_worker(rank: int, world: int, init_file: str, run_dir: str, unreadabl
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        newest = Checkpoint(list_checkpoints(*_local(run_dir))[0])
-        try:
-            got = restore_with_fallback(_Reader(rank, world, set(unreadable[rank])), newest)
-        except RuntimeError as e:
-            got = {"error": str(e)}
-        Path(out, f"rank{rank}.json").write_text(json.dumps(got))
+        for i, (run_dir, unreadable) in enumerate(cases):
+            newest = Checkpoint(list_checkpoints(*_local(run_dir))[0])
+            try:
+                got = restore_with_fallback(_Reader(rank, world, set(unreadable[rank])), newest)
+            except RuntimeError as e:
+                got = {"error": str(e)}
+            Path(out, f"case{i}-rank{rank}.json").write_text(json.dumps(got))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("unreadable, want", [
+AGREE_CASES = [
     ([[], [3]], {"step": 2}),  # rank 1 cannot read the newest: both restore step 2
     ([[3, 2], [1]], None),  # no step both can read: both stop with the same error, no hang
-])
-def test_ranks_that_read_different_checkpoints_restore_the_same_one(tmp_path, unreadable, want):
+]
+
+
+def test_ranks_that_read_different_checkpoints_restore_the_same_one(tmp_path):
+    """Both cases in one pair of spawned processes (each spawn costs seconds of imports)."""
     import json
 
     import torch.multiprocessing as mp
 
-    for step in (1, 2, 3):  # checkpoint names sort by time, as Ray's
-        d = tmp_path / "run" / f"checkpoint_2026-11-30_00-00-0{step}.000000"
-        d.mkdir(parents=True)
-        (d / "step.txt").write_text(str(step))
-    mp.start_processes(_agree_worker, args=(2, str(tmp_path / "pg"), str(tmp_path / "run"),
-                                            unreadable, str(tmp_path)),
+    cases = []
+    for i, (unreadable, _) in enumerate(AGREE_CASES):
+        run = tmp_path / f"run{i}"
+        for step in (1, 2, 3):  # checkpoint names sort by time, as Ray's
+            d = run / f"checkpoint_2026-11-30_00-00-0{step}.000000"
+            d.mkdir(parents=True)
+            (d / "step.txt").write_text(str(step))
+        cases.append((str(run), unreadable))
+    mp.start_processes(_agree_worker, args=(2, str(tmp_path / "pg"), cases, str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")
-    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    if want is not None:
-        assert got == [want, want]
-    else:
-        # each rank names the oldest checkpoint and its own last error
-        assert all("no readable checkpoint on every worker" in g["error"]
-                   and "00-00-01.000000" in g["error"] for g in got), got
+    for i, (unreadable, want) in enumerate(AGREE_CASES):
+        got = [json.loads((tmp_path / f"case{i}-rank{r}.json").read_text()) for r in range(2)]
+        if want is not None:
+            assert got == [want, want], (unreadable, got)
+        else:
+            # each rank names the oldest checkpoint and its own last error
+            assert all("no readable checkpoint on every worker" in g["error"]
+                       and "00-00-01.000000" in g["error"] for g in got), (unreadable, got)
