@@ -164,8 +164,10 @@ def tradeoff_plot(paths: list[str], out: Path) -> Path:
                 mc = rec["model_config"]
                 dense.append((x, y, f"d{mc['d_model']} H{mc.get('bk_heads', 1)}"))
             else:
-                skip = over.get("skip_output", rec["model_config"].get("skip_output", "carry"))
-                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}"))
+                mc = rec["model_config"]
+                skip = over.get("skip_output", mc.get("skip_output", "carry"))
+                weighted = over.get("gate_weight", mc.get("gate_weight", False))
+                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}" + (" weighted" if weighted else "")))
     for pts, style, name in ((sorted(dense), "o-", "BK dense"), (sparse, "^", "BK sparse"),
                              (other, "r*", "Transformer")):
         if not pts:
