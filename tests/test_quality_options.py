@@ -20,6 +20,25 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 OPTS = [{}, {"bk_heads": 3, "bk_learn_z": True, "bk_input_couplings": True}]
 
 
+def _assert_paths_match(layer, x, force, cot, params, reference_fn):
+    """Both the sparse and the dense path give reference_fn()'s output and the gradients of
+    sum(cot * y) with respect to params; returns the reference's gradients."""
+
+    def value_and_grads(fn):
+        y = fn()
+        return y.detach(), torch.autograd.grad((y * cot).sum(), params, allow_unused=True)
+
+    ref, ref_grads = value_and_grads(reference_fn)
+    for sparse in (True, False):
+        layer.use_sparse_computation = sparse
+        y, grads = value_and_grads(lambda: layer(x, force_mask=force))
+        torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
+        for g, g_ref in zip(grads, ref_grads):
+            g_ref = torch.zeros_like(g) if g_ref is None else g_ref
+            torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
+    return ref_grads
+
+
 @pytest.mark.parametrize("opts", OPTS, ids=["h1", "h3-z-b"])
 @pytest.mark.parametrize("skip", SKIP_OUTPUTS)
 def test_both_paths_match_the_reference_with_gradients(skip, opts):
@@ -34,20 +53,8 @@ def test_both_paths_match_the_reference_with_gradients(skip, opts):
     force[0, :3] = 0  # leading skipped positions
     assert 0 < force.sum() < force.numel()
     cot = torch.randn(2, 9, 8, dtype=D64)
-    params = [p for n, p in layer.named_parameters() if "importance_predictor" not in n]
-
-    def value_and_grads(fn):
-        y = fn()
-        return y.detach(), torch.autograd.grad((y * cot).sum(), [x, *params], allow_unused=True)
-
-    ref, ref_grads = value_and_grads(lambda: reference(layer, x, force))
-    for sparse in (True, False):
-        layer.use_sparse_computation = sparse
-        y, grads = value_and_grads(lambda: layer(x, force_mask=force))
-        torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
-        for g, g_ref in zip(grads, ref_grads):
-            g_ref = torch.zeros_like(g) if g_ref is None else g_ref
-            torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
+    params = [x, *(p for n, p in layer.named_parameters() if "importance_predictor" not in n)]
+    _assert_paths_match(layer, x, force, cot, params, lambda: reference(layer, x, force))
 
 
 def test_the_choices_differ_where_they_should():
@@ -240,24 +247,11 @@ def test_gate_weight_matches_the_reference_with_gate_gradients(skip, opts):
     cot = torch.randn(2, 9, 8, dtype=D64)
     pred = layer.sparse_bk_core.importance_predictor
     params = [x, *layer.parameters()]
-
-    def value_and_grads(fn):
-        y = fn()
-        return y.detach(), torch.autograd.grad((y * cot).sum(), params, allow_unused=True)
-
-    ref, ref_grads = value_and_grads(lambda: reference(layer, x, force))
+    # the reference's mask is a constant: so is the layer's here (no straight-through part)
+    layer.sparse_bk_core.gate_parts = lambda x_, force_mask=None: (force, pred(x_).squeeze(-1))
+    ref_grads = _assert_paths_match(layer, x, force, cot, params, lambda: reference(layer, x, force))
     i_w = next(k for k, p in enumerate(params) if p is pred.weight)
     assert ref_grads[i_w].abs().max() > 1e-3  # the weight reaches the predictor
-    core = layer.sparse_bk_core
-    # the reference's mask is a constant: so is the layer's here (no straight-through part)
-    core.gate_parts = lambda x_, force_mask=None: (force, pred(x_).squeeze(-1))
-    for sparse in (True, False):
-        layer.use_sparse_computation = sparse
-        y, grads = value_and_grads(lambda: layer(x, force_mask=force))
-        torch.testing.assert_close(y, ref, atol=1e-10, rtol=0)
-        for g, g_ref in zip(grads, ref_grads):
-            g_ref = torch.zeros_like(g) if g_ref is None else g_ref
-            torch.testing.assert_close(g, g_ref, atol=1e-9, rtol=0)
 
 
 def test_gate_weight_gradient_is_the_experts_usefulness():
