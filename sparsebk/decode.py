@@ -14,8 +14,8 @@ skipped position outputs W_out f_j + b_out of j, the last computed position befo
     LayerState.k_prev  (B, H) real     k of the last position: its coupling to the next one
     LayerState.carry   (B, D)          W_out f_j + b_out of the last computed position j
                                        (W_out 0 + b_out before any: the forward's zero features);
-                                       kept but unused with skip_output "own" / "zero", whose
-                                       skipped outputs need only alpha
+                                       kept but unused with skip_output "own" / "zero" / "mix" /
+                                       "light", whose skipped outputs need only alpha
     DecodeState.pos    int             positions consumed = the next token's position (the
                                        quasi gate's offset and the learned position row)
 
@@ -115,6 +115,16 @@ def _keep(core: SparseBKCore, x: torch.Tensor, start: int) -> tuple[torch.Tensor
     return pre > 0, logits
 
 
+def _light_rows(layer: SparseMoEResNetBKLayer, x: torch.Tensor, logits: torch.Tensor,
+                keep: torch.Tensor) -> torch.Tensor:
+    """skip_output "light": h (R, D) of rows x (R, D), the experts' where kept and the light
+    FFN's where skipped (the forward's `_light_forward`)."""
+    idx, sidx = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
+    h, _ = layer.experts(x.index_select(0, idx), logits.index_select(0, idx))
+    h_s = layer.light_experts(x.index_select(0, sidx), logits.index_select(0, sidx))
+    return h.new_zeros(x.shape).index_copy(0, idx, h).index_copy(0, sidx, h_s.to(h.dtype))
+
+
 def _shifts(core: SparseBKCore, wd: torch.dtype):
     """(z, scale): z the heads' shifts ((H,) complex tensor, or the fixed python complex), scale
     the learnt-z feature scale Im z_h ((H,) real) or None."""
@@ -136,7 +146,12 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     m = idx.numel()  # host sync: which rows run the experts
     v = layer.skipped_potentials(x)  # (B, H): a skipped row's (0 unless "mix")
     b = None
-    if m:
+    if layer.light is not None:  # every row runs an FFN: the experts' or the light one
+        h = _light_rows(layer, x, logits, keep)  # (B, D)
+        v = layer.v_proj(h)
+        if layer.coupling_proj is not None:
+            b = layer.couplings(h)
+    elif m:
         h, _ = layer.experts(x.index_select(0, idx), logits.index_select(0, idx))  # (M, D)
         v = v.index_copy(0, idx, layer.v_proj(h))
         if layer.coupling_proj is not None:
@@ -150,7 +165,9 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     k = torch.ones_like(st.k_prev) if b is None else b.to(wd).square()
     carry = st.carry
     if layer.skip_output != "carry":  # "own": every row projects its features; "zero": 0
-        if layer.skip_output in ("own", "mix"):
+        if layer.light is not None:
+            y = h + layer.output_proj(feats)
+        elif layer.skip_output in ("own", "mix"):
             y = layer.output_proj(feats)  # (B, D)
             if m:
                 y = y.index_copy(0, idx, h + y.index_select(0, idx))
@@ -179,15 +196,19 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     keep, logits = _keep(core, x, start)  # (B, T) each
     flat = keep.reshape(-1)
     idx = flat.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
-    h, _ = layer.experts(x.reshape(B * T, D).index_select(0, idx),
-                         logits.reshape(-1).index_select(0, idx))  # (M, D)
-    v = layer.skipped_potentials(x.reshape(B * T, D)).index_copy(0, idx, layer.v_proj(h))
-    v = v.view(B, T, H)
-    if layer.coupling_proj is None:
-        k = torch.ones(B, T, H, dtype=wd, device=x.device)
+    if layer.light is not None:  # every row runs an FFN: the experts' or the light one
+        h = _light_rows(layer, x.reshape(B * T, D), logits.reshape(-1), flat)  # (B T, D)
+        v = layer.v_proj(h).view(B, T, H)
+        b = layer.couplings(h).view(B, T, H) if layer.coupling_proj is not None else None
     else:
-        b = x.new_ones(B * T, H).index_copy(0, idx, layer.couplings(h)).view(B, T, H)
-        k = b.to(wd).square()  # (B, T, H)
+        h, _ = layer.experts(x.reshape(B * T, D).index_select(0, idx),
+                             logits.reshape(-1).index_select(0, idx))  # (M, D)
+        v = layer.skipped_potentials(x.reshape(B * T, D)).index_copy(0, idx, layer.v_proj(h))
+        v = v.view(B, T, H)
+        b = None
+        if layer.coupling_proj is not None:
+            b = x.new_ones(B * T, H).index_copy(0, idx, layer.couplings(h)).view(B, T, H)
+    k = torch.ones(B, T, H, dtype=wd, device=x.device) if b is None else b.to(wd).square()
 
     # BK over rows b H + h, as SparseBKCore.bk_features, the state folded into position 0
     z, scale = _shifts(core, wd)
@@ -205,6 +226,9 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     feats = torch.view_as_real(g).view(B, H, T, 2).permute(0, 2, 1, 3).reshape(B, T, 2 * H)
     feats = feats.to(x.dtype).reshape(B * T, 2 * H)
     new_ak = dict(alpha=alpha[:, -1].view(B, H), k_prev=k[:, -1])
+    if layer.light is not None:
+        y = h + layer.output_proj(feats)
+        return y.view(B, T, D), LayerState(**new_ak, carry=st.carry)
     if layer.skip_output in ("own", "mix"):  # as the forward: every position projects its own
         spec = layer.output_proj(feats)  # (B T, D)
         y = spec.index_copy(0, idx, h + spec.index_select(0, idx))

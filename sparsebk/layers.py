@@ -25,11 +25,19 @@ What a skipped position outputs is the option `skip_output`:
     "mix"            y_i = W_out f_i + b_out      "own", and the skipped position still writes
                      v_i = W_s x_i                into the chain: its potentials come from a
                                                   linear map of its input (no expert)
+    "light"          h_i = FFN_light(x_i)         a small FFN (D -> light_d_ff -> D) stands in
+                     y_i = h_i + W_out f_i + b_out for the experts, and h_i feeds the potential
+                                                  and coupling as an expert output does
 
 "own" costs a (2H x D) projection per skipped position (against the expert FFN's 2 x D x 4D
 and the v projection it still skips); the BK features of every position exist anyway. "mix"
 adds a (D x H) projection: a skipped position is then a linear BK mixing layer, and only the
-expert FFN is what the gate decides on.
+expert FFN is what the gate decides on. "light" is the two-branch layout of CoLT5 (Ainslie et
+al. 2023), with the gate choosing the branch: a skipped position runs a light FFN whose width
+defaults to D / 4 (a sixteenth of a 4D expert's multiply-adds) instead of the expert FFN, and
+is otherwise a computed position. With `gate_weight` the gate is then a top-1 router over two
+experts: h_i = (1 - sigmoid(l_i)) FFN_light(x_i) at a skipped position, so the logit gets a
+task gradient there too. A dense model (every gate open) never runs the light FFN.
 
 The gate and the BK mixing, multi-channel options included (`bk_heads`, `bk_learn_z`,
 `bk_input_couplings`: H heads, learnt shifts, off-diagonals from the layer's `coupling_proj`),
@@ -86,12 +94,12 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn as nn
 
-from sparsebk.moe import MoEFFN
+from sparsebk.moe import ExpertFFN, MoEFFN
 from sparsebk.sparse_bk_core import SparseBKCore
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int
 
-SKIP_OUTPUTS = ("carry", "own", "zero", "mix")  # what a skipped position outputs (module docstring)
+SKIP_OUTPUTS = ("carry", "own", "zero", "mix", "light")  # what a skipped position outputs (module docstring)
 GATE_GRADS = ("scale", "contrast")  # what the task gradient tells the gate (module docstring)
 
 if TYPE_CHECKING:  # lm.py imports this module
@@ -122,10 +130,14 @@ class SparseMoEResNetBKLayer(nn.Module):
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
                  bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False,
                  skip_output: str = "carry", gate_grad: str = "scale", gate_weight: bool = False,
-                 gate_train_noise: str = "random"):
+                 gate_train_noise: str = "random", light_d_ff: int | None = None):
         super().__init__()
         self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
         self.gate_grad = check_choice("gate_grad", gate_grad, GATE_GRADS)
+        if self.skip_output == "light" and self.gate_grad == "contrast":
+            raise ValueError("gate_grad='contrast' is not defined for skip_output='light' (what a "
+                             "computed position would output if skipped needs its light FFN too); "
+                             "use gate_grad='scale'")
         self.gate_weight = check_bool("gate_weight", gate_weight)
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
@@ -142,6 +154,11 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.dropout = nn.Dropout(dropout_p)
         # "mix": the potentials of skipped positions, from their input (sparsebk.layers doc)
         self.skip_v_proj = nn.Linear(d_model, self.bk_heads) if self.skip_output == "mix" else None
+        # "light": the skipped positions' stand-in for the experts (sparsebk.layers doc)
+        self.light = None
+        if self.skip_output == "light":
+            width = max(1, d_model // 4) if light_d_ff is None else light_d_ff
+            self.light = ExpertFFN(d_model, check_int("light_d_ff", width, min=1))
         self.coupling_proj = None
         if self.bk_input_couplings:
             # zero init: every coupling starts at 2 sigmoid(0) = 1, the Laplacian's
@@ -165,7 +182,8 @@ class SparseMoEResNetBKLayer(nn.Module):
                    gate_eval_mode=cfg.gate_eval_mode, bk_heads=cfg.bk_heads,
                    bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings,
                    skip_output=cfg.skip_output, gate_grad=cfg.gate_grad,
-                   gate_weight=cfg.gate_weight, gate_train_noise=cfg.gate_train_noise)
+                   gate_weight=cfg.gate_weight, gate_train_noise=cfg.gate_train_noise,
+                   light_d_ff=cfg.light_d_ff)
 
     @property
     def sparsity_loss_weight(self) -> float:
@@ -210,6 +228,14 @@ class SparseMoEResNetBKLayer(nn.Module):
             h = h * torch.sigmoid(logits).unsqueeze(-1).to(h.dtype)
         return h, aux
 
+    def light_experts(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """h (M, D) of skipped rows x (M, D) with gate logits (M,) under "light": the light FFN,
+        scaled by 1 - sigmoid(logits) when `gate_weight` (module docstring)."""
+        h = self.light(x)
+        if self.gate_weight:
+            h = h * torch.sigmoid(-logits).unsqueeze(-1).to(h.dtype)
+        return h
+
     def skipped_potentials(self, x: torch.Tensor) -> torch.Tensor:
         """Potentials (..., H) of skipped positions of inputs x (..., D): W_s x for "mix", else
         0 (a skipped position contributes the bare H0)."""
@@ -228,6 +254,8 @@ class SparseMoEResNetBKLayer(nn.Module):
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
         h, aux = self.experts(x.reshape(B * N, D).index_select(0, idx),
                               logits.reshape(-1).index_select(0, idx))  # (M, D)
+        if self.light is not None:
+            return self._light_forward(x, mask, logits, keep, idx, h), aux
         v_c = self.v_proj(h)  # (M, H)
         v = self.skipped_potentials(x.reshape(B * N, D)).index_copy(0, idx, v_c).view(B, N, H)
         b = None
@@ -261,12 +289,32 @@ class SparseMoEResNetBKLayer(nn.Module):
         y = table.index_select(0, row_of(src).reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
 
+    def _light_forward(self, x, mask, logits, keep, idx, h):
+        """The sparse path's rest under "light": skipped rows run the light FFN, then every row
+        is a computed one (potential, coupling, own features); only the computed rows' outputs
+        carry the mask's straight-through factor."""
+        B, N, D = x.shape
+        sidx = (~keep).nonzero().squeeze(1)  # (B N - M,) skipped rows; host sync
+        h_s = self.light_experts(x.reshape(B * N, D).index_select(0, sidx),
+                                 logits.reshape(-1).index_select(0, sidx))
+        h_all = h.new_zeros(B * N, D).index_copy(0, idx, h).index_copy(0, sidx, h_s.to(h.dtype))
+        b = self.couplings(h_all).view(B, N, -1) if self.coupling_proj is not None else None
+        feats = self.sparse_bk_core.bk_features(self.v_proj(h_all).view(B, N, -1), b)
+        y = h_all + self.output_proj(feats.reshape(B * N, -1)).to(h_all.dtype)
+        m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live
+        return y.index_copy(0, idx, m * y.index_select(0, idx)).view(B, N, D)
+
     def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor):
         """Every position computed, the mask applied by selection: the sparse path's reference."""
         B, N, D = x.shape
         keep = mask > 0.5  # (B, N)
         h, aux = self.experts(x.reshape(B * N, D), logits.reshape(-1), token_mask=keep.reshape(-1))
         h = h.view(B, N, D)
+        if self.light is not None:  # every row is computed, by the experts or the light FFN
+            h = torch.where(keep.unsqueeze(-1), h, self.light_experts(x, logits))
+            b = self.couplings(h) if self.coupling_proj is not None else None
+            y = h + self.output_proj(self.sparse_bk_core.bk_features(self.v_proj(h), b))
+            return torch.where(keep.unsqueeze(-1), mask.unsqueeze(-1) * y, y), aux
         v = torch.where(keep.unsqueeze(-1), self.v_proj(h), self.skipped_potentials(x))
         b = None
         if self.coupling_proj is not None:

@@ -125,6 +125,8 @@ class LMConfig:
     # position), "own" (its own BK features, projected), "zero" (the residual stream only);
     # see sparsebk.layers
     skip_output: str = "carry"
+    # "light" only: the width of the light FFN a skipped position runs (None: d_model // 4)
+    light_d_ff: int | None = None
     # what the task gradient tells the gate: "scale" (whether a larger output helps) or
     # "contrast" (whether computing beats skipping); forward values identical (layers.py)
     gate_grad: str = "scale"
@@ -170,6 +172,11 @@ class LMConfig:
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
         check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
         check_choice("LMConfig.gate_grad", self.gate_grad, GATE_GRADS)
+        if self.light_d_ff is not None:
+            self.light_d_ff = check_int("LMConfig.light_d_ff", self.light_d_ff, min=1)
+        if self.skip_output == "light" and self.gate_grad == "contrast":
+            raise ValueError("LMConfig.gate_grad='contrast' is not defined for "
+                             "skip_output='light'; use gate_grad='scale'")
         check_choice("LMConfig.sparsity_budget", self.sparsity_budget, SPARSITY_BUDGETS)
 
     @classmethod

@@ -210,3 +210,32 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
     assert g["test_ppl_ratio"] == pytest.approx(res["bk-sparse-0.5"]["test_ppl"] / res["bk-dense"]["test_ppl"])
     for png in ("quality_ppl_vs_sparsity.png", "quality_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tradeoff_plot_puts_each_run_in_its_series(tmp_path):
+    """`bench quality --tradeoff`: dense rows of every size form one curve sorted by speed,
+    sparse rows are labelled by target, skip output and gate weighting."""
+    from sparsebk.bench import quality
+    from sparsebk.bench.quality_report import tradeoff_points
+
+    def run(name, mc, over, rows):
+        path = tmp_path / name / "quality.json"
+        path.parent.mkdir()
+        results = [{"model": m, "target_sparsity": t, "train_tokens_per_s": x, "test_ppl": y}
+                   for m, t, x, y in rows]
+        path.write_text(json.dumps({"settings": {"model_overrides": over},
+                                    "model_config": mc, "results": results}))
+        return str(path)
+
+    mc = {"d_model": 128, "n_layers": 4, "bk_heads": 8, "skip_output": "carry", "gate_weight": False}
+    a = run("a", mc, {"gate_weight": True},
+            [("bk-dense", 0.0, 3869.0, 177.7), ("bk-sparse-0.5", 0.5, 4120.0, 198.0),
+             ("transformer", None, 3521.0, 186.3)])
+    b = run("b", {**mc, "n_layers": 3}, {"skip_output": "light"},
+            [("bk-dense", 0.0, 4900.0, 190.0), ("bk-sparse-0.3", 0.3, 5000.0, 201.5)])
+    pts = tradeoff_points([a, b])
+    assert pts["dense"] == [(3869.0, 177.7, "d128 L4 H8"), (4900.0, 190.0, "d128 L3 H8")]
+    assert pts["sparse"] == [(4120.0, 198.0, "0.5 carry weighted"), (5000.0, 201.5, "0.3 light")]
+    assert pts["transformer"] == [(3521.0, 186.3, "Transformer")]
+    assert quality.main(["--out", str(tmp_path / "plot"), "--tradeoff", a, b]) == 0
+    assert (tmp_path / "plot" / "quality_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,6 +52,8 @@ VARIANTS = {
                                       gate_eval_mode="threshold"),
     "no-positions": dict(pos_emb="none", bk_heads=2, bk_learn_z=True),
     "gate-weight": dict(gate_weight=True, bk_heads=2, bk_input_couplings=True),
+    "light": dict(skip_output="light", gate_weight=True, bk_heads=2, bk_input_couplings=True,
+                  gate_eval_mode="threshold"),
 }
 
 

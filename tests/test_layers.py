@@ -79,7 +79,8 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
     heads take coupling 1 and v = 0 (bare H0), or v = W_s x_i with skip_output "mix"; its
     output carries the last computed features ("carry"), projects its own ("own", "mix") or is
     0 ("zero"). With `gate_weight` a computed position's expert output is scaled by
-    sigmoid(gate logit)."""
+    sigmoid(gate logit). With "light" a skipped position is a computed one whose expert is the
+    light FFN, weighted by 1 - sigmoid(gate logit) with `gate_weight`."""
     B, N, D = x.shape
     H = layer.bk_heads
     h, v, c = {}, {}, {}  # (b, i) -> expert output (D,), potentials (H,), couplings (H,)
@@ -94,6 +95,14 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
                     c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
             elif layer.skip_output == "mix":
                 v[b, i] = layer.skip_v_proj(x[b, i])
+            elif layer.skip_output == "light":
+                light = layer.light
+                h[b, i] = light.fc2(torch.nn.functional.gelu(light.fc1(x[b, i])))
+                if layer.gate_weight:
+                    h[b, i] = (1 - torch.sigmoid(layer.sparse_bk_core.importance_predictor(x[b, i]))[0]) * h[b, i]
+                v[b, i] = layer.v_proj(h[b, i])
+                if layer.bk_input_couplings:
+                    c[b, i] = 2 * torch.sigmoid(layer.coupling_proj(h[b, i]))
             v.setdefault((b, i), torch.zeros(H, dtype=x.dtype))
             c.setdefault((b, i), torch.ones(H, dtype=x.dtype))
 
@@ -107,6 +116,8 @@ def layer_reference(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.
         for i in range(N):
             if mask[b, i] == 1:
                 last = i
+                rows.append(h[b, i] + layer.output_proj(feats[b, i]))
+            elif layer.skip_output == "light":
                 rows.append(h[b, i] + layer.output_proj(feats[b, i]))
             elif layer.skip_output in ("own", "mix"):
                 rows.append(layer.output_proj(feats[b, i]))

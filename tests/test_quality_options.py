@@ -72,11 +72,14 @@ def test_the_choices_differ_where_they_should():
         assert torch.equal(outs[skip][computed], outs["carry"][computed])
         assert not torch.allclose(outs[skip][~computed], outs["carry"][~computed])
     assert torch.equal(outs["zero"][~computed], torch.zeros_like(outs["zero"][~computed]))
-    # "mix": skipped positions write into the chain, so later computed positions change too
+    # "mix" and "light": skipped positions write into the chain, so later computed positions
+    # change too
     assert not torch.allclose(outs["mix"][computed], outs["own"][computed])
+    assert not torch.allclose(outs["light"][computed], outs["own"][computed])
+    assert not torch.allclose(outs["light"][~computed], outs["own"][~computed])
 
 
-@pytest.mark.parametrize("skip", ["own", "zero", "mix"])
+@pytest.mark.parametrize("skip", ["own", "zero", "mix", "light"])
 @pytest.mark.parametrize("eval_mode", ["quasi", "threshold"])
 def test_decode_equals_the_full_forward(skip, eval_mode):
     """Prefill of a prefix, then step-wise decoding: the logits of every position equal the
@@ -197,13 +200,15 @@ def test_contrast_gradient_is_computing_minus_skipping(skip, sparse):
     assert checked >= 6
 
 
-@pytest.mark.parametrize("skip", SKIP_OUTPUTS)
-def test_contrast_sparse_and_dense_paths_agree_in_training(skip):
+# "light" has no "contrast" (refused: test_light_is_checked); it trains with "scale" here
+@pytest.mark.parametrize("skip,gate_grad", [(s, "contrast") for s in SKIP_OUTPUTS if s != "light"]
+                         + [("light", "scale")])
+def test_contrast_sparse_and_dense_paths_agree_in_training(skip, gate_grad):
     """Gate noise and dropout on: the two paths give the same outputs and every gradient, the
     importance predictor's included."""
     torch.manual_seed(7)
     layer = away_from_init(SparseMoEResNetBKLayer(8, 10, num_experts=3, dropout_p=0.1, skip_output=skip,
-                                                  gate_grad="contrast").double().train())
+                                                  gate_grad=gate_grad).double().train())
     x = torch.randn(3, 10, 8, dtype=D64, requires_grad=True)
     runs = []
     for sparse in (True, False):
@@ -300,3 +305,36 @@ def test_gate_weight_is_checked_and_changes_only_computed_expert_outputs():
         outs.append((layer(x, force_mask=force).detach(), layer(x, force_mask=torch.ones_like(force)).detach()))
     assert torch.equal(outs[0][0], outs[1][0])
     assert not torch.allclose(outs[0][1], outs[1][1])
+
+
+# --- skip_output "light": a light FFN stands in for the experts at skipped positions ----------
+
+def test_light_is_checked():
+    with pytest.raises(ValueError, match="gate_grad"):
+        LMConfig.preset("debug", skip_output="light", gate_grad="contrast")
+    with pytest.raises(ValueError, match="gate_grad"):
+        SparseMoEResNetBKLayer(8, 9, skip_output="light", gate_grad="contrast")
+    with pytest.raises(ValueError, match="light_d_ff"):
+        LMConfig.preset("debug", skip_output="light", light_d_ff=0)
+    assert SparseMoEResNetBKLayer(32, 9, skip_output="light").light.fc1.out_features == 8
+    model = SparseBKLM(LMConfig.preset("debug", skip_output="light", light_d_ff=5))
+    assert {layer.light.fc1.out_features for layer in model.layers} == {5}
+    assert all(layer.light is None for layer in SparseBKLM(LMConfig.preset("debug")).layers)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_light_leaves_computed_positions_of_a_dense_mask_alone(sparse):
+    """Every gate open: the light FFN never runs and the layer equals today's ("carry") layer
+    with the same weights; its parameters get a zero gradient (in the graph, for DDP)."""
+    torch.manual_seed(15)
+    x = torch.randn(2, 9, 8, dtype=D64)
+    ys = {}
+    for skip in ("carry", "light"):
+        torch.manual_seed(16)
+        layer = SparseMoEResNetBKLayer(8, 9, num_experts=3, dropout_p=0.0, skip_output=skip,
+                                       gate_weight=True, use_sparse_computation=sparse).double()
+        away_from_init(layer)
+        ys[skip] = layer(x, force_mask=torch.ones(2, 9, dtype=D64))
+    torch.testing.assert_close(ys["light"], ys["carry"], atol=1e-12, rtol=0)
+    ys["light"].square().sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in layer.light.parameters())

@@ -16,7 +16,7 @@ import torch
 from sparsebk.train.config import TrainConfig, load_config
 from sparsebk.train.loop import local_batches
 from sparsebk.train.resume import (ResumeRefused, classify, compare, config_changes,
-                                   list_checkpoints, read_state)
+                                   list_checkpoints, read_state, restoring_overrides)
 from sparsebk.train.schedule_client import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
@@ -79,6 +79,23 @@ def test_another_tokenizer_vocabulary_is_refused(tmp_path):
             "dataset_dir": "/d"}
     changes = compare(meta, cfg, {"name": "word", "checksum": "bb"}, "/d")
     assert classify(changes) == ([], [("tokenizer.checksum", "aa", "bb")])
+
+
+def test_the_refusal_flags_put_the_checkpoint_values_back():
+    """A run of ptb-cpu.yaml trained before the `small` preset's gates changed: the refused
+    fields' restoring `--set` flags, applied to the same config, give a run that resumes."""
+    ptb = TINY.with_name("ptb-cpu.yaml")
+    old_gates = ["model.gate_weight=false", "model.gate_train_noise=random",
+                 "model.gate_eval_mode=quasi"]
+    old = load_config(ptb, old_gates).to_dict()
+    now = load_config(ptb).to_dict()
+    safe, refused = classify(compare({"train_config": old}, now, None, None))
+    assert safe == [] and {k for k, _, _ in refused} == {
+        "model.gate_weight", "model.gate_train_noise", "model.gate_eval_mode"}
+    flags = restoring_overrides(refused).split()
+    assert flags[::2] == ["--set"] * 3
+    resumed = load_config(ptb, flags[1::2]).to_dict()
+    assert compare({"train_config": old}, resumed, None, None) == []
 
 
 # --- the data position is a sample position -------------------------------------------------
@@ -220,6 +237,7 @@ def test_resume_fewer_workers_truncated_latest_then_a_refused_shape(tmp_path, ra
     assert time.perf_counter() - t0 < 120
     msg = str(err.value)
     assert "model.n_layers: 2 -> 3" in msg and "run.name=r-2" in msg
+    assert "(--set model.n_layers=2)" in msg  # what puts the checkpoint's value back
     assert "optim.max_steps" not in msg.split("Settings that may change")[0]
     assert list_checkpoints(fs, run_path) == before  # no worker trained
 

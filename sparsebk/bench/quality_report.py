@@ -141,34 +141,43 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     return [p1, p2]
 
 
+def tradeoff_points(paths: list[str]) -> dict[str, list[tuple[float, float, str]]]:
+    """(tokens/s, test ppl, label) of every row of these `quality.json` files, by series:
+    "dense" (sorted by speed: the dense curve), "sparse" and "transformer". A dense label names
+    the size (d_model, layers, BK heads); a sparse one its target, what its skipped positions
+    output, and "weighted" for a weighted gate."""
+    dense, sparse, other = [], [], []
+    for path in paths:
+        rec = json.loads(Path(path).read_text())
+        over = rec["settings"].get("model_overrides", {})
+        mc = rec["model_config"]
+        for r in rec["results"]:
+            x, y = r["train_tokens_per_s"], r["test_ppl"]
+            if r["model"] == TRANSFORMER:
+                other.append((x, y, "Transformer"))
+            elif not r["target_sparsity"]:
+                dense.append((x, y, f"d{mc['d_model']} L{mc['n_layers']} H{mc.get('bk_heads', 1)}"))
+            else:
+                skip = over.get("skip_output", mc.get("skip_output", "carry"))
+                weighted = over.get("gate_weight", mc.get("gate_weight", False))
+                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}" + (" weighted" if weighted else "")))
+    return {"dense": sorted(dense), "sparse": sparse, "transformer": other}
+
+
 def tradeoff_plot(paths: list[str], out: Path) -> Path:
-    """One plot from several `quality.json` files of the same protocol: test perplexity against
-    training tokens/s, dense models as one series, each sparse model a point labelled with its
-    target and what its skipped positions output. Sparsity pays where a sparse point lies below
-    the dense series (better perplexity at the same speed)."""
+    """One plot from several `quality.json` files of the same protocol (`tradeoff_points`):
+    test perplexity against training tokens/s, dense models as one series, each sparse model
+    a labelled point. Sparsity pays where a sparse point lies below the dense series (better
+    perplexity at the same speed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    dense, sparse, other = [], [], []
-    for path in paths:
-        rec = json.loads(Path(path).read_text())
-        over = rec["settings"].get("model_overrides", {})
-        for r in rec["results"]:
-            x, y = r["train_tokens_per_s"], r["test_ppl"]
-            if r["model"] == TRANSFORMER:
-                other.append((x, y, "Transformer"))
-            elif not r["target_sparsity"]:
-                mc = rec["model_config"]
-                dense.append((x, y, f"d{mc['d_model']} H{mc.get('bk_heads', 1)}"))
-            else:
-                mc = rec["model_config"]
-                skip = over.get("skip_output", mc.get("skip_output", "carry"))
-                weighted = over.get("gate_weight", mc.get("gate_weight", False))
-                sparse.append((x, y, f"{r['target_sparsity']:g} {skip}" + (" weighted" if weighted else "")))
-    for pts, style, name in ((sorted(dense), "o-", "BK dense"), (sparse, "^", "BK sparse"),
+    pts_by = tradeoff_points(paths)
+    dense, sparse, other = pts_by["dense"], pts_by["sparse"], pts_by["transformer"]
+    for pts, style, name in ((dense, "o-", "BK dense"), (sparse, "^", "BK sparse"),
                              (other, "r*", "Transformer")):
         if not pts:
             continue

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from sparsebk.train.parallel import is_sharded
+
 STATE_FILE = "state.pt"
 SHARDS_DIR = "shards"
 
@@ -114,7 +116,7 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
         raise ValueError(f"checkpoint {d}: missing {STATE_FILE}")
     state = torch.load(path, map_location=map_location, weights_only=True)
     sharded = state.get("sharded", False)
-    if model is not None and sharded != _is_sharded(model):
+    if model is not None and sharded != is_sharded(model):
         raise ValueError(f"checkpoint {d} was written by a "
                          f"{'sharded (run.parallel fsdp)' if sharded else 'replicated (ddp)'} "
                          "run; resume it with the same run.parallel")
@@ -137,12 +139,6 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
     if state["rng_restored"]:
         set_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
     return state
-
-
-def _is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 def load_model_weights(directory: str | os.PathLike, model: torch.nn.Module) -> None:

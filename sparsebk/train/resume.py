@@ -92,6 +92,20 @@ def describe(changes: list[tuple]) -> str:
     return "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changes)
 
 
+def _yaml_scalar(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    return str(v)
+
+
+def restoring_overrides(changes: list[tuple]) -> str:
+    """The `--set` flags that put the checkpoint's values back, for the config fields among
+    `changes` that the checkpoint records (not the dataset identity)."""
+    return " ".join(f"--set {k}={_yaml_scalar(a)}" for k, a, _ in changes
+                    if a is not _ABSENT and not k.startswith(("tokenizer", "dataset_dir"))
+                    and not isinstance(a, (dict, list)))
+
+
 def compare(meta: dict, cfg_dict: dict, tokenizer: dict | None, dataset_dir: str | None
             ) -> list[tuple]:
     """Every difference between a checkpoint's meta and the new run (its resolved config dict,
@@ -185,13 +199,15 @@ def check_resume(loop_config: dict, where: str = "config") -> dict | None:
     safe, refused = classify(compare(meta, cfg, tokenizer, dataset_dir))
     name = cfg["run"]["name"]
     if refused:
+        restore = restoring_overrides(refused)
+        restore = f" ({restore})" if restore else ""
         raise ResumeRefused(
             f"{where}: run {name!r} has a checkpoint ({path}, step {state.get('step')}) trained "
             f"with other settings; resuming would change what its weights mean:\n"
             f"{describe(refused)}\n"
             f"To train with the new settings, start a new run: give it another run.name (e.g. "
             f"--set run.name={name}-2) or another run.storage_path. To resume this run, keep "
-            f"those settings as they were. Settings that may change on resume: "
+            f"those settings as they were{restore}. Settings that may change on resume: "
             f"{', '.join(SAFE)}.")
     if safe:
         logger.info("resuming run %s from %s (step %s) with changed settings:\n%s", name, path,
