@@ -173,9 +173,9 @@ class SparseMoEResNetBKLayer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: LMConfig) -> "SparseMoEResNetBKLayer":
-        """The layer an `LMConfig` describes (expert width and causality at their defaults)."""
+        """The layer an `LMConfig` describes (causal)."""
         return cls(cfg.d_model, cfg.n_seq, num_experts=cfg.num_experts, top_k=cfg.top_k,
-                   dropout_p=cfg.dropout_p, target_sparsity=cfg.target_sparsity,
+                   d_ff=cfg.d_ff, dropout_p=cfg.dropout_p, target_sparsity=cfg.target_sparsity,
                    sparsity_loss_weight=cfg.sparsity_loss_weight,
                    sparsity_loss_type=cfg.sparsity_loss_type,
                    use_sparse_computation=cfg.use_sparse_computation, tau=cfg.tau,

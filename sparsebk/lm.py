@@ -55,13 +55,15 @@ SPARSITY_BUDGETS = ("layer", "model")
 # size's quality is not measured here: it inherits the small size's choice.) "debug" keeps the
 # single-channel layer of the seed spec.
 MULTI_CHANNEL = dict(bk_heads=8, bk_learn_z=True, bk_input_couplings=True)
-# Both also gate the way the measurements chose (BENCHMARKS.md, "Gates that learn"): the
-# gate's probability weighs the expert output and the training mask is the deterministic
-# logit > 0. PTB, small, 0.5 target, 600 s, LR 4e-3: test ppl 198.0 against 243.0 for the
-# Bernoulli-drawn, unweighted gate (which was measured at LR 2e-3), and in `sparsebk bench
-# gates` the learned masks beat random masks of the same rate (378 against 563 valid ppl)
-# where the old gates did not (392 against 384).
-LEARNED_GATES = dict(gate_weight=True, gate_train_noise="none", gate_eval_mode="threshold")
+# Both also gate the way the measurements chose (BENCHMARKS.md, "Gates that learn" and "A light
+# FFN for skipped tokens"): the gate's probability weighs the expert output, the training mask
+# is the deterministic logit > 0, and a skipped position runs a light FFN (width D / 4) in
+# place of the experts. PTB, small, 600 s, LR 4e-3: test ppl 189.3 at 0.5 and 187.8 at 0.7,
+# against 198.0 and 237.7 when a skipped position carries the last computed row (dense 177.7),
+# and 243.0 at 0.5 for the seed's Bernoulli-drawn, unweighted gate (at LR 2e-3). A dense model
+# (every gate open) never runs the light FFN.
+LEARNED_GATES = dict(gate_weight=True, gate_train_noise="none", gate_eval_mode="threshold",
+                     skip_output="light")
 PRESETS: dict[str, dict] = {
     "debug": dict(vocab_size=64, n_seq=32, d_model=32, n_layers=2, num_experts=4, top_k=1),
     "small": dict(vocab_size=10000, n_seq=128, d_model=128, n_layers=4, num_experts=4, top_k=1,
@@ -92,6 +94,8 @@ class LMConfig:
     n_layers: int
     num_experts: int = 4
     top_k: int = 1
+    # each expert's hidden width (None: 4 d_model)
+    d_ff: int | None = None
     dropout_p: float = 0.1
     # every layer's initial sparsity target and loss weight: what a model built from this config
     # uses until someone changes them. Under training the sparsity schedule sets both on every
@@ -172,6 +176,8 @@ class LMConfig:
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
         check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
         check_choice("LMConfig.gate_grad", self.gate_grad, GATE_GRADS)
+        if self.d_ff is not None:
+            self.d_ff = check_int("LMConfig.d_ff", self.d_ff, min=1)
         if self.light_d_ff is not None:
             self.light_d_ff = check_int("LMConfig.light_d_ff", self.light_d_ff, min=1)
         if self.skip_output == "light" and self.gate_grad == "contrast":

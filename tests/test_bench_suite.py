@@ -233,9 +233,28 @@ def test_tradeoff_plot_puts_each_run_in_its_series(tmp_path):
              ("transformer", None, 3521.0, 186.3)])
     b = run("b", {**mc, "n_layers": 3}, {"skip_output": "light"},
             [("bk-dense", 0.0, 4900.0, 190.0), ("bk-sparse-0.3", 0.3, 5000.0, 201.5)])
-    pts = tradeoff_points([a, b])
-    assert pts["dense"] == [(3869.0, 177.7, "d128 L4 H8"), (4900.0, 190.0, "d128 L3 H8")]
+    c = run("c", {**mc, "d_ff": 32}, {}, [("bk-dense", 0.0, 4000.0, 180.0)])
+    pts = tradeoff_points([a, b, c])
+    assert pts["dense"] == [(3869.0, 177.7, "d128 L4 H8"), (4000.0, 180.0, "d128 L4 H8 F32"),
+                            (4900.0, 190.0, "d128 L3 H8")]
     assert pts["sparse"] == [(4120.0, 198.0, "0.5 carry weighted"), (5000.0, 201.5, "0.3 light")]
     assert pts["transformer"] == [(3521.0, 186.3, "Transformer")]
-    assert quality.main(["--out", str(tmp_path / "plot"), "--tradeoff", a, b]) == 0
+    assert quality.main(["--out", str(tmp_path / "plot"), "--tradeoff", a, b, c]) == 0
     assert (tmp_path / "plot" / "quality_tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lm_skip_output_rates_time_each_variant_at_its_forced_sparsity():
+    """`bench layer --lm-skip-outputs`: a row per (skip output, sparsity), each step run with
+    the forced masks asked for (the model's own reported sparsity), dense rows at ratio 1."""
+    from sparsebk.bench.layer import lm_skip_output_rates
+
+    rows = lm_skip_output_rates("debug", 4, torch.device("cpu"), 2, ["carry", "light"], [0.25, 0.5])
+    assert [(r["skip_output"], r["sparsity"]) for r in rows] == [
+        (k, s) for k in ("carry", "light") for s in (0.0, 0.25, 0.5)]
+    for r in rows:
+        assert r["achieved_sparsity"] == pytest.approx(r["sparsity"], abs=1e-6)
+        assert r["tokens_per_s_wall"] == pytest.approx(4 * 32 / (r["step_wall_ms"] / 1e3))
+        if r["sparsity"] == 0.0:
+            assert r["vs_dense_wall"] == 1.0 and r["vs_dense_cpu"] == 1.0
+    with pytest.raises(ValueError, match="lm-skip-outputs"):
+        lm_skip_output_rates("debug", 4, torch.device("cpu"), 1, ["copy"], [0.5])

@@ -71,6 +71,7 @@ def test_presets_and_dict_round_trip():
     ("bk_heads", 2.0, "LMConfig.bk_heads=2.0: must be an integer"),
     ("bk_learn_z", "yes", "LMConfig.bk_learn_z='yes': must be true or false"),
     ("bk_input_couplings", 1, "LMConfig.bk_input_couplings=1: must be true or false"),
+    ("d_ff", 0, "LMConfig.d_ff=0: must be >= 1"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -153,9 +154,12 @@ def test_block_returns_the_layer_parts_and_stores_nothing():
 def test_layer_from_config_takes_every_layer_field():
     cfg = LMConfig.preset("debug", num_experts=3, top_k=2, dropout_p=0.2, target_sparsity=0.3,
                           sparsity_loss_weight=0.7, sparsity_loss_type="kl", tau=0.5,
-                          use_sparse_computation=False, gate_eval_mode="threshold", **MULTI)
+                          use_sparse_computation=False, gate_eval_mode="threshold", d_ff=24,
+                          skip_output="light", light_d_ff=6, **MULTI)
     layer = SparseMoEResNetBKLayer.from_config(cfg)
     assert (layer.d_model, layer.n_seq) == (cfg.d_model, cfg.n_seq)
+    assert {e.fc1.out_features for e in layer.moe.experts} == {24} and layer.moe.d_ff == 24
+    assert layer.skip_output == "light" and layer.light.fc1.out_features == 6
     assert (layer.moe.num_experts, layer.moe.top_k, layer.dropout.p) == (3, 2, 0.2)
     assert (layer.sparse_bk_core.target_sparsity, layer.sparsity_loss_weight) == (0.3, 0.7)
     assert (layer.sparsity_loss_type, layer.sparse_bk_core.tau) == ("kl", 0.5)

@@ -86,14 +86,14 @@ def test_the_refusal_flags_put_the_checkpoint_values_back():
     fields' restoring `--set` flags, applied to the same config, give a run that resumes."""
     ptb = TINY.with_name("ptb-cpu.yaml")
     old_gates = ["model.gate_weight=false", "model.gate_train_noise=random",
-                 "model.gate_eval_mode=quasi"]
+                 "model.gate_eval_mode=quasi", "model.skip_output=carry"]
     old = load_config(ptb, old_gates).to_dict()
     now = load_config(ptb).to_dict()
     safe, refused = classify(compare({"train_config": old}, now, None, None))
     assert safe == [] and {k for k, _, _ in refused} == {
-        "model.gate_weight", "model.gate_train_noise", "model.gate_eval_mode"}
+        "model.gate_weight", "model.gate_train_noise", "model.gate_eval_mode", "model.skip_output"}
     flags = restoring_overrides(refused).split()
-    assert flags[::2] == ["--set"] * 3
+    assert flags[::2] == ["--set"] * 4
     resumed = load_config(ptb, flags[1::2]).to_dict()
     assert compare({"train_config": old}, resumed, None, None) == []
 

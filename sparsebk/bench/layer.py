@@ -15,6 +15,12 @@ DIR/layer.json.
 Multi-channel BK mixing (`--heads H`, 0 to skip; `--learn-z`, `--input-couplings`, both on by
 default): the same forward + backward of a layer with H BK heads at the same width, timed
 round-robin against the single-channel layer at sparsity 0 and 0.5; the ratio is its cost.
+
+What a whole training step costs with each kind of skipped output (`--lm-skip-outputs
+carry,light --lm-sparsities 0.5,0.7`): one LM of the first `--lm-presets` preset per skip
+output (same seed), every layer's mask forced to random masks of each sparsity, timed
+round-robin with the same model's dense step (every gate open): tokens/s against dense from
+one run, free of the drift between separate training rows.
 """
 
 from __future__ import annotations
@@ -62,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the multi-channel layer has input-dependent couplings (default on)")
     p.add_argument("--skip-output", choices=SKIP_OUTPUTS, default="carry",
                    help="what a skipped position outputs, in every layer timed (default carry)")
+    p.add_argument("--lm-skip-outputs", default="",
+                   help="comma-separated skip outputs whose whole training step is timed at "
+                        "--lm-sparsities against dense, round-robin (empty: skip)")
+    p.add_argument("--lm-sparsities", default="0.5")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if lm_rows:
         print()
         print(format_table(lm_rows))
+    skip_rows = []
+    if args.lm_skip_outputs and presets:
+        skip_rows = lm_skip_output_rates(
+            presets[0], args.lm_batch, dev, args.rounds, args.lm_skip_outputs.split(","),
+            [float(s) for s in args.lm_sparsities.split(",")])
+        print()
+        print(format_table(skip_rows))
     config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
                                             "rounds", "device", "lm_batch")}
     config["threads"] = torch.get_num_threads()
@@ -133,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                   skip_output=args.skip_output)
     path = write_result(args.out, "layer", {
         "config": config, "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
-        "multi_channel": multi_rows,
+        "multi_channel": multi_rows, "lm_skip_outputs": skip_rows,
         "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in wall.items()},
         "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in cpu.items()}})
     print(f"wrote {path}")
@@ -215,6 +232,57 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
             "all_skipped_wall_ms": 1e3 * t["skipped"]["wall_median_s"],
             "skippable_share_wall": share_w, "skippable_share_cpu": share_c,
             "max_speedup_at_0.5_cpu": 1.0 / (1.0 - 0.5 * share_c)}
+
+
+def lm_skip_output_rates(name: str, batch: int, dev: torch.device, rounds: int,
+                         skip_outputs: list[str], sparsities: list[float]) -> list[dict]:
+    """Tokens/s of one full training step of the preset LM for each skip output at each forced
+    sparsity (random masks, fixed per layer, through the gate's force path), timed round-robin
+    with the dense step (every gate open) of the same model; rows carry the ratio to dense."""
+    from contextlib import ExitStack
+
+    from sparsebk.bench.gates import forced_masks
+    from sparsebk.lm import LMConfig, SparseBKLM
+
+    for skip in skip_outputs:
+        if skip not in SKIP_OUTPUTS:
+            raise ValueError(f"--lm-skip-outputs: {skip!r} is not one of {SKIP_OUTPUTS}")
+    gen = torch.Generator().manual_seed(0)
+    cfg0 = LMConfig.preset(name)
+    masks = {s: [forced_mask(batch, cfg0.n_seq, s, gen).to(dev) for _ in range(cfg0.n_layers)]
+             for s in [0.0, *sparsities]}
+    tokens = torch.randint(0, cfg0.vocab_size, (batch, cfg0.n_seq + 1), generator=gen).to(dev)
+    steps, stack, achieved = {}, ExitStack(), {}
+    for skip in skip_outputs:
+        torch.manual_seed(0)
+        model = SparseBKLM(LMConfig.preset(name, skip_output=skip)).to(dev).train()
+        opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
+        chosen = {"s": 0.0}  # the sparsity of the next call; read by the forced masks
+        stack.enter_context(forced_masks(model, lambda k, logits, c=chosen: masks[c["s"]][k]))
+
+        def step(s, model=model, opt=opt, chosen=chosen, skip=skip):
+            chosen["s"] = s
+            out = model(tokens[:, :-1], tokens[:, 1:])
+            achieved[(skip, s)] = float(out["layer_sparsity"].mean())
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+
+        for s in [0.0, *sparsities]:
+            steps[(skip, s)] = partial(step, s)
+    with stack:
+        t = time_calls(steps, repeats=rounds, warmup=1, device=dev)
+    n_tok = batch * cfg0.n_seq
+    rows = []
+    for (skip, s), r in t.items():
+        dense = t[(skip, 0.0)]
+        rows.append({"preset": name, "skip_output": skip, "sparsity": s,
+                     "achieved_sparsity": achieved[(skip, s)],
+                     "step_wall_ms": 1e3 * r["wall_median_s"],
+                     "tokens_per_s_wall": n_tok / r["wall_median_s"],
+                     "vs_dense_wall": dense["wall_median_s"] / r["wall_median_s"],
+                     "vs_dense_cpu": dense["cpu_median_s"] / r["cpu_median_s"]})
+    return rows
 
 
 if __name__ == "__main__":

@@ -144,7 +144,7 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
 def tradeoff_points(paths: list[str]) -> dict[str, list[tuple[float, float, str]]]:
     """(tokens/s, test ppl, label) of every row of these `quality.json` files, by series:
     "dense" (sorted by speed: the dense curve), "sparse" and "transformer". A dense label names
-    the size (d_model, layers, BK heads); a sparse one its target, what its skipped positions
+    the size (d_model, layers, BK heads, expert width F when not 4 d_model); a sparse one its target, what its skipped positions
     output, and "weighted" for a weighted gate."""
     dense, sparse, other = [], [], []
     for path in paths:
@@ -156,7 +156,8 @@ def tradeoff_points(paths: list[str]) -> dict[str, list[tuple[float, float, str]
             if r["model"] == TRANSFORMER:
                 other.append((x, y, "Transformer"))
             elif not r["target_sparsity"]:
-                dense.append((x, y, f"d{mc['d_model']} L{mc['n_layers']} H{mc.get('bk_heads', 1)}"))
+                ff = f" F{mc['d_ff']}" if mc.get("d_ff") else ""  # expert width when not 4D
+                dense.append((x, y, f"d{mc['d_model']} L{mc['n_layers']} H{mc.get('bk_heads', 1)}{ff}"))
             else:
                 skip = over.get("skip_output", mc.get("skip_output", "carry"))
                 weighted = over.get("gate_weight", mc.get("gate_weight", False))
