@@ -115,16 +115,6 @@ def _keep(core: SparseBKCore, x: torch.Tensor, start: int) -> tuple[torch.Tensor
     return pre > 0, logits
 
 
-def _light_rows(layer: SparseMoEResNetBKLayer, x: torch.Tensor, logits: torch.Tensor,
-                keep: torch.Tensor) -> torch.Tensor:
-    """skip_output "light": h (R, D) of rows x (R, D), the experts' where kept and the light
-    FFN's where skipped (the forward's `_light_forward`)."""
-    idx, sidx = keep.nonzero().squeeze(1), (~keep).nonzero().squeeze(1)
-    h, _ = layer.experts(x.index_select(0, idx), logits.index_select(0, idx))
-    h_s = layer.light_experts(x.index_select(0, sidx), logits.index_select(0, sidx))
-    return h.new_zeros(x.shape).index_copy(0, idx, h).index_copy(0, sidx, h_s.to(h.dtype))
-
-
 def _shifts(core: SparseBKCore, wd: torch.dtype):
     """(z, scale): z the heads' shifts ((H,) complex tensor, or the fixed python complex), scale
     the learnt-z feature scale Im z_h ((H,) real) or None."""
@@ -147,7 +137,7 @@ def layer_step(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState, p
     v = layer.skipped_potentials(x)  # (B, H): a skipped row's (0 unless "mix")
     b = None
     if layer.light is not None:  # every row runs an FFN: the experts' or the light one
-        h = _light_rows(layer, x, logits, keep)  # (B, D)
+        h, _ = layer.light_rows(x, logits, keep, idx)  # (B, D)
         v = layer.v_proj(h)
         if layer.coupling_proj is not None:
             b = layer.couplings(h)
@@ -197,7 +187,7 @@ def layer_prefill(layer: SparseMoEResNetBKLayer, x: torch.Tensor, st: LayerState
     flat = keep.reshape(-1)
     idx = flat.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
     if layer.light is not None:  # every row runs an FFN: the experts' or the light one
-        h = _light_rows(layer, x.reshape(B * T, D), logits.reshape(-1), flat)  # (B T, D)
+        h, _ = layer.light_rows(x.reshape(B * T, D), logits.reshape(-1), flat, idx)  # (B T, D)
         v = layer.v_proj(h).view(B, T, H)
         b = layer.couplings(h).view(B, T, H) if layer.coupling_proj is not None else None
     else:

@@ -252,10 +252,10 @@ class SparseMoEResNetBKLayer(nn.Module):
         H = self.bk_heads
         keep = mask.reshape(-1) > 0.5  # (B N,)
         idx = keep.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
+        if self.light is not None:
+            return self._light_forward(x, mask, logits, keep, idx)
         h, aux = self.experts(x.reshape(B * N, D).index_select(0, idx),
                               logits.reshape(-1).index_select(0, idx))  # (M, D)
-        if self.light is not None:
-            return self._light_forward(x, mask, logits, keep, idx, h), aux
         v_c = self.v_proj(h)  # (M, H)
         v = self.skipped_potentials(x.reshape(B * N, D)).index_copy(0, idx, v_c).view(B, N, H)
         b = None
@@ -289,20 +289,29 @@ class SparseMoEResNetBKLayer(nn.Module):
         y = table.index_select(0, row_of(src).reshape(-1)).index_copy(0, idx, out)  # (B N, D)
         return y.view(B, N, D), aux
 
-    def _light_forward(self, x, mask, logits, keep, idx, h):
-        """The sparse path's rest under "light": skipped rows run the light FFN, then every row
-        is a computed one (potential, coupling, own features); only the computed rows' outputs
+    def light_rows(self, x: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor,
+                   idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h (R, D), aux) under "light" for rows x (R, D) with gate logits (R,), keep (R,) bool
+        and idx the kept rows' indices (M,): the experts' output where kept, the light FFN's
+        where skipped. The skipped rows come from a stable sort of `keep`, their count from
+        idx's length: no second host sync."""
+        R, M = keep.shape[0], idx.shape[0]
+        sidx = torch.argsort(keep.to(torch.uint8), stable=True)[: R - M]  # skipped, in order
+        h, aux = self.experts(x.index_select(0, idx), logits.index_select(0, idx))
+        h_s = self.light_experts(x.index_select(0, sidx), logits.index_select(0, sidx))
+        return h.new_zeros(R, x.shape[1]).index_copy(0, idx, h).index_copy(0, sidx, h_s.to(h.dtype)), aux
+
+    def _light_forward(self, x, mask, logits, keep, idx):
+        """The sparse path under "light": skipped rows run the light FFN, then every row is a
+        computed one (potential, coupling, own features); only the computed rows' outputs
         carry the mask's straight-through factor."""
         B, N, D = x.shape
-        sidx = (~keep).nonzero().squeeze(1)  # (B N - M,) skipped rows; host sync
-        h_s = self.light_experts(x.reshape(B * N, D).index_select(0, sidx),
-                                 logits.reshape(-1).index_select(0, sidx))
-        h_all = h.new_zeros(B * N, D).index_copy(0, idx, h).index_copy(0, sidx, h_s.to(h.dtype))
+        h_all, aux = self.light_rows(x.reshape(B * N, D), logits.reshape(-1), keep, idx)
         b = self.couplings(h_all).view(B, N, -1) if self.coupling_proj is not None else None
         feats = self.sparse_bk_core.bk_features(self.v_proj(h_all).view(B, N, -1), b)
         y = h_all + self.output_proj(feats.reshape(B * N, -1)).to(h_all.dtype)
         m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live
-        return y.index_copy(0, idx, m * y.index_select(0, idx)).view(B, N, D)
+        return y.index_copy(0, idx, m * y.index_select(0, idx)).view(B, N, D), aux
 
     def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor):
         """Every position computed, the mask applied by selection: the sparse path's reference."""
