@@ -95,7 +95,7 @@ import torch
 import torch.nn as nn
 
 from sparsebk.moe import ExpertFFN, MoEFFN
-from sparsebk.sparse_bk_core import SparseBKCore
+from sparsebk.sparse_bk_core import Z_IM_RANGE, SparseBKCore
 from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int
 
@@ -130,7 +130,8 @@ class SparseMoEResNetBKLayer(nn.Module):
                  d_ff: int | None = None, causal: bool = True, gate_eval_mode: str = "quasi",
                  bk_heads: int = 1, bk_learn_z: bool = False, bk_input_couplings: bool = False,
                  skip_output: str = "carry", gate_grad: str = "scale", gate_weight: bool = False,
-                 gate_train_noise: str = "random", light_d_ff: int | None = None):
+                 gate_train_noise: str = "random", light_d_ff: int | None = None,
+                 bk_z_im_range: tuple[float, float] = Z_IM_RANGE):
         super().__init__()
         self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
         self.gate_grad = check_choice("gate_grad", gate_grad, GATE_GRADS)
@@ -147,7 +148,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.sparse_bk_core = SparseBKCore(d_model, n_seq, target_sparsity, tau, causal=causal,
                                            gate_eval_mode=gate_eval_mode, heads=bk_heads,
                                            gate_train_noise=gate_train_noise,
-                                           learn_z=bk_learn_z)
+                                           learn_z=bk_learn_z, z_im_range=bk_z_im_range)
         self.moe = MoEFFN(d_model, num_experts, top_k, d_ff)
         self.v_proj = nn.Linear(d_model, self.bk_heads)
         self.output_proj = nn.Linear(2 * self.bk_heads, d_model)
@@ -183,7 +184,7 @@ class SparseMoEResNetBKLayer(nn.Module):
                    bk_learn_z=cfg.bk_learn_z, bk_input_couplings=cfg.bk_input_couplings,
                    skip_output=cfg.skip_output, gate_grad=cfg.gate_grad,
                    gate_weight=cfg.gate_weight, gate_train_noise=cfg.gate_train_noise,
-                   light_d_ff=cfg.light_d_ff)
+                   light_d_ff=cfg.light_d_ff, bk_z_im_range=(cfg.bk_z_im_min, cfg.bk_z_im_max))
 
     @property
     def sparsity_loss_weight(self) -> float:

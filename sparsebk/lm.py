@@ -37,6 +37,7 @@ from sparsebk import decode
 from sparsebk.decode import DecodeState
 from sparsebk.gate import EVAL_MODES, TRAIN_NOISES
 from sparsebk.layers import GATE_GRADS, SKIP_OUTPUTS, LayerOutput, SparseMoEResNetBKLayer
+from sparsebk.sparse_bk_core import Z_IM_RANGE
 from sparsebk.sparsity import LOSS_TYPES, sparsity_loss
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int,
                                  check_sparsity, from_mapping)
@@ -117,6 +118,10 @@ class LMConfig:
     bk_heads: int = 1
     bk_learn_z: bool = False
     bk_input_couplings: bool = False
+    # bk_learn_z only: the heads' Im z at init, log-spaced over [min, max] (memory lengths from
+    # about 1/max to 1/min positions); min = max starts every head at the same shift
+    bk_z_im_min: float = Z_IM_RANGE[0]
+    bk_z_im_max: float = Z_IM_RANGE[1]
     # recompute each block in backward instead of storing its activations (non-reentrant
     # torch.utils.checkpoint); the RNG state is replayed, so the recomputed gate noise, mask
     # and dropout are the ones of the forward
@@ -173,6 +178,14 @@ class LMConfig:
                      "activation_checkpointing", "gate_weight"):
             check_bool(f"LMConfig.{name}", getattr(self, name))
         self.bk_heads = check_int("LMConfig.bk_heads", self.bk_heads, min=1)
+        self.bk_z_im_min = check_float("LMConfig.bk_z_im_min", self.bk_z_im_min, min=0.0,
+                                       min_open=True)
+        self.bk_z_im_max = check_float("LMConfig.bk_z_im_max", self.bk_z_im_max,
+                                       min=self.bk_z_im_min)
+        if not self.bk_learn_z and (self.bk_z_im_min, self.bk_z_im_max) != Z_IM_RANGE:
+            raise ValueError(f"LMConfig.bk_z_im_min/bk_z_im_max ({self.bk_z_im_min}, "
+                             f"{self.bk_z_im_max}) initialise learnt shifts; set "
+                             f"bk_learn_z=true, or leave them at {Z_IM_RANGE}")
         check_choice("LMConfig.pos_emb", self.pos_emb, POS_EMB)
         check_choice("LMConfig.skip_output", self.skip_output, SKIP_OUTPUTS)
         check_choice("LMConfig.gate_grad", self.gate_grad, GATE_GRADS)

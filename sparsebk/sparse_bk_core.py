@@ -14,7 +14,8 @@ Multi-channel mixing (`bk_heads`, `bk_learn_z`, `bk_input_couplings`; the defaul
 False are the single-channel layer, bit for bit). The H heads run as one BK-core call over
 (B H, N) rows. Head h has the shift z_h: 1j for every head when fixed; when learnt,
 z_h = x_h + i exp(u_h) (Im z_h > 0 by construction), x_h = 0 and exp(u_h) log-spaced over
-[0.1, 10] at init (bin centres: several memory lengths; H = 1 starts at z = 1j), and
+`z_im_range` = [0.1, 10] at init (bin centres: several memory lengths; H = 1 starts at
+z = 1j; a range [a, a] starts every head at z = i a), and
 the head's features are y_h g_h = [((H_h - x_h) / y_h - i)^-1] (causal block diagonal), the
 resolvent of the rescaled operator at z = i, so |y_h g_h| <= 1 for every head whatever its
 scale. With input couplings the off-diagonal b_i of head h (linking positions i and i + 1) is
@@ -34,9 +35,21 @@ import torch.nn as nn
 from sparsebk.bk_core import resolvent_diagonal, resolvent_features
 from sparsebk.gate import GumbelSigmoidGate
 from sparsebk.sparsity import balanced_sparsity_loss, sparsity_loss
-from sparsebk.validation import check_bool, check_int, check_sparsity
+from sparsebk.validation import check_bool, check_float, check_int, check_sparsity
 
-__all__ = ["SparseBKCore"]
+__all__ = ["SparseBKCore", "Z_IM_RANGE", "check_z_im_range"]
+
+# the learnt shifts' init: Im z_h log-spaced over this range (module docstring)
+Z_IM_RANGE = (0.1, 10.0)
+
+
+def check_z_im_range(name: str, value) -> tuple[float, float]:
+    """(low, high) with 0 < low <= high, both finite: the range of Im z at init."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name}={value!r} must be a pair (low, high)")
+    low = check_float(f"{name}[0]", value[0], min=0.0, min_open=True)
+    high = check_float(f"{name}[1]", value[1], min=low)
+    return low, high
 
 
 class SparseBKCore(nn.Module):
@@ -49,12 +62,14 @@ class SparseBKCore(nn.Module):
     and `tau` may be set at any step (the scheduler does). `gate_eval_mode` ("quasi" or
     "threshold") picks the deterministic eval mask, `gate_train_noise` ("random" or "none") the
     training draw (see sparsebk.gate). `z` is every head's
-    fixed shift; `learn_z=True` gives each head a learnt shift instead (module docstring).
+    fixed shift; `learn_z=True` gives each head a learnt shift instead, its imaginary part
+    initialised log-spaced over `z_im_range` (module docstring).
     """
 
     def __init__(self, d_model: int, n_seq: int, target_sparsity: float = 0.5, tau: float = 1.0,
                  *, causal: bool = True, z: complex = 1j, gate_eval_mode: str = "quasi",
-                 heads: int = 1, learn_z: bool = False, gate_train_noise: str = "random"):
+                 heads: int = 1, learn_z: bool = False, gate_train_noise: str = "random",
+                 z_im_range: tuple[float, float] = Z_IM_RANGE):
         super().__init__()
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
@@ -69,11 +84,16 @@ class SparseBKCore(nn.Module):
         self.importance_predictor = nn.Linear(d_model, 1)
         self.gate = GumbelSigmoidGate(tau, eval_mode=gate_eval_mode, train_noise=gate_train_noise)
         self.target_sparsity = target_sparsity
+        low, high = check_z_im_range("z_im_range", z_im_range)
+        if not self.learn_z and (low, high) != Z_IM_RANGE:
+            raise ValueError(f"z_im_range={z_im_range!r} initialises learnt shifts; it needs "
+                             f"learn_z=True (a fixed shift is z)")
         if self.learn_z:
-            # z_h = z_re_h + i exp(z_log_im_h); Im z_h log-spaced over [0.1, 10] (bin centres)
+            # z_h = z_re_h + i exp(z_log_im_h); Im z_h log-spaced over [low, high] (bin centres)
             centres = (torch.arange(self.heads, dtype=torch.float64) + 0.5) / self.heads
             self.z_re = nn.Parameter(torch.zeros(self.heads))
-            self.z_log_im = nn.Parameter((math.log(0.1) + centres * math.log(100.0)).float())
+            self.z_log_im = nn.Parameter(
+                (math.log(low) + centres * math.log(high / low)).float())
 
     @property
     def target_sparsity(self) -> float:

@@ -192,6 +192,9 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
         assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0
+        # a probe before training, then one at each curve point
+        assert len(r["probe_s"]) == len(r["curve"]) + 1 and min(r["probe_s"]) > 0
+        assert [p["probe_s"] for p in r["curve"]] == r["probe_s"][1:]
         c = r["curve"]
         assert c and c[-1]["step"] == r["steps"]
         assert all(a["train_s"] < b["train_s"] for a, b in zip(c, c[1:]))
@@ -210,6 +213,28 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
     assert g["test_ppl_ratio"] == pytest.approx(res["bk-sparse-0.5"]["test_ppl"] / res["bk-dense"]["test_ppl"])
     for png in ("quality_ppl_vs_sparsity.png", "quality_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table's machine-normalised speed: tokens/s x the median of the row's probes
+    import statistics
+
+    from sparsebk.bench.quality_report import tables
+    r = res["bk-dense"]
+    norm = round(r["train_tokens_per_s"] * statistics.median(r["probe_s"]))
+    dense_line = next(line for line in tables(rec).splitlines() if line.startswith("| bk-dense"))
+    assert "tok/s x probe s" in tables(rec)
+    assert str(norm) in [cell.strip() for cell in dense_line.split("|")]
+    # a record from before the probe still renders, without those columns
+    for row in rec["results"]:
+        del row["probe_s"]
+    assert "probe" not in tables(rec) and "| bk-dense" in tables(rec)
+
+
+def test_machine_probe_times_its_workload():
+    """The probe's seconds grow with its work: 32x the rows of the same head take longer."""
+    from sparsebk.bench.common import machine_probe
+
+    small = machine_probe(rows=64, repeats=3)
+    large = machine_probe(rows=2048, repeats=3)
+    assert 0 < small < large
 
 
 def test_tradeoff_plot_puts_each_run_in_its_series(tmp_path):
@@ -258,3 +283,17 @@ def test_lm_skip_output_rates_time_each_variant_at_its_forced_sparsity():
             assert r["vs_dense_wall"] == 1.0 and r["vs_dense_cpu"] == 1.0
     with pytest.raises(ValueError, match="lm-skip-outputs"):
         lm_skip_output_rates("debug", 4, torch.device("cpu"), 1, ["copy"], [0.5])
+
+
+def test_lm_step_rate_times_each_preset_with_its_own_skip_output():
+    """`bench layer --lm-presets` without --skip-output times a preset as it trains (small:
+    the light FFN); --skip-output overrides it. The skippable share is what closing every gate
+    removes from a step, a fraction of it."""
+    from sparsebk.bench.layer import lm_step_rate
+
+    cpu = torch.device("cpu")
+    own = lm_step_rate("small", 1, cpu, 1)
+    assert own["skip_output"] == "light"
+    assert lm_step_rate("small", 1, cpu, 1, "carry")["skip_output"] == "carry"
+    assert lm_step_rate("debug", 2, cpu, 1)["skip_output"] == "carry"
+    assert own["skippable_share_wall"] < 1.0 and own["all_skipped_wall_ms"] > 0

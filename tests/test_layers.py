@@ -363,6 +363,40 @@ def test_learnt_shifts_start_log_spaced_across_scales():
     assert SparseBKCore(8, 16, heads=4).shifts() == 1j  # fixed: one python shift for all heads
 
 
+def test_learnt_shift_init_range_sets_every_heads_scale():
+    """`z_im_range` moves the log-spaced init; [a, a] starts every head at z = i a. The LM
+    config's bk_z_im_min / bk_z_im_max reach every layer's core."""
+    core = SparseBKCore(8, 16, heads=2, learn_z=True, z_im_range=(0.01, 1.0))
+    assert core.shifts().imag.tolist() == pytest.approx([10 ** -1.5, 10 ** -0.5], rel=1e-6)
+    same = SparseBKCore(8, 16, heads=3, learn_z=True, z_im_range=(2.0, 2.0)).shifts()
+    assert same.tolist() == pytest.approx([2j, 2j, 2j], rel=1e-6)
+    from sparsebk.lm import LMConfig, SparseBKLM
+    model = SparseBKLM(LMConfig.preset("debug", vocab_size=16, bk_heads=2, bk_learn_z=True,
+                                       bk_z_im_min=1, bk_z_im_max=100))
+    for block in model.blocks:
+        shifts = block.layer.sparse_bk_core.shifts()
+        assert shifts.imag.tolist() == pytest.approx([10 ** 0.5, 10 ** 1.5], rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(learn_z=True, z_im_range=(0.0, 1.0)), r"z_im_range\[0\]=0.0: must be > 0"),
+    (dict(learn_z=True, z_im_range=(2.0, 1.0)), r"z_im_range\[1\]=1.0: must be >= 2.0"),
+    (dict(learn_z=True, z_im_range=(1.0,)), "must be a pair"),
+    (dict(z_im_range=(1.0, 2.0)), "needs learn_z=True"),
+])
+def test_learnt_shift_init_range_refuses_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparseBKCore(8, 16, heads=2, **kwargs)
+
+
+def test_lm_config_names_the_shift_init_fields():
+    from sparsebk.lm import LMConfig
+    with pytest.raises(ValueError, match=r"LMConfig.bk_z_im_max=0.5: must be >= 1.0"):
+        LMConfig.preset("small", bk_z_im_min=1, bk_z_im_max=0.5)
+    with pytest.raises(ValueError, match="bk_z_im_min/bk_z_im_max .* set bk_learn_z=true"):
+        LMConfig.preset("debug", bk_z_im_min=1, bk_z_im_max=1)
+
+
 def test_core_multihead_features_match_rescaled_dense_inverses():
     """Head h's features are y_h [(H_h - z_h)^-1]_ii = [((H_h - x_h) / y_h - i)^-1]_ii of the
     leading block, with H_h = tridiag(b_h, -2 + v_h, b_h); laid out [Re, Im] per head. In the

@@ -102,6 +102,27 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
                       device=device, clock=clock)[0]
 
 
+def machine_probe(rows: int = 2048, width: int = 128, vocab: int = 10000, repeats: int = 5) -> float:
+    """Median wall seconds of one fixed workload: the forward and backward of an LM head
+    (rows x width) @ (width x vocab) with its log-sum-exp, the largest part of a `small`
+    training step, on this process's torch threads and fixed data.
+
+    The machine's speed drifts from hour to hour with no trace in load or CPU time
+    (BENCHMARKS.md, "The machine's speed drifts"). A benchmark row that runs the probe before
+    and after itself records the machine speed it ran at: between two rows, tokens/s x probe
+    seconds compares the models, not the hours."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen).requires_grad_()
+    w = (torch.randn(width, vocab, generator=gen) * 0.02).requires_grad_()
+
+    def head() -> None:
+        torch.logsumexp(x @ w, dim=-1).sum().backward()
+
+    return time_call(head, repeats=repeats, warmup=1)["median_s"]
+
+
 def local_ray(num_cpus: int, workers: int) -> None:
     """A local Ray for a benchmark, set up as `sparsebk train` sets up its local Ray
     (`sparsebk.train.cli.connect_ray`: 127.0.0.1 dashboard, pinned GCS address). A benchmark

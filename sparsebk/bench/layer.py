@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the multi-channel layer learns a shift per head (default on)")
     p.add_argument("--input-couplings", action=argparse.BooleanOptionalAction, default=True,
                    help="the multi-channel layer has input-dependent couplings (default on)")
-    p.add_argument("--skip-output", choices=SKIP_OUTPUTS, default="carry",
-                   help="what a skipped position outputs, in every layer timed (default carry)")
+    p.add_argument("--skip-output", choices=SKIP_OUTPUTS, default=None,
+                   help="what a skipped position outputs in every layer timed (default: carry "
+                        "for the single layers, as the seed's layer; each preset's own for "
+                        "--lm-presets)")
     p.add_argument("--lm-skip-outputs", default="",
                    help="comma-separated skip outputs whose whole training step is timed at "
                         "--lm-sparsities against dense, round-robin (empty: skip)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     layer = SparseMoEResNetBKLayer(args.d_model, args.n_seq, num_experts=args.experts,
                                    top_k=args.top_k, dropout_p=args.dropout,
-                                   skip_output=args.skip_output).to(dev).train()
+                                   skip_output=args.skip_output or "carry").to(dev).train()
     x = torch.randn(args.batch, args.n_seq, args.d_model, device=dev, requires_grad=True)
     gen = torch.Generator().manual_seed(1)
     masks = {s: forced_mask(args.batch, args.n_seq, s, gen).to(dev) for s in sparsities}
@@ -176,7 +178,8 @@ def multi_channel_rows(args, single: SparseMoEResNetBKLayer, x: torch.Tensor, ma
     multi = SparseMoEResNetBKLayer(
         args.d_model, args.n_seq, num_experts=args.experts, top_k=args.top_k,
         dropout_p=args.dropout, bk_heads=args.heads, bk_learn_z=args.learn_z,
-        bk_input_couplings=args.input_couplings, skip_output=args.skip_output).to(dev).train()
+        bk_input_couplings=args.input_couplings,
+        skip_output=args.skip_output or "carry").to(dev).train()
     single.use_sparse_computation = True
     layers = {"single": single, "multi": multi}
     timed = time_calls({(name, s): partial(fwd_bwd, lay, x, masks[s])
@@ -197,15 +200,16 @@ def multi_channel_rows(args, single: SparseMoEResNetBKLayer, x: torch.Tensor, ma
 
 
 def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
-                 skip_output: str = "carry") -> dict:
+                 skip_output: str | None = None) -> dict:
     """Tokens/s of one full training step (forward, backward, AdamW) of a preset LM at n_seq,
     with every gate open (dense) and every gate closed (all skipped), timed round-robin: their
     ratio is the share of a step that sparsity can remove, and 1 / (1 - s share) the most a
-    sparsity s can buy in tokens/s (the embedding, the output head and the BK-core stay)."""
+    sparsity s can buy in tokens/s (the embedding, the output head and the BK-core stay).
+    `skip_output` None: the preset's own."""
     from sparsebk.lm import LMConfig, SparseBKLM
 
     torch.manual_seed(0)
-    cfg = LMConfig.preset(name, skip_output=skip_output)
+    cfg = LMConfig.preset(name, **({} if skip_output is None else {"skip_output": skip_output}))
     model = SparseBKLM(cfg).to(dev).train()
     # the training optimizer's groups (decay on ndim >= 2); AdamW's default decay and betas
     opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
@@ -226,7 +230,8 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
     n_tok = batch * cfg.n_seq
     share_w = 1.0 - t["skipped"]["wall_median_s"] / w
     share_c = 1.0 - t["skipped"]["cpu_median_s"] / c
-    return {"preset": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    return {"preset": name, "skip_output": cfg.skip_output,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "batch": batch, "seq": cfg.n_seq, "step_wall_ms": 1e3 * w, "tokens_per_s_wall": n_tok / w,
             "step_cpu_ms": 1e3 * c, "tokens_per_s_cpu": n_tok / c,
             "all_skipped_wall_ms": 1e3 * t["skipped"]["wall_median_s"],

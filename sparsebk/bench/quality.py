@@ -23,6 +23,12 @@ outputs at full cost), and "target 0" leaves the learned gate free, which with t
 sparsity loss weight still skips about half of the positions (measure it with
 `--dense-mode target0`).
 
+Each row records its machine's state: the 1-minute load average and CPU seconds per wall
+second (contention), and the seconds of a fixed workload before training and at every curve point
+(`common.machine_probe`, clock paused: the machine's own speed, which drifts between hours
+unseen by the other two). Between rows run at different hours, compare tokens/s x the
+median probe seconds.
+
 Evaluation scores every token of the split once, in independent windows of `block_len`
 tokens (no state carried across windows), in eval mode (no gate noise, no dropout).
 
@@ -42,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsebk.bench.common import model_overrides, write_result
+from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
 
@@ -187,7 +193,10 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     sp_sum, n_since = None, 0
     state = {"sparsity_target": 0.0, "loss_weight": 0.0}
     model.train()
-    # contention is visible in these: other processes' load, and CPU seconds per wall second
+    # contention is visible in these: other processes' load, and CPU seconds per wall second;
+    # the machine's own speed (which drifts unseen by both): a probe before training and at
+    # every curve point
+    probes = [machine_probe()]
     load_start, cpu_spent = os.getloadavg()[0], 0.0
     def fraction() -> float:  # of the budget spent: seconds, or steps
         return spent / s.budget_s if s.budget_steps is None else step / s.budget_steps
@@ -215,10 +224,11 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
         cpu_spent += time.process_time() - c0
         if fraction() >= next_point / s.curve_points or fraction() >= 1.0:
             v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
+            probes.append(machine_probe())
             point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
                      "train_ce": (loss_sum / max(n_since, 1)).item(), "valid_subset_loss": v["loss"],
                      "valid_subset_ppl": v["ppl"], "lr": lr, "target": state["sparsity_target"],
-                     "loss_weight": state["loss_weight"]}
+                     "loss_weight": state["loss_weight"], "probe_s": probes[-1]}
             if sp_sum is not None:
                 point["train_layer_sparsity"] = (sp_sum / n_since).tolist()
             curve.append(point)
@@ -237,6 +247,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
         "steps": step, "tokens_seen": tokens_seen, "train_s": spent,
         "train_tokens_per_s": tokens_seen / spent, "train_cpu_s": cpu_spent,
         "load_avg_1m_start": load_start, "load_avg_1m_end": load_end,
+        "probe_s": probes,
         "valid_loss": valid["loss"], "valid_ppl": valid["ppl"],
         "test_loss": test["loss"], "test_ppl": test["ppl"],
         "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from sparsebk.bench.common import format_table
@@ -44,6 +45,17 @@ def goal_check(results: list[dict]) -> dict | None:
             "ppl_within_3pct": ppl_ratio <= 1.03, "faster_per_token": train_speedup > 1.0}
 
 
+def probe_columns(r: dict) -> dict:
+    """The machine probe's seconds during a row (`common.machine_probe`: median, min-max) and
+    the row's tokens/s x the median: comparable between rows run at different machine speeds.
+    Empty for records from before the probe."""
+    if not r.get("probe_s"):
+        return {}
+    probe = statistics.median(r["probe_s"])
+    return {"probe s (min-max)": f"{probe:.3f} ({min(r['probe_s']):.3f}-{max(r['probe_s']):.3f})",
+            "tok/s x probe s": round(r["train_tokens_per_s"] * probe)}
+
+
 def tables(record: dict) -> str:
     """The record as text: one row per model (perplexity, sparsity in eval and training, speed,
     the machine's load), the literature anchors, and the goal at target 0.5."""
@@ -62,7 +74,8 @@ def tables(record: dict) -> str:
             "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),
             "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"],
             "cpu s / wall s": f"{r['train_cpu_s'] / r['train_s']:.2f}",
-            "load 1m start/end": f"{r['load_avg_1m_start']:.1f}/{r['load_avg_1m_end']:.1f}"})
+            "load 1m start/end": f"{r['load_avg_1m_start']:.1f}/{r['load_avg_1m_end']:.1f}",
+            **probe_columns(r)})
     s = record["settings"]
     out = [f"PTB word-level quality, {budget_words(s)} of training per model (seed {s['seed']}, "
            f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
