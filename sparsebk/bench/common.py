@@ -108,7 +108,7 @@ def machine_probe(rows: int = 2048, width: int = 128, vocab: int = 10000, repeat
     training step, on this process's torch threads and fixed data.
 
     The machine's speed drifts from hour to hour with no trace in load or CPU time
-    (BENCHMARKS.md, "The machine's speed drifts between hours"). A benchmark row that runs the
+    (BENCHMARKS.md, "Compare rows of the same hour"). A benchmark row that runs the
     probe during itself (`bench quality`: before training and at every curve point, clock
     paused) records the machine speed it ran at: between two rows, tokens/s x the median probe
     seconds compares the models, not the hours. One sample is noisy (about +-13% within a
