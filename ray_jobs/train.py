@@ -11,7 +11,7 @@ import sys
 # where the package is not installed on the cluster's Python.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sparsebk.train.cli import main  # noqa: E402
+from sparsebk.train.ray_train.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

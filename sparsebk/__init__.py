@@ -13,24 +13,28 @@ __version__ = "0.1.0"
 # public name -> submodule that defines it
 _EXPORTS = {
     # BK-core (exact resolvent diagonal of a tridiagonal operator)
-    "resolvent_diagonal": "sparsebk.bk_core",
-    "resolvent_diagonal_reference": "sparsebk.bk_core",
-    "resolvent_features": "sparsebk.bk_core",
+    "resolvent_diagonal": "sparsebk.model.bk_core",
+    "resolvent_diagonal_reference": "sparsebk.model.bk_core",
+    "resolvent_features": "sparsebk.model.bk_core",
     # sparsity objectives and the adaptive scheduler (seed spec)
-    "sparsity_loss": "sparsebk.sparsity",
-    "balanced_sparsity_loss": "sparsebk.sparsity",
+    "sparsity_loss": "sparsebk.model.sparsity",
+    "balanced_sparsity_loss": "sparsebk.model.sparsity",
     "AdaptiveSparsityScheduler": "sparsebk.scheduler",
     # model
-    "GumbelSigmoidGate": "sparsebk.gate",
-    "gumbel_sigmoid": "sparsebk.gate",
-    "MoEFFN": "sparsebk.moe",
-    "SparseBKCore": "sparsebk.layers",
-    "SparseMoEResNetBKLayer": "sparsebk.layers",
-    "get_sparsity_loss": "sparsebk.layers",
-    "get_balanced_loss": "sparsebk.layers",
-    "get_sparsity_stats": "sparsebk.layers",
-    "LMConfig": "sparsebk.lm",
-    "SparseBKLM": "sparsebk.lm",
+    "GumbelSigmoidGate": "sparsebk.model.gate",
+    "gumbel_sigmoid": "sparsebk.model.gate",
+    "MoEFFN": "sparsebk.model.moe",
+    "SparseBKCore": "sparsebk.model.sparse_bk_core",
+    "SparseMoEResNetBKLayer": "sparsebk.model.layers",
+    "get_sparsity_loss": "sparsebk.model.layers",
+    "get_balanced_loss": "sparsebk.model.layers",
+    "get_sparsity_stats": "sparsebk.model.layers",
+    "LMConfig": "sparsebk.model.config",
+    "SparseBKLM": "sparsebk.model.lm",
+    "DecodeState": "sparsebk.model.lm",
+    # trained models: an exported folder, or a training checkpoint / run folder
+    "load_pretrained": "sparsebk.inference.export",
+    "load_checkpoint_model": "sparsebk.inference.export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

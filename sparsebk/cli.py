@@ -11,14 +11,14 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "train": ("sparsebk.train.cli", "train a sparse BK language model on Ray Train"),
+    "train": ("sparsebk.train.ray_train.cli", "train a sparse BK language model on Ray Train"),
     "sweep": ("sparsebk.tune.cli", "run a Ray Tune sweep over loss configurations"),
     "report": ("sparsebk.tune.report", "regenerate tables and plots of a run or sweep dir"),
     "prepare-data": ("sparsebk.data.cli", "tokenise a corpus into Parquet blocks"),
     "bench": ("sparsebk.bench.cli", "run benchmarks (bk-core, layer, training, ..., all)"),
-    "export": ("sparsebk.model_cli:export_main", "write a trained model as a self-contained folder"),
-    "eval": ("sparsebk.model_cli:eval_main", "perplexity, sparsity and speed of a trained model"),
-    "generate": ("sparsebk.generate", "sample text from a trained model, token by token"),
+    "export": ("sparsebk.inference.cli:export_main", "write a trained model as a self-contained folder"),
+    "eval": ("sparsebk.inference.cli:eval_main", "perplexity, sparsity and speed of a trained model"),
+    "generate": ("sparsebk.inference.cli:generate_main", "sample text from a trained model, token by token"),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 
 @pytest.fixture(scope="session", autouse=True)
 def sparsebk_home(tmp_path_factory):
-    """Relative run and data paths resolve under $SPARSEBK_HOME (sparsebk.store.home()): a
+    """Relative run and data paths resolve under $SPARSEBK_HOME (sparsebk.storage.store.home()): a
     temporary one for the test session, so no test writes into ~/sparsebk. Set before any
     module starts Ray, so Ray's workers see the same home."""
     old = os.environ.get("SPARSEBK_HOME")

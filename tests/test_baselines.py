@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsebk.baselines import TransformerConfig, TransformerLM
+from sparsebk.model.baselines import TransformerConfig, TransformerLM
 
 CFG = dict(vocab_size=50, n_seq=16, d_model=32, n_layers=2, n_heads=4, dropout_p=0.1)
 
@@ -103,7 +103,7 @@ def test_matching_copies_width_depth_vocab_context():
 
 
 def test_matching_real_lm_config():
-    lm_mod = pytest.importorskip("sparsebk.lm")
+    lm_mod = pytest.importorskip("sparsebk.model.lm")
     lm_cfg = lm_mod.LMConfig.preset("small")
     cfg = TransformerConfig.matching(lm_cfg)
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_seq) == (

@@ -115,7 +115,7 @@ def test_suite_rejects_unknown_skip(tmp_path):
 
 
 def test_suite_cli_lists_every_benchmark(capsys):
-    from sparsebk.bench.cli import BENCHMARKS
+    from sparsebk.bench.common import BENCHMARKS
 
     with pytest.raises(SystemExit):
         suite.main(["--help"])
@@ -139,8 +139,8 @@ def _tiny_text(path, lines=600):
 
 @pytest.fixture(scope="module")
 def tiny_dataset(tmp_path_factory):
-    from sparsebk.data import prepare_dataset
-    from sparsebk.lm import LMConfig
+    from sparsebk.data.prepare import prepare_dataset
+    from sparsebk.model.lm import LMConfig
 
     root = tmp_path_factory.mktemp("quality")
     text = _tiny_text(root / "tiny.txt")
@@ -150,7 +150,7 @@ def tiny_dataset(tmp_path_factory):
 
 
 def test_evaluate_matches_token_by_token_cross_entropy():
-    from sparsebk.baselines import TransformerConfig, TransformerLM
+    from sparsebk.model.baselines import TransformerConfig, TransformerLM
     from sparsebk.bench.quality import evaluate
 
     torch.manual_seed(0)
@@ -170,8 +170,8 @@ def test_evaluate_matches_token_by_token_cross_entropy():
 
 def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
     from sparsebk.bench import quality
-    from sparsebk.data import load_blocks
-    from sparsebk.lm import LMConfig
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.model.lm import LMConfig
 
     out = tmp_path / "q"
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",

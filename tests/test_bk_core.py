@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from sparsebk._scan import linear_scan, ratio_scan
-from sparsebk.bk_core import resolvent_diagonal, resolvent_diagonal_reference, resolvent_features
+from sparsebk.model._scan import linear_scan, ratio_scan
+from sparsebk.model.bk_core import resolvent_diagonal, resolvent_diagonal_reference, resolvent_features
 from conftest import requires_cuda
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

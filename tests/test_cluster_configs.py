@@ -278,7 +278,7 @@ def test_train_rayjob_config_loads_into_train_config():
 
 # ----------------------------------------------------------------------------- presets fit nodes
 
-GPUS_PER_WORKER = 1  # sparsebk/train/driver.py: one Ray Train worker process per GPU
+GPUS_PER_WORKER = 1  # sparsebk/train/ray_train/driver.py: one Ray Train worker process per GPU
 
 
 def cpu_quantity(q) -> float:

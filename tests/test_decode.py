@@ -1,4 +1,4 @@
-"""Streaming decoding of SparseBKLM (sparsebk.decode): prefill-then-step equals the full forward.
+"""Streaming decoding of SparseBKLM (its prefill/step and its layers'): prefill-then-step equals the full forward.
 
 Bounds, float32, every position of every sequence (logits of magnitude up to ~5):
 
@@ -29,9 +29,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.decode import DecodeState, quasi_offsets
-from sparsebk.gate import quasi_logistic_offsets
-from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.model.gate import quasi_logistic_offsets
+from sparsebk.model.lm import DecodeState
+from sparsebk.model.gate import quasi_logistic_offsets
+from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -288,9 +289,18 @@ def test_bad_calls_get_clear_errors():
 
 
 def test_quasi_offsets_are_the_gates():
+    """The offsets of positions start.. are entries start.. of the gate's table, and the
+    decoder's eval decision at any start equals the eval-mode gate's on the whole sequence."""
     table = quasi_logistic_offsets(5000)
-    assert torch.equal(quasi_offsets(0, 5000), table)
-    assert torch.equal(quasi_offsets(4321, 7), table[4321:4328])
+    assert torch.equal(quasi_logistic_offsets(7, start=4321), table[4321:4328])
+    from sparsebk.model.gate import GumbelSigmoidGate
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for mode in ("quasi", "threshold"):
+        gate = GumbelSigmoidGate(tau=0.7, eval_mode=mode).eval()
+        full = gate(logits) > 0.5
+        assert torch.equal(gate.eval_keep(logits[:, 20:], start=20), full[:, 20:])
+        assert torch.equal(gate.eval_keep(logits), full)
 
 
 def test_worst_case_error():

@@ -1,4 +1,4 @@
-"""Load, export and evaluate a trained model (sparsebk.export, `sparsebk export|eval`).
+"""Load, export and evaluate a trained model (sparsebk.inference.export, `sparsebk export|eval`).
 
 A tiny word-level model is trained in-process by the real Trainer on a real prepared dataset
 (PTB's first lines); its reporter lays the checkpoints out as Ray Train does in a run folder
@@ -24,15 +24,17 @@ import pytest
 import torch
 
 from sparsebk.cli import main
-from sparsebk.data import load_blocks, load_manifest, prepare_dataset
-from sparsebk.export import (best_checkpoint, evaluate_split, export, load_checkpoint_model,
+from sparsebk.data.loading import load_blocks
+from sparsebk.data.manifest import load_manifest
+from sparsebk.data.prepare import prepare_dataset
+from sparsebk.inference.export import (best_checkpoint, evaluate_split, export, load_checkpoint_model,
                              load_pretrained)
-from sparsebk.lm import LMConfig, SparseBKLM
-from sparsebk.store import open_store
-from sparsebk.train.checkpoint import tokenizer_files
+from sparsebk.model.lm import LMConfig, SparseBKLM
+from sparsebk.storage.store import open_store
+from sparsebk.data.manifest import tokenizer_files
 from sparsebk.train.config import TrainConfig
-from sparsebk.train.loop import local_batches
-from sparsebk.train.schedule_client import LocalSchedule
+from sparsebk.train.run_state import local_batches
+from sparsebk.train.ray_train.schedule_client import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -120,11 +122,13 @@ def test_export_then_load_gives_bit_identical_logits(trained, tmp_path):
     assert back.tokenizer.identity() == from_ckpt.tokenizer.identity()
     assert back.tokenizer.encode("the company said <eos>") == from_ckpt.tokenizer.encode(
         "the company said <eos>")
-    # the classmethods are the same loaders
-    model, tok = SparseBKLM.from_pretrained(out)
-    assert torch.equal(_logits(model, rows), _logits(net, rows)) and tok.checksum == back.tokenizer.checksum
-    model, _ = SparseBKLM.from_checkpoint(last)
-    assert torch.equal(_logits(model, rows), _logits(net, rows))
+    # the package's public loaders are the same loaders
+    import sparsebk
+
+    loaded = sparsebk.load_pretrained(out)
+    assert torch.equal(_logits(loaded.model, rows), _logits(net, rows))
+    assert loaded.tokenizer.checksum == back.tokenizer.checksum
+    assert torch.equal(_logits(sparsebk.load_checkpoint_model(last).model, rows), _logits(net, rows))
 
     # the README says how it was trained, with the numbers the run reported
     m = trained["reported"][-1]["metrics"]
@@ -143,7 +147,7 @@ def _sharded_copy(trained, dst: Path) -> Path:
     shards beside a state.pt without "model" (written by one process)."""
     import torch.distributed.checkpoint as dcp
 
-    from sparsebk.train.checkpoint import SHARDS_DIR, STATE_FILE
+    from sparsebk.storage.checkpoint import SHARDS_DIR, STATE_FILE
 
     shutil.copytree(trained["run_dir"] / "checkpoint_000012", dst)
     state = torch.load(dst / STATE_FILE, weights_only=True)

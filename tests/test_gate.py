@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparsebk import GumbelSigmoidGate, gumbel_sigmoid
-from sparsebk.gate import quasi_logistic_offsets
+from sparsebk.model.gate import quasi_logistic_offsets
 
 
 def test_hard_sample_is_exactly_binary_and_bernoulli_sigmoid():
@@ -166,7 +166,7 @@ def test_train_noise_none_trains_on_the_threshold_mask():
 
 
 def test_lm_config_wires_train_noise_and_refuses_a_mismatched_eval_rule():
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     with pytest.raises(ValueError, match="gate_eval_mode='threshold'"):
         LMConfig.preset("debug", gate_train_noise="none")

@@ -11,7 +11,7 @@ import torch
 
 from sparsebk.bench.gates import decisions, forced_masks, gradient_share
 from sparsebk.bench.quality import pin_gates_open
-from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 V = 50
@@ -94,7 +94,7 @@ def test_gradient_share_separates_the_lm_and_the_sparsity_loss():
 
 def test_quick_cli_run_writes_its_record(tmp_path):
     from sparsebk.bench import gates
-    from sparsebk.data import prepare_dataset
+    from sparsebk.data.prepare import prepare_dataset
 
     words = "the a red big cat dog runs sits .".split()
     g = torch.Generator().manual_seed(0)

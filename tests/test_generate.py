@@ -1,4 +1,4 @@
-"""Sampling and `sparsebk generate` (sparsebk.generate).
+"""Sampling and `sparsebk generate` (sparsebk.inference.generate).
 
 The sampler's filters (greedy, top-k, top-p) against hand-made distributions; generation with
 a fixed seed is reproducible; greedy generation picks the argmax of the full forward at every
@@ -15,9 +15,9 @@ import torch
 
 from sparsebk.cli import main
 from sparsebk.data.tokenizers import ByteTokenizer, WordTokenizer, get_tokenizer
-from sparsebk.export import Pretrained, export
-from sparsebk.generate import StreamDecoder, encode_prompt, generate, sample_next
-from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.inference.export import Pretrained, export
+from sparsebk.inference.generate import StreamDecoder, encode_prompt, generate, sample_next
+from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

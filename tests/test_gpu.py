@@ -48,7 +48,7 @@ def _bk_case(B: int, N: int, dtype, with_offdiag: bool, seed: int = 0):
 
 def _bk_value_and_grad(diag, off, w, z, causal, device):
     """G on `device` and d(sum w * [Re G, Im G]) / d diag, both returned on the CPU."""
-    from sparsebk.bk_core import resolvent_diagonal
+    from sparsebk.model.bk_core import resolvent_diagonal
 
     d = diag.to(device).requires_grad_(True)
     o = None if off is None else off.to(device)
@@ -63,7 +63,7 @@ def _bk_value_and_grad(diag, off, w, z, causal, device):
 @pytest.mark.parametrize("N,with_offdiag", [(1, False), (7, True), (128, False), (1000, True)])
 @pytest.mark.parametrize("z", [1j, 0.3 + 0.5j])
 def test_bk_core_on_cuda_equals_cpu(dtype, causal, N, with_offdiag, z):
-    from sparsebk.bk_core import resolvent_diagonal_reference
+    from sparsebk.model.bk_core import resolvent_diagonal_reference
 
     diag, off, w = _bk_case(3, N, dtype, with_offdiag)
     g_cpu, grad_cpu = _bk_value_and_grad(diag, off, w, z, causal, "cpu")
@@ -82,7 +82,7 @@ def test_bk_core_on_cuda_equals_cpu(dtype, causal, N, with_offdiag, z):
 
 
 def _debug_model(seed: int = 0, **overrides):
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     torch.manual_seed(seed)
     cfg = LMConfig.preset("debug", dropout_p=0.0, **overrides)
@@ -154,9 +154,9 @@ def test_model_trains_on_cuda_under_bf16_autocast(strict_fp32):
 def test_ray_train_tiny_on_one_gpu_matches_cpu(ray_local, tmp_path):
     """`tiny` on 1 GPU worker (NCCL group, bf16 autocast, pinned batches) learns like the same
     run on 1 CPU worker: same data, same init, same schedule."""
-    from sparsebk.data import load_manifest
+    from sparsebk.data.manifest import load_manifest
     from sparsebk.train.config import load_config
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     assert ray_local.cluster_resources().get("GPU", 0) >= 1, "Ray sees no GPU"
     summaries = {}
@@ -184,7 +184,7 @@ def test_accumulation_on_cuda_equals_one_big_batch(strict_fp32, tmp_path):
     tests/test_scale.py's module doc for why that is the exact comparison)."""
     from test_scale import B, assert_close_all, exact_trainer, grads, make_cfg, rows
 
-    from sparsebk.lm import SparseBKLM
+    from sparsebk.model.lm import SparseBKLM
 
     torch.manual_seed(0)
     model = SparseBKLM(make_cfg(tmp_path).model)
@@ -206,7 +206,7 @@ def test_accumulation_on_cuda_equals_one_big_batch(strict_fp32, tmp_path):
 def test_activation_checkpointing_on_cuda_same_loss_and_gradients(strict_fp32, autocast_dtype):
     """Checkpointing replays the CUDA RNG (the gate noise) and the autocast state: the loss
     and every gradient equal the run without it, in float32 and under bf16 autocast."""
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     results = []
     for ckpt in (False, True):

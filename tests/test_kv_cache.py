@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.baselines import TransformerConfig, TransformerLM
+from sparsebk.model.baselines import TransformerConfig, TransformerLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

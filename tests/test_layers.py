@@ -370,7 +370,7 @@ def test_learnt_shift_init_range_sets_every_heads_scale():
     assert core.shifts().imag.tolist() == pytest.approx([10 ** -1.5, 10 ** -0.5], rel=1e-6)
     same = SparseBKCore(8, 16, heads=3, learn_z=True, z_im_range=(2.0, 2.0)).shifts()
     assert same.tolist() == pytest.approx([2j, 2j, 2j], rel=1e-6)
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
     model = SparseBKLM(LMConfig.preset("debug", vocab_size=16, bk_heads=2, bk_learn_z=True,
                                        bk_z_im_min=1, bk_z_im_max=100))
     for block in model.blocks:
@@ -390,7 +390,7 @@ def test_learnt_shift_init_range_refuses_bad_values(kwargs, match):
 
 
 def test_lm_config_names_the_shift_init_fields():
-    from sparsebk.lm import LMConfig
+    from sparsebk.model.lm import LMConfig
     with pytest.raises(ValueError, match=r"LMConfig.bk_z_im_max=0.5: must be >= 1.0"):
         LMConfig.preset("small", bk_z_im_min=1, bk_z_im_max=0.5)
     with pytest.raises(ValueError, match="bk_z_im_min/bk_z_im_max .* set bk_learn_z=true"):

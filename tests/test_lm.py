@@ -9,7 +9,7 @@ import torch
 
 from sparsebk import (AdaptiveSparsityScheduler, LMConfig, SparseBKLM, SparseMoEResNetBKLayer,
                       get_sparsity_loss, get_sparsity_stats)
-from sparsebk.baselines import TransformerConfig, TransformerLM
+from sparsebk.model.baselines import TransformerConfig, TransformerLM
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -19,7 +19,7 @@ def debug_model(dtype=torch.float32, **overrides) -> SparseBKLM:
     return SparseBKLM(LMConfig.preset("debug", **overrides)).to(dtype)
 
 
-# multi-channel BK mixing, every option on (sparsebk.layers)
+# multi-channel BK mixing, every option on (sparsebk.model.layers)
 MULTI = {"bk_heads": 4, "bk_learn_z": True, "bk_input_couplings": True}
 
 

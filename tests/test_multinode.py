@@ -86,9 +86,9 @@ def test_two_workers_on_two_nodes_finish_and_store_both_ranks_files(tmp_path, re
     on a shared path; the shared path as storage passes every node's pre-flight check."""
     import ray
 
-    from sparsebk.store import open_store
-    from sparsebk.train.driver import ensure_dataset, run_training
-    from sparsebk.train.preflight import PROBE_DIR, check_nodes, worker_nodes
+    from sparsebk.storage.store import open_store
+    from sparsebk.train.ray_train.driver import ensure_dataset, run_training
+    from sparsebk.train.ray_train.preflight import PROBE_DIR, check_nodes, worker_nodes
     from sparsebk.train.resume import list_checkpoints
 
     shared = tmp_path / "runs"

@@ -1,5 +1,5 @@
 """Model options from the quality work: what a skipped position outputs (`skip_output`: "carry",
-"own", "zero"; sparsebk.layers), what the gate is trained on (`gate_grad`, `gate_weight`) and how
+"own", "zero"; sparsebk.model.layers), what the gate is trained on (`gate_grad`, `gate_weight`) and how
 the sparsity budget is shared (`sparsity_budget`).
 
 References: the layer's equations position by position with dense matrix inverses for the BK
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
-from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.model.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
+from sparsebk.model.lm import LMConfig, SparseBKLM
 from test_layers import D64, away_from_init, layer_reference as reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from sparsebk.train.config import TrainConfig, load_config
-from sparsebk.train.loop import local_batches
+from sparsebk.train.run_state import local_batches
 from sparsebk.train.resume import (ResumeRefused, classify, compare, config_changes,
                                    list_checkpoints, read_state, restoring_overrides)
-from sparsebk.train.schedule_client import LocalSchedule
+from sparsebk.train.ray_train.schedule_client import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
@@ -123,7 +123,7 @@ def test_each_step_of_all_ranks_consumes_a_stretch_of_one_order(tmp_path):
 
 
 def test_ray_loader_skips_its_share_of_the_samples_across_batch_boundaries():
-    from sparsebk.train.loop import _rebatch
+    from sparsebk.train.ray_train.loop import _rebatch
 
     stream = (torch.arange(i, i + 4)[:, None] for i in range(0, 20, 4))  # batches of 4 rows
     out = list(_rebatch(stream, 6, 3))  # skip 6 rows, batches of 3, the short last one dropped
@@ -134,7 +134,7 @@ def test_ray_loader_skips_its_share_of_the_samples_across_batch_boundaries():
 def test_a_checkpoint_from_before_sample_positions_converts_its_batch_count(tmp_path):
     """Old checkpoints counted one worker's batches of their own shape: 3 batches of 8 rows
     on 2 workers are sample 48, whatever this run's shape."""
-    from sparsebk.lm import SparseBKLM
+    from sparsebk.model.lm import SparseBKLM
 
     old = small_cfg(tmp_path, data__batch_size=8, run__num_workers=2).to_dict()
     t = Trainer(small_cfg(tmp_path), SparseBKLM(small_cfg(tmp_path).model),
@@ -148,7 +148,7 @@ def test_a_checkpoint_from_before_sample_positions_converts_its_batch_count(tmp_
 def fit_recording(cfg, rows, valid, resume_from=None) -> tuple[Trainer, list, list]:
     """A Trainer fit on `rows`; returns it, the sample ids of each step and its checkpoints."""
     torch.manual_seed(0)
-    from sparsebk.lm import SparseBKLM
+    from sparsebk.model.lm import SparseBKLM
 
     saved, seen = [], []
 
@@ -209,7 +209,7 @@ def test_resume_fewer_workers_truncated_latest_then_a_refused_shape(tmp_path, ra
     again with 1 worker and 6 steps: the driver and the worker fall back to step 2 with a
     warning naming the bad one, the diff is logged, the data position continues in samples;
     then a changed model shape is refused before any worker starts."""
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     base = ("run.eval_every=2", "run.log_every=2")
     run_training(tiny(tmp_path, "r", "optim.max_steps=4", *base))
@@ -247,8 +247,8 @@ def test_resume_fewer_workers_truncated_latest_then_a_refused_shape(tmp_path, ra
 def test_preflight_fails_fast_naming_the_node_and_the_path(tmp_path, ray_local):
     import ray
 
-    from sparsebk.data import prepare_dataset
-    from sparsebk.train.preflight import PreflightError, check_nodes
+    from sparsebk.data.prepare import prepare_dataset
+    from sparsebk.train.ray_train.preflight import PreflightError, check_nodes
 
     text = tmp_path / "corpus.txt"
     text.write_text("a b c d e f g\n" * 50)
@@ -295,7 +295,7 @@ def _agree_worker(rank: int, world: int, init_file: str, cases: list, out: str):
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from sparsebk.train.resume import restore_with_fallback
+    from sparsebk.train.ray_train.restore import restore_with_fallback
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

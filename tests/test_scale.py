@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sparsebk.lm import SparseBKLM
+from sparsebk.model.lm import SparseBKLM
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.trainer import Trainer
 
@@ -116,7 +116,7 @@ def test_fit_takes_n_batches_per_step_and_counts_optimizer_steps(tmp_path):
 
     class Fixed:  # a constant schedule, no Ray
         def get(self, step, prefetch_next=True):
-            from sparsebk.train.actor import Schedule
+            from sparsebk.train.ray_train.actor import Schedule
             return Schedule([0.3] * cfg.model.n_layers, 0.1)
 
         def report_validation(self, loss):
@@ -205,7 +205,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(heads, spars
     """Training mode, random gate noise and dropout: the recomputation in backward replays the
     forward's RNG state, so the masks (hence the loss) and every gradient are those of the
     run without checkpointing."""
-    from sparsebk.lm import LMConfig
+    from sparsebk.model.lm import LMConfig
 
     results = []
     for ckpt in (False, True):
@@ -233,7 +233,7 @@ def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
                   cuda: bool) -> None:
     """One worker of a gloo run (or several, one after the other, in the same processes: a
     spawn and its imports cost more than an 8-step run) of the Trainer, as the Ray worker
-    builds it (sparsebk.train.loop: same seeds, same wrapping), without Ray. `runs`: (world,
+    builds it (sparsebk.train.ray_train.loop: same seeds, same wrapping), without Ray. `runs`: (world,
     parallel, name, restore) each, parallel "ddp" or "fsdp" (or "accum": `_accum_run`); a run on fewer workers than the one before gets a new
     process group of that size (the other ranks are done). `cuda`: NCCL, one GPU per worker,
     bf16 autocast (tests/test_gpu.py)."""
@@ -271,8 +271,9 @@ def _train_run(rank: int, world: int, tmp: str, parallel: str, name: str, restor
     import shutil
     from contextlib import nullcontext
 
-    from sparsebk.train.loop import local_batches, shard
-    from sparsebk.train.schedule_client import LocalSchedule
+    from sparsebk.parallel import shard
+    from sparsebk.train.run_state import local_batches
+    from sparsebk.train.ray_train.schedule_client import LocalSchedule
 
     cfg = fsdp_cfg(Path(tmp), parallel, name)
     torch.manual_seed(1000 + rank)
@@ -355,7 +356,7 @@ def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(gloo_runs):
     parameter + optimizer bytes per worker; its step-4 sharded checkpoint (one shard file per
     rank) resumes on 2 workers onto the same curve, loads into 1 worker (resharded) and into
     a plain single-process model."""
-    from sparsebk.train.checkpoint import load_model_weights
+    from sparsebk.storage.checkpoint import load_model_weights
 
     tmp_path, ckpt = gloo_runs["tmp"], gloo_runs["ckpt"]
     ddp, fsdp, resumed, one = (gloo_runs[k] for k in ("ddp", "fsdp", "fsdp2", "fsdp1"))
@@ -390,7 +391,7 @@ def test_fsdp_equals_ddp_and_resumes_from_sharded_checkpoints(gloo_runs):
 def test_compiled_experts_give_the_eager_loss_and_gradients():
     """run.compile compiles the experts in place: same parameter names (checkpoints load
     either way), and the loss and gradients of the eager model (eval mode: the same masks)."""
-    from sparsebk.train.loop import compile_blocks
+    from sparsebk.parallel import compile_blocks
 
     torch.manual_seed(0)
     cfg = make_cfg(Path("/nonexistent")).model

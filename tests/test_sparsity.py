@@ -12,7 +12,7 @@ from torch.distributions import Bernoulli, kl_divergence
 
 from conftest import requires_cuda
 from sparsebk import balanced_sparsity_loss, sparsity_loss
-from sparsebk.sparsity import LOSS_TYPES, measured_sparsity
+from sparsebk.model.sparsity import LOSS_TYPES, measured_sparsity
 
 
 def mask_with_sparsity(n_skip: int, n: int, dtype=torch.float64, requires_grad=False) -> torch.Tensor:

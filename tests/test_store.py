@@ -1,4 +1,4 @@
-"""sparsebk.store on a local folder and on a real S3 server (SeaweedFS, fixture s3_bucket),
+"""sparsebk.storage.store on a local folder and on a real S3 server (SeaweedFS, fixture s3_bucket),
 and where relative locations resolve (home(), never the working directory)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from sparsebk.store import HOME_ENV, Store, home, open_store, resolve_location
+from sparsebk.storage.store import HOME_ENV, Store, home, open_store, resolve_location
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -88,7 +88,13 @@ def test_prepared_dataset_in_a_bucket_reads_as_the_local_one(s3_bucket, tmp_path
     CLI lands under $SPARSEBK_HOME."""
     import torch
 
-    from sparsebk.data import check_dataset, load_blocks, load_tokenizer, prepare_dataset
+    from sparsebk.data.manifest import check_dataset
+
+    from sparsebk.data.loading import load_blocks
+
+    from sparsebk.data.tokenizers import load_tokenizer
+
+    from sparsebk.data.prepare import prepare_dataset
     from sparsebk.data.cli import main as prepare_main
 
     text = tmp_path / "corpus.txt"
@@ -125,7 +131,7 @@ def test_tiny_run_in_a_bucket_writes_nothing_local_and_resumes(s3_bucket, ray_lo
     from pathlib import Path
 
     from sparsebk.train.config import load_config
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
     from sparsebk.train.metrics import read_metrics
 
     monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))

@@ -247,10 +247,10 @@ def test_sweep_writes_tables_front_plots_and_report(asha_sweep):
 
 def test_sweep_report_written_to_a_bucket_and_read_back(asha_sweep, s3_bucket, capsys):
     """`sparsebk report SWEEP --out s3://...`: tables, front, plots and report.md go to a
-    real S3 server through sparsebk.store, and read back equal to the local report."""
+    real S3 server through sparsebk.storage.store, and read back equal to the local report."""
     import io
 
-    from sparsebk.store import open_store
+    from sparsebk.storage.store import open_store
     from sparsebk.tune.report import main as report_main
 
     summary, df, _ = asha_sweep

@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from sparsebk.lm import LMConfig
+from sparsebk.model.lm import LMConfig
 from sparsebk.scheduler import AdaptiveSparsityScheduler
-from sparsebk.train.actor import Schedule, ScheduleNotReady, ScheduleState
-from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
+from sparsebk.storage.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig, apply_override, load_config
 from sparsebk.train.trainer import lr_lambda
 from sparsebk.train.metrics import MetricsWriter, progress_line, read_metrics, write_plots

@@ -69,7 +69,7 @@ def assert_schedule_matches_reference(cfg, records: dict[int, list[dict]], n_lay
 
 def reference_val_loss(state_dict, lm_cfg, blocks: torch.Tensor) -> float:
     """Single-process token-mean cross-entropy of a model in eval mode."""
-    from sparsebk.lm import SparseBKLM
+    from sparsebk.model.lm import SparseBKLM
 
     model = SparseBKLM(lm_cfg)
     if state_dict is not None:
@@ -91,7 +91,7 @@ def latest_state(run_dir: Path) -> dict:
 def clean_run(ray_local, workdir):
     """The clean 20-step DDP run (Ray Data loader, every validation row), run once for the
     tests that read it: the first to ask runs it."""
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     cfg = tiny(workdir, "clean", "optim.max_steps=20", "run.eval_every=10",
                "run.eval_batches=null")
@@ -99,7 +99,7 @@ def clean_run(ray_local, workdir):
 
 
 def test_a_ray_train_run_exports_and_evaluates(clean_run, tmp_path, capsys):
-    """(sparsebk.export, tests/test_export.py) A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
+    """(sparsebk.inference.export, tests/test_export.py) A real Ray Train run folder (2 workers): --run finds the best checkpoint in Ray's own
     snapshot, and its single-process eval matches the DDP validation loss (same rows, summed
     in another order). The clean run's folder; before the resume test continues it, and
     correct after it too (every checkpoint's validation covers every row)."""
@@ -124,9 +124,10 @@ def test_a_ray_train_run_exports_and_evaluates(clean_run, tmp_path, capsys):
 
 
 def test_ddp_run_lowers_loss_ranks_agree_then_resumes(clean_run, workdir):
-    from sparsebk.data import load_blocks, load_manifest
-    from sparsebk.lm import SparseBKLM
-    from sparsebk.train.driver import run_training
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.data.manifest import load_manifest
+    from sparsebk.model.lm import SparseBKLM
+    from sparsebk.train.ray_train.driver import run_training
 
     cfg, summary = clean_run
     run_dir = Path(cfg.run.run_dir)
@@ -176,7 +177,7 @@ def test_ddp_run_lowers_loss_ranks_agree_then_resumes(clean_run, workdir):
 
 
 def test_faults_worker_raise_exit_actor_kill_and_nan_step(ray_local, workdir):
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     # The plain-Parquet loader here (exact data position; no Ray Data actors to restart).
     cfg = tiny(workdir, "faults", "optim.max_steps=20", "run.eval_every=5", "data.loader=local",
@@ -209,7 +210,8 @@ def test_faults_worker_raise_exit_actor_kill_and_nan_step(ray_local, workdir):
     # run.eval_batches=2 (the preset's): the all-reduced validation loss covers the split's
     # first eval_batches * eval_batch_size * num_workers rows, and equals a single-process
     # evaluation of the latest weights on those rows.
-    from sparsebk.data import load_blocks, load_manifest
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.data.manifest import load_manifest
 
     lm_cfg = cfg.resolve_vocab(load_manifest(cfg.data.dir)["vocab_size"]).model
     rows = cfg.run.eval_batches * cfg.data.eval_batch_size * cfg.run.num_workers
@@ -223,7 +225,7 @@ def test_faults_worker_raise_exit_actor_kill_and_nan_step(ray_local, workdir):
 
 
 def test_consecutive_non_finite_steps_stop_with_clear_error(ray_local, workdir):
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     cfg = tiny(workdir, "nan", "optim.max_steps=20", "run.eval_every=5", "run.num_workers=1",
                "data.loader=local",
@@ -236,7 +238,7 @@ def test_consecutive_non_finite_steps_stop_with_clear_error(ray_local, workdir):
 
 
 def test_bad_configs_fail_before_workers_start(ray_local, workdir):
-    from sparsebk.train.driver import build_trainer
+    from sparsebk.train.ray_train.driver import build_trainer
 
     # The dataset has a byte vocabulary (> 256 ids); a smaller model vocabulary is refused.
     with pytest.raises(ValueError, match="model.vocab_size=64"):
@@ -255,7 +257,7 @@ def test_fsdp_on_ray_keeps_schedule_actor_broadcast_and_fault_recovery(ray_local
     """(run.parallel fsdp, tests/test_scale.py) The `tiny` preset under run.parallel fsdp on 2 Ray workers, a worker raising at step
     7: the run restarts from the sharded step-5 checkpoint and finishes; every rank used
     the scheduler's values; one actor call per scheduled step."""
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
 
     cfg = load_config(TINY, [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path}",
                              "run.name=fsdp", "run.parallel=fsdp", "data.loader=local",

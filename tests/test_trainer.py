@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsebk.lm import SparseBKLM
+from sparsebk.model.lm import SparseBKLM
 from sparsebk.scheduler import AdaptiveSparsityScheduler
 from sparsebk.train.config import TrainConfig
-from sparsebk.train.loop import local_batches
-from sparsebk.train.schedule_client import LocalSchedule
+from sparsebk.train.run_state import local_batches
+from sparsebk.train.ray_train.schedule_client import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

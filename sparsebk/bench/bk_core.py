@@ -2,7 +2,7 @@
 
 For each sequence length N and mode (causal, bidirectional), at batch B, it times forward +
 backward (a fixed random cotangent) of
-  - fast:      sparsebk.bk_core.resolvent_diagonal (chunked scans + adjoint backward),
+  - fast:      sparsebk.model.bk_core.resolvent_diagonal (chunked scans + adjoint backward),
   - reference: resolvent_diagonal_reference (plain float64 loop, autograd backward),
   - dense:     torch.linalg.inv of the dense (B, N, N) operator (bidirectional, N <= 512),
   - cumsum:    torch.cumsum forward+backward on a complex (B, N) tensor, a proxy for the
@@ -18,7 +18,7 @@ from functools import partial
 import torch
 
 from sparsebk.bench.common import format_table, time_call, write_result
-from sparsebk.bk_core import resolvent_diagonal, resolvent_diagonal_reference
+from sparsebk.model.bk_core import resolvent_diagonal, resolvent_diagonal_reference
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -5,17 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-# benchmark name -> module exposing main(argv) -> int
-BENCHMARKS = {
-    "bk-core": "sparsebk.bench.bk_core",
-    "layer": "sparsebk.bench.layer",
-    "data": "sparsebk.bench.data",
-    "training": "sparsebk.bench.training",
-    "quality": "sparsebk.bench.quality",
-    "gates": "sparsebk.bench.gates",
-    "decode": "sparsebk.bench.decode",
-    "scale": "sparsebk.bench.scale",
-}
+from sparsebk.bench.common import BENCHMARKS
+
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,18 @@ import time
 from pathlib import Path
 from typing import Callable, Hashable, Mapping, Sequence
 
+# benchmark name -> module exposing main(argv) -> int
+BENCHMARKS = {
+    "bk-core": "sparsebk.bench.bk_core",
+    "layer": "sparsebk.bench.layer",
+    "data": "sparsebk.bench.data",
+    "training": "sparsebk.bench.training",
+    "quality": "sparsebk.bench.quality",
+    "gates": "sparsebk.bench.gates",
+    "decode": "sparsebk.bench.decode",
+    "scale": "sparsebk.bench.scale",
+}
+
 
 def _syncer(device) -> Callable[[], None]:
     """A no-op, or torch.cuda.synchronize when `device` is CUDA (None: when CUDA is available),
@@ -127,12 +139,12 @@ def machine_probe(rows: int = 2048, width: int = 128, vocab: int = 10000, repeat
 
 def local_ray(num_cpus: int, workers: int) -> None:
     """A local Ray for a benchmark, set up as `sparsebk train` sets up its local Ray
-    (`sparsebk.train.cli.connect_ray`: 127.0.0.1 dashboard, pinned GCS address). A benchmark
+    (`sparsebk.train.ray_train.cli.connect_ray`: 127.0.0.1 dashboard, pinned GCS address). A benchmark
     measures this machine, so it never attaches to a cluster named by RAY_ADDRESS; no-op
     when this process is already connected."""
     import ray
 
-    from sparsebk.train.cli import connect_ray
+    from sparsebk.train.ray_train.cli import connect_ray
 
     if ray.is_initialized():
         return

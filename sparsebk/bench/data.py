@@ -21,7 +21,7 @@ from sparsebk.bench.common import Stopwatch, format_table, local_ray, time_call,
 
 
 def _small_block_len() -> int:
-    from sparsebk.lm import LMConfig
+    from sparsebk.model.lm import LMConfig
 
     return LMConfig.preset("small").n_seq
 
@@ -36,7 +36,7 @@ def _model_step_seconds(batch_size: int, block_len: int, repeats: int) -> float:
     """Median seconds of one training step of the small preset on random ids (CPU or GPU)."""
     import torch
 
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     cfg = LMConfig.preset("small")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,7 +68,11 @@ def main(argv: list[str]) -> int:
                    help="skip timing one training step of the small model (for the loader's share)")
     args = p.parse_args(argv)
 
-    from sparsebk.data import load_blocks, load_manifest, prepare_dataset, ray_datasets
+    from sparsebk.data.loading import load_blocks, ray_datasets
+
+    from sparsebk.data.manifest import load_manifest
+
+    from sparsebk.data.prepare import prepare_dataset
 
     block_len = args.block_len or _small_block_len()
     tmp = tempfile.TemporaryDirectory(prefix="sparsebk-bench-data-") if args.data_dir is None else None

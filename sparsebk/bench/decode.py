@@ -13,7 +13,7 @@ Models, all of one width and depth (an LMConfig preset, --d-model/--n-layers ove
 - "bk-all-skipped": every token skipped (no expert, no projection): with the dense step it
   gives the skippable share of a step, 1 - t(all skipped) / t(dense), hence the latency
   sparsity s should reach, t(dense) (1 - share s), printed beside the measured one.
-- "transformer": the KV-cached TransformerLM of sparsebk.baselines (TransformerConfig.matching:
+- "transformer": the KV-cached TransformerLM of sparsebk.model.baselines (TransformerConfig.matching:
   same width, depth, vocabulary; learned positions over C + steps), its cache allocated to
   that length.
 
@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
-from sparsebk.baselines import TransformerConfig, TransformerLM
+from sparsebk.model.baselines import TransformerConfig, TransformerLM
 from sparsebk.bench.common import format_table, model_overrides, time_call, write_result
-from sparsebk.decode import DecodeState
-from sparsebk.lm import LMConfig, SparseBKLM
+from sparsebk.model.lm import DecodeState
+from sparsebk.model.lm import LMConfig, SparseBKLM
 
 QUICK = dict(preset="debug", d_model=64, n_layers=2, vocab=1000, contexts="256,1024",
              batches="1,4", steps=8, max_prefill_tokens=4096, prefill_chunk=512)

@@ -36,7 +36,7 @@ POS_BUCKETS = ((0, 8), (8, 32), (32, None))
 
 def train_sparse(s: QualitySettings, target: float):
     """(model, blocks, record): one sparse model trained as a `bench quality` row."""
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     cfg, _, blocks, train_cfg = setup(s)
     torch.manual_seed(s.seed)

@@ -31,7 +31,7 @@ from functools import partial
 import torch
 
 from sparsebk.bench.common import format_table, time_call, time_calls, write_result
-from sparsebk.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
+from sparsebk.model.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
 
 
 def forced_mask(batch: int, n: int, sparsity: float, generator: torch.Generator) -> torch.Tensor:
@@ -206,7 +206,7 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
     ratio is the share of a step that sparsity can remove, and 1 / (1 - s share) the most a
     sparsity s can buy in tokens/s (the embedding, the output head and the BK-core stay).
     `skip_output` None: the preset's own."""
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     torch.manual_seed(0)
     cfg = LMConfig.preset(name, **({} if skip_output is None else {"skip_output": skip_output}))
@@ -247,7 +247,7 @@ def lm_skip_output_rates(name: str, batch: int, dev: torch.device, rounds: int,
     from contextlib import ExitStack
 
     from sparsebk.bench.gates import forced_masks
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     for skip in skip_outputs:
         if skip not in SKIP_OUTPUTS:

@@ -110,7 +110,9 @@ class QualitySettings:
 
 def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
     """(manifest, {split: LongTensor (R, block_len + 1)}); prepares PTB on first use."""
-    from sparsebk.data import check_dataset, load_blocks, prepare_dataset
+    from sparsebk.data.manifest import check_dataset
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.data.prepare import prepare_dataset
 
     path = Path(s.dataset) if s.dataset else prepare_dataset(
         s.data_dir or f"data/ptb-word-{block_len}", corpus="ptb", tokenizer="word", block_len=block_len)
@@ -262,7 +264,7 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
 def setup(s: QualitySettings):
     """(model config with the dataset's vocabulary, manifest, blocks, TrainConfig): what every
     row of a run shares (also `sparsebk bench gates`)."""
-    from sparsebk.lm import LMConfig
+    from sparsebk.model.lm import LMConfig
     from sparsebk.train.config import TrainConfig
 
     base = LMConfig.preset(s.preset, **s.model_overrides)
@@ -282,8 +284,8 @@ def sparse_schedule(s: QualitySettings, target: float) -> dict:
 
 
 def run_quality(s: QualitySettings) -> dict:
-    from sparsebk.baselines import TransformerConfig, TransformerLM
-    from sparsebk.lm import LMConfig, SparseBKLM
+    from sparsebk.model.baselines import TransformerConfig, TransformerLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
 
     cfg, manifest, blocks, train_cfg = setup(s)
     results = []

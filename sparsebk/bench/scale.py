@@ -2,7 +2,7 @@
 
 Each variant runs the training package's `Trainer.train_step` in 2 processes over a gloo
 (CPU) or NCCL (CUDA: one GPU per process, 1 process on a 1-GPU machine) process group, wrapped as the Ray worker wraps the model
-(sparsebk.train.loop: `compile_blocks`, DDP or `shard`), on random token batches (no data
+(sparsebk.parallel: `compile_blocks`, `shard`; DDP as the worker loop applies it), on random token batches (no data
 loading in the timing). One factor changes at a time against the baseline (DDP, no
 checkpointing, eager, no accumulation):
 
@@ -86,8 +86,8 @@ def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batc
             warmup: int, steps: int, threads: int, out: str) -> None:
     import torch.distributed as dist
 
-    from sparsebk.lm import SparseBKLM
-    from sparsebk.train.loop import compile_blocks, shard
+    from sparsebk.model.lm import SparseBKLM
+    from sparsebk.parallel import compile_blocks, shard
     from sparsebk.train.trainer import Trainer, memory_stats
 
     cuda = torch.cuda.is_available()

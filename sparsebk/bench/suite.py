@@ -1,6 +1,6 @@
 """`sparsebk bench all --out DIR [--skip NAME ...] [--quick]`: every benchmark, one report.
 
-Each benchmark listed in `sparsebk.bench.cli.BENCHMARKS` runs in its own Python process
+Each benchmark listed in `sparsebk.bench.common.BENCHMARKS` runs in its own Python process
 (a crash, a hung Ray worker or a changed thread setting in one cannot spoil the next), with
 `--out DIR`; with `--quick`, plus `--quick` where the benchmark's own `--help` offers it, or
 else the smaller sizes of QUICK_ARGS that its `--help` names. Its stdout is echoed
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from sparsebk.bench.common import format_table, machine_info, write_result
+from sparsebk.bench.common import BENCHMARKS, format_table, machine_info, write_result
 
 # run a benchmark module's main(argv) in a fresh interpreter
 _RUNNER = ("import importlib, sys; m = importlib.import_module(sys.argv[1]); "
@@ -55,8 +55,6 @@ QUICK_ARGS: dict[str, list[tuple[str, str]]] = {
 
 
 def _default_benchmarks() -> dict[str, str]:
-    from sparsebk.bench.cli import BENCHMARKS
-
     return dict(BENCHMARKS)
 
 

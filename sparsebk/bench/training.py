@@ -38,10 +38,10 @@ def plain_run(cfg, dataset_dir, steps: int, window: int) -> dict:
     """The worker loop's step without Ray: the Trainer's own `train_step` (same model,
     optimizer, LR, clipping) on the same batches, with the schedule from an in-process
     scheduler instead of the actor."""
-    from sparsebk.data import load_blocks
-    from sparsebk.lm import SparseBKLM
-    from sparsebk.train.loop import local_batches
-    from sparsebk.train.schedule_client import LocalSchedule
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.model.lm import SparseBKLM
+    from sparsebk.train.run_state import local_batches
+    from sparsebk.train.ray_train.schedule_client import LocalSchedule
     from sparsebk.train.trainer import Trainer
 
     torch.manual_seed(cfg.run.seed * 1000)
@@ -79,7 +79,7 @@ def _row(label, workers, step_s, tokens_per_step, data_s, sched_s) -> dict:
 
 
 def ray_run(cfg, label: str) -> dict:
-    from sparsebk.train.driver import run_training
+    from sparsebk.train.ray_train.driver import run_training
     from sparsebk.train.metrics import read_metrics
 
     summary = run_training(cfg)
@@ -94,7 +94,7 @@ def ray_run(cfg, label: str) -> dict:
 def actor_latency(cfg, n_layers: int) -> dict:
     import ray
 
-    from sparsebk.train.actor import ScheduleState, create_schedule_actor
+    from sparsebk.train.ray_train.actor import ScheduleState, create_schedule_actor
 
     actor = create_schedule_actor(cfg.schedule, n_layers)
     ray.get(actor.reset.remote())
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from sparsebk.data import check_dataset
+    from sparsebk.data.manifest import check_dataset
     from sparsebk.train.config import load_config
-    from sparsebk.train.driver import ensure_dataset
+    from sparsebk.train.ray_train.driver import ensure_dataset
 
     out = Path(args.out).resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")

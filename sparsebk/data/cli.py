@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
     from sparsebk.data.manifest import load_manifest
     from sparsebk.data.prepare import prepare_dataset
 
-    from sparsebk.store import resolve_location
+    from sparsebk.storage.store import resolve_location
 
     try:
         # a relative --out is where data.dir would find it: under $SPARSEBK_HOME, not the cwd

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from sparsebk.data.manifest import MANIFEST_NAME, TOKENS_COLUMN, check_dataset, dataset_store
-from sparsebk.store import Store
+from sparsebk.storage.store import Store
 
 
 def _split_files(root: Store, manifest: dict, split: str) -> list[str]:

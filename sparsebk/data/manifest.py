@@ -6,7 +6,7 @@ Layout of a prepared dataset directory:
     vocab.txt                  word tokeniser only; GPT-2 datasets hold encoder.json, vocab.bpe
     train-00000.parquet ...    one column "tokens": list<int32> of block_len + 1 ids per row
 
-The dataset dir is a local path or a URI (s3://, gs://, ...; sparsebk.store): files are read
+The dataset dir is a local path or a URI (s3://, gs://, ...; sparsebk.storage.store): files are read
 through pyarrow.fs. Every error names the file and the manifest field (or Parquet column) at
 fault.
 """
@@ -14,11 +14,12 @@ fault.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
-from sparsebk.store import Store, is_uri, open_store
+from sparsebk.storage.store import Store, is_uri, open_store
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -192,3 +193,14 @@ def _check_file(root: Store, mpath: str, field: str, entry: dict, m: dict, verif
     if hi is not None and (hi >= m["vocab_size"] or lo < 0):
         raise ValueError(f"{fpath}: column {TOKENS_COLUMN} has token ids in [{lo}, {hi}], outside "
                          f"[0, vocab_size={m['vocab_size']}) ({mpath} field vocab_size)")
+
+
+def tokenizer_files(dataset_dir: str | os.PathLike) -> dict[str, str]:
+    """{name: text} of the files that rebuild a dataset's tokenizer (a path or a URI):
+    vocab.txt for word; GPT-2's encoder.json and vocab.bpe when the dataset has them; none for
+    byte. A checkpoint's meta["tokenizer_files"], read once when training starts, so the
+    checkpoint loads without its dataset (sparsebk.inference.export checks them against the tokenizer
+    identity's checksum, as it does files read from a dataset)."""
+    store = dataset_store(dataset_dir)
+    names = load_manifest(store.uri)["tokenizer"].get("files") or []
+    return {name: store.read_text(name) for name in names}

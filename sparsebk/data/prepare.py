@@ -6,7 +6,7 @@ one block is dropped (the manifest records how many ids each split has and how m
 
 The output is built in a temporary directory next to `out_dir` and renamed into place, so an
 interrupted or failing run leaves nothing behind. `out_dir` may be a URI (s3://, gs://, ...;
-sparsebk.store): the dataset is built in a local temporary directory and uploaded with its
+sparsebk.storage.store): the dataset is built in a local temporary directory and uploaded with its
 manifest last, so the manifest's presence says the upload is complete (an object store has
 no rename). Asking again with the same arguments
 reuses the existing dataset after checking it against its manifest; asking with different
@@ -30,7 +30,7 @@ from sparsebk.data import corpora
 from sparsebk.data.manifest import (FORMAT, MANIFEST_NAME, SCHEMA_VERSION, SPLITS, TOKENS_COLUMN,
                                     check_dataset, load_manifest, sha256_file)
 from sparsebk.data.tokenizers import TOKENIZER_NAMES, Tokenizer, WordTokenizer, get_tokenizer
-from sparsebk.store import Store, is_uri, open_store
+from sparsebk.storage.store import Store, is_uri, open_store
 
 log = logging.getLogger(__name__)
 

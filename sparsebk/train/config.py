@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from sparsebk.storage.run_folder import DEFAULT_STORAGE_PATH, check_run_name
+from sparsebk.storage.store import join_location, resolve_location
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int, check_known,
                                  field_error, from_mapping)
 
@@ -37,8 +39,6 @@ _FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
 
 
 def _location(field: str, value: str) -> str:
-    from sparsebk.store import resolve_location
-
     try:
         return resolve_location(value, field)
     except ValueError as e:
@@ -62,7 +62,7 @@ class DataConfig:
     shuffling, the rows left strided by rank): no Ray Data actors to start, and exactly the
     same rows left after a restart. Both need the dataset on storage every worker can read.
 
-    `dir`: a local path or a URI (s3://, gs://, ...; sparsebk.store); a relative path is under
+    `dir`: a local path or a URI (s3://, gs://, ...; sparsebk.storage.store); a relative path is under
     $SPARSEBK_HOME (default ~/sparsebk), never the launch directory."""
 
     dir: str = "data/ptb-word"
@@ -81,7 +81,7 @@ class DataConfig:
     def __post_init__(self):
         if not isinstance(self.dir, str) or not self.dir:
             raise field_error("data.dir", self.dir, "must be a non-empty path")
-        # a URI (s3://, gs://, ...) as it is; a relative path under sparsebk.store.home()
+        # a URI (s3://, gs://, ...) as it is; a relative path under sparsebk.storage.store.home()
         self.dir = _location("data.dir", self.dir)
         check_choice("data.corpus", self.corpus, CORPORA)
         if self.corpus == "text" and not self.text:
@@ -166,7 +166,7 @@ class RunConfig:
     """
 
     name: str = "sparsebk"
-    storage_path: str = "runs"
+    storage_path: str = DEFAULT_STORAGE_PATH
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -187,14 +187,11 @@ class RunConfig:
     placement_strategy: str = "PACK"
 
     def __post_init__(self):
-        if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
-                or set(self.name) == {"."}):  # "." and ".." would escape storage_path
-            raise field_error("run.name", self.name, "use letters, digits, '_', '.', '-' "
-                              "(not only dots)")
+        check_run_name("run.name", self.name)
         if not isinstance(self.storage_path, str) or not self.storage_path:
             raise field_error("run.storage_path", self.storage_path, "must be a non-empty path")
         # Ray needs an absolute location: a URI as it is, a relative path under the stable
-        # home (sparsebk.store.home()), never the launch directory (a job's temporary copy)
+        # home (sparsebk.storage.store.home()), never the launch directory (a job's temporary copy)
         self.storage_path = _location("run.storage_path", self.storage_path)
         check_int("run.num_workers", self.num_workers, min=0)
         check_bool("run.use_gpu", self.use_gpu)
@@ -259,9 +256,7 @@ class RunConfig:
 
     @property
     def run_dir(self) -> str:
-        """The run's folder: an absolute path or a URI (sparsebk.store.open_store reads it)."""
-        from sparsebk.store import join_location
-
+        """The run's folder: an absolute path or a URI (sparsebk.storage.store.open_store reads it)."""
         return join_location(self.storage_path, self.name)
 
     def faults(self) -> list[tuple[str, int]]:
@@ -286,7 +281,7 @@ def _model_config(d) -> "LMConfig":
     """The model section as an LMConfig: LMConfig fields plus an optional `preset` (the preset's
     sizes, overridden by the fields given). Without vocab_size the vocabulary stays unresolved
     (None) until the driver reads the dataset's (TrainConfig.resolve_vocab)."""
-    from sparsebk.lm import LMConfig
+    from sparsebk.model.lm import LMConfig
 
     if isinstance(d, LMConfig):
         return d

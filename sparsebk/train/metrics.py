@@ -3,7 +3,7 @@
 Rank 0 writes `metrics.jsonl` in the run directory: one record per log interval
 ({"kind": "train", ...}) and per evaluation ({"kind": "eval", ...}). After a restart the
 records of the re-run steps are appended again; readers keep the last record per (kind, step).
-The run directory is a local path or a URI (sparsebk.store): on an object store, which cannot
+The run directory is a local path or a URI (sparsebk.storage.store): on an object store, which cannot
 append, the records go to part objects under `metrics.jsonl.parts/`, put at every evaluation
 and at most every 30 s between them, and `read_metrics` reads them back from the store.
 """
@@ -17,7 +17,9 @@ import io
 import os
 from pathlib import Path
 
-from sparsebk.store import open_store
+from sparsebk.evaluation import safe_ppl
+from sparsebk.train.run_state import RunState  # noqa: F401 (annotation)
+from sparsebk.storage.store import open_store
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -29,10 +31,6 @@ def _fmt_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-def safe_ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")
 
 
 def progress_line(rec: dict, max_steps: int) -> str:
@@ -179,3 +177,27 @@ def summary_lines(summary: dict) -> list[str]:
         f"  checkpoint (best)   {summary['best_checkpoint']}",
         f"  metrics {summary['metrics_file']}, plots {summary['plots_dir']}",
     ]
+
+
+def validation_metrics(state: "RunState", val_loss: float, spars: list[float], sched,
+                       last_log: dict, lr: float) -> dict:
+    """The record of an evaluation step: validation loss and eval-mode sparsity (per layer and
+    their mean), the training-mode sparsity and loss of the last log interval (`last_log`,
+    all-reduced there), the step's Schedule (per-layer targets, loss weight) and the LR."""
+    # training-mode (sampled-mask) sparsity: the mean over the last log interval; the
+    # eval-mode values come from the deterministic gate
+    train_spars = last_log.get("sparsity_layers") or [float("nan")] * len(spars)
+    return {
+        "step": state.step, "epoch": state.epoch, "val_loss": val_loss,
+        "val_ppl": safe_ppl(val_loss),
+        "sparsity": sum(spars) / len(spars),
+        **{f"sparsity_layer_{i}": x for i, x in enumerate(spars)},
+        "train_sparsity": sum(train_spars) / len(train_spars),
+        **{f"train_sparsity_layer_{i}": x for i, x in enumerate(train_spars)},
+        **{f"target_layer_{i}": t for i, t in enumerate(sched.targets)},
+        "target_sparsity": sum(sched.targets) / len(sched.targets),
+        "loss_weight": sched.weight,
+        "train_loss": last_log.get("train_loss", float("nan")),
+        "tokens_per_s": last_log.get("tokens_per_s", float("nan")),
+        "lr": lr, "bad_steps": state.bad_steps,
+    }

@@ -12,6 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from sparsebk.train.config import TrainConfig
 
 
 def shuffle_seed(seed: int, epoch: int) -> int:
@@ -54,3 +60,25 @@ class RunState:
         state = cls(**{k: v for k, v in saved.items() if k in names})
         state.batch_in_epoch = state.sample_in_epoch // (world * batch_size)
         return state
+
+
+def local_batches(rows: torch.Tensor, cfg: "TrainConfig", epoch: int, start: int, rank: int,
+                  world: int):
+    """data.loader local: this rank's batches of one epoch from all rows (R, block_len + 1),
+    from sample `start` of the epoch's order on.
+
+    The order is a permutation of all rows seeded by (run.seed, epoch) only; rank r takes
+    every world-th of the rows left, so one step of all ranks consumes a contiguous stretch
+    of the order and the position is a sample count whatever the worker count and batch size
+    (a resumed run with other ones continues at the same sample)."""
+    if cfg.data.shuffle_buffer:
+        g = torch.Generator().manual_seed(shuffle_seed(cfg.run.seed, epoch))
+        order = torch.randperm(len(rows), generator=g)
+    else:
+        order = torch.arange(len(rows))
+    left = order[start:]
+    n = len(left) // world * world  # equal shares: every rank runs the same number of steps
+    mine = left[:n][rank::world]
+    b = cfg.data.batch_size
+    for i in range(0, len(mine) - b + 1, b):
+        yield rows[mine[i:i + b]]

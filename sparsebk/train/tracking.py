@@ -18,7 +18,7 @@ tool is a column of metrics.jsonl.
 
 With a URI run folder (s3://, gs://) only MLflow on a tracking server works (config load
 refuses TensorBoard and the default SQLite store there); the run id goes through
-sparsebk.store, and the plots are copied to a temporary file for MLflow to log.
+sparsebk.storage.store, and the plots are copied to a temporary file for MLflow to log.
 
 The packages are the `tracking` extra (`pip install -e ".[tracking]"`, which `.[test]`
 includes); asking for a tracker whose package is missing fails at config load.
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-from sparsebk.store import open_store
+from sparsebk.storage.store import open_store
 
 logger = logging.getLogger("sparsebk.train")
 

@@ -26,10 +26,10 @@ Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N m
 
 The one host sync per step is the finiteness check of the gradient norm (step 2): skipping a
 NaN step needs its answer before the optimizer runs. Nothing here imports Ray: the worker
-function (sparsebk.train.loop) plugs Ray in through `schedule` and `reporter`, and the plain
+function (sparsebk.train.ray_train.loop) plugs Ray in through `schedule` and `reporter`, and the plain
 benchmark loops drive the same `train_step`. Beside this module: the DDP/FSDP differences
-(sparsebk.train.parallel), the all-reduced validation and its record
-(sparsebk.train.evaluation) and the run's position (sparsebk.train.run_state).
+(sparsebk.parallel), the all-reduced validation and its record
+(sparsebk.evaluation) and the run's position (sparsebk.train.run_state).
 """
 
 from __future__ import annotations
@@ -47,16 +47,17 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from sparsebk.store import open_store
-from sparsebk.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsebk.storage.store import open_store
+from sparsebk.storage.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig
 # evaluate, memory_stats and shuffle_seed are also imported from here (export, benchmarks,
 # the worker loop, tests)
-from sparsebk.train.evaluation import evaluate, validation_metrics
-from sparsebk.train.metrics import MetricsWriter, eval_line, progress_line, safe_ppl
-from sparsebk.train.parallel import (all_reduce_sum, gradient_sync, is_sharded,
+from sparsebk.evaluation import evaluate
+from sparsebk.train.metrics import (MetricsWriter, eval_line, progress_line, safe_ppl,
+                                    validation_metrics)
+from sparsebk.parallel import (all_reduce_sum, gradient_sync, is_sharded,
                                      memory_stats, unwrap)
-from sparsebk.train.run_state import RunState, shuffle_seed  # noqa: F401 (shuffle_seed)
+from sparsebk.train.run_state import RunState
 from sparsebk.train.tracking import Tracking
 
 logger = logging.getLogger("sparsebk.train")
@@ -99,7 +100,7 @@ class Trainer:
     """Owns the model, optimizer, LR schedule and run state of one worker; see the module doc.
 
     `schedule`: an object with get(step, prefetch_next) -> Schedule, report_validation(loss)
-    and checkpoint_state() (sparsebk.train.schedule_client). `reporter(metrics, directory)`:
+    and checkpoint_state() (sparsebk.train.ray_train.schedule_client). `reporter(metrics, directory)`:
     hands an evaluation's metrics and its checkpoint directory (or None) on; without one, no
     checkpoint is written. `hooks`: before_step(step) and loss(step, loss) -> loss (fault
     injection). `run_dir`: where rank 0 writes metrics and each rank its schedule record;
@@ -129,7 +130,7 @@ class Trainer:
         self.last_log: dict = {}
         self.current_schedule = None  # the Schedule of the latest step
         self.trained_steps = 0  # in this process
-        # a path or a URI: every file below goes through sparsebk.store
+        # a path or a URI: every file below goes through sparsebk.storage.store
         self.run_dir = str(run_dir) if run_dir is not None else None
         self.writer = MetricsWriter(self.run_dir) if self.run_dir and rank == 0 else None
         self.tracking: Tracking | None = None  # opened by the first record (rank 0)

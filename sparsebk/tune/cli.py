@@ -26,7 +26,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsebk.train.cli import connect_ray, setup_logging
+    from sparsebk.train.ray_train.cli import connect_ray, setup_logging
     from sparsebk.tune.config import load_sweep_config
     from sparsebk.tune.sweep import prepare_sweep, run_sweep
 

@@ -201,7 +201,7 @@ class SweepConfig:
             raise ValueError(f"name: {self.name!r} must use letters, digits, '_', '.', '-' "
                              "(not only dots)")
         if self.report_path is not None:
-            from sparsebk.store import resolve_location
+            from sparsebk.storage.store import resolve_location
 
             if not isinstance(self.report_path, str) or not self.report_path:
                 raise ValueError(f"report_path: {self.report_path!r} must be a path or a URI")

@@ -171,8 +171,8 @@ def make_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *,
                 levels: list[float] | None = None, last_k: int | None = None) -> dict:
     """Regenerate every table and plot of a sweep from its stored results; returns their
     locations. `out_dir` (default SWEEP_DIR/report) is a path or a URI (s3://, gs://):
-    everything is written through sparsebk.store."""
-    from sparsebk.store import open_store
+    everything is written through sparsebk.storage.store."""
+    from sparsebk.storage.store import open_store
 
     sweep_dir = Path(sweep_dir)
     meta = _sweep_meta(sweep_dir)
@@ -213,7 +213,7 @@ def make_run_report(run_dir: str | Path, out_dir: str | Path | None = None) -> d
 
 def read_back(location: str) -> str:
     """A written file read back through the store (a path or a URI)."""
-    from sparsebk.store import open_store
+    from sparsebk.storage.store import open_store
 
     parent, _, name = location.partition("?")[0].rpartition("/")
     query = location.partition("?")[2]

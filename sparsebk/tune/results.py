@@ -228,11 +228,11 @@ def results_table(records: list[TrialRecord], *, last_k: int = 3) -> pd.DataFram
 
 def write_tables(df: pd.DataFrame, out_dir, stem: str = "results") -> list[str]:
     """CSV and Parquet side by side in `out_dir` (a path, a URI or a sparsebk Store), each
-    written whole (atomically) through sparsebk.store; returns their locations. Columns of
+    written whole (atomically) through sparsebk.storage.store; returns their locations. Columns of
     mixed Python types are stored as strings in the Parquet file."""
     import io
 
-    from sparsebk.store import Store, open_store
+    from sparsebk.storage.store import Store, open_store
 
     out = out_dir if isinstance(out_dir, Store) else open_store(out_dir)
     out.write_text(f"{stem}.csv", df.to_csv(index=False))

@@ -78,9 +78,9 @@ def check_against_train(cfg: SweepConfig):
 
 def _sweep_storage(cfg: SweepConfig, run_storage: str) -> Path:
     """The sweep's parent folder: `storage_path`, else the training runs' storage + /sweeps;
-    a relative path lives under $SPARSEBK_HOME (sparsebk.store.home), never under the current
+    a relative path lives under $SPARSEBK_HOME (sparsebk.storage.store.home), never under the current
     directory (under `ray job submit --working-dir` that is a copy Ray may delete)."""
-    from sparsebk.store import is_uri, join_location, resolve_location
+    from sparsebk.storage.store import is_uri, join_location, resolve_location
 
     loc = cfg.storage_path or join_location(resolve_location(run_storage), "sweeps")
     if is_uri(loc):
@@ -94,8 +94,8 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
     """Validate everything and resolve paths; starts nothing."""
     base = check_against_train(cfg)
     if check_data:
-        from sparsebk.data import check_dataset
-        from sparsebk.train.driver import ensure_dataset
+        from sparsebk.data.manifest import check_dataset
+        from sparsebk.train.ray_train.driver import ensure_dataset
 
         try:
             manifest = check_dataset(ensure_dataset(base.data), block_len=base.data.block_len)

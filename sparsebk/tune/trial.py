@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from sparsebk.store import open_store
+from sparsebk.storage.store import open_store
 from sparsebk.train.config import set_dotted
 from sparsebk.tune.results import COMPLETED_DIR, STOPPED_FILE, TRAIN_RUNS_DIR, completion_marker
 
@@ -64,9 +64,9 @@ def run_trial(config: dict, *, base_train: dict, keys: dict[str, str], sweep_dir
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sparsebk.train.actor import create_schedule_actor
+    from sparsebk.train.ray_train.actor import create_schedule_actor
     from sparsebk.train.config import TrainConfig
-    from sparsebk.train.driver import build_trainer
+    from sparsebk.train.ray_train.driver import build_trainer
 
     trial_id = tune.get_context().get_trial_id()
     attempt = _append_attempt(sweep_dir, trial_id)

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsebk train: {e}", file=sys.stderr)
         return 2
     connect_ray(args.address, args.num_cpus, cfg.run.num_workers)
-    from sparsebk.train.driver import run_training
-    from sparsebk.train.preflight import PreflightError
+    from sparsebk.train.ray_train.driver import run_training
+    from sparsebk.train.ray_train.preflight import PreflightError
 
     try:
         summary = run_training(cfg, where=args.config)

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import torch
 
-from sparsebk.train.parallel import is_sharded
+from sparsebk.parallel import is_sharded
+from sparsebk.storage.run_folder import SHARDS_DIR, STATE_FILE  # noqa: F401 (re-exported)
 
-STATE_FILE = "state.pt"
-SHARDS_DIR = "shards"
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -159,16 +158,3 @@ def load_sharded_weights(shards: str | os.PathLike, model: torch.nn.Module) -> N
     target = {"model": model.state_dict()}
     dcp.load(target, checkpoint_id=Path(shards))  # no process group: read in this process
     model.load_state_dict(target["model"])
-
-
-def tokenizer_files(dataset_dir: str | os.PathLike) -> dict[str, str]:
-    """{name: text} of the files that rebuild a dataset's tokenizer (a path or a URI):
-    vocab.txt for word; GPT-2's encoder.json and vocab.bpe when the dataset has them; none for
-    byte. A checkpoint's meta["tokenizer_files"], read once when training starts, so the
-    checkpoint loads without its dataset (sparsebk.export checks them against the tokenizer
-    identity's checksum, as it does files read from a dataset)."""
-    from sparsebk.data.manifest import dataset_store, load_manifest
-
-    store = dataset_store(dataset_dir)
-    names = load_manifest(store.uri)["tokenizer"].get("files") or []
-    return {name: store.read_text(name) for name in names}

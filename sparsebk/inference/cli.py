@@ -1,4 +1,5 @@
-"""`sparsebk export` and `sparsebk eval`: thin command lines over sparsebk.export.
+"""`sparsebk export`, `sparsebk eval` and `sparsebk generate`: thin command lines over
+sparsebk.inference.export and sparsebk.inference.generate.
 
     sparsebk eval --run tiny [--storage-path s3://bucket/runs?endpoint_override=...] --split test
     sparsebk eval --checkpoint s3://bucket/runs/tiny/checkpoint_...?endpoint_override=...
@@ -37,8 +38,8 @@ def add_source_args(p: argparse.ArgumentParser, *, model_source: bool) -> None:
 
 
 def load_source(args: argparse.Namespace, device="cpu"):
-    """The model `add_source_args`' options name (sparsebk.export.Pretrained)."""
-    from sparsebk.export import load
+    """The model `add_source_args`' options name (sparsebk.inference.export.Pretrained)."""
+    from sparsebk.inference.export import load
 
     run, storage_path = args.run, args.storage_path
     if args.config is not None:
@@ -65,7 +66,7 @@ def eval_table(r: dict) -> str:
 
 
 def export_main(argv: list[str]) -> int:
-    from sparsebk.export import export
+    from sparsebk.inference.export import export
 
     p = argparse.ArgumentParser(prog="sparsebk export",
                                 description="write a trained model as a self-contained folder")
@@ -84,7 +85,7 @@ def export_main(argv: list[str]) -> int:
 def eval_main(argv: list[str]) -> int:
     import torch
 
-    from sparsebk.export import evaluate_split
+    from sparsebk.inference.export import evaluate_split
 
     p = argparse.ArgumentParser(
         prog="sparsebk eval", description="perplexity, eval-mode sparsity and speed on a dataset split")
@@ -107,4 +108,51 @@ def eval_main(argv: list[str]) -> int:
         print(f"sparsebk eval: {e}", file=sys.stderr)
         return 2
     print(json.dumps(r, indent=2) if args.json else eval_table(r))
+    return 0
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    import random
+
+    import torch
+
+    from sparsebk.inference.generate import StreamDecoder, check_sampling, encode_prompt, generate
+
+    p = argparse.ArgumentParser(prog="sparsebk generate",
+                                description="sample a continuation of a prompt, printed as it comes")
+    add_source_args(p, model_source=True)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens whose probability reaches p")
+    p.add_argument("--seed", type=int, default=None,
+                   help="fixes the draws (default: a random seed, printed on stderr)")
+    p.add_argument("--stop-at-eos", action="store_true",
+                   help="stop at the end-of-document token (the word tokenizer's <eos> is a "
+                        "line end: it does not stop unless asked)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        m = load_source(args, device=args.device)
+        ids = encode_prompt(m.tokenizer, args.prompt)
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+        prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
+        stream = generate(m.model.eval(), prompt, args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=seed, eos_id=m.tokenizer.eos_id if args.stop_at_eos else None)
+        first = next(stream)  # checks the context length before anything is printed
+    except (ValueError, OSError) as e:  # OSError: an object store that does not answer
+        print(f"sparsebk generate: {e}", file=sys.stderr)
+        return 2
+    if args.seed is None:
+        print(f"sparsebk generate: --seed {seed} reproduces this", file=sys.stderr)
+    out = StreamDecoder(m.tokenizer, ids)
+    print(args.prompt, end="", flush=True)
+    print(out.push(int(first[0])), end="", flush=True)
+    for tok in stream:
+        print(out.push(int(tok[0])), end="", flush=True)
+    print(out.flush(), flush=True)
     return 0

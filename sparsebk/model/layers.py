@@ -41,7 +41,7 @@ task gradient there too. A dense model (every gate open) never runs the light FF
 
 The gate and the BK mixing, multi-channel options included (`bk_heads`, `bk_learn_z`,
 `bk_input_couplings`: H heads, learnt shifts, off-diagonals from the layer's `coupling_proj`),
-are the layer's `SparseBKCore` (sparsebk.sparse_bk_core, whose docstring has their equations).
+are the layer's `SparseBKCore` (sparsebk.model.sparse_bk_core, whose docstring has their equations).
 
 The mask is straight-through (exactly 0/1 forward): multiplying the computed outputs by it
 hands the task gradient to the importance predictor, and the sparsity loss is built from the
@@ -89,24 +89,37 @@ have to read.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
-from sparsebk.moe import ExpertFFN, MoEFFN
-from sparsebk.sparse_bk_core import Z_IM_RANGE, SparseBKCore
-from sparsebk.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
+from sparsebk.model.config import GATE_GRADS, SKIP_OUTPUTS, LMConfig, check_gate_grad
+from sparsebk.model.moe import ExpertFFN, MoEFFN
+from sparsebk.model.sparse_bk_core import Z_IM_RANGE, SparseBKCore
+from sparsebk.model.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_choice, check_float, check_int
 
-SKIP_OUTPUTS = ("carry", "own", "zero", "mix", "light")  # what a skipped position outputs (module docstring)
-GATE_GRADS = ("scale", "contrast")  # what the task gradient tells the gate (module docstring)
-
-if TYPE_CHECKING:  # lm.py imports this module
-    from sparsebk.lm import LMConfig
 
 __all__ = ["LayerOutput", "SparseBKCore", "SparseMoEResNetBKLayer", "get_sparsity_loss",
            "get_balanced_loss", "get_sparsity_stats"]
+
+
+@dataclass
+class LayerState:
+    """What a layer remembers to continue its causal outputs (eval mode): constant in the
+    context. A fresh state has k_prev = 0 and alpha = 1, so the first position's
+    alpha_0 = s_0 - 0 / 1 = s_0 exactly."""
+
+    alpha: torch.Tensor  # (B, H) complex: the causal BK ratio of the last position, per head
+    k_prev: torch.Tensor  # (B, H) real: k = b^2 linking the last position to the next
+    # (B, D): W_out f_j + b_out of the last computed position j ("carry": what a skipped
+    # position outputs; W_out 0 + b_out before any); kept but unused by the other skip outputs
+    carry: torch.Tensor
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.alpha, self.k_prev, self.carry))
 
 
 class LayerOutput(NamedTuple):
@@ -135,10 +148,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         super().__init__()
         self.skip_output = check_choice("skip_output", skip_output, SKIP_OUTPUTS)
         self.gate_grad = check_choice("gate_grad", gate_grad, GATE_GRADS)
-        if self.skip_output == "light" and self.gate_grad == "contrast":
-            raise ValueError("gate_grad='contrast' is not defined for skip_output='light' (what a "
-                             "computed position would output if skipped needs its light FFN too); "
-                             "use gate_grad='scale'")
+        check_gate_grad("", self.skip_output, self.gate_grad)
         self.gate_weight = check_bool("gate_weight", gate_weight)
         self.d_model = check_int("d_model", d_model, min=2)
         self.n_seq = check_int("n_seq", n_seq, min=1)
@@ -153,9 +163,9 @@ class SparseMoEResNetBKLayer(nn.Module):
         self.v_proj = nn.Linear(d_model, self.bk_heads)
         self.output_proj = nn.Linear(2 * self.bk_heads, d_model)
         self.dropout = nn.Dropout(dropout_p)
-        # "mix": the potentials of skipped positions, from their input (sparsebk.layers doc)
+        # "mix": the potentials of skipped positions, from their input (sparsebk.model.layers doc)
         self.skip_v_proj = nn.Linear(d_model, self.bk_heads) if self.skip_output == "mix" else None
-        # "light": the skipped positions' stand-in for the experts (sparsebk.layers doc)
+        # "light": the skipped positions' stand-in for the experts (sparsebk.model.layers doc)
         self.light = None
         if self.skip_output == "light":
             width = max(1, d_model // 4) if light_d_ff is None else light_d_ff
@@ -345,6 +355,86 @@ class SparseMoEResNetBKLayer(nn.Module):
                 alt = self.output_proj(torch.cat([torch.zeros_like(carried[:, :1]), carried[:, :-1]], dim=1))
             out = out + (1 - m) * alt
         return torch.where(keep.unsqueeze(-1), out, skipped), aux
+
+    # --- streaming: the same outputs, one chunk or one position at a time (eval mode) ------
+    def init_state(self, batch_size: int) -> LayerState:
+        """A fresh state for `batch_size` sequences (device and dtype of the layer's weights)."""
+        w = self.output_proj.weight  # (D, 2H)
+        wd = torch.float64 if w.dtype == torch.float64 else torch.float32  # BK's real dtype
+        cd = torch.complex128 if wd == torch.float64 else torch.complex64
+        with torch.no_grad():
+            zero_row = self.output_proj(w.new_zeros(1, 2 * self.bk_heads))  # the forward's row 0
+        return LayerState(alpha=torch.ones(batch_size, self.bk_heads, dtype=cd, device=w.device),
+                          k_prev=torch.zeros(batch_size, self.bk_heads, dtype=wd, device=w.device),
+                          carry=zero_row.expand(batch_size, -1).clone())
+
+    def prefill(self, x: torch.Tensor, state: LayerState, start: int
+                ) -> tuple[torch.Tensor, LayerState]:
+        """x (B, T, D): the normalised inputs of positions start..start+T-1 -> (y (B, T, D),
+        the state after the last). The sparse forward's ops, continuing `state`: from a fresh
+        state the outputs equal the forward's (eval mode) bit for bit on the same device."""
+        B, T, D = x.shape
+        core = self.sparse_bk_core
+        keep, logits = core.decide(x, start)  # (B, T) each
+        flat = keep.reshape(-1)
+        idx = flat.nonzero().squeeze(1)  # (M,) flat indices of computed positions; host sync
+        h, v, b = self._continue_rows(x.reshape(B * T, D), logits.reshape(-1), flat, idx)
+        wd = state.k_prev.dtype
+        k = torch.ones(B * T, self.bk_heads, dtype=wd, device=x.device) if b is None else b.to(wd).square()
+        feats, alpha = core.continue_features(v.view(B, T, -1), k.view(B, T, -1), state.alpha,
+                                              state.k_prev)
+        y, carry = self._continue_outputs(h, feats.reshape(B * T, -1), keep, idx, state.carry)
+        return y.view(B, T, D), LayerState(alpha=alpha, k_prev=k.view(B, T, -1)[:, -1], carry=carry)
+
+    def step(self, x: torch.Tensor, state: LayerState, pos: int) -> tuple[torch.Tensor, LayerState]:
+        """x (B, D): the normalised input of position `pos` -> (y (B, D), the next state): the
+        recurrence on (B, H) numbers; a skipped token runs no expert FFN."""
+        y, state = self.prefill(x.unsqueeze(1), state, pos)
+        return y[:, 0], state
+
+    def _continue_rows(self, x: torch.Tensor, logits: torch.Tensor, keep: torch.Tensor,
+                       idx: torch.Tensor):
+        """(h, v (R, H), b (R, H) or None) of rows x (R, D): h the FFN outputs of every row
+        under "light" (R, D), else of the computed rows idx only (M, D)."""
+        if self.light is not None:  # every row runs an FFN: the experts' or the light one
+            h, _ = self.light_rows(x, logits, keep, idx)
+            return h, self.v_proj(h), (self.couplings(h) if self.coupling_proj is not None else None)
+        v = self.skipped_potentials(x)
+        b = x.new_ones(x.shape[0], self.bk_heads) if self.coupling_proj is not None else None
+        if idx.numel() == 0:  # every row skipped: no expert call
+            return x.new_zeros(0, x.shape[1]), v, b
+        h, _ = self.experts(x.index_select(0, idx), logits.index_select(0, idx))  # (M, D)
+        v = v.index_copy(0, idx, self.v_proj(h))
+        if b is not None:
+            b = b.index_copy(0, idx, self.couplings(h))
+        return h, v, b
+
+    def _continue_outputs(self, h: torch.Tensor, feats: torch.Tensor, keep: torch.Tensor,
+                          idx: torch.Tensor, carry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y (B T, D), the next carry (B, D)) from the FFN outputs h, the features (B T, 2H)
+        and the eval mask keep (B, T): the sparse forward's output rules."""
+        if self.light is not None:
+            return h + self.output_proj(feats), carry
+        if self.skip_output in ("own", "mix"):  # every position projects its own features
+            spec = self.output_proj(feats)  # (B T, D)
+            return spec.index_copy(0, idx, h + spec.index_select(0, idx)), carry
+        if idx.numel() == 0 and self.skip_output == "carry":  # no expert, no projection
+            B, T = keep.shape
+            return carry.repeat_interleave(T, 0), carry
+        spec = self.output_proj(feats.index_select(0, idx))  # (M, D)
+        out = h + spec
+        if self.skip_output == "zero":
+            return out.new_zeros(feats.shape[0], out.shape[1]).index_copy(0, idx, out), carry
+        # the row of [carry (B rows); spec (M rows)] each position copies when skipped
+        B, T = keep.shape
+        src = SparseBKCore.carry_index(keep)  # (B, T) last computed j <= i, -1 if none
+        rank = keep.reshape(-1).cumsum(0)  # (B T,) 1-based rank of a computed position
+        base = torch.arange(B, device=keep.device).unsqueeze(1)  # (B, 1)
+        row = torch.where(src >= 0,
+                          B - 1 + rank[(base * T + src.clamp_min(0)).reshape(-1)].view(B, T), base)
+        table = torch.cat([carry, spec.to(carry.dtype)], 0)  # (B + M, D)
+        y = table.index_select(0, row.reshape(-1)).index_copy(0, idx, out.to(table.dtype))
+        return y, table.index_select(0, row[:, -1])
 
     def _mask(self) -> torch.Tensor:
         if self.last_mask is None:

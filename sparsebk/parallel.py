@@ -10,8 +10,10 @@ here, so the training step reads the same for all three:
     gradient_sync(model, last)    gradient accumulation: synchronise on the last micro-batch only
     all_reduce_sum(t, world)      sums across workers (nothing to do with one)
     memory_stats(model, optim)    what this worker holds (its shards under FSDP)
+    shard(model, world, device)   FSDP2 over the default process group, block by block
+    compile_blocks(model)         torch.compile of each expert FFN, in place
 
-Nothing here imports Ray: sparsebk.train.loop applies the wrapping from outside.
+Nothing here imports Ray: sparsebk.train.ray_train.loop applies the wrapping from outside.
 """
 
 from __future__ import annotations
@@ -82,3 +84,30 @@ def memory_stats(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile what compiles cleanly, in place (parameter names unchanged): each
+    expert's FFN, with a dynamic token count. A whole block does not: the MoE's per-expert
+    slices have data-dependent sizes (inductor fails on them in torch 2.13), and the sparse
+    path's `nonzero` is a graph break."""
+    from sparsebk.model.moe import ExpertFFN
+
+    for module in model.modules():
+        if isinstance(module, ExpertFFN):
+            module.compile(dynamic=True)
+
+
+def shard(model: torch.nn.Module, world: int, device: torch.device) -> torch.nn.Module:
+    """FSDP2: fully_shard each block, then the root (embedding, tied head, final norm) over
+    all `world` ranks of the default process group. Each rank keeps 1/world of every
+    parameter, its gradient and its optimizer state; a block's parameters are all-gathered
+    for its forward and backward, its gradients reduce-scattered."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(device)
+    mesh = init_device_mesh(device.type, (world,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)

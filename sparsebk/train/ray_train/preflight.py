@@ -31,7 +31,7 @@ class PreflightError(RuntimeError):
 
 def _fs(location: str):
     """(pyarrow FileSystem, path) of a local path or URI (query options included)."""
-    from sparsebk.store import open_store
+    from sparsebk.storage.store import open_store
 
     store = open_store(location)
     return store.fs, store.root
@@ -62,7 +62,7 @@ def probe_storage(storage_path: str, tag: str) -> None:
 
 def probe_data(data_dir: str) -> None:
     """Read and parse the dataset manifest under `data_dir`; raises on failure."""
-    from sparsebk.data import MANIFEST_NAME
+    from sparsebk.data.manifest import MANIFEST_NAME
 
     fs, base = _fs(data_dir)
     with fs.open_input_file(posixpath.join(base, MANIFEST_NAME)) as f:

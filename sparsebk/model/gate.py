@@ -50,15 +50,17 @@ TRAIN_NOISES = ("random", "none")  # the training draw: logistic noise, or none 
 _INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0  # 1 / golden ratio: the most uniform 1-D Kronecker step
 
 
-def quasi_logistic_offsets(n: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(n,) deterministic logistic "noise": logit(frac((i + 1) / phi)) for i = 0..n-1.
+def quasi_logistic_offsets(n: int, *, start: int = 0, device=None, dtype=torch.float32
+                           ) -> torch.Tensor:
+    """(n,) deterministic logistic "noise": logit(frac((i + 1) / phi)) for i = start..start+n-1
+    (the offsets of absolute positions: a decoder continuing at `start` gets the forward's).
 
     The u_i fill (0, 1) evenly (any n consecutive ones leave gaps of at most three sizes), so
     for a logit l the fraction of positions with l + L_i > 0 is sigmoid(l) up to O(1/n).
     Computed in float64 (frac of large multiples), then cast; u_i is never 0 or 1 (phi is
     irrational), so every offset is finite.
     """
-    i = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    i = torch.arange(start + 1, start + n + 1, dtype=torch.float64, device=device)
     u = torch.frac(i * _INV_PHI)
     return (torch.log(u) - torch.log1p(-u)).to(dtype)
 
@@ -157,6 +159,16 @@ class GumbelSigmoidGate(nn.Module):
         else:
             noise = "quasi" if self._eval_mode == "quasi" else "none"
         return gumbel_sigmoid(logits, self._tau, hard=True, noise=noise, force=force)
+
+    def eval_keep(self, logits: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """The eval-mode decision (bool, 1 = compute) of logits (..., T) at absolute positions
+        start..start+T-1: the forward's comparison on the same values, for a decoder that
+        continues a sequence."""
+        pre = logits
+        if self._eval_mode == "quasi":
+            pre = logits + quasi_logistic_offsets(logits.shape[-1], start=start,
+                                                  device=logits.device, dtype=logits.dtype)
+        return pre / self._tau > 0
 
     def extra_repr(self) -> str:
         return f"tau={self._tau}, eval_mode={self._eval_mode!r}, train_noise={self.train_noise!r}"

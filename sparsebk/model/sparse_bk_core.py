@@ -3,11 +3,11 @@
     features, mask, sparsity = SparseBKCore(d_model, n_seq, heads=H)(x, v, couplings=b)
 
 The importance predictor scores position i from x_i alone, so the mask is causal; the
-Gumbel-sigmoid gate (sparsebk.gate) turns the scores into a straight-through 0/1 mask. The
-BK-core (sparsebk.bk_core) turns the potentials v into the resolvent diagonal g of
+Gumbel-sigmoid gate (sparsebk.model.gate) turns the scores into a straight-through 0/1 mask. The
+BK-core (sparsebk.model.bk_core) turns the potentials v into the resolvent diagonal g of
 H0 + diag(v) at the shift z, and its [Re, Im] parts are the features. On the sparse path a
 skipped position contributes the bare H0 (v = 0, coupling 1) and takes the features of the last
-computed position to its left (`interpolate`). The layer around it (sparsebk.layers) owns the
+computed position to its left (`interpolate`). The layer around it (sparsebk.model.layers) owns the
 experts and the projections in and out.
 
 Multi-channel mixing (`bk_heads`, `bk_learn_z`, `bk_input_couplings`; the defaults 1, False,
@@ -31,10 +31,12 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from sparsebk.bk_core import resolvent_diagonal, resolvent_features
-from sparsebk.gate import GumbelSigmoidGate
-from sparsebk.sparsity import balanced_sparsity_loss, sparsity_loss
+from sparsebk.model._scan import ratio_scan
+from sparsebk.model.bk_core import resolvent_diagonal, resolvent_features
+from sparsebk.model.gate import GumbelSigmoidGate
+from sparsebk.model.sparsity import balanced_sparsity_loss, sparsity_loss
 from sparsebk.validation import check_bool, check_float, check_int, check_sparsity
 
 __all__ = ["SparseBKCore", "Z_IM_RANGE", "check_z_im_range"]
@@ -61,7 +63,7 @@ class SparseBKCore(nn.Module):
     The predictor scores position i from x_i alone, so the mask is causal. `target_sparsity`
     and `tau` may be set at any step (the scheduler does). `gate_eval_mode` ("quasi" or
     "threshold") picks the deterministic eval mask, `gate_train_noise` ("random" or "none") the
-    training draw (see sparsebk.gate). `z` is every head's
+    training draw (see sparsebk.model.gate). `z` is every head's
     fixed shift; `learn_z=True` gives each head a learnt shift instead, its imaginary part
     initialised log-spaced over `z_im_range` (module docstring).
     """
@@ -151,6 +153,44 @@ class SparseBKCore(nn.Module):
             g = g * self.z_log_im.exp().to(diag.dtype).repeat(B).unsqueeze(-1)
         feats = resolvent_features(g).view(B, H, N, 2).permute(0, 2, 1, 3)  # (B, N, H, 2)
         return feats.reshape(B, N, 2 * H).to(v.dtype)
+
+    # --- continuing a sequence (eval mode): what the layer's prefill and step use ----------
+    def decide(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eval-mode mask (bool), gate logits) of x (B, T, D) at positions start..start+T-1:
+        the gate's comparison, on the same values as the forward's."""
+        logits = self.importance_predictor(x).squeeze(-1)  # (B, T)
+        return self.gate.eval_keep(logits, start), logits
+
+    def continue_features(self, v: torch.Tensor, k: torch.Tensor, alpha: torch.Tensor,
+                          k_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BK features (B, T, 2H) of the potentials v (B, T, H) with couplings k = b^2
+        (B, T, H, real work dtype), continuing a sequence whose last position had the causal
+        ratio `alpha` (B, H) and coupling k_prev (B, H) to the next: alpha_i = s_i -
+        k_{i-1} / alpha_{i-1}, the state folded into the first position. Returns the features
+        (v's dtype) and the last position's alpha. A fresh state (alpha 1, k_prev 0) gives
+        `bk_features` exactly: the same ops on the same values."""
+        B, T, H = v.shape
+        wd = k.dtype
+        z, scale = self.shifts(), None
+        if isinstance(z, torch.Tensor):
+            z = z.to(torch.complex128 if wd == torch.float64 else torch.complex64)
+            scale = self.z_log_im.exp().to(wd)  # (H,)
+        if T == 1:  # the recurrence itself, on (B, H) numbers
+            a = (v[:, 0].to(wd) - 2.0) - z - k_prev / alpha  # (B, H) complex
+            g = a.reciprocal() if scale is None else a.reciprocal() * scale
+            return torch.view_as_real(g).reshape(B, 1, 2 * H).to(v.dtype), a
+        if isinstance(z, torch.Tensor):
+            z = z.repeat(B).unsqueeze(-1)  # (B H, 1)
+        rows = lambda t: t.permute(0, 2, 1).reshape(B * H, T)  # noqa: E731  (B, T, H) -> (B H, T)
+        s = (rows(v).to(wd) - 2.0) - z  # (B H, T) complex
+        s = torch.cat([s[:, :1] - (k_prev / alpha).reshape(B * H, 1), s[:, 1:]], 1)
+        kf = F.pad(rows(k)[:, :-1].to(s.dtype), (1, 0))  # k_{i-1} at i
+        a = ratio_scan(s, kf)  # (B H, T)
+        g = a.reciprocal()
+        if scale is not None:
+            g = g * scale.repeat(B).unsqueeze(-1)
+        feats = torch.view_as_real(g).view(B, H, T, 2).permute(0, 2, 1, 3).reshape(B, T, 2 * H)
+        return feats.to(v.dtype), a[:, -1].view(B, H)
 
     @staticmethod
     def carry_index(mask: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsebk.lm import adamw_with_decay_groups
+from sparsebk.model.lm import adamw_with_decay_groups
 from sparsebk.validation import check_bool, check_float, check_int, from_mapping
 
 

@@ -8,8 +8,8 @@ hands the values to every rank), checkpoints restored from and reported to Ray T
 fault injection for the tests.
 
 `ray.train` is imported where a worker uses it, not with this module: the single-process
-pieces here (local_batches, shard, compile_blocks) are imported by processes that never run a
-Ray Train worker (gloo test runs, benchmarks), and `ray.train` costs seconds to import.
+pieces a test or benchmark needs live below (sparsebk.parallel, sparsebk.train.run_state), and
+`ray.train` costs seconds to import.
 """
 
 from __future__ import annotations
@@ -23,38 +23,20 @@ import ray
 import torch
 import torch.distributed as dist
 
-from sparsebk.data import load_blocks, load_manifest
-from sparsebk.lm import SparseBKLM
-from sparsebk.store import open_store
-from sparsebk.train.checkpoint import tokenizer_files
+from sparsebk.data.loading import load_blocks
+
+from sparsebk.data.manifest import load_manifest
+from sparsebk.model.lm import SparseBKLM
+from sparsebk.parallel import compile_blocks, shard
+from sparsebk.storage.store import open_store
+from sparsebk.data.manifest import tokenizer_files
 from sparsebk.train.config import TrainConfig
-from sparsebk.train.resume import restore_with_fallback
-from sparsebk.train.schedule_client import BroadcastSchedule, ScheduleClient
-from sparsebk.train.trainer import Trainer, lr_lambda, shuffle_seed  # noqa: F401 (lr_lambda)
+from sparsebk.train.ray_train.restore import restore_with_fallback
+from sparsebk.train.ray_train.schedule_client import BroadcastSchedule, ScheduleClient
+from sparsebk.train.run_state import local_batches, shuffle_seed
+from sparsebk.train.trainer import Trainer
 
 logger = logging.getLogger("sparsebk.train")
-
-
-def local_batches(rows: torch.Tensor, cfg: TrainConfig, epoch: int, start: int, rank: int,
-                  world: int):
-    """data.loader local: this rank's batches of one epoch from all rows (R, block_len + 1),
-    from sample `start` of the epoch's order on.
-
-    The order is a permutation of all rows seeded by (run.seed, epoch) only; rank r takes
-    every world-th of the rows left, so one step of all ranks consumes a contiguous stretch
-    of the order and the position is a sample count whatever the worker count and batch size
-    (a resumed run with other ones continues at the same sample)."""
-    if cfg.data.shuffle_buffer:
-        g = torch.Generator().manual_seed(shuffle_seed(cfg.run.seed, epoch))
-        order = torch.randperm(len(rows), generator=g)
-    else:
-        order = torch.arange(len(rows))
-    left = order[start:]
-    n = len(left) // world * world  # equal shares: every rank runs the same number of steps
-    mine = left[:n][rank::world]
-    b = cfg.data.batch_size
-    for i in range(0, len(mine) - b + 1, b):
-        yield rows[mine[i:i + b]]
 
 
 def _rebatch(batches, skip: int, size: int):
@@ -134,33 +116,6 @@ def _device(cfg: TrainConfig, rank: int) -> torch.device:
     import ray.train.torch
 
     return ray.train.torch.get_device()  # [ray]
-
-
-def compile_blocks(model: SparseBKLM) -> None:
-    """torch.compile what compiles cleanly, in place (parameter names unchanged): each
-    expert's FFN, with a dynamic token count. A whole block does not: the MoE's per-expert
-    slices have data-dependent sizes (inductor fails on them in torch 2.13), and the sparse
-    path's `nonzero` is a graph break."""
-    from sparsebk.moe import ExpertFFN
-
-    for module in model.modules():
-        if isinstance(module, ExpertFFN):
-            module.compile(dynamic=True)
-
-
-def shard(model: SparseBKLM, world: int, device: torch.device) -> torch.nn.Module:
-    """FSDP2: fully_shard each block, then the root (embedding, tied head, final norm) over
-    all `world` ranks of the default process group. Each rank keeps 1/world of every
-    parameter, its gradient and its optimizer state; a block's parameters are all-gathered
-    for its forward and backward, its gradients reduce-scattered."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    model = model.to(device)
-    mesh = init_device_mesh(device.type, (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    return fully_shard(model, mesh=mesh)
 
 
 def parallelize(model: SparseBKLM, cfg: TrainConfig, world: int, device: torch.device

@@ -27,7 +27,7 @@ import time
 import ray
 import torch
 
-from sparsebk.train.actor import Schedule, ScheduleNotReady, ScheduleState
+from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
 
 logger = logging.getLogger("sparsebk.train")
 

@@ -24,7 +24,7 @@ import numbers
 
 import torch
 
-from sparsebk._scan import linear_scan, ratio_scan
+from sparsebk.model._scan import linear_scan, ratio_scan
 
 __all__ = ["resolvent_diagonal", "resolvent_diagonal_reference", "resolvent_features"]
 

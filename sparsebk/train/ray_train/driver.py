@@ -9,7 +9,7 @@ latest checkpoint (Ray Train restores its checkpoint bookkeeping from the run di
 
 The run directory is `run.storage_path`/`run.name`, a local path or a URI (s3://, gs://):
 checkpoints go there through Ray's storage_filesystem, every other file through
-sparsebk.store, and the driver reads the metrics and the stop marker back from there.
+sparsebk.storage.store, and the driver reads the metrics and the stop marker back from there.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from sparsebk.store import is_uri, open_store
-from sparsebk.train.actor import create_schedule_actor
+from sparsebk.storage.store import is_uri, open_store
+from sparsebk.train.ray_train.actor import create_schedule_actor
 from sparsebk.train.config import DataConfig, TrainConfig
-from sparsebk.train.loop import train_loop_per_worker
+from sparsebk.train.ray_train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
-from sparsebk.train.preflight import check_nodes
-from sparsebk.train.resume import check_resume, private_copy
+from sparsebk.train.ray_train.preflight import check_nodes
+from sparsebk.train.ray_train.restore import private_copy
+from sparsebk.train.resume import check_resume
 from sparsebk.train.tracking import log_plots
 
 logger = logging.getLogger("sparsebk.train")
@@ -41,7 +42,7 @@ logger = logging.getLogger("sparsebk.train")
 def ensure_dataset(data: DataConfig) -> Path | str:
     """Prepare the dataset on first use (idempotent and atomic; cheap when it exists); its
     path, or its URI for a dataset in a bucket."""
-    from sparsebk.data import prepare_dataset
+    from sparsebk.data.prepare import prepare_dataset
 
     common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab)
     if data.corpus == "ptb" and data.ptb_lines is not None:
@@ -84,7 +85,8 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
                   where: str = "config") -> TorchTrainer:
     """A TorchTrainer for `cfg`. Creates the schedule actor when none is given (Tune trials
     pass their own). `run_name` / `storage_path` override the config's run section."""
-    from sparsebk.data import check_dataset, ray_datasets
+    from sparsebk.data.manifest import check_dataset
+    from sparsebk.data.loading import ray_datasets
 
     if run_name is not None or storage_path is not None:
         d = cfg.to_dict()
@@ -183,7 +185,7 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     best_path = summary["best_checkpoint"]
     if best_path is not None and best_path != latest:
         # the last checkpoint's test loss was measured in the run; the best one's is not
-        from sparsebk.export import evaluate_split, load_checkpoint_model
+        from sparsebk.inference.export import evaluate_split, load_checkpoint_model
 
         with private_copy(best_ckpts[0][0]) as d:  # a local copy of one in a bucket
             model = load_checkpoint_model(d)

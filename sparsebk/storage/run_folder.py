@@ -7,7 +7,7 @@
 
 A local location comes back as a `Path`, one in an object store as its URI (with its query
 options), so that local callers see what they always saw and a URI is never mangled into a
-path. Files are read through sparsebk.store (pyarrow.fs), the layer Ray Train wrote them with.
+path. Files are read through sparsebk.storage.store (pyarrow.fs), the layer Ray Train wrote them with.
 
 A run folder's best checkpoint is the one of lowest val_loss among those Ray Train kept
 (`checkpoint_manager_snapshot.json`), else summary.json's "best_checkpoint" (where the driver
@@ -20,16 +20,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
-from sparsebk.store import Store, is_uri, join_location, open_store, resolve_location
-from sparsebk.train.checkpoint import STATE_FILE
+from sparsebk.storage.store import Store, is_uri, join_location, open_store, resolve_location
+
+DEFAULT_STORAGE_PATH = "runs"  # run.storage_path's default: under $SPARSEBK_HOME
+# a checkpoint folder: the state file (weights, optimizer, schedule, run state) and, for a
+# sharded (FSDP) run, the shards folder (sparsebk.storage.checkpoint writes both)
+STATE_FILE, SHARDS_DIR = "state.pt", "shards"
 
 RAY_SNAPSHOT, SUMMARY_FILE = "checkpoint_manager_snapshot.json", "summary.json"
-EXPORT_CONFIG = "config.json"  # what marks an exported model folder (sparsebk.export)
+EXPORT_CONFIG = "config.json"  # what marks an exported model folder (sparsebk.inference.export)
 
 
 # --- locations: a local Path, or a URI string --------------------------------------------
@@ -87,15 +92,30 @@ def local_dir(store: Store):
 
 
 # --- finding a checkpoint ------------------------------------------------------------------
+def check_run_name(field: str, name) -> str:
+    """A run name stays inside its storage path: letters, digits, '_', '.', '-', not only
+    dots ("." and ".." would escape it). ValueError naming `field` otherwise."""
+    if (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name)
+            or set(name) == {"."}):
+        raise ValueError(f"{field}={name!r}: use letters, digits, '_', '.', '-' (not only dots)")
+    return name
+
+
+def run_location(name: str, storage_path: str = DEFAULT_STORAGE_PATH) -> str:
+    """The folder of run `name` under `storage_path`: an absolute path (a relative one is
+    under $SPARSEBK_HOME) or a URI."""
+    check_run_name("run.name", name)
+    return join_location(resolve_location(storage_path, "run.storage_path"), name)
+
+
 def run_dir(name: str, storage_path: str | None = None) -> Path | str:
     """The folder of run `name` under `storage_path` (default: training's run.storage_path,
     `runs` under $SPARSEBK_HOME): a Path, or a URI for a run in an object store."""
-    from sparsebk.train.config import RunConfig
-
-    cfg = RunConfig(name=name, storage_path=storage_path or RunConfig.storage_path)
-    loc = cfg.run_dir
+    storage_path = storage_path or DEFAULT_STORAGE_PATH
+    loc = run_location(name, storage_path)
     if not (open_store(loc).exists() if is_uri(loc) else Path(loc).is_dir()):
-        raise ValueError(f"{loc}: no run folder here (run {name!r} under {cfg.storage_path})")
+        raise ValueError(f"{loc}: no run folder here (run {name!r} under "
+                         f"{resolve_location(storage_path, 'run.storage_path')})")
     return _given(loc)
 
 

@@ -17,17 +17,14 @@ token that ends inside a UTF-8 character until the character is complete.
 
 from __future__ import annotations
 
-import argparse
 import random
-import sys
 from typing import Iterator, Sequence
 
 import torch
 
 from sparsebk.data.tokenizers import Tokenizer, WordTokenizer
-from sparsebk.model_cli import add_source_args, load_source
 
-__all__ = ["generate", "sample_next", "check_sampling", "encode_prompt", "StreamDecoder", "main"]
+__all__ = ["generate", "sample_next", "check_sampling", "encode_prompt", "StreamDecoder"]
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None,
@@ -152,44 +149,3 @@ class StreamDecoder:
         self.ids = self.ids[-self.WINDOW:]
         self.shown = len(self.ids)
         return text[n:]
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sparsebk generate",
-                                description="sample a continuation of a prompt, printed as it comes")
-    add_source_args(p, model_source=True)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the likeliest tokens whose probability reaches p")
-    p.add_argument("--seed", type=int, default=None,
-                   help="fixes the draws (default: a random seed, printed on stderr)")
-    p.add_argument("--stop-at-eos", action="store_true",
-                   help="stop at the end-of-document token (the word tokenizer's <eos> is a "
-                        "line end: it does not stop unless asked)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
-    try:
-        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-        m = load_source(args, device=args.device)
-        ids = encode_prompt(m.tokenizer, args.prompt)
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
-        prompt = torch.tensor([ids], dtype=torch.long, device=args.device)
-        stream = generate(m.model.eval(), prompt, args.max_new_tokens,
-                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=seed, eos_id=m.tokenizer.eos_id if args.stop_at_eos else None)
-        first = next(stream)  # checks the context length before anything is printed
-    except (ValueError, OSError) as e:  # OSError: an object store that does not answer
-        print(f"sparsebk generate: {e}", file=sys.stderr)
-        return 2
-    if args.seed is None:
-        print(f"sparsebk generate: --seed {seed} reproduces this", file=sys.stderr)
-    out = StreamDecoder(m.tokenizer, ids)
-    print(args.prompt, end="", flush=True)
-    print(out.push(int(first[0])), end="", flush=True)
-    for tok in stream:
-        print(out.push(int(tok[0])), end="", flush=True)
-    print(out.flush(), flush=True)
-    return 0

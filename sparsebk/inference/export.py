@@ -17,12 +17,12 @@ An exported folder holds:
     vocab.txt | encoder.json, vocab.bpe    the tokenizer's files (none for "byte")
     README.md            how the model was trained, for a person
 
-Checkpoints and run folders are local paths or URIs (sparsebk.run_folder finds them): from an
+Checkpoints and run folders are local paths or URIs (sparsebk.storage.run_folder finds them): from an
 object store, state.pt is read into memory and an FSDP run's DCP shards are copied into a
 temporary folder, removed after loading. A checkpoint carries its tokenizer's files
 (meta.tokenizer_files, checked against the tokenizer's checksum); one written before that
 rebuilds its tokenizer from its dataset's files. Every error names the path or URI at fault.
-The command lines (`sparsebk export`, `sparsebk eval`) are sparsebk.model_cli.
+The command lines (`sparsebk export`, `sparsebk eval`) are sparsebk.inference.cli.
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ from pathlib import Path
 import torch
 
 from sparsebk.data.tokenizers import GPT2Tokenizer, Tokenizer, WordTokenizer, get_tokenizer
-from sparsebk.lm import LMConfig, SparseBKLM
-from sparsebk.run_folder import (EXPORT_CONFIG, best_checkpoint, local_dir,  # noqa: F401 (API)
+from sparsebk.model.lm import LMConfig, SparseBKLM
+from sparsebk.storage.run_folder import (EXPORT_CONFIG, best_checkpoint, local_dir,  # noqa: F401 (API)
                                  ray_metrics, resolve_checkpoint, run_dir)
-from sparsebk.store import Store, is_uri, open_store, resolve_location
-from sparsebk.train.checkpoint import SHARDS_DIR, STATE_FILE, load_sharded_weights
-from sparsebk.train.metrics import safe_ppl
+from sparsebk.storage.store import Store, is_uri, open_store, resolve_location
+from sparsebk.storage.checkpoint import SHARDS_DIR, STATE_FILE, load_sharded_weights
+from sparsebk.evaluation import evaluate, safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = EXPORT_CONFIG, "model.safetensors", "README.md"
@@ -267,8 +267,8 @@ def _readme(m: Pretrained) -> str:
         f"| dataset | `{r['dataset_dir']}` |",
         f"| optimizer | AdamW lr {optim.get('lr', '?')}, {optim.get('max_steps', '?')} steps |",
         "", "The full training config is in config.json (`train_config`).", "",
-        "## Use", "", "```python", "from sparsebk.lm import SparseBKLM", "",
-        'model, tokenizer = SparseBKLM.from_pretrained("THIS_FOLDER")',
+        "## Use", "", "```python", "from sparsebk import load_pretrained", "",
+        'loaded = load_pretrained("THIS_FOLDER")  # .model (eval mode), .tokenizer, .record',
         "```", "",
         "`sparsebk eval --model THIS_FOLDER [--data DATASET_DIR] [--split test]` measures its "
         "perplexity on the dataset it was trained on.", ""])
@@ -312,8 +312,8 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
     The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
     single process, float32."""
-    from sparsebk.data import check_dataset, load_blocks
-    from sparsebk.train.trainer import evaluate
+    from sparsebk.data.manifest import check_dataset
+    from sparsebk.data.loading import load_blocks
 
     root = str(data_dir or m.record["dataset_dir"])
     root = (resolve_location(root, "--data") if is_uri(root)
