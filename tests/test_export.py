@@ -147,13 +147,14 @@ def _sharded_copy(trained, dst: Path) -> Path:
     shards beside a state.pt without "model" (written by one process)."""
     import torch.distributed.checkpoint as dcp
 
-    from sparsebk.storage.checkpoint import SHARDS_DIR, STATE_FILE
+    from sparsebk.storage.checkpoint import SHARDS_DIR, STATE_FILE, write_manifest
 
     shutil.copytree(trained["run_dir"] / "checkpoint_000012", dst)
     state = torch.load(dst / STATE_FILE, weights_only=True)
     dcp.save({"model": state.pop("model")}, checkpoint_id=dst / SHARDS_DIR)
     state.pop("optimizer")
     torch.save({**state, "sharded": True}, dst / STATE_FILE)
+    write_manifest(dst, 0, 1, sharded=True)  # the files changed: what the writer would list
     return dst
 
 
@@ -234,12 +235,16 @@ def test_cli_export_and_eval_in_a_subprocess(trained, tmp_path):
 
 
 def _edited_checkpoint(trained, tmp_path, edit) -> Path:
-    """A copy of the last checkpoint with its state changed by `edit(state)`."""
+    """A copy of the last checkpoint with its state changed by `edit(state)`, its manifest
+    rewritten: what a writer of that state would have left (a verified checkpoint)."""
+    from sparsebk.storage.checkpoint import write_manifest
+
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained["run_dir"] / "checkpoint_000012", ckpt)
     state = torch.load(ckpt / "state.pt", weights_only=True)
     edit(state)
     torch.save(state, ckpt / "state.pt")
+    write_manifest(ckpt, 0, 1, sharded=False)
     return ckpt
 
 
@@ -436,6 +441,8 @@ def test_checkpoints_in_a_bucket_sharded_and_old_style(trained, bucket_run, no_t
 
     old = _edited_checkpoint(trained, tmp_path / "old", lambda s: (
         s["meta"].pop("tokenizer_files"), s["meta"].update(dataset_dir=data_uri)))
+    for m in old.glob("manifest_rank*.json"):  # from before checkpoints carried manifests
+        m.unlink()
     store.join("old").upload(old)
     got = load_checkpoint_model(store.join("old", "state.pt").uri)  # state.pt names its folder
     assert got.tokenizer.vocab == local.tokenizer.vocab

@@ -44,7 +44,8 @@ from sparsebk.model.lm import LMConfig, SparseBKLM
 from sparsebk.storage.run_folder import (EXPORT_CONFIG, best_checkpoint, local_dir,  # noqa: F401 (API)
                                  ray_metrics, resolve_checkpoint, run_dir)
 from sparsebk.storage.store import Store, is_uri, open_store, resolve_location
-from sparsebk.storage.checkpoint import SHARDS_DIR, STATE_FILE, load_sharded_weights
+from sparsebk.storage.checkpoint import (SHARDS_DIR, STATE_FILE, load_sharded_weights,
+                                         verify_checkpoint)
 from sparsebk.evaluation import evaluate, safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
@@ -187,6 +188,7 @@ def load_checkpoint_model(path: str | os.PathLike, device="cpu") -> Pretrained:
     ckpt = resolve_checkpoint(path)
     store = open_store(ckpt)
     where = store.location(STATE_FILE)
+    verify_checkpoint(store)  # before anything in it is read: a corrupt one is refused
     state = _read_state(store, where)
     meta = state.get("meta") or {}
     for key in ("model_config", "train_config", "tokenizer", "dataset_dir"):

@@ -145,7 +145,7 @@ class Trainer:
         s = self.state
         sched = self.schedule.checkpoint_state() if self.schedule is not None else None
         save_checkpoint(directory, rank=self.rank, model=self.net, optimizer=self.optimizer,
-                        sharded=is_sharded(self.model),
+                        sharded=is_sharded(self.model), world=self.world,
                         lr_scheduler=self.lr_sched, step=s.step,
                         data_position=s.data_position(self.cfg.run.seed),
                         schedule_state=sched, extra={"run_state": dataclasses.asdict(s)},
