@@ -16,7 +16,7 @@ by measurement (see `chunk_len`). Complex division is avoided on full-size tenso
 
 `ratio_scan` solves the continued-fraction recurrence alpha_i = s_i - kk_i / alpha_{i-1}
 (a Möbius map per step); `linear_scan` solves x_i = u_i + w_i * x_{i-1}. Every quantity they
-form is bounded when Im s_i <= -eta < 0 and kk_i >= 0 (see DESIGN.md §1), so neither uses a
+form is bounded when Im s_i <= -eta < 0 and kk_i >= 0 (see docs/math.md §1), so neither uses a
 clamp, an epsilon or a division trick.
 """
 

@@ -112,7 +112,7 @@ def _shift_right(x: torch.Tensor) -> torch.Tensor:
 
 
 class _ResolventDiagonal(torch.autograd.Function):
-    """Forward by chunked scans; backward by the adjoint recurrences (DESIGN.md §1), O(N).
+    """Forward by chunked scans; backward by the adjoint recurrences (docs/math.md §1), O(N).
 
     Reverse mode through the ratio recurrences. With gbar = dL/dRe G - i dL/dIm G, every
     adjoint below is holomorphic and dL = Re(sum_j A_j ds_j + sum_j K_j dk_j):
@@ -122,7 +122,7 @@ class _ResolventDiagonal(torch.autograd.Function):
                abar_j = c_j + (k_j / alpha_j^2) abar_{j+1}                (reverse scan)
                bbar_j = c_j + (k_{j-1} / beta_j^2) bbar_{j-1}             (forward scan)
                A_j = abar_j + bbar_j - c_j,  K_j = -abar_{j+1} / alpha_j - bbar_j / beta_{j+1}
-    The causal abar is -Q of DESIGN.md; the bidirectional A equals its -G^2 (Lambda + P - gbar).
+    The causal abar is -Q of docs/math.md; the bidirectional A equals its -G^2 (Lambda + P - gbar).
     With s_j = diag_j - z: dL/ddiag_j = Re A_j, and dL = Re(-(sum_j A_j) dz) gives PyTorch's
     complex gradient dL/dRe z + i dL/dIm z = -conj(sum_j A_j), summed over the row's positions
     for a per-row z (B, 1) and over the whole batch for a scalar z. k = offdiag^2 gets Re K

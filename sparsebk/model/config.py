@@ -35,8 +35,8 @@ SPARSITY_BUDGETS = ("layer", "model")
 # size's quality is not measured here: it inherits the small size's choice.) "debug" keeps the
 # single-channel layer of the seed spec.
 MULTI_CHANNEL = dict(bk_heads=8, bk_learn_z=True, bk_input_couplings=True)
-# Both also gate the way the measurements chose (BENCHMARKS.md, "Gates that learn" and "A light
-# FFN for skipped tokens"): the gate's probability weighs the expert output, the training mask
+# Both also gate the way the measurements chose (BENCHMARKS.md, "Do the gates learn which tokens
+# to skip?" and "What does a skipped token cost?"): the gate's probability weighs the expert output, the training mask
 # is the deterministic logit > 0, and a skipped position runs a light FFN (width D / 4) in
 # place of the experts. PTB, small, 600 s, LR 4e-3: test ppl 189.3 at 0.5 and 187.8 at 0.7,
 # against 198.0 and 237.7 when a skipped position carries the last computed row (dense 177.7),
