@@ -238,7 +238,6 @@ def load_checkpoint(directory: str | os.PathLike, *, rank: int, model=None, opti
                          f"{'sharded (run.parallel fsdp)' if sharded else 'replicated (ddp)'} "
                          "run; resume it with the same run.parallel")
     if sharded and model is not None:
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         target = _sharded_state(model, optimizer)

@@ -46,14 +46,50 @@ def is_uri(location: str) -> bool:
     return "://" in str(location)
 
 
+# query options pyarrow would take as credentials: refused in a location, like user:secret@
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token", "access_key_id",
+                  "secret_access_key", "credentials", "token", "password")
+
+
+def redact(location: str) -> str:
+    """`location` with any user:secret@ and secret query values replaced by '***' (for
+    messages and logs)."""
+    location = str(location)
+    if not is_uri(location):
+        return location
+    s = urlsplit(location)
+    netloc = s.netloc.rsplit("@", 1)[1] if "@" in s.netloc else s.netloc
+    netloc = ("***@" + netloc) if "@" in s.netloc else netloc
+    query = "&".join(f"{k}=***" if k.lower() in SECRET_OPTIONS else f"{k}={v}"
+                     for k, _, v in (q.partition("=") for q in s.query.split("&") if q))
+    return urlunsplit((s.scheme, netloc, s.path, query, s.fragment))
+
+
+def check_no_credentials(location: str, field: str = "path") -> None:
+    """Refuse a URI that carries credentials (user:secret@host, ?secret_key=...): they would
+    be echoed in messages, logged, and stored in checkpoints' configs and exports. The
+    message shows the URI redacted."""
+    if not is_uri(location):
+        return
+    s = urlsplit(str(location))
+    keys = {k.lower() for k, _, _ in (q.partition("=") for q in s.query.split("&") if q)}
+    if "@" in s.netloc or keys & set(SECRET_OPTIONS):
+        raise ValueError(
+            f"{field}: {redact(location)} carries credentials; give them through the "
+            f"environment instead (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+            f"GOOGLE_APPLICATION_CREDENTIALS) or the node's role, never in a URI")
+
+
 def resolve_location(location: str | os.PathLike, field: str = "path") -> str:
-    """A URI unchanged (its scheme checked); a local path made absolute: `~` expanded, a
-    relative one under `home()`. Raises ValueError naming `field` for an unknown scheme."""
+    """A URI unchanged (its scheme checked, credentials refused); a local path made absolute:
+    `~` expanded, a relative one under `home()`. Raises ValueError naming `field` for an
+    unknown scheme or a URI with credentials in it."""
     location = str(location)
     if is_uri(location):
+        check_no_credentials(location, field)
         scheme = urlsplit(location).scheme
         if scheme not in SCHEMES:
-            raise ValueError(f"{field}: URI scheme {scheme!r} of {location!r} is not one pyarrow "
+            raise ValueError(f"{field}: URI scheme {scheme!r} of {redact(location)!r} is not one pyarrow "
                              f"opens; use one of {', '.join(SCHEMES)} or a local path")
         if scheme == "file":
             return str(Path(urlsplit(location).path).resolve())

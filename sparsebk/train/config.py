@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from sparsebk.storage.run_folder import DEFAULT_STORAGE_PATH, check_run_name
-from sparsebk.storage.store import join_location, resolve_location
+from sparsebk.storage.store import join_location, redact, resolve_location
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int, check_known,
                                  field_error, from_mapping)
 
@@ -42,7 +42,7 @@ def _location(field: str, value: str) -> str:
     try:
         return resolve_location(value, field)
     except ValueError as e:
-        raise field_error(field, value, str(e).split(": ", 1)[1]) from None
+        raise field_error(field, redact(value), str(e).split(": ", 1)[1]) from None
 
 
 @dataclass
@@ -185,6 +185,14 @@ class RunConfig:
     mlflow_uri: str | None = None
     mlflow_experiment: str | None = None
     placement_strategy: str = "PACK"
+    # elastic training: None keeps num_workers fixed; an int >= 1 lets a run that lost nodes
+    # continue on as few as min_workers (from its latest checkpoint, at the same sample) and
+    # grow back to num_workers when capacity returns (Ray Train's elastic ScalingConfig)
+    min_workers: int | None = None
+    # how many times a worker group that cannot be placed (a lost node, no free capacity) is
+    # waited for (Ray's worker-group start timeout, 60 s each) before the run stops with a
+    # message saying how to resume; -1 waits forever (Ray's default)
+    placement_retries: int = 3
 
     def __post_init__(self):
         check_run_name("run.name", self.name)
@@ -193,7 +201,7 @@ class RunConfig:
         # Ray needs an absolute location: a URI as it is, a relative path under the stable
         # home (sparsebk.storage.store.home()), never the launch directory (a job's temporary copy)
         self.storage_path = _location("run.storage_path", self.storage_path)
-        check_int("run.num_workers", self.num_workers, min=0)
+        check_int("run.num_workers", self.num_workers, min=1)  # 0 (Ray's local mode) saves nothing
         check_bool("run.use_gpu", self.use_gpu)
         check_float("run.cpus_per_worker", self.cpus_per_worker, min=0.0)
         if self.torch_threads is not None:
@@ -215,6 +223,12 @@ class RunConfig:
         check_choice("run.parallel", self.parallel, PARALLEL)
         check_bool("run.compile", self.compile)
         check_choice("run.placement_strategy", self.placement_strategy, PLACEMENTS)
+        if self.min_workers is not None:
+            check_int("run.min_workers", self.min_workers, min=1, max=self.num_workers)
+            if self.parallel == "fsdp" and self.min_workers != self.num_workers:
+                raise field_error("run.min_workers", self.min_workers, "elastic training is for "
+                                  "run.parallel ddp (a sharded run keeps its worker count)")
+        check_int("run.placement_retries", self.placement_retries, min=-1)
         self._check_tracking()
 
     def _check_tracking(self) -> None:

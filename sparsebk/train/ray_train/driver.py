@@ -14,10 +14,13 @@ sparsebk.storage.store, and the driver reads the metrics and the stop marker bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -26,12 +29,13 @@ import ray.data
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from sparsebk.storage.lease import RunLease
 from sparsebk.storage.store import is_uri, open_store
 from sparsebk.train.ray_train.actor import create_schedule_actor
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.ray_train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
-from sparsebk.train.ray_train.preflight import check_nodes
+from sparsebk.train.ray_train.preflight import check_fit, check_nodes
 from sparsebk.train.ray_train.restore import private_copy
 from sparsebk.train.resume import check_resume
 from sparsebk.train.tracking import log_plots
@@ -117,12 +121,13 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        scaling_config=ScalingConfig(num_workers=_workers(cfg), use_gpu=cfg.run.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.run.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         controller_failure_limit=cfg.run.placement_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
@@ -131,6 +136,49 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
     )
     trainer.schedule_actor = schedule_actor  # the driver reads the actor's counters after fit
     return trainer
+
+
+def _workers(cfg: TrainConfig) -> int | tuple[int, int]:
+    """Ray's num_workers: fixed, or (min, max) for an elastic run (run.min_workers)."""
+    lo = cfg.run.min_workers
+    return cfg.run.num_workers if lo is None or lo == cfg.run.num_workers else (lo, cfg.run.num_workers)
+
+
+class RunFailed(RuntimeError):
+    """Training stopped for good (retries spent, workers that cannot be placed): the message
+    says why in one line and how to resume."""
+
+
+def _fit(trainer, cfg: TrainConfig):
+    """trainer.fit(), its final failure turned into a RunFailed that names the latest
+    checkpoint and how to resume."""
+    from ray.train import ControllerError, TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except Stopped as e:
+        raise Stopped(f"run {cfg.run.name} stopped by {e}: latest checkpoint "
+                      f"{latest_checkpoint(cfg) or 'none'}; the same command resumes from it") from None
+    except TrainingFailedError as e:
+        latest = latest_checkpoint(cfg)
+        if isinstance(e, ControllerError):
+            why = (f"its {_workers(cfg)} worker(s) could not be placed "
+                   f"{cfg.run.placement_retries + 1} time(s) in a row (a lost node, or the "
+                   f"cluster lacks the capacity; run.min_workers lets a run continue on fewer)")
+        else:
+            why = f"a worker failed more than run.max_failures={cfg.run.max_failures} time(s)"
+        cause = " ".join(str(e).split())[:300]
+        raise RunFailed(
+            f"run {cfg.run.name} stopped: {why}. Latest checkpoint: {latest or 'none'}; the "
+            f"same command resumes from it. Last error: {cause}") from None
+
+
+def latest_checkpoint(cfg: TrainConfig) -> str | None:
+    from sparsebk.train.resume import list_checkpoints
+
+    run = open_store(cfg.run.run_dir)
+    found = list_checkpoints(run.fs, run.root) if run.exists() else []
+    return run.location(run.relative(found[0]) or "") if found else None
 
 
 def _location(storage, checkpoint) -> str | None:
@@ -144,17 +192,50 @@ def _location(storage, checkpoint) -> str | None:
 def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     """Fit, then write plots and summary.json in the run directory; returns the summary.
 
-    Raises RuntimeError when the run stopped on non-finite losses (its last good checkpoint
-    stays the latest one in the run directory)."""
+    One driver per run: the run folder's lease is taken first (LeaseHeld, a ValueError, when
+    another driver holds it). SIGTERM / SIGINT end the fit with a RunFailed that names the
+    latest checkpoint. Raises RuntimeError when the run stopped on non-finite losses (its last
+    good checkpoint stays the latest one in the run directory)."""
+    with RunLease(open_store(cfg.run.run_dir)) as lease, _stop_on_signals():
+        return _train(cfg, where, lease)
+
+
+class Stopped(RunFailed):
+    """The driver was asked to stop (SIGTERM from a scheduler or a spot node, or SIGINT)."""
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM and SIGINT raise Stopped in the driver's main thread (elsewhere: unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _train(cfg: TrainConfig, where: str, lease: RunLease) -> dict:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, where=where)
+    check_fit(TrainConfig.from_dict(trainer.train_loop_config["cfg"]))  # vocabulary resolved
     check_nodes(cfg.run.storage_path, trainer.train_loop_config["dataset_dir"], cfg.run.use_gpu)
     check_resume(trainer.train_loop_config, where)  # refuses changes the checkpoint cannot take
     run = open_store(cfg.run.run_dir)
     logger.info("run %s: its folder is %s", cfg.run.name, run.uri)
     run.delete("stopped.json")  # from an earlier attempt of this run name
-    result = trainer.fit()
+    result = _fit(trainer, cfg)
     wall = time.perf_counter() - t0
+    if lease.lost:
+        raise RunFailed(f"run {cfg.run.name}: another driver took this run over while it "
+                        "trained; its summary is that driver's to write")
     stats = ray.get(trainer.schedule_actor.stats.remote())
     m = dict(result.metrics or {})  # the metrics reported with the latest checkpoint
     storage = open_store(cfg.run.storage_path)
@@ -169,7 +250,7 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     n_layers = sum(1 for k in m if k.startswith("sparsity_layer_"))
     summary = {
         "run_name": cfg.run.name, "run_dir": run.uri, "steps": m.get("step"),
-        "wall_s": wall, "best_val_loss": best.get("val_loss"),
+        "wall_s": wall, "total_wall_s": lease.total_wall_s(), "best_val_loss": best.get("val_loss"),
         "best_val_ppl": safe_ppl(best.get("val_loss", math.inf)), "best_step": best.get("step"),
         "val_ppl": m.get("val_ppl"), "test_loss": m.get("test_loss", math.nan),
         "test_ppl": m.get("test_ppl", math.nan),
@@ -182,17 +263,7 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
         "metrics_file": run.location("metrics.jsonl"), "plots_dir": run.location("plots"),
         "tokens_per_s": m.get("tokens_per_s"),
     }
-    best_path = summary["best_checkpoint"]
-    if best_path is not None and best_path != latest:
-        # the last checkpoint's test loss was measured in the run; the best one's is not
-        from sparsebk.inference.export import evaluate_split, load_checkpoint_model
-
-        with private_copy(best_ckpts[0][0]) as d:  # a local copy of one in a bucket
-            model = load_checkpoint_model(d)
-        test = evaluate_split(model, "test", batch_size=cfg.data.eval_batch_size)
-        summary.update(best_test_loss=test["loss"], best_test_ppl=test["ppl"])
-    else:
-        summary.update(best_test_loss=summary["test_loss"], best_test_ppl=summary["test_ppl"])
+    summary.update(_best_test(cfg, summary, latest, best_ckpts))
     if cfg.run.plots:
         summary["plots"] = [str(p) for p in write_plots(run.uri)]
         log_plots(cfg.run, run.uri, summary["plots"])
@@ -200,3 +271,17 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     for line in summary_lines(summary):
         logger.info(line)
     return summary
+
+
+def _best_test(cfg: TrainConfig, summary: dict, latest, best_ckpts) -> dict:
+    """The best checkpoint's test loss: measured in the run when it is the last one, else
+    evaluated here (a local copy of a checkpoint in a bucket)."""
+    best_path = summary["best_checkpoint"]
+    if best_path is None or best_path == latest:
+        return {"best_test_loss": summary["test_loss"], "best_test_ppl": summary["test_ppl"]}
+    from sparsebk.inference.export import evaluate_split, load_checkpoint_model
+
+    with private_copy(best_ckpts[0][0]) as d:
+        model = load_checkpoint_model(d)
+    test = evaluate_split(model, "test", batch_size=cfg.data.eval_batch_size)
+    return {"best_test_loss": test["loss"], "best_test_ppl": test["ppl"]}

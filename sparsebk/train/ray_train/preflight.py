@@ -1,6 +1,14 @@
-"""Pre-flight check: can every node that may host a worker reach the run's storage and data?
+"""Pre-flight checks, before any worker starts: can the run be placed, and can every node
+that may host a worker reach the run's storage and data?
 
+    check_fit(cfg)                         # CPUs, GPUs and memory of the nodes as they are
     check_nodes(storage_path, data_dir)    # driver, once, before any training step
+
+`check_fit` counts the workers each alive node can hold (its CPUs, GPUs and memory against a
+worker's request and its estimated training state), and the CPU Ray Data's read tasks need
+beside the workers (`data.loader: ray`). A run that cannot be placed fails in seconds with the
+numbers, instead of waiting on a worker group that never starts. A cluster that autoscales
+(nodes arrive when asked) sets SPARSEBK_AUTOSCALING=1 to skip it.
 
 One small task pinned to each alive node (num_cpus=0: it never waits behind running
 workers) writes, reads back and deletes a small object under `storage_path` and reads the
@@ -81,6 +89,69 @@ def _probe(storage_path: str, data_dir: str) -> list[tuple[str, str]]:
         except Exception as e:  # noqa: BLE001 -- every failure is a finding to report
             problems.append((path, _why(e)))
     return problems
+
+
+AUTOSCALING_ENV = "SPARSEBK_AUTOSCALING"
+STATE_BYTES_PER_PARAM = 16  # float32 weight, gradient and AdamW's two moments
+
+
+def worker_state_bytes(cfg) -> int:
+    """Bytes of the training state a worker holds: 16 per parameter (weights, gradients,
+    AdamW moments; a sharded run holds 1/num_workers of it). Counted on the meta device: no
+    memory is allocated. A lower bound: activations come on top."""
+    import torch
+
+    from sparsebk.model.lm import SparseBKLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in SparseBKLM(cfg.model).parameters())
+    share = cfg.run.num_workers if cfg.run.parallel == "fsdp" else 1
+    return params * STATE_BYTES_PER_PARAM // share
+
+
+def check_fit(cfg) -> int:
+    """How many workers the alive nodes can hold; PreflightError with the numbers when fewer
+    than the run needs (run.min_workers for an elastic run), or when Ray Data has no CPU left
+    beside them."""
+    import os
+
+    if os.environ.get(AUTOSCALING_ENV) == "1":
+        return -1
+    need = {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})}
+    state = worker_state_bytes(cfg)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits, spare_cpu = 0, 0.0
+    for n in nodes:
+        res = n.get("Resources", {})
+        k = min([int(res.get(r, 0) // v) if v else 10 ** 6 for r, v in need.items()]
+                + [int(res.get("memory", 0) // state) if state else 10 ** 6])
+        fits += k
+        spare_cpu += res.get("CPU", 0) - k * cfg.run.cpus_per_worker
+    wanted = cfg.run.min_workers or cfg.run.num_workers
+    ask = f"{cfg.run.cpus_per_worker:g} CPU{', 1 GPU' if cfg.run.use_gpu else ''} and " \
+          f"~{state / 2 ** 30:.2f} GiB of training state per worker"
+    have = "; ".join(f"{n.get('NodeManagerAddress', '?')}: {_resources(n)}" for n in nodes)
+    if fits < wanted:
+        raise PreflightError(
+            f"the cluster cannot place this run: {wanted} worker(s) of {ask}, and its alive "
+            f"nodes hold {fits} ({have or 'no alive node'}). Lower run.num_workers, "
+            f"run.cpus_per_worker or the model's size, add nodes, or set {AUTOSCALING_ENV}=1 "
+            "on a cluster that autoscales")
+    placed = min(fits, cfg.run.num_workers)
+    if cfg.data.loader == "ray" and spare_cpu + (fits - placed) * cfg.run.cpus_per_worker < 1:
+        raise PreflightError(
+            f"no CPU is left for Ray Data's read tasks beside {placed} worker(s) of {ask} "
+            f"({have}): the run would wait at step 0 forever. Add a CPU, lower "
+            "run.cpus_per_worker, or set data.loader=local (every worker reads the split)")
+    return fits
+
+
+def _resources(node: dict) -> str:
+    res = node.get("Resources", {})
+    parts = [f"{res.get('CPU', 0):g} CPU"]
+    if res.get("GPU"):
+        parts.append(f"{res['GPU']:g} GPU")
+    return ", ".join(parts + [f"{res.get('memory', 0) / 2 ** 30:.1f} GiB"])
 
 
 def worker_nodes(use_gpu: bool = False) -> list[dict]:
