@@ -1,0 +1,165 @@
+"""A sweep folder is data, never code (issue 26).
+
+`sparsebk report` reads a crafted sweep folder whose every pickle (Tune's experiment
+snapshot, tuner.pkl, the searcher's state, a trial's params.pkl/error.pkl) would write a
+marker file when unpickled: the report is written and the marker never appears.
+No Ray cluster is started here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
+FALLBACK = "CLOUDPICKLE_FALLBACK"  # Tune's marker of a pickle embedded in its JSON
+
+
+class _Payload:
+    """Unpickling this runs code: it writes `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+def payload(marker: Path) -> bytes:
+    return pickle.dumps(_Payload(marker))
+
+
+def embedded(marker: Path) -> dict:
+    return {"_type": FALLBACK, "value": payload(marker).hex()}
+
+
+def trial_entry(marker: Path, trial_id: str, status: str, config: dict, folder: str | None,
+                failures: int = 0, error_file: str | None = None) -> list[str]:
+    """One `trial_data` item as Tune 2.60 writes it (Trial.get_json_state): the trial's state
+    and its run metadata, each a JSON document; the fields Tune cannot store as JSON are
+    cloudpickle, hex-encoded or as an embedded fallback object (all payloads here)."""
+    hexed = payload(marker).hex()
+    state = {"trainable_name": "run_trial", "trial_id": trial_id, "status": status,
+             "config": config, "relative_logdir": folder, "storage": embedded(marker),
+             "results": hexed, "extra_arg": hexed, "placement_group_factory": hexed,
+             "_resources": hexed, "_default_placement_group_factory": hexed}
+    meta = {"num_failures": failures, "error_filename": error_file,
+            "pickled_error_filename": "error.pkl" if error_file else None,
+            "last_result": {}, "checkpoint_manager": embedded(marker)}
+    return [json.dumps(state), json.dumps(meta)]
+
+
+def write_snapshot(sweep: Path, marker: Path, entries: list) -> Path:
+    f = sweep / "experiment_state-2026-12-01_00-00-00.json"
+    f.write_text(json.dumps({"trial_data": entries, "stats": {},
+                             "runner_data": {"_stopper": embedded(marker)}}))
+    return f
+
+
+def result_rows(*rows: dict) -> str:
+    return "".join(json.dumps({**r, "config": {"lr": 1.0}, "training_iteration": i + 1}) + "\n"
+                   for i, r in enumerate(rows))
+
+
+def evaluation(step: int, val_loss: float, sparsity: float, **extra) -> dict:
+    return {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+            "sparsity": sparsity, "target_sparsity": sparsity, "tokens_per_s": 100.0, **extra}
+
+
+@pytest.fixture
+def crafted_sweep(tmp_path):
+    """A sweep folder of four trials (completed, early-stopped, failed, never started) plus
+    one whose snapshot points outside the folder; every pickle in it is a payload."""
+    marker = tmp_path / "payload-ran"
+    sweep = tmp_path / "sweeps" / "crafted"
+    sweep.mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps(
+        {"name": "crafted", "space": ["lr"], "sparsity_levels": [0.2, 0.5], "last_k": 1}))
+    for name in ("tuner.pkl", "basic-variant-state-2026-12-01_00-00-00.json",
+                 "searcher-state-2026-12-01_00-00-00.pkl"):
+        (sweep / name).write_bytes(payload(marker))
+    trials = {  # id: (status, lr, folder, failures, error file, reports)
+        "t_00000": ("TERMINATED", 1e-3, "run_trial_t_00000", 0, None,
+                    [evaluation(5, 3.0, 0.25), evaluation(10, 2.5, 0.3, test_loss=2.6)]),
+        "t_00001": ("TERMINATED", 1e-7, "run_trial_t_00001", 0, None, [evaluation(5, 5.0, 0.1)]),
+        "t_00002": ("ERROR", 3e-3, "run_trial_t_00002", 2, "error.txt", []),
+        "t_00003": ("PENDING", 2e-3, None, 0, None, []),
+        "t_00004": ("TERMINATED", 5e-3, "../outside", 0, "../outside/error.txt", []),
+    }
+    outside = tmp_path / "sweeps" / "outside"
+    outside.mkdir()
+    (outside / "result.json").write_text(result_rows(evaluation(5, 0.1, 0.9)))
+    entries = []
+    for tid, (status, lr, folder, failures, err, reports) in trials.items():
+        entries.append(trial_entry(marker, tid, status, {"lr": lr}, folder, failures, err))
+        if folder is None or "/" in folder:
+            continue
+        d = sweep / folder
+        d.mkdir()
+        (d / "params.json").write_text(json.dumps({"lr": lr}))
+        (d / "params.pkl").write_bytes(payload(marker))
+        (d / "result.json").write_text(result_rows(*reports))
+        if err:
+            (d / err).write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                                 "RuntimeError: injected failure at step 3\n")
+            (d / "error.pkl").write_bytes(payload(marker))
+    status_dir = sweep / "trial_status"
+    status_dir.mkdir()
+    (status_dir / "t_00000.json").write_text(json.dumps({"trial_id": "t_00000", "step": 10}))
+    for tid, n in (("t_00000", 1), ("t_00001", 1), ("t_00002", 2)):
+        (status_dir / f"{tid}.attempts").write_text("1.0 pid=1\n" * n)
+    write_snapshot(sweep, marker, entries)
+    return sweep, marker
+
+
+def test_payloads_are_live(crafted_sweep):
+    """The control: Tune's own reader of a sweep folder runs the snapshot's payload."""
+    from ray.tune import ExperimentAnalysis
+
+    sweep, marker = crafted_sweep
+    try:
+        ExperimentAnalysis(str(sweep))
+    except Exception:  # noqa: BLE001 - the stub trials need not load: the payload ran first
+        pass
+    assert marker.is_file()
+
+
+def test_report_of_a_crafted_sweep_unpickles_nothing(crafted_sweep, capsys):
+    from sparsebk.tune.report import main as report_main
+
+    sweep, marker = crafted_sweep
+    assert report_main([str(sweep)]) == 0
+    assert not marker.exists()
+    assert "# Sweep report: crafted" in capsys.readouterr().out
+    df = pd.read_csv(sweep / "report" / "results.csv").set_index("trial_id")
+    assert df["stop_reason"].to_dict() == {
+        "t_00000": "completed", "t_00001": "early_stopped", "t_00002": "error",
+        "t_00003": "unfinished", "t_00004": "early_stopped"}
+    assert df.loc["t_00000", "best_val_loss"] == 2.5 and df.loc["t_00000", "last_step"] == 10
+    assert df.loc["t_00000", "evaluations"] == 2 and df.loc["t_00001", "evaluations"] == 1
+    assert df.loc["t_00002", "error"] == "RuntimeError: injected failure at step 3"
+    assert df.loc["t_00002", "failures"] == 2 and df.loc["t_00002", "attempts"] == 2
+    assert df["lr"].to_dict()["t_00003"] == 2e-3  # the sampled config of a trial never started
+    # a folder or error file named outside the sweep folder is not read
+    assert df.loc["t_00004", "evaluations"] == 0 and pd.isna(df.loc["t_00004", "error"])
+    md = (sweep / "report" / "report.md").read_text()
+    assert "Densest trial (baseline): `t_00000`" in md and "| 0.50 | none reached it |" in md
+
+
+def test_report_refuses_a_trial_id_that_is_a_path(tmp_path, capsys):
+    from sparsebk.tune.report import main as report_main
+
+    marker = tmp_path / "payload-ran"
+    sweep = tmp_path / "crafted"
+    sweep.mkdir()
+    f = write_snapshot(sweep, marker, [trial_entry(marker, "../../x", "TERMINATED", {}, None)])
+    assert report_main([str(sweep)]) == 2
+    out = capsys.readouterr().out
+    assert str(f) in out and "'../../x' is not a Tune trial id" in out, out
+    assert not marker.exists() and not (sweep / "report").exists()
