@@ -2,7 +2,8 @@
 
 `sparsebk report` reads a crafted sweep folder whose every pickle (Tune's experiment
 snapshot, tuner.pkl, the searcher's state, a trial's params.pkl/error.pkl) would write a
-marker file when unpickled: the report is written and the marker never appears.
+marker file when unpickled: the report is written and the marker never appears. Resuming a
+sweep whose folder others could have written is refused before anything is unpickled.
 No Ray cluster is started here.
 """
 
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from sparsebk.tune.config import load_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
@@ -163,3 +167,106 @@ def test_report_refuses_a_trial_id_that_is_a_path(tmp_path, capsys):
     out = capsys.readouterr().out
     assert str(f) in out and "'../../x' is not a Tune trial id" in out, out
     assert not marker.exists() and not (sweep / "report").exists()
+
+
+# ---------------------------------------------------------------- resuming a sweep
+
+SWEEP = f"""
+name: ok
+train_config: {TINY}
+train_overrides: [optim.max_steps=20, run.eval_every=5]
+storage_path: STORE
+space:
+  loss_type: {{choice: [l2, adaptive]}}
+"""
+
+
+@pytest.fixture
+def stored_sweep(tmp_path):
+    """A prepared sweep whose folder holds this sweep's sweep.json (so a run resumes it) and
+    Tune state that runs a payload when unpickled; nobody else can write any of it."""
+    from sparsebk.tune.sweep import _sweep_record, prepare_sweep
+
+    f = tmp_path / "ok.yaml"
+    f.write_text(SWEEP.replace("STORE", str(tmp_path / "store")))
+    prep = prepare_sweep(load_sweep_config(f), check_data=False)
+    marker = tmp_path / "payload-ran"
+    sweep = prep.sweep_dir
+    sweep.mkdir(parents=True, mode=0o755)
+    (sweep / "sweep.json").write_text(json.dumps(_sweep_record(prep), indent=2, default=str))
+    (sweep / "tuner.pkl").write_bytes(payload(marker))
+    write_snapshot(sweep, marker, [trial_entry(marker, "t_00000", "RUNNING", {}, "run_t")])
+    ckpt = sweep / "train_runs" / "t_00000" / "checkpoint_1"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_bytes(payload(marker))  # torch DCP reads it with pickle
+    for p in [sweep, *sweep.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    tmp_path.joinpath("store").chmod(0o755)
+    return prep, marker
+
+
+def _make_foreign(path: Path):
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    os.chown(path, 4242, 4242)
+
+
+def _symlink(path: Path):
+    path.unlink()
+    path.symlink_to(path.parent / "experiment_state-2026-12-01_00-00-00.json")
+
+
+CRAFTS = {  # name: (edit of the stored sweep, the path named, why)
+    "world-writable state file": (
+        lambda s: (s / "experiment_state-2026-12-01_00-00-00.json").chmod(0o666),
+        "experiment_state-2026-12-01_00-00-00.json", "is writable by group or others"),
+    "group-writable checkpoint folder": (
+        lambda s: (s / "train_runs" / "t_00000" / "checkpoint_1").chmod(0o775),
+        "checkpoint_1", "is writable by group or others (drwxrwxr-x 0775)"),
+    "world-writable sweep folder": (lambda s: s.chmod(0o777), "ok", "is writable by group"),
+    "tuner.pkl owned by another user": (
+        lambda s: _make_foreign(s / "tuner.pkl"), "tuner.pkl", "is owned by uid 4242"),
+    "tuner.pkl a symbolic link": (lambda s: _symlink(s / "tuner.pkl"), "tuner.pkl",
+                                  "is a symbolic link"),
+    "parent writable by all, not sticky": (
+        lambda s: s.parent.chmod(0o777), "store", "without the sticky bit (drwxrwxrwx 0777)"),
+}
+
+
+@pytest.mark.parametrize("craft", list(CRAFTS))
+def test_resume_is_refused_before_anything_is_unpickled(stored_sweep, craft):
+    from sparsebk.tune.sweep import run_sweep
+
+    prep, marker = stored_sweep
+    edit, named, why = CRAFTS[craft]
+    edit(prep.sweep_dir)
+    with pytest.raises(ValueError) as e:
+        run_sweep(prep.cfg, prepared=prep)
+    msg = str(e.value)
+    assert not marker.exists()
+    assert "\n" not in msg and msg.startswith(f"{prep.cfg.source}: refusing to resume the "
+                                              f"sweep in {prep.sweep_dir}: "), msg
+    assert named in msg and why in msg and "SPARSEBK_TRUST_SWEEP_STATE=1" in msg, msg
+
+
+def test_a_private_folder_passes_and_a_sticky_parent_too(stored_sweep, monkeypatch):
+    from sparsebk.tune.sweep import check_restorable, untrusted_state
+
+    prep, marker = stored_sweep
+    assert untrusted_state(prep.sweep_dir) is None
+    prep.sweep_dir.parent.chmod(0o1777)  # as /tmp and the launcher's shared mount
+    assert untrusted_state(prep.sweep_dir) is None
+    prep.sweep_dir.chmod(0o777)
+    monkeypatch.setenv("SPARSEBK_TRUST_SWEEP_STATE", "1")  # the explicit opt-in
+    check_restorable(prep.sweep_dir, "w")
+    assert not marker.exists()
+
+
+def test_resume_from_a_uri_needs_the_opt_in(monkeypatch):
+    from sparsebk.tune.sweep import check_restorable
+
+    monkeypatch.delenv("SPARSEBK_TRUST_SWEEP_STATE", raising=False)
+    with pytest.raises(ValueError, match="who can write a bucket cannot be checked"):
+        check_restorable("s3://bucket/sweeps/x", "sweep.yaml")
+    monkeypatch.setenv("SPARSEBK_TRUST_SWEEP_STATE", "1")
+    check_restorable("s3://bucket/sweeps/x", "sweep.yaml")
