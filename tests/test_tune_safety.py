@@ -1,4 +1,4 @@
-"""A sweep folder is data, never code (issue 26).
+"""A sweep folder is data, never code (issue 26), and ASHA compares trials by training step.
 
 `sparsebk report` reads a crafted sweep folder whose every pickle (Tune's experiment
 snapshot, tuner.pkl, the searcher's state, a trial's params.pkl/error.pkl) would write a
@@ -14,11 +14,12 @@ import math
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from sparsebk.tune.config import load_sweep_config
+from sparsebk.tune.config import SweepConfig, load_sweep_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "ray_jobs" / "configs" / "tiny.yaml"
@@ -270,3 +271,73 @@ def test_resume_from_a_uri_needs_the_opt_in(monkeypatch):
         check_restorable("s3://bucket/sweeps/x", "sweep.yaml")
     monkeypatch.setenv("SPARSEBK_TRUST_SWEEP_STATE", "1")
     check_restorable("s3://bucket/sweeps/x", "sweep.yaml")
+
+
+# ---------------------------------------------------------------- ASHA by training step
+
+def _cfg(grace: int = 1, rf: int = 2) -> SweepConfig:
+    return SweepConfig.from_dict({
+        "name": "s", "train_config": "t.yaml", "space": {"loss_type": {"choice": ["l2", "kl"]}},
+        "asha": {"enabled": True, "grace_period": grace, "reduction_factor": rf}})
+
+
+def _rungs(sched) -> list[int]:
+    return sorted(m for m, _ in sched._brackets[0]._rungs)
+
+
+@pytest.mark.parametrize("eval_every", [1, 5, 7])
+@pytest.mark.parametrize("rf", [2, 3, 4])
+@pytest.mark.parametrize("grace", [1, 2, 3])
+def test_asha_rungs_in_steps_are_the_same_evaluations(grace, rf, eval_every):
+    """Rungs that a trial can reach (evaluation k at step k * eval_every) sit at the same
+    evaluations as the former count of reports did, for every horizon up to 12."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sparsebk.tune.sweep import trial_scheduler
+
+    for evals in range(1, 13):
+        new = trial_scheduler(_cfg(grace, rf), evals, eval_every)
+        assert new._time_attr == "step"
+        assert new._max_t == max(evals, grace) * eval_every + 1
+        by_count = ASHAScheduler(time_attr="training_iteration", max_t=max(evals, grace) + 1,
+                                 grace_period=grace, reduction_factor=rf)
+        assert [m for m in _rungs(new) if m <= evals * eval_every] == \
+            [m * eval_every for m in _rungs(by_count) if m <= evals]
+
+
+def test_asha_compares_a_retried_trial_at_its_real_step():
+    """A trial fails after its step-5 evaluation and is retried: its Train run resumes from
+    the step-5 checkpoint and reports step 10 while Tune counts that report as iteration 1
+    again. ASHA records it at the step-10 rung, beside its peers' step-10 values."""
+    from sparsebk.tune.sweep import trial_scheduler
+
+    sched = trial_scheduler(_cfg(), 4, 5)  # evaluations at steps 5, 10, 15, 20
+    assert _rungs(sched) == [5, 10, 20]
+    peer, retried = SimpleNamespace(trial_id="peer"), SimpleNamespace(trial_id="retried")
+    for t in (peer, retried):
+        sched.on_trial_add(None, t)
+
+    def report(t, step, it, loss):
+        return sched.on_trial_result(None, t, {"step": step, "training_iteration": it,
+                                               "val_loss": loss})
+
+    assert report(peer, 5, 1, 3.0) == "CONTINUE"
+    assert report(retried, 5, 1, 2.9) == "CONTINUE"
+    # the retry: the Train run resumes at step 5; Tune's iteration restarts at 1
+    assert report(retried, 10, 1, 2.5) == "CONTINUE"
+    rungs = {m: r for m, r in sched._brackets[0]._rungs}
+    assert rungs[5] == {"peer": -3.0, "retried": -2.9} and rungs[10] == {"retried": -2.5}
+    # the peer's step-10 value meets the retried trial's step-10 value, not a later one
+    assert report(peer, 10, 2, 2.7) == "STOP"
+    assert rungs[10] == {"retried": -2.5, "peer": -2.7}
+
+
+def test_prepared_sweep_gives_asha_its_evaluation_spacing(tmp_path):
+    from sparsebk.tune.sweep import prepare_sweep, trial_scheduler
+
+    f = tmp_path / "ok.yaml"
+    f.write_text(SWEEP.replace("STORE", str(tmp_path / "store")))
+    prep = prepare_sweep(load_sweep_config(f), check_data=False)
+    assert (prep.max_t, prep.eval_every) == (4, 5)  # max_steps 20, an evaluation every 5
+    sched = trial_scheduler(prep.cfg, prep.max_t, prep.eval_every)
+    assert sched._time_attr == "step" and sched._max_t == 21 and _rungs(sched) == [5, 10, 20]

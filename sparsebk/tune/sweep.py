@@ -33,6 +33,12 @@ file modes; sweeps refuse URI storage for now (`_sweep_storage`), and when that 
 `check_restorable` refuses a URI unless SPARSEBK_TRUST_SWEEP_STATE=1 says that only trusted
 principals can write that prefix. The same variable overrides the local check, for a folder
 that a trusted group shares on purpose.
+
+ASHA measures a trial's progress by the training step of its reports ("step"), not by Tune's
+`training_iteration`: a trial retried after a failure resumes its Train run from its latest
+checkpoint while Tune counts its reports from 1 again, so by iteration ASHA would compare it
+at a later step than its peers (and favour it). The sweep config's `asha.grace_period` and
+`asha.max_t` count evaluations; they become steps with the training config's `eval_every`.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class PreparedSweep:
     keys: dict[str, str]        # parameter -> dotted training field
     sweep_dir: Path
     max_t: int                  # evaluations of a full-length trial (ASHA's horizon)
+    eval_every: int             # training steps between evaluations (ASHA counts steps)
     num_workers: int
     cpus_per_worker: float
     use_gpu: bool
@@ -126,7 +133,8 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
     return PreparedSweep(cfg=cfg, base_train=base.to_dict(),
                          keys={n: p.key for n, p in cfg.space.items()},
                          sweep_dir=storage / cfg.name,
-                         max_t=cfg.asha.max_t or evals, num_workers=base.run.num_workers,
+                         max_t=cfg.asha.max_t or evals, eval_every=base.run.eval_every,
+                         num_workers=base.run.num_workers,
                          cpus_per_worker=base.run.cpus_per_worker, use_gpu=base.run.use_gpu,
                          ray_data=getattr(base.data, "loader", "ray") == "ray")
 
@@ -175,17 +183,22 @@ def search_algorithm(cfg: SweepConfig, max_concurrent_trials: int):
                                  max_concurrent=max_concurrent_trials)
 
 
-def trial_scheduler(cfg: SweepConfig, max_t: int):
+def trial_scheduler(cfg: SweepConfig, max_t: int, eval_every: int):
+    """FIFO, or ASHA over the training step each evaluation reports (`max_t`: evaluations
+    of a full-length trial; the sweep's grace period also counts evaluations)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if not cfg.asha.enabled:
         return FIFOScheduler()
-    # time_attr: one Tune iteration per evaluation report of the trial's Train run. ASHA
-    # stops a trial when it reaches max_t; one past the last evaluation lets a full-length
-    # trial return from its Train run by itself (and record that it completed).
-    return ASHAScheduler(time_attr="training_iteration", metric=cfg.search.metric,
-                         mode=cfg.search.mode, max_t=max(max_t, cfg.asha.grace_period) + 1,
-                         grace_period=cfg.asha.grace_period,
+    # "step", not training_iteration: a retried trial resumes at its checkpoint's step while
+    # Tune's iteration count restarts at 1 (module doc). Evaluation k is at step k * eval_every
+    # (the last one at max_steps), so rungs at grace * rf^i evaluations stay at the same
+    # evaluations. ASHA stops a trial when it reaches max_t; one step past the last evaluation
+    # lets a full-length trial return from its Train run by itself (and record that it
+    # completed).
+    grace = cfg.asha.grace_period * eval_every
+    return ASHAScheduler(time_attr="step", metric=cfg.search.metric, mode=cfg.search.mode,
+                         max_t=max(max_t * eval_every, grace) + 1, grace_period=grace,
                          reduction_factor=cfg.asha.reduction_factor)
 
 
@@ -338,7 +351,8 @@ def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
         trainable,
         param_space=param_space(prep.cfg),
         tune_config=tune.TuneConfig(search_alg=search_algorithm(prep.cfg, n),
-                                    scheduler=trial_scheduler(prep.cfg, prep.max_t),
+                                    scheduler=trial_scheduler(prep.cfg, prep.max_t,
+                                                              prep.eval_every),
                                     num_samples=prep.cfg.search.num_samples,
                                     max_concurrent_trials=n if prep.cfg.search.algorithm == "optuna" else None),
         run_config=tune.RunConfig(name=prep.sweep_dir.name,
