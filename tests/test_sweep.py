@@ -1,10 +1,11 @@
 """Ray Tune sweeps of the `tiny` preset (1 worker per trial) on a local Ray.
 
 Two sweeps, each started once per module: an ASHA sweep whose points include a trial that
-raises (retried once, then recorded) and two slow learners for ASHA to stop; and a sweep that
-is interrupted after its first trial and resumed. Results are checked against what the
-trials' own Train runs wrote (metrics.jsonl) and the Pareto definition, not against the
-sweep's own numbers.
+raises (retried once, then recorded), a trial that fails once after its first evaluation
+(retried: it resumes from its checkpoint and completes) and two slow learners for ASHA to
+stop; and a sweep that is interrupted after its first trial and resumed. Results are checked
+against what the trials' own Train runs wrote (metrics.jsonl) and the Pareto definition, not
+against the sweep's own numbers.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ search:
   algorithm: random
   num_samples: 5
   points_to_evaluate:
-    - {{lr: 3.0e-3, loss_type: l2, inject_faults: []}}
+    - {{lr: 3.0e-3, loss_type: l2, inject_faults: ["raise@7"]}}
     - {{lr: 3.0e-3, loss_type: adaptive, inject_faults: ["raise@2", "raise@3"]}}
     - {{lr: 1.0e-7, loss_type: l2, inject_faults: []}}
     - {{lr: 1.0e-7, loss_type: adaptive, inject_faults: []}}
@@ -119,7 +120,7 @@ search:
 space:
   lr: {{choice: [3.0e-3, 2.0e-3, 1.0e-7]}}
   loss_type: {{choice: [l2, adaptive]}}
-  inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"], ["nan@3"]]}}
+  inject_faults: {{key: run.inject_faults, choice: [[], ["raise@2", "raise@3"], ["nan@3"], ["raise@7"]]}}
   tau: 1.0
 asha: {{enabled: true, grace_period: 1, reduction_factor: 2}}
 max_concurrent_trials: null
@@ -208,8 +209,24 @@ def test_failing_trial_is_retried_then_recorded(asha_sweep):
     assert "injected failure at step 3" in bad.error  # the retry got past step 2, then failed
     assert bad.failures == 2 and bad.attempts == 2  # max_retries: 1 -> two attempts, both failed
     assert len(attempts_file(summary["sweep_dir"], bad.trial_id).read_text().splitlines()) == 2
-    assert all(r.failures == 0 and r.attempts == 1 for r in df.itertuples() if r.trial_id != bad.trial_id)
+    good = by_key[(3e-3, "l2")]  # failed once at step 7, after its step-5 evaluation
+    assert good.failures == 1 and good.attempts == 2 and good.stop_reason == "completed"
+    assert all(r.failures == 0 and r.attempts == 1 for r in df.itertuples()
+               if r.trial_id not in (bad.trial_id, good.trial_id))
     assert summary["trials"] == {"OK": 4, "ERROR": 1}  # the sweep went on and finished
+
+
+def test_retried_trial_reports_its_real_step(asha_sweep):
+    """The retried trial's Train run resumed from its step-5 checkpoint: the reports Tune
+    logged go on at step 10 while Tune's own count restarted at 1 (ASHA uses the step)."""
+    summary, df, by_key = asha_sweep
+    good = by_key[(3e-3, "l2")]
+    [trial_dir] = Path(summary["sweep_dir"]).glob(f"run_trial_{good.trial_id}_*")
+    rows = [json.loads(x) for x in (trial_dir / "result.json").read_text().splitlines()]
+    assert [(r["step"], r["training_iteration"]) for r in rows] == \
+        [(5, 1), (10, 1), (15, 2), (20, 3)]
+    assert [e["step"] for e in _train_evals(Path(summary["sweep_dir"]), good.trial_id)] == \
+        [5, 10, 15, 20]
 
 
 def test_sweep_writes_tables_front_plots_and_report(asha_sweep):

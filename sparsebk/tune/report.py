@@ -241,7 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparsebk report: {d} is neither a sweep folder (experiment_state-*.json) nor a "
               f"run folder (metrics.jsonl){hint}")
         return 2
-    paths = make_report(d, args.out, levels=args.levels)
+    try:
+        paths = make_report(d, args.out, levels=args.levels)
+    except ValueError as e:  # a snapshot this reader cannot use: say which file and why
+        print(f"sparsebk report: {e}")
+        return 2
     print(read_back(paths["report_md"]))
     for k, v in paths.items():
         print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")

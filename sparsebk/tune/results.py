@@ -1,24 +1,35 @@
 """Read a sweep's stored results back from disk and flatten them into one table.
 
 Everything comes from files Tune and the trial function wrote, so a sweep can be reported
-after its driver is gone (no Ray needed). Tune's side is read through its public analysis
-API, `ray.tune.ExperimentAnalysis(sweep_dir)`: it loads the newest experiment snapshot and
-gives each trial's status, sampled config, failure count, folder and error, and its full
-result history (`trial_dataframes`: one row per `ray.train.report`). The trial function's own
-files add what Tune does not know: `trial_status/<trial_id>.json`, written only after the
-trial's Train run returned (a TERMINATED trial without it was stopped early by the
-scheduler), and `trial_status/<trial_id>.attempts`, one line per start of the trial function.
+after its driver is gone (no Ray needed), and no pickle is read: a sweep folder lives on
+shared storage, and whoever can write an unpickled file there runs code in whoever reads it
+(DESIGN.md §3). Tune's own readers (`ExperimentAnalysis`, `Tuner.restore`) unpickle the
+experiment state, so this module reads Tune's files itself, as JSON and text only:
 
-(`Tuner.restore(path, trainable).get_results()` would give the same data as a ResultGrid, but
-it needs the sweep's trainable, whose `tune.with_parameters` needs a running Ray, and its
-`Result`s carry no trial status or failure count; ExperimentAnalysis needs neither.)
+- the newest experiment snapshot `experiment_state-<time>.json` (the newest session: the
+  highest timestamp in the name, as Tune picks it). Its `trial_data` holds, per trial, two
+  JSON documents: the trial's state and its run metadata. Their plain fields give the trial
+  id, status, sampled config, folder (`relative_logdir`), failure count and error file name;
+  everything else is cloudpickle (hex strings, and `{"_type": "CLOUDPICKLE_FALLBACK"}`
+  objects), never decoded here: `_json` turns each fallback object into None and leaves hex
+  strings as they are;
+- in each trial's folder, `result.json` (one JSON line per `ray.train.report`) and the error
+  file (`error.txt`, the text trace of the last failure); `params.json` gives the config when
+  the snapshot's is not plain JSON;
+- the trial function's own files: `trial_status/<trial_id>.json`, written only after the
+  trial's Train run returned (a TERMINATED trial without it was stopped early by the
+  scheduler), `trial_status/<trial_id>.attempts` (one line per start of the trial function)
+  and the Train run's `stopped.json`.
+
+Names read from the snapshot become paths only when they are one plain path component, so a
+crafted snapshot cannot point the reader outside the sweep folder.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +39,20 @@ COMPLETED_DIR = "trial_status"
 TRAIN_RUNS_DIR = "train_runs"    # each trial's Train run: SWEEP_DIR/train_runs/<trial_id>
 STOPPED_FILE = "stopped.json"    # rank 0 writes it when training stops on non-finite losses
 SWEEP_FILE = "sweep.json"
-# Tune's experiment snapshot file, as named in ExperimentAnalysis's own error message
-_STATE_GLOB = "experiment_state-*.json"
+STATE_GLOB = "experiment_state-*.json"  # Tune's snapshot (TuneController.CKPT_FILE_TMPL)
 _RESULT_FILE = "result.json"  # Tune's per-trial result log (ray.air.constants.EXPR_RESULT_FILE)
+_PARAMS_FILE = "params.json"  # the trial's config (ray.air.constants.EXPR_PARAM_FILE)
+_PICKLED = "CLOUDPICKLE_FALLBACK"  # Tune's marker of an embedded pickle (TuneFunctionEncoder)
+_TRIAL_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 @dataclass
 class TrialRecord:
     trial_id: str
-    status: str                     # TERMINATED | ERROR | RUNNING | PENDING | PAUSED
+    status: str                     # TERMINATED | ERROR | PENDING | PAUSED
     params: dict
     # evaluations, ascending step; NaN values are left out (as keys a report did not have),
-    # nested metrics come flattened as "outer/inner" (Tune's dataframes)
+    # nested metrics come flattened as "outer/inner" (as Tune's dataframes do)
     history: list[dict] = field(default_factory=list)
     num_failures: int = 0           # failed attempts (Tune's count)
     attempts: int = 0               # starts of the trial function (its attempts log)
@@ -65,73 +78,124 @@ def completion_marker(sweep_dir: str | Path, trial_id: str) -> Path:
 
 
 def is_sweep_dir(path: str | Path) -> bool:
-    """Whether `path` holds a Tune experiment snapshot (what ExperimentAnalysis loads)."""
-    return any(Path(path).glob(_STATE_GLOB))
+    """Whether `path` holds a Tune experiment snapshot."""
+    return any(Path(path).glob(STATE_GLOB))
 
 
-def _analysis(sweep_dir: Path):
-    """ExperimentAnalysis of the newest snapshot (the newest session: Tune picks the highest
-    timestamp in the file name). Its warning for trials without results (never started, or
-    a result log it could not parse) is silenced: `_history` handles both."""
-    from ray.tune import ExperimentAnalysis
+def _no_pickle(obj: dict):
+    # an object Tune could only store pickled: left unread
+    return None if obj.get("_type") == _PICKLED else obj
 
-    if not is_sweep_dir(sweep_dir):
-        raise ValueError(f"{sweep_dir}: no {_STATE_GLOB}; not a Tune sweep folder")
-    quiet = logging.getLogger("ray.tune.analysis.experiment_analysis")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+
+def _json(text: str):
+    """JSON as Tune writes it (NaN allowed), with every embedded pickle replaced by None."""
+    return json.loads(text, object_hook=_no_pickle)
+
+
+def _name(value) -> str | None:
+    """`value` when it is one plain path component (a folder or file name), else None."""
+    ok = isinstance(value, str) and value not in ("", ".", "..") and "/" not in value \
+        and "\\" not in value and "\0" not in value
+    return value if ok else None
+
+
+@dataclass
+class _TuneTrial:
+    """What the snapshot says of one trial (its plain JSON fields)."""
+
+    trial_id: str
+    status: str
+    config: dict | None
+    folder: str | None           # relative_logdir: the trial's folder in the sweep folder
+    num_failures: int
+    error_file: str | None
+
+
+def _snapshot(sweep_dir: Path) -> list[_TuneTrial]:
+    files = sorted(sweep_dir.glob(STATE_GLOB))
+    if not files:
+        raise ValueError(f"{sweep_dir}: no {STATE_GLOB}; not a Tune sweep folder")
+    f = files[-1]
     try:
-        return ExperimentAnalysis(str(sweep_dir))
-    finally:
-        quiet.setLevel(level)
+        state = _json(f.read_text())
+        entries = state["trial_data"]
+        trials = []
+        for n, entry in enumerate(entries):
+            if not (isinstance(entry, list) and len(entry) == 2
+                    and all(isinstance(x, str) for x in entry)):
+                raise ValueError(f"trial_data[{n}] is not a pair of JSON documents")
+            trial, meta = _json(entry[0]), _json(entry[1])
+            tid = trial.get("trial_id")
+            if not (isinstance(tid, str) and _TRIAL_ID.fullmatch(tid)) or tid in (".", ".."):
+                raise ValueError(f"trial_data[{n}]: trial_id {tid!r} is not a Tune trial id")
+            status = str(trial.get("status"))
+            failures = meta.get("num_failures") or 0
+            trials.append(_TuneTrial(
+                trial_id=tid,
+                # a snapshot's RUNNING trial is not running once the driver is gone: Tune's
+                # own loader reads it as PENDING (Trial.__setstate__)
+                status="PENDING" if status == "RUNNING" else status,
+                config=trial.get("config") if isinstance(trial.get("config"), dict) else None,
+                folder=_name(trial.get("relative_logdir")),
+                num_failures=failures if isinstance(failures, int) else 0,
+                error_file=_name(meta.get("error_filename"))))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{f}: not a Tune experiment snapshot this reader understands: "
+                         f"{e}") from None
+    return trials
 
 
-def _rows(frame: pd.DataFrame) -> list[dict]:
-    """A trial dataframe back to its reported rows: Tune's copy of the config (flattened to
-    `config/...` columns) dropped, and NaN cells dropped: the frame fills a key that only
-    another report had with NaN, and a reported NaN is no measurement either (every reader
-    of the history skips non-finite values), so a row keeps what its report measured."""
-    keep = [c for c in frame.columns if c != "config" and not str(c).startswith("config/")]
-    return [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v))}
-            for row in frame[keep].to_dict("records")]
+def _flatten(row: dict, prefix: str = "") -> dict:
+    """Nested metrics as "outer/inner" keys; NaN values left out (a reported NaN is no
+    measurement: every reader of the history skips non-finite values)."""
+    out = {}
+    for k, v in row.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}/"))
+        elif not (isinstance(v, float) and math.isnan(v)):
+            out[key] = v
+    return out
 
 
-def _torn_log_rows(result_file: Path) -> list[dict]:
-    """The rows of a result log Tune's reader rejected as a whole because one line was cut
-    by a dying driver (a restored sweep appends after it): every complete line."""
+def _result_rows(result_file: Path) -> list[dict]:
+    """The reports in a trial's result log, Tune's copy of the config left out. A line cut
+    by a dying driver (a restored sweep appends after it) is skipped."""
     rows = []
+    if not result_file.is_file():
+        return rows
     for line in result_file.read_text().splitlines():
         try:
-            row = json.loads(line)
+            row = _json(line)
         except json.JSONDecodeError:
             continue
-        row.pop("config", None)
-        rows.append(row)
+        if isinstance(row, dict):
+            row.pop("config", None)
+            rows.append(_flatten(row))
     return rows
 
 
-def _trial_dir(trial) -> Path | None:
-    try:
-        return Path(trial.path)
-    except RuntimeError:  # Tune had not named its folder yet (never started)
-        return None
-
-
-def _history(frame: pd.DataFrame | None, trial_dir: Path | None) -> list[dict]:
+def _history(trial_dir: Path | None) -> list[dict]:
     """Evaluation rows, one per training step. A retried trial logs its steps again; the
     latest row for a step wins (it belongs to the attempt that carried on)."""
-    if frame is not None and len(frame):
-        rows = _rows(frame)
-    else:
-        # Tune returns an empty frame both for a trial that never reported and for a result
-        # log with a torn line; only the second has rows to recover, from its own file
-        # (the one place this module reads a Tune file itself).
-        log = trial_dir / _RESULT_FILE if trial_dir else None
-        rows = _torn_log_rows(log) if log and log.is_file() and log.stat().st_size else []
+    rows = _result_rows(trial_dir / _RESULT_FILE) if trial_dir else []
     by_step: dict = {}
     for n, row in enumerate(rows):
         by_step[row.get("step", n)] = row
     return [by_step[k] for k in sorted(by_step)]
+
+
+def _params(t: _TuneTrial, trial_dir: Path | None) -> dict:
+    if t.config is not None:
+        return dict(t.config)
+    f = trial_dir / _PARAMS_FILE if trial_dir else None
+    if f is not None and f.is_file():
+        try:
+            d = _json(f.read_text())
+        except json.JSONDecodeError:
+            return {}
+        return d if isinstance(d, dict) else {}
+    return {}
 
 
 def _first_error_line(trace: str | None) -> str | None:
@@ -145,6 +209,16 @@ def _first_error_line(trace: str | None) -> str | None:
     return lines[-1][:300] if lines else "unknown error"
 
 
+def _error(t: _TuneTrial, trial_dir: Path | None) -> str | None:
+    """The first line of the text trace Tune stored for the trial's last failure."""
+    if t.status != "ERROR":
+        return None
+    f = trial_dir / t.error_file if trial_dir and t.error_file else None
+    if f is None or not f.is_file():
+        return None
+    return _first_error_line(f.read_text(errors="replace"))
+
+
 def _stopped(sweep_dir: Path, trial_id: str) -> str | None:
     """The reason a trial's training stopped by itself (non-finite losses): from its Train
     run's stop marker, which rank 0 writes *before* its last report, so it is there even when
@@ -152,7 +226,8 @@ def _stopped(sweep_dir: Path, trial_id: str) -> str | None:
     f = sweep_dir / TRAIN_RUNS_DIR / trial_id / STOPPED_FILE
     if not f.is_file():
         return None
-    return json.loads(f.read_text()).get("reason") or "stopped"
+    d = _json(f.read_text())
+    return (d.get("reason") if isinstance(d, dict) else None) or "stopped"
 
 
 def _count_lines(path: Path) -> int:
@@ -161,22 +236,19 @@ def _count_lines(path: Path) -> int:
 
 def collect_trials(sweep_dir: str | Path) -> list[TrialRecord]:
     sweep_dir = Path(sweep_dir)
-    analysis = _analysis(sweep_dir)
-    frames = analysis.trial_dataframes
     records = []
-    for trial in analysis.trials:
-        tid = trial.trial_id
+    for t in _snapshot(sweep_dir):
+        trial_dir = sweep_dir / t.folder if t.folder else None  # None: never started
         records.append(TrialRecord(
-            trial_id=tid,
-            status=trial.status,
-            params=dict(trial.config or {}),
-            history=_history(frames.get(tid), _trial_dir(trial)),
-            num_failures=int(trial.num_failures or 0),
-            # the text trace Tune stored for the trial's last failure (its error.txt)
-            error=_first_error_line(trial.get_error()) if trial.status == "ERROR" else None,
-            completed=completion_marker(sweep_dir, tid).is_file(),
-            stopped=_stopped(sweep_dir, tid),
-            attempts=_count_lines(sweep_dir / COMPLETED_DIR / f"{tid}.attempts"),
+            trial_id=t.trial_id,
+            status=t.status,
+            params=_params(t, trial_dir),
+            history=_history(trial_dir),
+            num_failures=t.num_failures,
+            error=_error(t, trial_dir),
+            completed=completion_marker(sweep_dir, t.trial_id).is_file(),
+            stopped=_stopped(sweep_dir, t.trial_id),
+            attempts=_count_lines(sweep_dir / COMPLETED_DIR / f"{t.trial_id}.attempts"),
         ))
     records.sort(key=lambda r: r.trial_id)
     return records

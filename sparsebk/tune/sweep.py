@@ -16,6 +16,29 @@ in sparsebk/tune/cleanup.py).
 
 Running the same sweep again resumes it (`Tuner.restore`): finished and failed trials are
 kept, unfinished ones continue, and the searcher goes on from its saved state.
+
+Resuming runs what the sweep folder holds: `Tuner.restore` unpickles `tuner.pkl`, the
+experiment snapshot and the searcher's state, and the resumed trials load their Train runs'
+checkpoints from `train_runs/` (DESIGN.md §3: files that are unpickled are code). So before
+restoring, `check_restorable` requires that nobody but this user (or root) can have written
+any of it: every folder and file in the sweep folder owned by this user or root, none
+writable by group or others, no symbolic link; and every parent folder owned by this user or
+root and not writable by others unless sticky (as /tmp and the launcher's `chmod 1777`
+mount are), since whoever can rename entries in a parent can swap the whole sweep folder.
+Otherwise the sweep refuses to resume, naming the offending path and the fix. The check
+trusts this user: anyone who can act as this uid (e.g. every pod of a KubeRay cluster that
+runs as the same uid) can run code here anyway. A storage path on a URI (s3://, gs://)
+cannot be checked from the client, since the bucket's writers are set by its policies, not
+file modes; sweeps refuse URI storage for now (`_sweep_storage`), and when that changes
+`check_restorable` refuses a URI unless SPARSEBK_TRUST_SWEEP_STATE=1 says that only trusted
+principals can write that prefix. The same variable overrides the local check, for a folder
+that a trusted group shares on purpose.
+
+ASHA measures a trial's progress by the training step of its reports ("step"), not by Tune's
+`training_iteration`: a trial retried after a failure resumes its Train run from its latest
+checkpoint while Tune counts its reports from 1 again, so by iteration ASHA would compare it
+at a later step than its peers (and favour it). The sweep config's `asha.grace_period` and
+`asha.max_t` count evaluations; they become steps with the training config's `eval_every`.
 """
 
 from __future__ import annotations
@@ -23,12 +46,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from sparsebk.tune.cleanup import PlacementGroupReaper, settle_placement_groups
 from sparsebk.tune.config import SweepConfig
-from sparsebk.tune.results import SWEEP_FILE
+from sparsebk.tune.results import STATE_GLOB, SWEEP_FILE
 from sparsebk.tune.trial import apply_params, run_trial
 
 logger = logging.getLogger(__name__)
@@ -41,6 +66,7 @@ class PreparedSweep:
     keys: dict[str, str]        # parameter -> dotted training field
     sweep_dir: Path
     max_t: int                  # evaluations of a full-length trial (ASHA's horizon)
+    eval_every: int             # training steps between evaluations (ASHA counts steps)
     num_workers: int
     cpus_per_worker: float
     use_gpu: bool
@@ -107,7 +133,8 @@ def prepare_sweep(cfg: SweepConfig, *, check_data: bool = True) -> PreparedSweep
     return PreparedSweep(cfg=cfg, base_train=base.to_dict(),
                          keys={n: p.key for n, p in cfg.space.items()},
                          sweep_dir=storage / cfg.name,
-                         max_t=cfg.asha.max_t or evals, num_workers=base.run.num_workers,
+                         max_t=cfg.asha.max_t or evals, eval_every=base.run.eval_every,
+                         num_workers=base.run.num_workers,
                          cpus_per_worker=base.run.cpus_per_worker, use_gpu=base.run.use_gpu,
                          ray_data=getattr(base.data, "loader", "ray") == "ray")
 
@@ -156,17 +183,22 @@ def search_algorithm(cfg: SweepConfig, max_concurrent_trials: int):
                                  max_concurrent=max_concurrent_trials)
 
 
-def trial_scheduler(cfg: SweepConfig, max_t: int):
+def trial_scheduler(cfg: SweepConfig, max_t: int, eval_every: int):
+    """FIFO, or ASHA over the training step each evaluation reports (`max_t`: evaluations
+    of a full-length trial; the sweep's grace period also counts evaluations)."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if not cfg.asha.enabled:
         return FIFOScheduler()
-    # time_attr: one Tune iteration per evaluation report of the trial's Train run. ASHA
-    # stops a trial when it reaches max_t; one past the last evaluation lets a full-length
-    # trial return from its Train run by itself (and record that it completed).
-    return ASHAScheduler(time_attr="training_iteration", metric=cfg.search.metric,
-                         mode=cfg.search.mode, max_t=max(max_t, cfg.asha.grace_period) + 1,
-                         grace_period=cfg.asha.grace_period,
+    # "step", not training_iteration: a retried trial resumes at its checkpoint's step while
+    # Tune's iteration count restarts at 1 (module doc). Evaluation k is at step k * eval_every
+    # (the last one at max_steps), so rungs at grace * rf^i evaluations stay at the same
+    # evaluations. ASHA stops a trial when it reaches max_t; one step past the last evaluation
+    # lets a full-length trial return from its Train run by itself (and record that it
+    # completed).
+    grace = cfg.asha.grace_period * eval_every
+    return ASHAScheduler(time_attr="step", metric=cfg.search.metric, mode=cfg.search.mode,
+                         max_t=max(max_t * eval_every, grace) + 1, grace_period=grace,
                          reduction_factor=cfg.asha.reduction_factor)
 
 
@@ -215,21 +247,101 @@ def _sweep_record(prep: PreparedSweep) -> dict:
             "last_k": prep.cfg.last_k}
 
 
+TRUST_ENV = "SPARSEBK_TRUST_SWEEP_STATE"  # "1": resume without checking who can write there
+
+
+def _mode(st: os.stat_result) -> str:
+    return f"{stat.filemode(st.st_mode)} {st.st_mode & 0o7777:04o}"
+
+
+def _untrusted_path(path: Path, st: os.stat_result, me: int) -> str | None:
+    """Why someone else could have written `path` (an entry of the sweep folder), or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link (to {os.readlink(path)})"
+    if st.st_uid not in (me, 0):
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {me})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others ({_mode(st)})"
+    return None
+
+
+def untrusted_state(sweep_dir: Path) -> str | None:
+    """Why a user other than this one (or root) could have written what resuming the sweep in
+    `sweep_dir` reads (module doc), or None when nobody could."""
+    me = os.geteuid()
+    here = Path(os.path.abspath(sweep_dir))
+    # the path as given and the path it resolves to: a symlinked parent is checked both ways
+    for folder in dict.fromkeys([*here.parents, *here.resolve().parents]):
+        st = folder.stat()
+        if st.st_uid not in (me, 0):
+            return (f"its parent folder {folder} is owned by uid {st.st_uid}, who can swap the "
+                    f"sweep folder")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            return (f"its parent folder {folder} is writable by group or others without the "
+                    f"sticky bit ({_mode(st)}), so they can swap the sweep folder")
+    why = _untrusted_path(here, here.lstat(), me)
+    if why:
+        return why
+
+    def unreadable(e: OSError):
+        raise e
+
+    for root, dirs, files in os.walk(here, onerror=unreadable):  # symlinks are not followed
+        for name in [*dirs, *files]:
+            path = Path(root) / name
+            why = _untrusted_path(path, path.lstat(), me)
+            if why:
+                return why
+    return None
+
+
+def check_restorable(location: str | Path, where: str) -> None:
+    """ValueError (one line: the folder, why, what to do) unless resuming the sweep stored at
+    `location` reads only what this user wrote; see the module doc."""
+    from sparsebk.storage.store import is_uri
+
+    if os.environ.get(TRUST_ENV) == "1":
+        logger.warning("%s=1: resuming the sweep in %s without checking who can write there",
+                       TRUST_ENV, location)
+        return
+    if is_uri(str(location)):
+        raise ValueError(f"{where}: refusing to resume the sweep at {location}: resuming "
+                         f"unpickles its stored state, and who can write a bucket cannot be "
+                         f"checked from here; set {TRUST_ENV}=1 if only trusted principals "
+                         f"can write that prefix")
+    try:
+        why = untrusted_state(Path(location))
+    except OSError as e:
+        why = f"it cannot be checked ({e})"
+    if why:
+        raise ValueError(f"{where}: refusing to resume the sweep in {location}: {why}; "
+                         f"resuming unpickles the sweep's state and checkpoints, so whoever "
+                         f"can write there could run code here. If you trust what it holds, "
+                         f"make it yours and private (chown; chmod go-w; chmod +t a shared "
+                         f"parent) or set {TRUST_ENV}=1; otherwise start the sweep under "
+                         f"another name")
+
+
 def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
-    """A new Tuner, or the restored one when SWEEP_DIR holds this sweep's state."""
+    """A new Tuner, or the restored one when SWEEP_DIR holds this sweep's state (only after
+    `check_restorable`: nothing there is read as a pickle before it)."""
     import ray
     from ray import tune
 
-    trainable = _trainable(prep)
+    # sweep.json is JSON and can_restore only looks for tuner.pkl: neither unpickles
     if resume and _check_stored_config(prep) and tune.Tuner.can_restore(str(prep.sweep_dir)):
+        check_restorable(prep.sweep_dir, _where(prep.cfg))
         logger.info("resuming sweep from %s", prep.sweep_dir)
-        return tune.Tuner.restore(str(prep.sweep_dir), trainable=trainable,
+        return tune.Tuner.restore(str(prep.sweep_dir), trainable=_trainable(prep),
                                   resume_unfinished=True, resume_errored=False,
                                   restart_errored=False), True
-    if any(prep.sweep_dir.glob("experiment_state-*.json")):
+    if any(prep.sweep_dir.glob(STATE_GLOB)):
         raise ValueError(f"{_where(prep.cfg)}: {prep.sweep_dir} already holds a sweep; resume it "
                          f"or pick another name (or storage_path)")
-    prep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    trainable = _trainable(prep)
+    prep.sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    # never group/world-writable, whatever the umask: a later resume checks it (module doc)
+    prep.sweep_dir.mkdir(mode=0o755, exist_ok=True)
     tmp = prep.sweep_dir / (SWEEP_FILE + ".tmp")
     tmp.write_text(json.dumps(_sweep_record(prep), indent=2, default=str))
     tmp.replace(prep.sweep_dir / SWEEP_FILE)
@@ -239,7 +351,8 @@ def build_tuner(prep: PreparedSweep, *, callbacks=None, resume: bool = True):
         trainable,
         param_space=param_space(prep.cfg),
         tune_config=tune.TuneConfig(search_alg=search_algorithm(prep.cfg, n),
-                                    scheduler=trial_scheduler(prep.cfg, prep.max_t),
+                                    scheduler=trial_scheduler(prep.cfg, prep.max_t,
+                                                              prep.eval_every),
                                     num_samples=prep.cfg.search.num_samples,
                                     max_concurrent_trials=n if prep.cfg.search.algorithm == "optuna" else None),
         run_config=tune.RunConfig(name=prep.sweep_dir.name,
