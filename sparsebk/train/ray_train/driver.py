@@ -149,17 +149,23 @@ class RunFailed(RuntimeError):
     says why in one line and how to resume."""
 
 
-def _fit(trainer, cfg: TrainConfig):
-    """trainer.fit(), its final failure turned into a RunFailed that names the latest
-    checkpoint and how to resume."""
+def _fit(trainer, cfg: TrainConfig, stop: dict):
+    """trainer.fit(), its final failure (or a SIGTERM, recorded in `stop`) turned into a
+    RunFailed that names the latest checkpoint and how to resume."""
     from ray.train import ControllerError, TrainingFailedError
 
+    def stopped():
+        return Stopped(f"run {cfg.run.name} stopped by {stop.get('signal', 'a signal')}: "
+                       f"latest checkpoint {latest_checkpoint(cfg) or 'none'}; the same "
+                       "command resumes from it")
+
     try:
-        return trainer.fit()
-    except Stopped as e:
-        raise Stopped(f"run {cfg.run.name} stopped by {e}: latest checkpoint "
-                      f"{latest_checkpoint(cfg) or 'none'}; the same command resumes from it") from None
-    except TrainingFailedError as e:
+        result = trainer.fit()
+    except BaseException as e:  # noqa: BLE001 -- after a SIGTERM any way out is the stop
+        if stop or isinstance(e, Stopped):
+            raise stopped() from None
+        if not isinstance(e, TrainingFailedError):
+            raise
         latest = latest_checkpoint(cfg)
         if isinstance(e, ControllerError):
             why = (f"its {_workers(cfg)} worker(s) could not be placed "
@@ -171,6 +177,9 @@ def _fit(trainer, cfg: TrainConfig):
         raise RunFailed(
             f"run {cfg.run.name} stopped: {why}. Latest checkpoint: {latest or 'none'}; the "
             f"same command resumes from it. Last error: {cause}") from None
+    if stop:
+        raise stopped()
+    return result
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
@@ -196,8 +205,8 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     another driver holds it). SIGTERM / SIGINT end the fit with a RunFailed that names the
     latest checkpoint. Raises RuntimeError when the run stopped on non-finite losses (its last
     good checkpoint stays the latest one in the run directory)."""
-    with RunLease(open_store(cfg.run.run_dir)) as lease, _stop_on_signals():
-        return _train(cfg, where, lease)
+    with RunLease(open_store(cfg.run.run_dir)) as lease, _stop_on_signals() as stop:
+        return _train(cfg, where, lease, stop)
 
 
 class Stopped(RunFailed):
@@ -206,23 +215,35 @@ class Stopped(RunFailed):
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGTERM and SIGINT raise Stopped in the driver's main thread (elsewhere: unchanged)."""
+    """Yields a dict that records a SIGTERM (a scheduler or a spot node asking the job to
+    stop). The handler hands it to Ray Train's own SIGINT handler while a fit runs (which
+    aborts the run's controller gracefully, so `fit` returns), or raises Stopped outside
+    one; `_fit` then ends the run with Stopped. Main thread only (elsewhere: unchanged)."""
+    stop: dict = {}
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
+    ours = signal.getsignal(signal.SIGINT)
 
-    def stop(signum, frame):
-        raise Stopped(signal.Signals(signum).name)
+    def on_term(signum, frame):
+        stop["signal"] = signal.Signals(signum).name
+        ray_handler = signal.getsignal(signal.SIGINT)
+        if not callable(ray_handler) or ray_handler is ours:
+            raise Stopped(stop["signal"])
+        try:  # Ray Train's: abort the controller, after which `fit` returns or raises
+            ray_handler(signal.SIGINT, frame)
+        except SystemExit:  # its way out when the controller is already gone: `fit` then
+            pass            # raises on its own; raising here, inside Ray's C code, would not
 
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield stop
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGINT, ours)
 
 
-def _train(cfg: TrainConfig, where: str, lease: RunLease) -> dict:
+def _train(cfg: TrainConfig, where: str, lease: RunLease, stop: dict) -> dict:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, where=where)
     check_fit(TrainConfig.from_dict(trainer.train_loop_config["cfg"]))  # vocabulary resolved
@@ -231,7 +252,7 @@ def _train(cfg: TrainConfig, where: str, lease: RunLease) -> dict:
     run = open_store(cfg.run.run_dir)
     logger.info("run %s: its folder is %s", cfg.run.name, run.uri)
     run.delete("stopped.json")  # from an earlier attempt of this run name
-    result = _fit(trainer, cfg)
+    result = _fit(trainer, cfg, stop)
     wall = time.perf_counter() - t0
     if lease.lost:
         raise RunFailed(f"run {cfg.run.name}: another driver took this run over while it "

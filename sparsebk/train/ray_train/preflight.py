@@ -124,7 +124,8 @@ def check_fit(cfg) -> int:
     for n in nodes:
         res = n.get("Resources", {})
         k = min([int(res.get(r, 0) // v) if v else 10 ** 6 for r, v in need.items()]
-                + [int(res.get("memory", 0) // state) if state else 10 ** 6])
+                + [int(res.get("memory", 0) // state) if state else 10 ** 6]
+                + ([1] if cfg.run.placement_strategy == "STRICT_SPREAD" else []))
         fits += k
         spare_cpu += res.get("CPU", 0) - k * cfg.run.cpus_per_worker
     wanted = cfg.run.min_workers or cfg.run.num_workers
