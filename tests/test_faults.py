@@ -147,6 +147,41 @@ def test_a_node_lost_without_elasticity_stops_in_bounded_time(tmp_path, two_node
     assert took < 300
 
 
+@pytest.fixture
+def full_disk():
+    """A 1.5 MB tmpfs: room for the first checkpoint of `tiny`, not the second. Needs the
+    right to mount (root); skipped where it is missing."""
+    d = Path(tempfile.mkdtemp(prefix="sparsebk-tmpfs-"))
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(d)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+    d.rmdir()
+
+
+def test_a_full_disk_stops_the_run_after_one_restart(tmp_path, two_nodes, full_disk):
+    """Run storage on a full tmpfs: the checkpoint write fails with ENOSPC, which no retry
+    can fix: the run stops after one restart (run.max_failures=5 is not spent) with the reason
+    and its latest checkpoint, and no partial file is left by the writer."""
+    from sparsebk.train.ray_train.driver import RunFailed
+
+    cfg = _cfg(tmp_path, f"run.storage_path={full_disk}", "run.max_failures=5",
+               "optim.max_steps=400", "run.eval_every=2")
+    t0 = time.time()
+    th, out = _train_in_thread(cfg)
+    th.join(timeout=600)
+    err = out.get("error")
+    print(f"\nROW disk full: stopped {time.time() - t0:.0f} s after the start: {err}")
+    assert isinstance(err, RunFailed), err
+    msg = str(err)
+    assert "no space left on the device" in msg and "Not retried" in msg
+    assert "Latest checkpoint: " in msg and "checkpoint_" in msg
+    assert not list(Path(full_disk).rglob("*.tmp*"))  # no partial file from the writer
+
+
 def test_sigterm_to_the_driver_stops_with_one_line_and_frees_the_run(tmp_path):
     """`sparsebk train` (its own local Ray) gets SIGTERM after its first checkpoint: exit 1,
     one line naming the latest checkpoint, the run's lease released, no traceback."""

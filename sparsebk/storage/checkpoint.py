@@ -64,9 +64,14 @@ MANIFEST_FORMAT = "sparsebk-checkpoint-manifest"
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """Whole or not at all: a failed write (a full disk) leaves no partial file behind."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def rng_state() -> dict:

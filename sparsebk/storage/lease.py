@@ -115,10 +115,15 @@ class RunLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.beat_s + 5)
-        held = self._read()
-        if held is not None and held.get("token") == self.token:
-            self._record_attempt(self.started, time.time())
-            self.run.delete(LEASE_FILE)
+        try:  # best effort: a store that fails here (a full disk) must not hide why the run ended
+            held = self._read()
+            if held is not None and held.get("token") == self.token:
+                try:
+                    self._record_attempt(self.started, time.time())
+                finally:
+                    self.run.delete(LEASE_FILE)
+        except OSError as e:
+            logger.warning("could not release the run's lease at %s: %s", self.run.uri, e)
 
     def __enter__(self) -> "RunLease":
         return self.acquire()

@@ -83,6 +83,16 @@ class ScheduleState:
         served: answers given by this process."""
         return {"calls": self.scheduler.current_step, "served": self.served}
 
+    # the run's deterministic failure (sparsebk.train.errors): set by the worker that met
+    # it, read by restarted workers (they stop at once) and by the driver (its message)
+    fatal: str | None = None
+
+    def set_fatal(self, reason: str) -> None:
+        self.fatal = self.fatal or reason
+
+    def fatal_reason(self) -> str | None:
+        return self.fatal
+
 
 # num_cpus=0: the actor idles between calls and must not take a CPU a worker needs.
 # max_task_retries=0: a call in flight when the actor dies raises RayActorError at once, and

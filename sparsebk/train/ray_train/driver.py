@@ -166,6 +166,11 @@ def _fit(trainer, cfg: TrainConfig, stop: dict):
             raise stopped() from None
         if not isinstance(e, TrainingFailedError):
             raise
+        fatal = ray.get(trainer.schedule_actor.fatal_reason.remote())
+        if fatal is not None:  # the restarted workers stopped at once, yet Ray gave up
+            raise RunFailed(f"run {cfg.run.name} stopped: {fatal}. Not retried: the same "
+                            f"error would recur. Latest checkpoint: "
+                            f"{latest_checkpoint(cfg) or 'none'}") from None
         latest = latest_checkpoint(cfg)
         if isinstance(e, ControllerError):
             why = (f"its {_workers(cfg)} worker(s) could not be placed "
@@ -179,6 +184,11 @@ def _fit(trainer, cfg: TrainConfig, stop: dict):
             f"same command resumes from it. Last error: {cause}") from None
     if stop:
         raise stopped()
+    fatal = ray.get(trainer.schedule_actor.fatal_reason.remote())
+    if fatal is not None:
+        raise RunFailed(f"run {cfg.run.name} stopped: {fatal}. Not retried: the same error "
+                        f"would recur. Latest checkpoint: {latest_checkpoint(cfg) or 'none'}; "
+                        "fix the cause, then the same command resumes from it")
     return result
 
 

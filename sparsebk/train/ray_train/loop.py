@@ -31,6 +31,7 @@ from sparsebk.parallel import compile_blocks, shard
 from sparsebk.storage.store import open_store
 from sparsebk.data.manifest import tokenizer_files
 from sparsebk.train.config import TrainConfig
+from sparsebk.train.errors import deterministic
 from sparsebk.train.ray_train.restore import restore_with_fallback
 from sparsebk.train.ray_train.schedule_client import BroadcastSchedule, ScheduleClient
 from sparsebk.train.run_state import local_batches, shuffle_seed
@@ -143,7 +144,25 @@ def _report(metrics: dict, directory: str | None) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """Run by every Ray Train worker. `config`: {"cfg": TrainConfig.to_dict() (vocabulary
-    resolved), "dataset_dir": str, "schedule_actor": ActorHandle}."""
+    resolved), "dataset_dir": str, "schedule_actor": ActorHandle}.
+
+    A deterministic error (a full disk, corrupt data: sparsebk.train.errors) is recorded with
+    the schedule actor before it propagates; the workers Ray restarts then return at once, so
+    the run ends after one restart instead of burning every retry on the same error."""
+    actor = config["schedule_actor"]
+    if ray.get(actor.fatal_reason.remote()) is not None:  # [ray] an earlier attempt met it
+        return
+    try:
+        _train_worker(config)
+    except Exception as e:
+        why = deterministic(e)
+        if why is not None:
+            rank = ray.train.get_context().get_world_rank()  # [ray]
+            ray.get(actor.set_fatal.remote(f"rank {rank}: {why}"))
+        raise
+
+
+def _train_worker(config: dict) -> None:
     import ray.train
 
     cfg = TrainConfig.from_dict(config["cfg"])
