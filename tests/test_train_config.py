@@ -16,7 +16,7 @@ from sparsebk.scheduler import AdaptiveSparsityScheduler
 from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
 from sparsebk.storage.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig, apply_override, load_config
-from sparsebk.train.trainer import lr_lambda
+from sparsebk.train.trainer import lr_factor, lr_lambda
 from sparsebk.train.metrics import MetricsWriter, progress_line, read_metrics, write_plots
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
@@ -110,6 +110,16 @@ def test_lr_schedule_hand_values():
     assert f(9) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway
     assert f(14) == pytest.approx(0.1)
     assert f(20) == pytest.approx(0.1)
+
+
+def test_lr_factor_with_a_budget_fraction():
+    """The decay's progress given (a wall-clock budget's fraction) instead of the step's."""
+    o = load_config(CONFIGS / "tiny.yaml", ["optim.warmup_steps=4", "optim.min_lr_ratio=0.1"]).optim
+    assert lr_factor(1, o, 0.5) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))  # warmup x cosine
+    assert lr_factor(10, o, 0.0) == 1.0
+    assert lr_factor(10, o, 1.0) == lr_factor(10, o, 3.0) == pytest.approx(0.1)
+    f = lr_lambda(o)  # the step's own progress: (step - warmup) / (max_steps - warmup)
+    assert all(f(s) == lr_factor(s, o, max(0, s - 4) / (o.max_steps - 4)) for s in range(0, 60, 7))
 
 
 def test_schedule_state_matches_scheduler_and_restores():
