@@ -35,8 +35,11 @@ import copy
 import dataclasses
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Optional, Sequence
+
+from sparsebk.validation import (check_choice, check_float, check_int, check_list,
+                                 check_sparsity, check_sparsity_targets, field_error)
 
 logger = logging.getLogger(__name__)
 
@@ -51,39 +54,25 @@ _STATE_VERSION = 1
 __all__ = ["SCHEDULE_TYPES", "MAX_LAYER_SPARSITY", "SchedulerConfig", "AdaptiveSparsityScheduler"]
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _check_sparsity(name: str, value) -> float:
-    if not _is_number(value) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name}={value!r} must be a sparsity in [0, 1)")
-    return float(value)
-
-
-def _check_weight(name: str, value) -> float:
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value!r} must be a non-negative finite number")
-    return float(value)
-
-
-def _check_accuracy(name: str, value) -> Optional[float]:
+def _check_loss(name: str, value) -> Optional[float]:
+    """A validation loss or None: a finite real number, from Python, numpy (a scalar) or torch
+    (a 0-dim tensor; converting it is a host sync, off the hot path)."""
     if value is None:
         return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        f = float(value)  # numbers, numpy scalars and 0-dim tensors (off the hot path)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name}={value!r} must be a finite number (a validation loss) or None") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{name}={value!r} must be a finite number (a validation loss) or None")
-    return f
+    if not isinstance(value, (bool, int, float)):
+        try:
+            value = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise field_error(name, value, "must be a finite number (a validation loss) "
+                              "or None") from None
+    return check_float(name, value)
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The scheduler's fixed parameters; validated here, JSON-able through `to_dict()`."""
+    """The scheduler's fixed parameters, validated here (once), JSON-able through `to_dict()`.
+    It is also the training config's `schedule` section (sparsebk.train.config), which builds
+    it with `prefix="schedule."` so that an error names the field as the YAML file does."""
 
     initial_sparsity: float = 0.2
     final_sparsity: float = 0.5
@@ -94,36 +83,29 @@ class SchedulerConfig:
     accuracy_threshold: Optional[float] = None
     layer_scales: Optional[tuple] = None
     layer_final_sparsity: Optional[tuple] = None
+    prefix: InitVar[str] = ""  # how error messages name the fields ("schedule." in a YAML file)
 
-    def __post_init__(self):
+    def __post_init__(self, prefix: str):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("initial_sparsity", _check_sparsity("initial_sparsity", self.initial_sparsity))
-        set_("final_sparsity", _check_sparsity("final_sparsity", self.final_sparsity))
-        set_("initial_weight", _check_weight("initial_weight", self.initial_weight))
-        set_("final_weight", _check_weight("final_weight", self.final_weight))
-        if (not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool)
-                or self.warmup_steps < 1):
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be an integer >= 1")
-        if self.schedule_type not in SCHEDULE_TYPES:
-            raise ValueError(f"schedule_type={self.schedule_type!r} is not one of {SCHEDULE_TYPES}")
-        set_("accuracy_threshold", _check_accuracy("accuracy_threshold", self.accuracy_threshold))
+        name = lambda k: prefix + k  # noqa: E731
+        for k in ("initial_sparsity", "final_sparsity"):
+            set_(k, check_sparsity(name(k), getattr(self, k)))
+        for k in ("initial_weight", "final_weight"):
+            set_(k, check_float(name(k), getattr(self, k), min=0.0))
+        check_int(name("warmup_steps"), self.warmup_steps, min=1)
+        check_choice(name("schedule_type"), self.schedule_type, SCHEDULE_TYPES)
+        set_("accuracy_threshold", _check_loss(name("accuracy_threshold"), self.accuracy_threshold))
         if self.layer_scales is not None and self.layer_final_sparsity is not None:
-            raise ValueError("give layer_scales or layer_final_sparsity, not both "
-                             f"(got layer_scales={self.layer_scales!r}, "
-                             f"layer_final_sparsity={self.layer_final_sparsity!r})")
+            raise field_error(name("layer_final_sparsity"), self.layer_final_sparsity,
+                              f"give layer_scales or layer_final_sparsity, not both (got "
+                              f"{name('layer_scales')}={self.layer_scales!r})")
         if self.layer_scales is not None:
-            scales = self._as_list("layer_scales", self.layer_scales)
-            set_("layer_scales", tuple(_check_weight(f"layer_scales[{i}]", s) for i, s in enumerate(scales)))
+            set_("layer_scales", tuple(check_list(
+                name("layer_scales"), self.layer_scales, lambda k, v: check_float(k, v, min=0.0),
+                "one non-negative scale per layer")))
         if self.layer_final_sparsity is not None:
-            finals = self._as_list("layer_final_sparsity", self.layer_final_sparsity)
-            set_("layer_final_sparsity",
-                 tuple(_check_sparsity(f"layer_final_sparsity[{i}]", s) for i, s in enumerate(finals)))
-
-    @staticmethod
-    def _as_list(name: str, value) -> list:
-        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
-            raise ValueError(f"{name}={value!r} must be a non-empty list of numbers, one per layer")
-        return list(value)
+            set_("layer_final_sparsity", tuple(check_sparsity_targets(
+                name("layer_final_sparsity"), self.layer_final_sparsity)))
 
     @property
     def num_layers(self) -> Optional[int]:
@@ -162,6 +144,16 @@ class AdaptiveSparsityScheduler:
         self.current_step = 0
         self.best_accuracy: Optional[float] = None
 
+    @classmethod
+    def from_config(cls, config: SchedulerConfig) -> "AdaptiveSparsityScheduler":
+        """A scheduler at step 0 over an already validated config (a training config's
+        `schedule` section): the config is used as it is, not checked again."""
+        if not isinstance(config, SchedulerConfig):
+            raise ValueError(f"config must be a SchedulerConfig, got {type(config).__name__}")
+        self = cls.__new__(cls)
+        self.config, self.current_step, self.best_accuracy = config, 0, None
+        return self
+
     # --- the pure part -------------------------------------------------------------------
     def _ramp(self, initial: float, final: float, progress: float) -> float:
         kind = self.config.schedule_type
@@ -181,9 +173,8 @@ class AdaptiveSparsityScheduler:
     def state_at(self, step: int, current_accuracy=None) -> dict:
         """The dict `step(current_accuracy)` returns when it brings the counter to `step`.
         Side-effect free (the counter and best_accuracy are untouched)."""
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step={step!r} must be an integer >= 0")
-        acc = _check_accuracy("current_accuracy", current_accuracy)
+        check_int("step", step, min=0)
+        acc = _check_loss("current_accuracy", current_accuracy)
         cfg = self.config
         progress = min(1.0, step / cfg.warmup_steps)
         target = self._ramp(cfg.initial_sparsity, cfg.final_sparsity, progress)
@@ -207,7 +198,7 @@ class AdaptiveSparsityScheduler:
         """Advance the counter by one and return that step's values."""
         out = self.state_at(self.current_step + 1, current_accuracy)  # validates first
         self.current_step += 1
-        acc = _check_accuracy("current_accuracy", current_accuracy)
+        acc = _check_loss("current_accuracy", current_accuracy)
         if acc is not None and (self.best_accuracy is None or acc < self.best_accuracy):
             self.best_accuracy = acc
         return out
@@ -239,9 +230,8 @@ class AdaptiveSparsityScheduler:
             raise ValueError(f"scheduler state config has unknown keys {unknown}")
         config = SchedulerConfig(**copy.deepcopy(state["config"]))
         step = state["step"]
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"scheduler state step={step!r} must be an integer >= 0")
-        best = _check_accuracy("best_accuracy", state["best_accuracy"])
+        check_int("scheduler state step", step, min=0)
+        best = _check_loss("best_accuracy", state["best_accuracy"])
         if config != self.config:
             logger.info("scheduler config replaced by the checkpoint's: %s -> %s",
                         self.config.to_dict(), config.to_dict())

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, fields
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 __all__ = ["field_error", "check_int", "check_float", "check_bool", "check_choice",
-           "check_sparsity", "check_sparsity_targets", "check_known", "from_mapping"]
+           "check_sparsity", "check_list", "check_sparsity_targets", "check_known", "from_mapping"]
 
 
 def field_error(name: str, value: Any, why: str) -> ValueError:
@@ -63,13 +63,21 @@ def check_sparsity(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_list(name: str, value: Any, check: Callable[[str, Any], Any],
+               what: str = "one value per layer") -> list:
+    """A non-empty list (any iterable but a string), each item checked by
+    check(f"{name}[i]", item) and returned in the form `check` returns."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise field_error(name, value, f"must be a list: {what}")
+    out = [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
+    if not out:
+        raise field_error(name, value, f"must not be empty: {what}")
+    return out
+
+
 def check_sparsity_targets(name: str, value: Any, n_layers: int | None = None) -> list[float]:
     """A per-layer list of sparsities (its length checked when n_layers is given)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise field_error(name, value, "must be a list of per-layer sparsities")
-    out = [check_sparsity(f"{name}[{i}]", v) for i, v in enumerate(value)]
-    if not out:
-        raise field_error(name, value, "must not be empty")
+    out = check_list(name, value, check_sparsity, "one sparsity per layer")
     if n_layers is not None and len(out) != n_layers:
         raise field_error(name, value, f"has {len(out)} per-layer targets for a model with "
                           f"{n_layers} layers")

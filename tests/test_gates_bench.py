@@ -9,21 +9,30 @@ import math
 import pytest
 import torch
 
-from sparsebk.bench.gates import decisions, forced_masks, gradient_share
-from sparsebk.bench.quality import pin_gates_open
+from sparsebk.bench.gates import decisions, gradient_share
+from sparsebk.model.forcing import forced_gates
 from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 V = 50
 
 
+@torch.no_grad()
+def set_gates(model: SparseBKLM, logits: list[float]) -> None:
+    """Every gate of layer k decides by the constant logit logits[k] (weight 0, bias)."""
+    for layer, logit in zip(model.layers, logits):
+        pred = layer.sparse_bk_core.importance_predictor
+        pred.weight.zero_()
+        pred.bias.fill_(logit)
+
+
 def pair() -> tuple[SparseBKLM, SparseBKLM]:
-    """Two debug models with the same weights; the first with its gates pinned open."""
+    """Two debug models with the same weights; the first with every gate open by hand."""
     torch.manual_seed(0)
     cfg = LMConfig.preset("debug", vocab_size=V)
     a, b = SparseBKLM(cfg), SparseBKLM(cfg)
     b.load_state_dict(a.state_dict())
-    pin_gates_open(a)
+    set_gates(a, [30.0, 30.0])
     return a.eval(), b.eval()
 
 
@@ -33,10 +42,10 @@ def blocks(rows: int, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_forced_open_masks_equal_pinned_gates_and_the_method_comes_back():
+def test_forced_open_masks_equal_open_gates_and_the_gates_come_back():
     pinned, free = pair()
     tokens = blocks(3)[:, :-1]
-    with forced_masks(free, lambda k, logits: torch.ones_like(logits)):
+    with forced_gates(free, "open"):
         got = free(tokens)
     want = pinned(tokens)
     assert torch.equal(got["logits"], want["logits"])
@@ -48,17 +57,14 @@ def test_forced_open_masks_equal_pinned_gates_and_the_method_comes_back():
 @torch.no_grad()
 def test_random_forced_masks_skip_at_the_asked_rate():
     _, free = pair()
-    g = torch.Generator().manual_seed(1)
-    with forced_masks(free, lambda k, logits: (torch.rand(logits.shape, generator=g) >= 0.3).float()):
+    with forced_gates(free, "rate", rate=0.3, generator=torch.Generator().manual_seed(1)):
         sp = free(blocks(16)[:, :-1])["layer_sparsity"]
     assert sp.sub(0.3).abs().max() < 0.06  # 512 positions per layer: 0.02 standard deviation
 
 
 def test_decisions_of_gates_set_by_hand():
     pinned, _ = pair()
-    core = pinned.layers[0].sparse_bk_core.importance_predictor
-    with torch.no_grad():
-        core.bias.fill_(-30.0)  # layer 0 skips every position; layer 1 computes every one
+    set_gates(pinned, [-30.0, 30.0])  # layer 0 skips every position; layer 1 computes every one
     valid, train = blocks(6, seed=2), blocks(20, seed=3)
     d = decisions(pinned, valid, train, batch_size=4)
     l0, l1 = d["layers"]
@@ -73,8 +79,7 @@ def test_decisions_of_gates_set_by_hand():
     assert loss["random_same_rate"] == loss["learned"]
     assert loss["all_open"] != loss["learned"]
     assert d["random_sparsity"] == [1.0, 0.0]
-    with torch.no_grad():
-        core.bias.fill_(30.0)
+    set_gates(pinned, [30.0, 30.0])
     assert decisions(pinned, valid, train, batch_size=4)["valid_loss"]["learned"] == pytest.approx(
         loss["all_open"], rel=1e-6)
 

@@ -192,7 +192,7 @@ def test_layer_final_sparsity_ramps_each_layer():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(initial_sparsity=1.0), r"initial_sparsity=1\.0 .*\[0, 1\)"),
+    (dict(initial_sparsity=1.0), r"initial_sparsity=1\.0: .*\[0, 1\)"),
     (dict(initial_sparsity=-0.1), r"initial_sparsity=-0\.1"),
     (dict(final_sparsity=1.2), r"final_sparsity=1\.2"),
     (dict(final_sparsity=float("nan")), r"final_sparsity=nan"),

@@ -12,11 +12,11 @@ import torch
 import yaml
 
 from sparsebk.model.lm import LMConfig
-from sparsebk.scheduler import AdaptiveSparsityScheduler
+from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
 from sparsebk.storage.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig, apply_override, load_config
-from sparsebk.train.trainer import lr_lambda
+from sparsebk.train.trainer import lr_factor, lr_lambda
 from sparsebk.train.metrics import MetricsWriter, progress_line, read_metrics, write_plots
 
 CONFIGS = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs"
@@ -46,7 +46,7 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
         "schedule.final_sparsity=0.3", "run.inject_faults=[raise@3, nan@4]",
         f"run.storage_path={tmp_path}"])
     assert cfg.optim.max_steps == 7 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.schedule["final_sparsity"] == 0.3
+    assert cfg.schedule.final_sparsity == 0.3
     assert cfg.run.faults() == [("raise", 3), ("nan", 4)]
     assert cfg.run.run_dir == f"{tmp_path}/abc"
     d: dict = {}
@@ -67,8 +67,10 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("data.batch_size=0", "data.batch_size"),
     ("data.corpus=text", "data.text"),
     ("bogus.x=1", "bogus"),
-    ("schedule.final_sparsity=1.5", "final_sparsity"),
-    ("schedule.warmup_stepz=3", "warmup_stepz"),
+    ("schedule.final_sparsity=1.5", "schedule.final_sparsity=1.5"),
+    ("schedule.warmup_stepz=3", "schedule.warmup_stepz"),
+    ("schedule.schedule_type=exp", "schedule.schedule_type='exp'"),
+    ("schedule.layer_scales=[1, -1]", "schedule.layer_scales[1]=-1"),
     ("model.d_modle=8", "model.d_modle"),
     ("model.preset=huge", "huge"),
     ("schedule.layer_scales=[1, 1, 1]", "schedule.layer_scales"),  # tiny has 2 layers
@@ -112,10 +114,53 @@ def test_lr_schedule_hand_values():
     assert f(20) == pytest.approx(0.1)
 
 
+def test_lr_factor_with_a_budget_fraction():
+    """The decay's progress given (a wall-clock budget's fraction) instead of the step's."""
+    o = load_config(CONFIGS / "tiny.yaml", ["optim.warmup_steps=4", "optim.min_lr_ratio=0.1"]).optim
+    assert lr_factor(1, o, 0.5) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))  # warmup x cosine
+    assert lr_factor(10, o, 0.0) == 1.0
+    assert lr_factor(10, o, 1.0) == lr_factor(10, o, 3.0) == pytest.approx(0.1)
+    f = lr_lambda(o)  # the step's own progress: (step - warmup) / (max_steps - warmup)
+    assert all(f(s) == lr_factor(s, o, max(0, s - 4) / (o.max_steps - 4)) for s in range(0, 60, 7))
+
+
+def test_schedule_section_is_a_scheduler_config():
+    """Loaded from YAML like the other sections, validated once; the scheduler is built from
+    it as it is, and `to_dict` holds every field."""
+    cfg = load_config(CONFIGS / "tiny.yaml")
+    raw = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["schedule"]
+    assert cfg.schedule == SchedulerConfig(**raw)
+    assert cfg.to_dict()["schedule"] == SchedulerConfig(**raw).to_dict()
+    assert set(cfg.to_dict()["schedule"]) >= set(raw)
+    sched = AdaptiveSparsityScheduler.from_config(cfg.schedule)
+    assert sched.config is cfg.schedule
+    assert sched.state_at(7) == AdaptiveSparsityScheduler(**raw).state_at(7)
+    scaled = load_config(CONFIGS / "tiny.yaml", ["schedule.layer_scales=[1, 0.5]"])
+    assert scaled.schedule.layer_scales == (1.0, 0.5)
+    assert scaled.to_dict()["schedule"]["layer_scales"] == [1.0, 0.5]
+
+
+def test_checkpoints_with_an_untyped_schedule_still_resume(tmp_path):
+    """A checkpoint written when the schedule section was the dict the YAML gave (only the
+    keys given, `{}` for none) compares equal with today's full section."""
+    from sparsebk.train.resume import compare
+
+    cfg = load_config(CONFIGS / "tiny.yaml", [f"run.storage_path={tmp_path}"])
+    raw = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())["schedule"]
+    old = {**cfg.to_dict(), "schedule": dict(raw)}
+    assert compare({"train_config": old}, cfg.to_dict(), None, None) == []
+    default = TrainConfig(run={"storage_path": str(tmp_path)})
+    old = {**default.to_dict(), "schedule": {}}
+    assert compare({"train_config": old}, default.to_dict(), None, None) == []
+    changed = TrainConfig(run={"storage_path": str(tmp_path)}, schedule={"final_sparsity": 0.6})
+    assert compare({"train_config": old}, changed.to_dict(), None, None) == [
+        ("schedule.final_sparsity", "<absent>", 0.6)]
+
+
 def test_schedule_state_matches_scheduler_and_restores():
     kw = dict(initial_sparsity=0.1, final_sparsity=0.5, warmup_steps=10, schedule_type="linear",
               accuracy_threshold=3.0, layer_scales=[1.0, 0.5, 2.0])
-    s = ScheduleState(kw, n_layers=3)
+    s = ScheduleState(SchedulerConfig(**kw), n_layers=3)
     ref = AdaptiveSparsityScheduler(**kw)
     with pytest.raises(ScheduleNotReady):  # a fresh (or restarted) actor waits for a state
         s.values(1)
@@ -129,12 +174,12 @@ def test_schedule_state_matches_scheduler_and_restores():
     s.report_validation(4.0)  # above the threshold: the next target is cut by 0.9
     saved = json.loads(json.dumps(s.state_dict()))  # JSON-able, as stored in checkpoints
     assert s.values(5).targets == pytest.approx(ref.state_at(5, 4.0)["layer_targets"])
-    fresh = ScheduleState(kw, n_layers=3)  # a restarted actor
+    fresh = ScheduleState(SchedulerConfig(**kw), n_layers=3)  # a restarted actor
     fresh.load_state_dict(saved)
     assert fresh.values(5).targets == pytest.approx(ref.state_at(5, 4.0)["layer_targets"])
     assert fresh.stats() == {"calls": 5, "served": 1}
     assert saved["scheduler"]["best_accuracy"] == 4.0
-    single = ScheduleState({"warmup_steps": 4}, n_layers=2)
+    single = ScheduleState(SchedulerConfig(warmup_steps=4), n_layers=2)
     single.reset()
     expect = AdaptiveSparsityScheduler(warmup_steps=4).state_at(1)["sparsity_target"]
     assert single.values(1).targets == [pytest.approx(expect)] * 2

@@ -59,7 +59,7 @@ def attempts(records: list[dict]) -> list[list[int]]:
 
 
 def assert_schedule_matches_reference(cfg, records: dict[int, list[dict]], n_layers: int):
-    ref = AdaptiveSparsityScheduler(**cfg.schedule)  # no accuracy_threshold: state_at is exact
+    ref = AdaptiveSparsityScheduler.from_config(cfg.schedule)  # no accuracy_threshold: state_at is exact
     for rank, recs in records.items():
         for r in recs:
             expect = ref.state_at(r["step"])
@@ -266,7 +266,7 @@ def test_fsdp_on_ray_keeps_schedule_actor_broadcast_and_fault_recovery(ray_local
     summary = run_training(cfg)
     assert summary["steps"] == 10 and summary["actor_calls"] == 10
     run_dir = Path(summary["run_dir"])
-    ref = AdaptiveSparsityScheduler(**cfg.schedule)
+    ref = AdaptiveSparsityScheduler.from_config(cfg.schedule)
     for rank in (0, 1):
         lines = (run_dir / "schedule" / f"rank{rank}.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines]

@@ -54,7 +54,7 @@ def _model_step_seconds(batch_size: int, block_len: int, repeats: int) -> float:
     return time_call(step, repeats=repeats, warmup=1, device=device)["median_s"]
 
 
-def main(argv: list[str]) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsebk bench data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out", help="directory for data.json")
@@ -66,72 +66,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
     p.add_argument("--no-model", action="store_true",
                    help="skip timing one training step of the small model (for the loader's share)")
-    args = p.parse_args(argv)
+    return p
 
-    from sparsebk.data.loading import load_blocks, ray_datasets
 
-    from sparsebk.data.manifest import load_manifest
-
-    from sparsebk.data.prepare import prepare_dataset
-
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
     block_len = args.block_len or _small_block_len()
     tmp = tempfile.TemporaryDirectory(prefix="sparsebk-bench-data-") if args.data_dir is None else None
     root = Path(args.data_dir or tmp.name) / f"ptb-word-{block_len}"
-    rows = []
-
-    fresh = not (root / "manifest.json").exists()
-    first = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=1, warmup=0,
-                      device="cpu")["median_s"]
-    n_train = load_manifest(root)["splits"]["train"]["rows"]
-    n_all = sum(s["rows"] for s in load_manifest(root)["splits"].values())
-    rows.append(_row("prepare (first)" if fresh else "prepare (existing dir)", first, n_all, block_len,
-                     "tokenise + write all splits" if fresh else "reused"))
-    reuse = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=args.repeats,
-                      device="cpu")["median_s"]
-    rows.append(_row("prepare (reuse)", reuse, n_all, block_len, "manifest + sha256 check"))
-    for verify in (True, False):
-        t = time_call(lambda: load_blocks(root, "train", verify_checksums=verify), repeats=args.repeats,
-                      device="cpu")
-        rows.append(_row("load_blocks train", t["median_s"], n_train, block_len,
-                         "with sha256" if verify else "no sha256"))
-
+    rows, n_train = prepare_and_load_rows(root, block_len, args.repeats)
     if not args.no_ray:
-        import ray
-
-        started_here = not ray.is_initialized()
-        local_ray(args.ray_cpus, workers=0)  # Ray Data's reads only, no Train workers
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        try:
-            for rep in range(args.repeats):
-                ds = ray_datasets(root, ("train",))["train"]
-                first_batch, first_n, n = None, 0, 0
-                with Stopwatch("cpu") as sw:
-                    for batch in ds.iter_torch_batches(batch_size=args.batch_size):
-                        n += batch["tokens"].shape[0]
-                        if first_batch is None:
-                            first_batch, first_n = sw.lap(), n
-                total = sw.wall_s
-                assert n == n_train, (n, n_train)
-                rows.append(_row(f"ray pass #{rep + 1} (whole)", total, n, block_len,
-                                 f"batch {args.batch_size}; includes {first_batch:.2f} s to the first batch"))
-                # after the first batch: the rate a training step sees once the pipeline runs
-                rows.append(_row(f"ray pass #{rep + 1} (after 1st batch)", total - first_batch, n - first_n,
-                                 block_len, "steady streaming"))
-        finally:
-            if started_here:
-                ray.shutdown()
-
+        rows += ray_pass_rows(root, args, n_train, block_len)
     shares = []
     if not args.no_model:
         step = _model_step_seconds(args.batch_size, block_len, args.repeats)
         rows.append(_row("model train step (small)", step, args.batch_size, block_len,
                          "forward + backward + AdamW, one process"))
-        for r in rows:
-            if r["path"].startswith(("load_blocks", "ray pass")):
-                per_batch = args.batch_size / r["blocks_per_s"]  # loader seconds per training batch
-                shares.append({"loader": f"{r['path']} ({r['note'].split(';')[0]})",
-                               "loader_s_per_batch": per_batch, "model_step_s": step,
-                               "share_of_step": per_batch / (per_batch + step)})
+        shares = loader_shares(rows, args.batch_size, step)
 
     print(f"PTB word level, block_len {block_len} (small preset), {n_train} train blocks")
     print(format_table(rows, ["path", "seconds", "blocks", "blocks_per_s", "tokens_per_s", "note"]))
@@ -145,3 +96,74 @@ def main(argv: list[str]) -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def prepare_and_load_rows(root: Path, block_len: int, repeats: int) -> tuple[list[dict], int]:
+    """(rows, train blocks): the first preparation of PTB at `root` (or its reuse), the
+    idempotent reuse every training start pays, and `load_blocks` of the train split with and
+    without checksum verification."""
+    from sparsebk.data.loading import load_blocks
+    from sparsebk.data.manifest import load_manifest
+    from sparsebk.data.prepare import prepare_dataset
+
+    fresh = not (root / "manifest.json").exists()
+    first = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=1, warmup=0,
+                      device="cpu")["median_s"]
+    splits = load_manifest(root)["splits"]
+    n_train, n_all = splits["train"]["rows"], sum(s["rows"] for s in splits.values())
+    rows = [_row("prepare (first)" if fresh else "prepare (existing dir)", first, n_all, block_len,
+                 "tokenise + write all splits" if fresh else "reused")]
+    reuse = time_call(lambda: prepare_dataset(root, block_len=block_len), repeats=repeats,
+                      device="cpu")["median_s"]
+    rows.append(_row("prepare (reuse)", reuse, n_all, block_len, "manifest + sha256 check"))
+    for verify in (True, False):
+        t = time_call(lambda: load_blocks(root, "train", verify_checksums=verify), repeats=repeats,
+                      device="cpu")
+        rows.append(_row("load_blocks train", t["median_s"], n_train, block_len,
+                         "with sha256" if verify else "no sha256"))
+    return rows, n_train
+
+
+def ray_pass_rows(root: Path, args, n_train: int, block_len: int) -> list[dict]:
+    """`args.repeats` passes of the train split through Ray Data as a Train worker consumes it
+    (local Ray): each pass whole (with the time to its first batch) and after its first batch."""
+    import ray
+
+    from sparsebk.data.loading import ray_datasets
+
+    started_here = not ray.is_initialized()
+    local_ray(args.ray_cpus, workers=0)  # Ray Data's reads only, no Train workers
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    try:
+        for rep in range(args.repeats):
+            ds = ray_datasets(root, ("train",))["train"]
+            first_batch, first_n, n = None, 0, 0
+            with Stopwatch("cpu") as sw:
+                for batch in ds.iter_torch_batches(batch_size=args.batch_size):
+                    n += batch["tokens"].shape[0]
+                    if first_batch is None:
+                        first_batch, first_n = sw.lap(), n
+            total = sw.wall_s
+            assert n == n_train, (n, n_train)
+            rows.append(_row(f"ray pass #{rep + 1} (whole)", total, n, block_len,
+                             f"batch {args.batch_size}; includes {first_batch:.2f} s to the first batch"))
+            # after the first batch: the rate a training step sees once the pipeline runs
+            rows.append(_row(f"ray pass #{rep + 1} (after 1st batch)", total - first_batch, n - first_n,
+                             block_len, "steady streaming"))
+    finally:
+        if started_here:
+            ray.shutdown()
+    return rows
+
+
+def loader_shares(rows: list[dict], batch_size: int, step: float) -> list[dict]:
+    """Per loader row: its seconds per training batch beside one model step of `step` s."""
+    shares = []
+    for r in rows:
+        if r["path"].startswith(("load_blocks", "ray pass")):
+            per_batch = batch_size / r["blocks_per_s"]  # loader seconds per training batch
+            shares.append({"loader": f"{r['path']} ({r['note'].split(';')[0]})",
+                           "loader_s_per_batch": per_batch, "model_step_s": step,
+                           "share_of_step": per_batch / (per_batch + step)})
+    return shares

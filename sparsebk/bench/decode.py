@@ -7,12 +7,14 @@ prefill rate (tokens/s of `model.prefill` over C tokens, in chunks of --prefill-
 Models, all of one width and depth (an LMConfig preset, --d-model/--n-layers overriding):
 - "bk" at each --sparsities s: SparseBKLM with pos_emb="none" and the threshold eval gate,
   its importance predictors random with each layer's bias calibrated (on random tokens,
-  layer by layer) so that a fraction s of tokens is skipped; s = 0 computes every token. The
-  measured eval sparsity is reported. Tokens are random ids: an untrained model's cost does
-  not depend on what it reads, only on how many tokens compute.
-- "bk-all-skipped": every token skipped (no expert, no projection): with the dense step it
-  gives the skippable share of a step, 1 - t(all skipped) / t(dense), hence the latency
-  sparsity s should reach, t(dense) (1 - share s), printed beside the measured one.
+  layer by layer: `forced_gates` "calibrated") so that a fraction s of tokens is skipped;
+  s = 0 computes every token (logits pinned open). The measured eval sparsity is reported.
+  Tokens are random ids: an untrained model's cost does not depend on what it reads, only
+  on how many tokens compute.
+- "bk-all-skipped": every token skipped (logits pinned closed: no expert, no projection; the
+  light FFN of skip_output "light" runs): with the dense step it gives the skippable share
+  of a step, 1 - t(all skipped) / t(dense), hence the latency sparsity s should reach,
+  t(dense) (1 - share s), printed beside the measured one.
 - "transformer": the KV-cached TransformerLM of sparsebk.model.baselines (TransformerConfig.matching:
   same width, depth, vocabulary; learned positions over C + steps), its cache allocated to
   that length.
@@ -39,8 +41,8 @@ import torch
 
 from sparsebk.model.baselines import TransformerConfig, TransformerLM
 from sparsebk.bench.common import format_table, model_overrides, time_call, write_result
-from sparsebk.model.lm import DecodeState
-from sparsebk.model.lm import LMConfig, SparseBKLM
+from sparsebk.model.forcing import forced_gates
+from sparsebk.model.lm import DecodeState, LMConfig, SparseBKLM
 
 QUICK = dict(preset="debug", d_model=64, n_layers=2, vocab=1000, contexts="256,1024",
              batches="1,4", steps=8, max_prefill_tokens=4096, prefill_chunk=512)
@@ -50,29 +52,28 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def calibrated_bk(cfg: LMConfig, sparsity: float, device, seed: int = 0,
-                  batch: int = 16, length: int = 256) -> SparseBKLM:
-    """A BK model whose threshold gates skip a fraction `sparsity` of random tokens."""
+def random_gate_bk(cfg: LMConfig, device, seed: int = 0, batch: int = 16,
+                   length: int = 256) -> tuple[SparseBKLM, torch.Tensor]:
+    """(a BK model whose importance predictors are random, random tokens (batch, length) to
+    calibrate its gates on)."""
     torch.manual_seed(seed)
     model = SparseBKLM(cfg).to(device).eval()
     tokens = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
     with torch.no_grad():
-        for layer in model.layers:  # random predictors first, then biases layer by layer
-            lin = layer.sparse_bk_core.importance_predictor
-            lin.weight.normal_(std=1.0 / math.sqrt(cfg.d_model))
-            lin.bias.fill_(1e4)  # compute everything until calibrated
-        if sparsity == 0:
-            return model
         for layer in model.layers:
-            lin = layer.sparse_bk_core.importance_predictor
-            seen = []
-            hook = lin.register_forward_hook(lambda m, i, o: seen.append(i[0] @ m.weight.t()))
-            model(tokens)
-            hook.remove()
-            # compute where w.x + b > 0: b = -(the sparsity-quantile of w.x); 1 skips all
-            wx = seen[0].flatten().float()
-            lin.bias.fill_(-1e4 if sparsity >= 1 else -float(torch.quantile(wx, sparsity)))
-    return model
+            layer.sparse_bk_core.importance_predictor.weight.normal_(std=1.0 / math.sqrt(cfg.d_model))
+    return model, tokens
+
+
+def gates_at(model: SparseBKLM, sparsity: float, tokens: torch.Tensor):
+    """`forced_gates` of a row: every token computed at sparsity 0 and skipped at 1 (logits
+    pinned: no method replaced on the step path), else the threshold gates calibrated to skip
+    a fraction `sparsity` of `tokens` (each token still decided by its own logit)."""
+    if sparsity <= 0:
+        return forced_gates(model, "pinned_open")
+    if sparsity >= 1:
+        return forced_gates(model, "pinned_closed")
+    return forced_gates(model, "calibrated", rate=sparsity, tokens=tokens)
 
 
 def bk_rows(model: SparseBKLM, label: str, target: float | None, args, device) -> list[dict]:
@@ -214,7 +215,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsebk bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--preset", default="small", help="LMConfig preset (width, depth, experts)")
@@ -239,27 +240,39 @@ def main(argv: list[str] | None = None) -> int:
                    help="LMConfig override of the BK model, e.g. --set bk_heads=8 (repeatable)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    args = p.parse_args(argv)
+    return p
+
+
+def bk_config(args) -> LMConfig:
+    """The BK model of the run: the preset with the size flags and --set overrides, decoding
+    past n_seq (pos_emb "none") with the threshold eval gate and no dropout."""
+    over = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
+                              ("vocab_size", args.vocab)) if v is not None}
+    over.update(model_overrides(args.set))
+    if over.get("pos_emb", "none") != "none":
+        raise ValueError("--set pos_emb: decoding past n_seq needs pos_emb=none")
+    return LMConfig.preset(args.preset, **{**over, "pos_emb": "none"},
+                           gate_eval_mode="threshold", dropout_p=0.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
             setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    over = {k: v for k, v in (("d_model", args.d_model), ("n_layers", args.n_layers),
-                              ("vocab_size", args.vocab)) if v is not None}
     contexts, batches = _ints(args.contexts), _ints(args.batches)
-    over.update(model_overrides(args.set))
-    if over.get("pos_emb", "none") != "none":
-        raise ValueError("--set pos_emb: decoding past n_seq needs pos_emb=none")
-    cfg = LMConfig.preset(args.preset, **{**over, "pos_emb": "none"},
-                          gate_eval_mode="threshold", dropout_p=0.0)
+    cfg = bk_config(args)
 
     rows = []
     sparsities = [float(s) for s in args.sparsities.split(",") if s]
-    for s in sorted(set(sparsities) | {0.0}):
-        rows += bk_rows(calibrated_bk(cfg, s, dev), f"bk-s{s:g}", s, args, dev)
-    rows += bk_rows(calibrated_bk(cfg, 1.0, dev), "bk-all-skipped", 1.0, args, dev)
+    for s, label in [(s, f"bk-s{s:g}") for s in sorted(set(sparsities) | {0.0})] + [
+            (1.0, "bk-all-skipped")]:
+        model, tokens = random_gate_bk(cfg, dev)
+        with gates_at(model, s, tokens):
+            rows += bk_rows(model, label, s, args, dev)
     torch.manual_seed(0)
     tcfg = TransformerConfig.matching(cfg, n_seq=max(contexts) + 1, dropout_p=0.0)
     rows += transformer_rows(TransformerLM(tcfg).to(dev).eval(), args, dev)
@@ -272,8 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                               "step_ms", "step_ms_min", "decode_tokens_per_s", "state_MB",
                               "prefill_tokens_per_s", "note"]))
     summ = summary(rows, contexts, batches)
-    print()
-    print(f"goals: latency and memory ratio from context {min(contexts)} to {max(contexts)}; "
+    print(f"\ngoals: latency and memory ratio from context {min(contexts)} to {max(contexts)}; "
           "speed-up over the KV-cached transformer; sparse vs dense against the skippable share")
     print(format_table(summ))
     out = Path(args.out)

@@ -28,10 +28,13 @@ import torch.nn.functional as F
 
 from sparsebk.bench.common import model_overrides, write_result
 from sparsebk.bench.quality import QualitySettings, setup, sparse_schedule, train_one
+from sparsebk.evaluation import evaluate
+from sparsebk.model.forcing import forced_gates
 
 log = logging.getLogger("sparsebk.bench.gates")
 FREQ_BUCKETS = ((0, 100), (100, 1000), (1000, None))  # frequency ranks in the training split
 POS_BUCKETS = ((0, 8), (8, 32), (32, None))
+CPU = torch.device("cpu")  # where `bench quality` trains
 
 
 def train_sparse(s: QualitySettings, target: float):
@@ -42,7 +45,7 @@ def train_sparse(s: QualitySettings, target: float):
     torch.manual_seed(s.seed)
     model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
     record = train_one(f"bk-sparse-{target:g}", model, blocks, s, target=target,
-                       train_cfg=train_cfg, sched_kwargs=sparse_schedule(s, target))
+                       train_cfg=train_cfg, schedule=sparse_schedule(s, target))
     return model, blocks, record
 
 
@@ -60,36 +63,6 @@ def gate_logits(model):
             h.remove()
 
 
-@contextlib.contextmanager
-def forced_masks(model, make):
-    """Every layer's mask replaced by make(layer_index, logits) (a 0/1 tensor like logits),
-    through the gate's own `force` path (the straight-through code a learned mask takes)."""
-    cores = [layer.sparse_bk_core for layer in model.layers]
-    for k, core in enumerate(cores):
-        def parts(x, force_mask=None, core=core, k=k):
-            logits = core.importance_predictor(x).squeeze(-1)
-            return core.gate(logits, force=make(k, logits)), logits
-        core.gate_parts = parts  # an instance attribute shadows the method
-    try:
-        yield
-    finally:
-        for core in cores:
-            del core.gate_parts
-
-
-@torch.no_grad()
-def _loss(model, blocks: torch.Tensor, batch_size: int) -> tuple[float, list[float]]:
-    """(mean next-token CE, per-layer sparsity) over `blocks` in eval mode."""
-    model.eval()
-    total, sp = 0.0, torch.zeros(len(model.layers), dtype=torch.float64)
-    for i in range(0, len(blocks), batch_size):
-        b = blocks[i:i + batch_size]
-        out = model(b[:, :-1])
-        total += F.cross_entropy(out["logits"].flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-        sp += out["layer_sparsity"].double() * len(b)
-    return total / (blocks.shape[0] * (blocks.shape[1] - 1)), (sp / len(blocks)).tolist()
-
-
 def _bucket_rates(skip: torch.Tensor, key: torch.Tensor, buckets) -> dict:
     """Skip rate of the positions whose key (same shape) falls in each [lo, hi) bucket."""
     out = {}
@@ -101,13 +74,15 @@ def _bucket_rates(skip: torch.Tensor, key: torch.Tensor, buckets) -> dict:
 
 
 def decisions(model, blocks: torch.Tensor, train: torch.Tensor, batch_size: int) -> dict:
-    """Eval-mode gate statistics per layer, and the loss of learned vs random vs open masks."""
+    """Eval-mode gate statistics per layer, and the loss of learned vs random vs open masks
+    (`forced_gates` "rate" and "open": the learned gate's logits, the mask forced)."""
     counts = torch.bincount(train[:, :-1].reshape(-1), minlength=int(blocks.max()) + 1)
     rank = torch.empty_like(counts)
     rank[counts.argsort(descending=True)] = torch.arange(len(counts))
     tokens = blocks[:, :-1]
+    model.eval()  # the eval mask is recomputed below from the logits, by the eval-mode gate
     with gate_logits(model) as seen:
-        learned, sparsity = _loss(model, blocks, batch_size)
+        learned, sparsity = evaluate(model, blocks, batch_size=batch_size, device=CPU)
     layers = []
     for k, chunks in enumerate(seen):
         logits = torch.cat(chunks)  # (R, N): eval-mode logits of every validation position
@@ -119,12 +94,10 @@ def decisions(model, blocks: torch.Tensor, train: torch.Tensor, batch_size: int)
             "skip_by_frequency_rank": _bucket_rates(skip, rank[tokens], FREQ_BUCKETS),
             "skip_by_position": _bucket_rates(
                 skip, torch.arange(tokens.shape[1]).expand_as(tokens), POS_BUCKETS)})
-    gen = torch.Generator().manual_seed(0)
-    rand = lambda k, logits: (torch.rand(logits.shape, generator=gen) >= sparsity[k]).float()
-    with forced_masks(model, rand):
-        random_loss, random_sp = _loss(model, blocks, batch_size)
-    with forced_masks(model, lambda k, logits: torch.ones_like(logits)):
-        open_loss, _ = _loss(model, blocks, batch_size)
+    with forced_gates(model, "rate", rate=sparsity, generator=torch.Generator().manual_seed(0)):
+        random_loss, random_sp = evaluate(model, blocks, batch_size=batch_size, device=CPU)
+    with forced_gates(model, "open"):
+        open_loss, _ = evaluate(model, blocks, batch_size=batch_size, device=CPU)
     return {"layers": layers, "valid_loss": {"learned": learned, "random_same_rate": random_loss,
                                              "all_open": open_loss},
             "random_sparsity": random_sp}

@@ -31,6 +31,7 @@ from functools import partial
 import torch
 
 from sparsebk.bench.common import format_table, time_call, time_calls, write_result
+from sparsebk.model.forcing import forced_gates
 from sparsebk.model.layers import SKIP_OUTPUTS, SparseMoEResNetBKLayer
 
 
@@ -43,7 +44,7 @@ def forced_mask(batch: int, n: int, sparsity: float, generator: torch.Generator)
     return mask
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsebk bench layer", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench-results")
     p.add_argument("--d-model", type=int, default=256)
@@ -74,14 +75,59 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated skip outputs whose whole training step is timed at "
                         "--lm-sparsities against dense, round-robin (empty: skip)")
     p.add_argument("--lm-sparsities", default="0.5")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     if 0.0 not in sparsities:
         sparsities.insert(0, 0.0)
     dev = torch.device(args.device)
+    layer, x, masks = single_layer(args, sparsities, dev)
+    rows, raw = sparsity_rows(args, layer, x, masks, sparsities, dev)
+    s_mid = 0.5 if 0.5 in masks else sparsities[-1]
+    share = sparsity_loss_share(args, layer, x, masks[s_mid], s_mid, dev)
+    multi_rows = multi_channel_rows(args, layer, x, masks, sorted({0.0, s_mid}), dev)
 
+    print(f"one layer fwd+bwd: d_model={args.d_model} N={args.n_seq} B={args.batch} "
+          f"experts={args.experts} top-{args.top_k} dropout={args.dropout} device={dev} "
+          f"threads={torch.get_num_threads()}")
+    print(format_table(rows))
+    for table in ([share], multi_rows):
+        if table:
+            print("\n" + format_table(table))
+    presets = [n for n in args.lm_presets.split(",") if n]
+    lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds, args.skip_output)
+               for name in presets]
+    if lm_rows:
+        print("\n" + format_table(lm_rows))
+    skip_rows = []
+    if args.lm_skip_outputs and presets:
+        skip_rows = lm_skip_output_rates(
+            presets[0], args.lm_batch, dev, args.rounds, args.lm_skip_outputs.split(","),
+            [float(s) for s in args.lm_sparsities.split(",")])
+        print("\n" + format_table(skip_rows))
+    path = write_result(args.out, "layer", {
+        "config": _config(args), "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
+        "multi_channel": multi_rows, "lm_skip_outputs": skip_rows, **raw})
+    print(f"wrote {path}")
+    return 0
+
+
+def _config(args) -> dict:
+    config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
+                                            "rounds", "device", "lm_batch")}
+    config["threads"] = torch.get_num_threads()
+    config.update(heads=args.heads, learn_z=args.learn_z, input_couplings=args.input_couplings,
+                  skip_output=args.skip_output)
+    return config
+
+
+def single_layer(args, sparsities: list[float], dev: torch.device):
+    """(the layer timed, its input x (B, N, D), {sparsity: forced mask (B, N)})."""
     torch.manual_seed(0)
     layer = SparseMoEResNetBKLayer(args.d_model, args.n_seq, num_experts=args.experts,
                                    top_k=args.top_k, dropout_p=args.dropout,
@@ -89,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch, args.n_seq, args.d_model, device=dev, requires_grad=True)
     gen = torch.Generator().manual_seed(1)
     masks = {s: forced_mask(args.batch, args.n_seq, s, gen).to(dev) for s in sparsities}
+    return layer, x, masks
 
+
+def sparsity_rows(args, layer: SparseMoEResNetBKLayer, x: torch.Tensor, masks: dict,
+                  sparsities: list[float], dev: torch.device) -> tuple[list[dict], dict]:
+    """Forward + backward at each forced sparsity on the sparse path, and at 0 on the dense
+    reference path, round-robin: (one row per case with its speed-ups against the sparse
+    path at 0 and the ideal 1 / (1 - s), the raw per-call times)."""
     def step(s: float, sparse: bool = True):
         layer.use_sparse_computation = sparse
         fwd_bwd(layer, x, masks[s])
@@ -98,65 +151,27 @@ def main(argv: list[str] | None = None) -> int:
     # round-robin over the cases, one warm-up round (allocator, kernels, thread pools)
     timed = time_calls({case: partial(step, *case) for case in cases}, repeats=args.rounds,
                        warmup=1, device=dev)
-    wall = {c: t["wall_s"] for c, t in timed.items()}
-    cpu = {c: t["cpu_s"] for c, t in timed.items()}
     med_w = {c: t["wall_median_s"] for c, t in timed.items()}
     med_c = {c: t["cpu_median_s"] for c, t in timed.items()}
     base_w, base_c = med_w[(0.0, True)], med_c[(0.0, True)]
-    rows = []
-    for case in cases:
-        s, sparse = case
-        rows.append({"path": "sparse" if sparse else "dense-ref", "sparsity": s,
-                     "wall_ms": 1e3 * med_w[case], "speedup_wall": base_w / med_w[case],
-                     "cpu_ms": 1e3 * med_c[case], "speedup_cpu": base_c / med_c[case],
-                     "ideal": 1.0 / (1.0 - s) if sparse else 1.0})
+    rows = [{"path": "sparse" if sparse else "dense-ref", "sparsity": s,
+             "wall_ms": 1e3 * med_w[(s, sparse)], "speedup_wall": base_w / med_w[(s, sparse)],
+             "cpu_ms": 1e3 * med_c[(s, sparse)], "speedup_cpu": base_c / med_c[(s, sparse)],
+             "ideal": 1.0 / (1.0 - s) if sparse else 1.0} for s, sparse in cases]
+    raw = {f"raw_{clock}_s": {f"{'sparse' if sp else 'dense'}@{s}": t[f"{clock}_s"]
+                              for (s, sp), t in timed.items()} for clock in ("wall", "cpu")}
+    return rows, raw
 
-    # share of the sparsity loss in the layer forward (training mode, graph built), at s = 0.5
-    s_mid = 0.5 if 0.5 in masks else sparsities[-1]
+
+def sparsity_loss_share(args, layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor,
+                        s: float, dev: torch.device) -> dict:
+    """The sparsity loss's share of the layer forward (training mode, graph built) at s."""
     layer.use_sparse_computation = True
-    fwd = time_call(lambda: layer(x, force_mask=masks[s_mid]), repeats=args.rounds, warmup=1,
-                    device=dev)
+    fwd = time_call(lambda: layer(x, force_mask=mask), repeats=args.rounds, warmup=1, device=dev)
     loss = time_call(lambda: layer.get_sparsity_loss(), repeats=50, warmup=5, device=dev)
-    share = {"sparsity": s_mid, "layer_forward_ms": 1e3 * fwd["median_s"],
-             "sparsity_loss_ms": 1e3 * loss["median_s"],
-             "share_percent": 100.0 * loss["median_s"] / fwd["median_s"]}
-
-    multi_rows = multi_channel_rows(args, layer, x, masks, sorted({0.0, s_mid}), dev)
-
-    print(f"one layer fwd+bwd: d_model={args.d_model} N={args.n_seq} B={args.batch} "
-          f"experts={args.experts} top-{args.top_k} dropout={args.dropout} device={dev} "
-          f"threads={torch.get_num_threads()}")
-    print(format_table(rows))
-    print()
-    print(format_table([share]))
-    if multi_rows:
-        print()
-        print(format_table(multi_rows))
-    presets = [n for n in args.lm_presets.split(",") if n]
-    lm_rows = [lm_step_rate(name, args.lm_batch, dev, args.rounds, args.skip_output)
-               for name in presets]
-    if lm_rows:
-        print()
-        print(format_table(lm_rows))
-    skip_rows = []
-    if args.lm_skip_outputs and presets:
-        skip_rows = lm_skip_output_rates(
-            presets[0], args.lm_batch, dev, args.rounds, args.lm_skip_outputs.split(","),
-            [float(s) for s in args.lm_sparsities.split(",")])
-        print()
-        print(format_table(skip_rows))
-    config = {k: getattr(args, k) for k in ("d_model", "n_seq", "batch", "experts", "top_k", "dropout",
-                                            "rounds", "device", "lm_batch")}
-    config["threads"] = torch.get_num_threads()
-    config.update(heads=args.heads, learn_z=args.learn_z, input_couplings=args.input_couplings,
-                  skip_output=args.skip_output)
-    path = write_result(args.out, "layer", {
-        "config": config, "rows": rows, "sparsity_loss_share": share, "lm_steps": lm_rows,
-        "multi_channel": multi_rows, "lm_skip_outputs": skip_rows,
-        "raw_wall_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in wall.items()},
-        "raw_cpu_s": {f"{'sparse' if sp else 'dense'}@{s}": t for (s, sp), t in cpu.items()}})
-    print(f"wrote {path}")
-    return 0
+    return {"sparsity": s, "layer_forward_ms": 1e3 * fwd["median_s"],
+            "sparsity_loss_ms": 1e3 * loss["median_s"],
+            "share_percent": 100.0 * loss["median_s"] / fwd["median_s"]}
 
 
 def fwd_bwd(layer: SparseMoEResNetBKLayer, x: torch.Tensor, mask: torch.Tensor) -> None:
@@ -215,16 +230,14 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
     opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.n_seq + 1), device=dev)
 
-    def step(bias: float):
-        with torch.no_grad():  # a logit of +-1e3 outweighs any gate noise: all open / closed
-            for layer in model.layers:
-                layer.sparse_bk_core.importance_predictor.bias.fill_(bias)
-        out = model(tokens[:, :-1], tokens[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
+    def step(gates: str):
+        with forced_gates(model, gates):  # a pinned logit outweighs any gate noise
+            out = model(tokens[:, :-1], tokens[:, 1:])
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
 
-    t = time_calls({"dense": partial(step, 1e3), "skipped": partial(step, -1e3)},
+    t = time_calls({"dense": partial(step, "pinned_open"), "skipped": partial(step, "pinned_closed")},
                    repeats=rounds, warmup=1, device=dev)
     w, c = t["dense"]["wall_median_s"], t["dense"]["cpu_median_s"]
     n_tok = batch * cfg.n_seq
@@ -242,11 +255,9 @@ def lm_step_rate(name: str, batch: int, dev: torch.device, rounds: int,
 def lm_skip_output_rates(name: str, batch: int, dev: torch.device, rounds: int,
                          skip_outputs: list[str], sparsities: list[float]) -> list[dict]:
     """Tokens/s of one full training step of the preset LM for each skip output at each forced
-    sparsity (random masks, fixed per layer, through the gate's force path), timed round-robin
-    with the dense step (every gate open) of the same model; rows carry the ratio to dense."""
-    from contextlib import ExitStack
-
-    from sparsebk.bench.gates import forced_masks
+    sparsity (random masks, fixed per layer, through the gate's force path: `forced_gates`
+    "mask"), timed round-robin with the dense step (every gate open) of the same model; rows
+    carry the ratio to dense."""
     from sparsebk.model.lm import LMConfig, SparseBKLM
 
     for skip in skip_outputs:
@@ -257,26 +268,23 @@ def lm_skip_output_rates(name: str, batch: int, dev: torch.device, rounds: int,
     masks = {s: [forced_mask(batch, cfg0.n_seq, s, gen).to(dev) for _ in range(cfg0.n_layers)]
              for s in [0.0, *sparsities]}
     tokens = torch.randint(0, cfg0.vocab_size, (batch, cfg0.n_seq + 1), generator=gen).to(dev)
-    steps, stack, achieved = {}, ExitStack(), {}
+    steps, achieved = {}, {}
     for skip in skip_outputs:
         torch.manual_seed(0)
         model = SparseBKLM(LMConfig.preset(name, skip_output=skip)).to(dev).train()
         opt = model.configure_optimizers(weight_decay=0.01, lr=1e-3, betas=(0.9, 0.999))
-        chosen = {"s": 0.0}  # the sparsity of the next call; read by the forced masks
-        stack.enter_context(forced_masks(model, lambda k, logits, c=chosen: masks[c["s"]][k]))
 
-        def step(s, model=model, opt=opt, chosen=chosen, skip=skip):
-            chosen["s"] = s
-            out = model(tokens[:, :-1], tokens[:, 1:])
-            achieved[(skip, s)] = float(out["layer_sparsity"].mean())
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            opt.step()
+        def step(s, model=model, opt=opt, skip=skip):
+            with forced_gates(model, "mask", masks=masks[s]):
+                out = model(tokens[:, :-1], tokens[:, 1:])
+                achieved[(skip, s)] = float(out["layer_sparsity"].mean())
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                opt.step()
 
         for s in [0.0, *sparsities]:
             steps[(skip, s)] = partial(step, s)
-    with stack:
-        t = time_calls(steps, repeats=rounds, warmup=1, device=dev)
+    t = time_calls(steps, repeats=rounds, warmup=1, device=dev)
     n_tok = batch * cfg0.n_seq
     rows = []
     for (skip, s), r in t.items():

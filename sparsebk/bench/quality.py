@@ -9,15 +9,17 @@ achieved sparsity per layer, training and evaluation tokens/s, and tokens seen.
 Why a compact single-process loop here and not Ray Train: the question is model quality per
 unit of compute, and a wall-clock budget is only fair when nothing else shares the clock (no
 actor calls, no data pipeline threads, no DDP). The loop reuses the training package's
-optimizer settings (`OptimConfig`: AdamW, warmup + cosine, clipping) and drives the seed's
-`AdaptiveSparsityScheduler` exactly as the schedule actor does, with one difference forced by
-the budget: the number of steps is unknown in advance, so the scheduler's step and the cosine
-LR decay are indexed by the fraction of the budget spent (see `_schedule_step`).
+optimizer settings (`OptimConfig`: AdamW, warmup + cosine, clipping), its LR function
+(`lr_factor`) and drives the seed's `AdaptiveSparsityScheduler` exactly as the schedule actor
+does, with one difference forced by the budget: the number of steps is unknown in advance, so
+the scheduler's step and the cosine LR decay are indexed by the fraction of the budget spent
+(see `_schedule_step`).
 
-The dense point is the same model with every gate pinned open (`pin_gates_open`: each
-importance predictor frozen at weight 0 and bias +30, so the mask is exactly 1 everywhere,
-noise or not: the logistic noise of a float32 uniform sample stays above -17). Two other
-candidates are not dense in this model: `use_sparse_computation=False` evaluates every
+The dense point is the same model with every gate pinned open
+(`sparsebk.model.forcing.forced_gates(model, "pinned_open")`, for its training and its
+evaluation: each importance predictor frozen at weight 0 and bias +30, so the mask is exactly
+1 everywhere, noise or not, and the gate weight is 1). Two other candidates are not dense
+in this model: `use_sparse_computation=False` evaluates every
 position and then applies the learned mask by selection (the sparse path's reference: same
 outputs at full cost), and "target 0" leaves the learned gate free, which with the preset's
 sparsity loss weight still skips about half of the positions (measure it with
@@ -29,8 +31,9 @@ second (contention), and the seconds of a fixed workload before training and at 
 unseen by the other two). Between rows run at different hours, compare tokens/s x the
 median probe seconds.
 
-Evaluation scores every token of the split once, in independent windows of `block_len`
-tokens (no state carried across windows), in eval mode (no gate noise, no dropout).
+Evaluation (`sparsebk.evaluation.evaluate`, the training runs' own) scores every token of the
+split once, in independent windows of `block_len` tokens (no state carried across windows), in
+eval mode (no gate noise, no dropout).
 
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
@@ -45,12 +48,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import torch
-import torch.nn.functional as F
 
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
+from sparsebk.evaluation import evaluate, safe_ppl
+from sparsebk.model.forcing import forced_gates
+from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,143 +129,169 @@ def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
     return manifest, blocks
 
 
-def pin_gates_open(model) -> None:
-    """Make every layer compute every position: gate logit +30, predictor frozen."""
-    for layer in model.layers:
-        pred = layer.sparse_bk_core.importance_predictor
-        with torch.no_grad():
-            pred.weight.zero_()
-            pred.bias.fill_(30.0)
-        pred.requires_grad_(False)
-
-
 def _schedule_step(frac: float, s: QualitySettings, warmup_steps: int) -> int:
     """Scheduler step for the fraction of the budget spent: the ramp ends at `ramp_frac`."""
     return min(warmup_steps, int(warmup_steps * frac / s.ramp_frac))
 
 
-def _lr(step: int, frac: float, peak: float, optim) -> float:
-    """Linear warmup over `optim.warmup_steps` steps, cosine decay over the budget fraction."""
-    warm = min(1.0, (step + 1) / max(1, optim.warmup_steps))
-    cos = 0.5 * (1.0 + math.cos(math.pi * min(frac, 1.0)))
-    return peak * warm * (optim.min_lr_ratio + (1.0 - optim.min_lr_ratio) * cos)
-
-
-@torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, batch_size: int) -> dict:
-    """Mean next-token CE over all tokens of `blocks`, per-layer sparsity, tokens/s."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64)
-    sparsity = None
+def evaluate_timed(model, blocks: torch.Tensor, batch_size: int) -> dict:
+    """`sparsebk.evaluation.evaluate` of `blocks` (every token once, eval mode) as a row
+    records it: loss, ppl, per-layer sparsity (None for the Transformer), tokens, tokens/s."""
     t0 = time.perf_counter()
-    for i in range(0, len(blocks), batch_size):
-        b = blocks[i:i + batch_size]
-        out = model(b[:, :-1])
-        logits = out["logits"]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[:, 1:].reshape(-1),
-                                 reduction="sum").double()
-        if "layer_sparsity" in out:
-            s = out["layer_sparsity"].double() * len(b)
-            sparsity = s if sparsity is None else sparsity + s
+    loss, layer_sparsity = evaluate(model, blocks, batch_size=batch_size, device=torch.device("cpu"))
     seconds = time.perf_counter() - t0
-    model.train(was_training)
     tokens = blocks.shape[0] * (blocks.shape[1] - 1)
-    loss = (total / tokens).item()
-    res = {"loss": loss, "ppl": math.exp(loss), "tokens": tokens,
-           "tokens_per_s": tokens / seconds}
-    if sparsity is not None:
-        res["layer_sparsity"] = (sparsity / len(blocks)).tolist()
-    return res
+    return {"loss": loss, "ppl": safe_ppl(loss), "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "layer_sparsity": layer_sparsity}
 
 
 def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: float | None,
-              train_cfg, sched_kwargs: dict | None) -> dict:
-    """Train `model` for `s.budget_s` seconds of training time; evaluate; return the record.
-    The step is the training package's (`Trainer.train_step`); only the clock-driven LR and
+              train_cfg, schedule: SchedulerConfig | None) -> dict:
+    """Train `model` for the budget (`s.budget_s` seconds of training time, or
+    `s.budget_steps` steps); evaluate; return the record. The step is the training package's
+    (`Trainer.train_step`), the LR its `lr_factor`; only the budget-driven LR decay and
     schedule and the fixed data order are this benchmark's."""
-    from sparsebk.scheduler import AdaptiveSparsityScheduler
-    from sparsebk.train.trainer import Trainer
-
     torch.manual_seed(s.seed + 1)  # gate noise and dropout: the same stream for every variant
-    order_gen = torch.Generator().manual_seed(s.seed)  # the data order: the same for every variant
-    train = blocks["train"]
-    clock = {"frac": 0.0}  # the fraction of the budget spent, read by the LR function
-    optim = train_cfg.optim
-    trainer = Trainer(train_cfg, model, device=torch.device("cpu"),
-                      lr_fn=lambda step: _lr(step, clock["frac"], 1.0, optim))
-    scheduler = AdaptiveSparsityScheduler(**sched_kwargs) if sched_kwargs else None
-    curve_blocks = blocks["valid"][: s.curve_eval_blocks]
-    curve, next_point = [], 1
-    perm, pos, step, spent = torch.randperm(len(train), generator=order_gen), 0, 0, 0.0
-    loss_sum = torch.zeros(())
-    sp_sum, n_since = None, 0
-    state = {"sparsity_target": 0.0, "loss_weight": 0.0}
-    model.train()
-    # contention is visible in these: other processes' load, and CPU seconds per wall second;
-    # the machine's own speed (which drifts unseen by both): a probe before training and at
-    # every curve point
-    probes = [machine_probe()]
-    load_start, cpu_spent = os.getloadavg()[0], 0.0
-    def fraction() -> float:  # of the budget spent: seconds, or steps
-        return spent / s.budget_s if s.budget_steps is None else step / s.budget_steps
+    run = _BudgetRun(name, model, blocks, s, train_cfg, schedule)
+    run.train()
+    return run.record(target)
 
-    while fraction() < 1.0:
+
+class _Order:
+    """The fixed data order: one generator's permutation per epoch, the same for every row."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int):
+        self.rows, self.batch_size = rows, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm, self.pos = torch.randperm(len(rows), generator=self.gen), 0
+
+    def next(self) -> torch.Tensor:
+        """The next batch (B, block_len + 1); a new epoch's order when this one runs out."""
+        if self.pos + self.batch_size > len(self.perm):
+            self.perm, self.pos = torch.randperm(len(self.rows), generator=self.gen), 0
+        batch = self.rows[self.perm[self.pos:self.pos + self.batch_size]]
+        self.pos += self.batch_size
+        return batch
+
+
+class _Window:
+    """Training CE and training-mode sparsity summed since the last curve point (kept as
+    tensors: no host sync per step)."""
+
+    def __init__(self):
+        self.ce, self.sparsity, self.steps = torch.zeros(()), None, 0
+
+    def add(self, out: dict) -> None:
+        self.ce += out["ce_loss"].detach()
+        if "layer_sparsity" in out:
+            sp = out["layer_sparsity"].detach()
+            self.sparsity = sp if self.sparsity is None else self.sparsity + sp
+        self.steps += 1
+
+    def means(self) -> tuple[float, list[float] | None]:
+        ce = (self.ce / max(self.steps, 1)).item()
+        return ce, None if self.sparsity is None else (self.sparsity / self.steps).tolist()
+
+
+class _BudgetRun:
+    """One row's training: the state its steps, curve points and record share."""
+
+    def __init__(self, name: str, model, blocks: dict, s: QualitySettings, train_cfg,
+                 schedule: SchedulerConfig | None):
+        from sparsebk.train.trainer import Trainer, lr_factor
+
+        self.name, self.model, self.blocks, self.s = name, model, blocks, s
+        self.order = _Order(blocks["train"], s.batch_size, s.seed)
+        self.frac = 0.0  # of the budget spent at this step: the LR's decay progress
+        optim = train_cfg.optim
+        self.trainer = Trainer(train_cfg, model, device=torch.device("cpu"),
+                               lr_fn=lambda step: lr_factor(step, optim, self.frac))
+        self.scheduler = AdaptiveSparsityScheduler.from_config(schedule) if schedule else None
+        self.state = {"sparsity_target": 0.0, "loss_weight": 0.0}
+        self.step, self.spent, self.cpu_spent = 0, 0.0, 0.0
+        self.window, self.curve, self.next_point = _Window(), [], 1
+        # contention is visible in these: other processes' load, and CPU seconds per wall
+        # second; the machine's own speed (which drifts unseen by both): a probe before
+        # training and at every curve point
+        self.probes = [machine_probe()]
+        self.load_start = self.load_end = os.getloadavg()[0]
+
+    def fraction(self) -> float:
+        """Of the budget spent: seconds, or steps."""
+        s = self.s
+        return self.spent / s.budget_s if s.budget_steps is None else self.step / s.budget_steps
+
+    def tokens_seen(self) -> int:
+        return self.step * self.s.batch_size * (self.blocks["train"].shape[1] - 1)
+
+    def train(self) -> None:
+        self.model.train()
+        while self.fraction() < 1.0:
+            lr = self.train_step()
+            if self.fraction() >= self.next_point / self.s.curve_points or self.fraction() >= 1.0:
+                self.curve_point(lr)
+        self.load_end = os.getloadavg()[0]
+
+    def train_step(self) -> float:
+        """One timed step (wall and CPU): the schedule of the budget fraction spent, the next
+        batch, `Trainer.train_step`. Returns the LR the step ran at."""
         t0, c0 = time.perf_counter(), time.process_time()
-        clock["frac"] = fraction()
-        if scheduler is not None:
-            state = scheduler.state_at(_schedule_step(clock["frac"], s, scheduler.config.warmup_steps))
-            model.set_sparsity_schedule(state["sparsity_target"], state["loss_weight"])
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        if pos + s.batch_size > len(perm):  # next epoch, same generator: same order everywhere
-            perm, pos = torch.randperm(len(train), generator=order_gen), 0
-        batch = train[perm[pos:pos + s.batch_size]]  # (B, block_len + 1)
-        pos += s.batch_size
-        out = trainer.train_step(batch)
-        step += 1
+        self.frac = self.fraction()
+        if self.scheduler is not None:
+            self.state = self.scheduler.state_at(
+                _schedule_step(self.frac, self.s, self.scheduler.config.warmup_steps))
+            self.model.set_sparsity_schedule(self.state["sparsity_target"], self.state["loss_weight"])
+        lr = self.trainer.optimizer.param_groups[0]["lr"]
+        out = self.trainer.train_step(self.order.next())
+        self.step += 1
         if out is not None:
-            loss_sum += out["ce_loss"].detach()
-            if "layer_sparsity" in out:
-                sp = out["layer_sparsity"].detach()
-                sp_sum = sp if sp_sum is None else sp_sum + sp
-            n_since += 1
-        spent += time.perf_counter() - t0
-        cpu_spent += time.process_time() - c0
-        if fraction() >= next_point / s.curve_points or fraction() >= 1.0:
-            v = evaluate(model, curve_blocks, s.batch_size)  # clock paused: not in `spent`
-            probes.append(machine_probe())
-            point = {"step": step, "train_s": spent, "tokens": step * s.batch_size * (train.shape[1] - 1),
-                     "train_ce": (loss_sum / max(n_since, 1)).item(), "valid_subset_loss": v["loss"],
-                     "valid_subset_ppl": v["ppl"], "lr": lr, "target": state["sparsity_target"],
-                     "loss_weight": state["loss_weight"], "probe_s": probes[-1]}
-            if sp_sum is not None:
-                point["train_layer_sparsity"] = (sp_sum / n_since).tolist()
-            curve.append(point)
-            log.info("%s step %d %.0fs train_ce %.3f valid_subset_ppl %.1f", name, step, spent,
-                     point["train_ce"], v["ppl"])
-            loss_sum, sp_sum, n_since = torch.zeros(()), None, 0
-            next_point = int(fraction() * s.curve_points) + 1
-    load_end = os.getloadavg()[0]
-    tokens_seen = step * s.batch_size * (train.shape[1] - 1)
-    eval_blocks = {k: blocks[k][: s.eval_blocks] if s.eval_blocks else blocks[k] for k in ("valid", "test")}
-    valid = evaluate(model, eval_blocks["valid"], s.batch_size)
-    test = evaluate(model, eval_blocks["test"], s.batch_size)
-    layer_sp = test.get("layer_sparsity")
-    return {
-        "model": name, "target_sparsity": target, "params": sum(p.numel() for p in model.parameters()),
-        "steps": step, "tokens_seen": tokens_seen, "train_s": spent,
-        "train_tokens_per_s": tokens_seen / spent, "train_cpu_s": cpu_spent,
-        "load_avg_1m_start": load_start, "load_avg_1m_end": load_end,
-        "probe_s": probes,
-        "valid_loss": valid["loss"], "valid_ppl": valid["ppl"],
-        "test_loss": test["loss"], "test_ppl": test["ppl"],
-        "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],
-        "test_tokens": test["tokens"],
-        "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
-        # with gate noise, over the last curve interval (eval above is noise-free)
-        "train_layer_sparsity": curve[-1].get("train_layer_sparsity") if curve else None,
-        "layer_sparsity": layer_sp, "curve": curve,
-    }
+            self.window.add(out)
+        self.spent += time.perf_counter() - t0
+        self.cpu_spent += time.process_time() - c0
+        return lr
+
+    def curve_point(self, lr: float) -> None:
+        """The validation subset's loss (clock paused: not in `spent`), a machine probe, and
+        the training means since the last point."""
+        s = self.s
+        loss, _ = evaluate(self.model, self.blocks["valid"][: s.curve_eval_blocks],
+                           batch_size=s.batch_size, device=torch.device("cpu"))
+        self.probes.append(machine_probe())
+        train_ce, train_sparsity = self.window.means()
+        point = {"step": self.step, "train_s": self.spent, "tokens": self.tokens_seen(),
+                 "train_ce": train_ce, "valid_subset_loss": loss, "valid_subset_ppl": safe_ppl(loss),
+                 "lr": lr, "target": self.state["sparsity_target"],
+                 "loss_weight": self.state["loss_weight"], "probe_s": self.probes[-1]}
+        if train_sparsity is not None:
+            point["train_layer_sparsity"] = train_sparsity
+        self.curve.append(point)
+        log.info("%s step %d %.0fs train_ce %.3f valid_subset_ppl %.1f", self.name, self.step,
+                 self.spent, train_ce, point["valid_subset_ppl"])
+        self.window = _Window()
+        self.next_point = int(self.fraction() * s.curve_points) + 1
+
+    def record(self, target: float | None) -> dict:
+        """The row: training figures, the valid and test evaluations, the curve."""
+        s, model = self.s, self.model
+        valid, test = (evaluate_timed(model, self.blocks[k][: s.eval_blocks] if s.eval_blocks
+                                      else self.blocks[k], s.batch_size) for k in ("valid", "test"))
+        layer_sp, tokens_seen = test["layer_sparsity"], self.tokens_seen()
+        return {
+            "model": self.name, "target_sparsity": target,
+            "params": sum(p.numel() for p in model.parameters()),
+            "steps": self.step, "tokens_seen": tokens_seen, "train_s": self.spent,
+            "train_tokens_per_s": tokens_seen / self.spent, "train_cpu_s": self.cpu_spent,
+            "load_avg_1m_start": self.load_start, "load_avg_1m_end": self.load_end,
+            "probe_s": self.probes,
+            "valid_loss": valid["loss"], "valid_ppl": valid["ppl"],
+            "test_loss": test["loss"], "test_ppl": test["ppl"],
+            "eval_tokens_per_s": test["tokens_per_s"], "valid_tokens": valid["tokens"],
+            "test_tokens": test["tokens"],
+            "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
+            # with gate noise, over the last curve interval (eval above is noise-free)
+            "train_layer_sparsity": self.curve[-1].get("train_layer_sparsity") if self.curve else None,
+            "layer_sparsity": layer_sp, "curve": self.curve,
+        }
 
 
 def setup(s: QualitySettings):
@@ -276,11 +309,12 @@ def setup(s: QualitySettings):
     return cfg, manifest, blocks, train_cfg
 
 
-def sparse_schedule(s: QualitySettings, target: float) -> dict:
-    """AdaptiveSparsityScheduler arguments of a sparse row: the target ramps from 0, the
-    loss weight from a tenth of `s.sparsity_weight` to it (as the training presets)."""
-    return dict(initial_sparsity=0.0, final_sparsity=target, initial_weight=s.sparsity_weight / 10,
-                final_weight=s.sparsity_weight, warmup_steps=1000, schedule_type="cosine")
+def sparse_schedule(s: QualitySettings, target: float) -> SchedulerConfig:
+    """The schedule of a sparse row: the target ramps from 0, the loss weight from a tenth of
+    `s.sparsity_weight` to it (as the training presets)."""
+    return SchedulerConfig(initial_sparsity=0.0, final_sparsity=target,
+                           initial_weight=s.sparsity_weight / 10, final_weight=s.sparsity_weight,
+                           warmup_steps=1000, schedule_type="cosine")
 
 
 def run_quality(s: QualitySettings) -> dict:
@@ -293,19 +327,20 @@ def run_quality(s: QualitySettings) -> dict:
         torch.manual_seed(s.seed)  # the same initial weights for every BK variant
         name = f"bk-sparse-{target:g}"
         model = SparseBKLM(LMConfig.from_dict({**cfg.to_dict(), "target_sparsity": target}))
-        sched = sparse_schedule(s, target)
-        if target == 0.0 and s.dense_mode == "pinned":
-            name, sched = DENSE, None
-            pin_gates_open(model)
+        schedule = sparse_schedule(s, target)
+        pinned = target == 0.0 and s.dense_mode == "pinned"
+        if pinned:
+            name, schedule = DENSE, None
         log.info("training %s for %s", name, budget_words(s))
-        results.append(train_one(name, model, blocks, s, target=target, train_cfg=train_cfg,
-                                 sched_kwargs=sched))
+        with forced_gates(model, "pinned_open") if pinned else nullcontext():
+            results.append(train_one(name, model, blocks, s, target=target,
+                                     train_cfg=train_cfg, schedule=schedule))
     if s.transformer:
         torch.manual_seed(s.seed)
         tcfg = TransformerConfig.matching(cfg)
         log.info("training %s for %s", TRANSFORMER, budget_words(s))
         results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
-                                 train_cfg=train_cfg, sched_kwargs=None))
+                                 train_cfg=train_cfg, schedule=None))
     return {"settings": asdict(s), "model_config": cfg.to_dict(),
             "dataset": {"path": manifest["path"], "vocab_size": manifest["vocab_size"],
                         "block_len": manifest["block_len"],

@@ -100,6 +100,18 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    paths = []
+    for draw, name in ((lambda: _ppl_vs_sparsity(plt, record), "quality_ppl_vs_sparsity.png"),
+                       (lambda: _curves(plt, record["results"]), "quality_curves.png")):
+        fig = draw()
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _ppl_vs_sparsity(plt, record: dict):
     res = record["results"]
     bk = [r for r in res if r["model"] != TRANSFORMER]
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -119,11 +131,10 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
     ax.set_ylabel("perplexity")
     ax.set_title(f"PTB, {budget_words(record['settings'])} per model")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    p1 = out_dir / "quality_ppl_vs_sparsity.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
+    return fig
 
+
+def _curves(plt, res: list[dict]):
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in res:
         c = r["curve"]
@@ -147,11 +158,7 @@ def plots(record: dict, out_dir: Path) -> list[Path]:
         a.set_yscale("log")
     for a in (a1, a2, a3):
         a.legend(fontsize=7)
-    fig.tight_layout()
-    p2 = out_dir / "quality_curves.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
-    return [p1, p2]
+    return fig
 
 
 def tradeoff_points(paths: list[str]) -> dict[str, list[tuple[float, float, str]]]:

@@ -84,11 +84,11 @@ def _cfg(size: str, variant: str, batch: int):
 
 def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batch: int,
             warmup: int, steps: int, threads: int, out: str) -> None:
+    """One process of a variant: its timed steps, memory and activation bytes to
+    OUT/rank<r>.pt."""
     import torch.distributed as dist
 
-    from sparsebk.model.lm import SparseBKLM
-    from sparsebk.parallel import compile_blocks, shard
-    from sparsebk.train.trainer import Trainer, memory_stats
+    from sparsebk.train.trainer import memory_stats
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -99,62 +99,87 @@ def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batc
                             rank=rank, world_size=world)
     try:
         cfg = _cfg(size, variant, batch)
-        torch.manual_seed(0)
-        model = SparseBKLM(cfg.model)
-        if cfg.run.compile:
-            compile_blocks(model)
-        if cfg.run.parallel == "fsdp":
-            model = shard(model, world, device)
-        else:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model.to(device), device_ids=[rank] if cuda else None)
-        autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda
-                    else nullcontext)
-        t = Trainer(cfg, model, device=device, rank=rank, world=world, autocast=autocast)
-        t.net.set_sparsity_schedule(0.5, 0.1)
-        t.model.train()
+        t, autocast = _trainer(cfg, rank, world, device)
         gen = torch.Generator().manual_seed(rank)
         V, T, n = cfg.model.vocab_size, cfg.model.n_seq, cfg.optim.grad_accum_steps
 
         def micro():
             return [torch.randint(0, V, (batch, T + 1), generator=gen) for _ in range(n)]
 
-        for _ in range(warmup):
-            t.train_step(micro())
-        step_s = []
-        for _ in range(steps):
-            x = micro()
-            dist.barrier()
-            t0 = time.perf_counter()
-            t.train_step(x)
-            if cuda:
-                torch.cuda.synchronize()
-            step_s.append(time.perf_counter() - t0)
+        step_s = _timed_steps(t, micro, warmup, steps)
         mem = memory_stats(t.net, t.optimizer)
-        # activations: what one micro-batch's forward keeps alive for its backward
         t.optimizer.zero_grad(set_to_none=True)
-        x = micro()[0].to(device)
-        gc.collect()
-        before = torch.cuda.memory_allocated() if cuda else heap_bytes()
-
-        def allocated() -> int:
-            if cuda:
-                torch.cuda.synchronize()
-                return torch.cuda.memory_allocated()
-            return heap_bytes()
-
-        at_head = []
-        hook = t.net.norm_f.register_forward_pre_hook(lambda m, a: at_head.append(allocated()))
-        with autocast():
-            loss = t.model(x[:, :-1], targets=x[:, 1:])["loss"]
-        held = allocated() - before
-        hook.remove()
-        loss.backward()
+        held, blocks = _activation_bytes(t, micro()[0].to(device), autocast)
         torch.save({"step_s": step_s, "activation_mb": held / 2**20,
-                    "block_act_mb": (at_head[0] - before) / 2**20, **mem},
-                   Path(out) / f"rank{rank}.pt")
+                    "block_act_mb": blocks / 2**20, **mem}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _trainer(cfg, rank: int, world: int, device: torch.device):
+    """(Trainer, autocast) of one worker: the model wrapped as the Ray worker wraps it
+    (compiled blocks, FSDP or DDP), a fixed sparsity schedule, training mode."""
+    from sparsebk.model.lm import SparseBKLM
+    from sparsebk.parallel import compile_blocks, shard
+    from sparsebk.train.trainer import Trainer
+
+    cuda = device.type == "cuda"
+    torch.manual_seed(0)
+    model = SparseBKLM(cfg.model)
+    if cfg.run.compile:
+        compile_blocks(model)
+    if cfg.run.parallel == "fsdp":
+        model = shard(model, world, device)
+    else:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model.to(device), device_ids=[rank] if cuda else None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else nullcontext
+    t = Trainer(cfg, model, device=device, rank=rank, world=world, autocast=autocast)
+    t.net.set_sparsity_schedule(0.5, 0.1)
+    t.model.train()
+    return t, autocast
+
+
+def _timed_steps(t, micro, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` training steps after `warmup` untimed ones; the workers
+    start every timed step together (a barrier before it)."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        t.train_step(micro())
+    step_s = []
+    for _ in range(steps):
+        x = micro()
+        dist.barrier()
+        t0 = time.perf_counter()
+        t.train_step(x)
+        if t.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_s.append(time.perf_counter() - t0)
+    return step_s
+
+
+def _activation_bytes(t, x: torch.Tensor, autocast) -> tuple[int, int]:
+    """(bytes one micro-batch x's forward keeps alive for its backward, the part held when
+    the final norm starts: the blocks'); then its backward runs."""
+    cuda = t.device.type == "cuda"
+
+    def allocated() -> int:
+        if cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return heap_bytes()
+
+    gc.collect()
+    before = torch.cuda.memory_allocated() if cuda else heap_bytes()
+    at_head = []
+    hook = t.net.norm_f.register_forward_pre_hook(lambda m, a: at_head.append(allocated()))
+    with autocast():
+        loss = t.model(x[:, :-1], targets=x[:, 1:])["loss"]
+    held = allocated() - before
+    hook.remove()
+    loss.backward()
+    return held, at_head[0] - before
 
 
 def workers() -> int:

@@ -135,6 +135,25 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _run_recorded(name: str, module: str, args: list[str], quick_used: list[str], out: Path,
+                  timeout_s: float, echo: bool) -> dict:
+    """One benchmark's run record (`_run_one`, its --quick arguments, the files of OUT it
+    wrote or updated), also kept as OUT/logs/NAME.run.json; with `echo`, its command line
+    and, when it fails, its stderr's tail."""
+    if echo:
+        print(f"\n=== sparsebk bench {name} {shlex.join(args)}", flush=True)
+    before = {p: p.stat().st_mtime for p in out.glob("*")}
+    run = _run_one(name, module, args, out / "logs", timeout_s, echo)
+    run["quick"] = quick_used
+    run["outputs"] = sorted(p.name for p in out.glob("*")
+                            if p.is_file() and (p not in before or p.stat().st_mtime > before[p]))
+    (out / "logs" / f"{name}.run.json").write_text(json.dumps(run, indent=1))
+    if echo and run["rc"] != 0:
+        tail = Path(run["stderr_log"]).read_text()[-2000:]
+        print(f"=== {name} FAILED (exit {run['rc']}); stderr tail:\n{tail}", flush=True)
+    return run
+
+
 def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bool = False,
               benchmarks: Mapping[str, str] | None = None,
               extra_args: Mapping[str, Sequence[str]] | None = None,
@@ -166,19 +185,7 @@ def run_suite(out_dir: str | os.PathLike, *, skip: Sequence[str] = (), quick: bo
             continue
         quick_used = quick_args(name, module) if quick else []
         args = ["--out", str(out), *quick_used, *extra_args.get(name, ())]
-        if echo:
-            print(f"\n=== sparsebk bench {name} {shlex.join(args)}", flush=True)
-        before = {p: p.stat().st_mtime for p in out.glob("*")}
-        run = _run_one(name, module, args, out / "logs", timeout_s, echo)
-        run["quick"] = quick_used
-        run["outputs"] = sorted(
-            p.name for p in out.glob("*")
-            if p.is_file() and (p not in before or p.stat().st_mtime > before[p]))
-        runs.append(run)
-        (out / "logs" / f"{name}.run.json").write_text(json.dumps(run, indent=1))
-        if echo and run["rc"] != 0:
-            tail = Path(run["stderr_log"]).read_text()[-2000:]
-            print(f"=== {name} FAILED (exit {run['rc']}); stderr tail:\n{tail}", flush=True)
+        runs.append(_run_recorded(name, module, args, quick_used, out, timeout_s, echo))
     record = {
         "command": command or f"sparsebk bench all --out {out}",
         "started_utc": started,

@@ -109,6 +109,14 @@ def actor_latency(cfg, n_layers: int) -> dict:
             "inprocess_step_ms": 1e3 * inproc["median_s"]}
 
 
+WARMUP = 10  # steps of the warm-up window, and of every timed window (the log interval)
+RAY_RUNS = (("ray-1w", ["run.num_workers=1"]),
+            ("ray-1w-prefetch2", ["run.num_workers=1", "data.prefetch_batches=2"]),
+            ("ray-1w-local", ["run.num_workers=1", "data.loader=local"]),
+            ("ray-2w", ["run.num_workers=2"]),
+            ("ray-2w-local", ["run.num_workers=2", "data.loader=local"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sparsebk bench training", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out")
@@ -120,50 +128,77 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps={args.steps}: needs >= 20 (a 10-step warm-up window, then windows "
                 "of 10 steps)")
     logging.basicConfig(level=logging.WARNING)
-
-    import ray
-
     from sparsebk.data.manifest import check_dataset
-    from sparsebk.train.config import load_config
     from sparsebk.train.ray_train.driver import ensure_dataset
 
     out = Path(args.out).resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    warmup = 10
-
-    def cfg_for(name: str, *extra: str):
-        return load_config(args.config, [
-            f"run.storage_path={out / 'training_runs'}", f"run.name={name}-{stamp}",
-            f"optim.max_steps={args.steps}", f"run.eval_every={args.steps}",
-            f"run.log_every={warmup}", "run.eval_batches=1", "run.plots=false",
-            *args.overrides, *extra])
-
-    base = cfg_for("plain", "run.num_workers=1")
+    configs = _RunConfigs(args, out)
+    base = configs("plain", "run.num_workers=1")
     dataset_dir = ensure_dataset(base.data)
     base = base.resolve_vocab(check_dataset(dataset_dir)["vocab_size"])
-    rows = [plain_run(base, dataset_dir, args.steps, warmup)]
+    rows = [plain_run(base, dataset_dir, args.steps, WARMUP)]
     print(f"plain: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
-
-    # at least 4 CPUs: the 2-worker runs and their Ray Data reads
-    local_ray(max(os.cpu_count() or 1, 4), workers=2)
-    try:
-        micro = actor_latency(base, base.model.n_layers)
-        for label, extra in (("ray-1w", ["run.num_workers=1"]),
-                             ("ray-1w-prefetch2", ["run.num_workers=1", "data.prefetch_batches=2"]),
-                             ("ray-1w-local", ["run.num_workers=1", "data.loader=local"]),
-                             ("ray-2w", ["run.num_workers=2"]),
-                             ("ray-2w-local", ["run.num_workers=2", "data.loader=local"])):
-            rows.append(ray_run(cfg_for(label, *extra), label))
-            print(f"{label}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
-    finally:
-        ray.shutdown()
-
+    ray_rows, micro = ray_runs(configs, base)
+    rows += ray_rows
     for r in rows:
         r["vs_plain_median"] = r["tokens_per_s_median"] / rows[0]["tokens_per_s_median"]
         r["vs_plain_best"] = r["tokens_per_s_best"] / rows[0]["tokens_per_s_best"]
+    goals = goal_figures(rows, micro)
+    cols = ["run", "workers", "steps", "tokens_per_s_median", "tokens_per_s_best",
+            "vs_plain_median", "vs_plain_best", "step_ms_median", "data_share_pct",
+            "schedule_share_pct"]
+    print(f"\nconfig {args.config}, {args.steps} steps per run ({WARMUP} warm-up), "
+          f"{os.cpu_count()} cores")
+    print(format_table(rows, cols))
+    print()
+    print(format_table([{"measure": k, "value": v} for k, v in goals.items()]))
+    path = write_result(out, "training", {"config": args.config, "steps": args.steps,
+                                          "warmup_steps": WARMUP, "rows": rows,
+                                          "summary": goals, "micro": micro})
+    print(f"\nwrote {path}")
+    return 0
+
+
+class _RunConfigs:
+    """configs(name, *overrides): the training config of one run of the benchmark (its own
+    run folder under OUT/training_runs, the step budget, one evaluation at the end)."""
+
+    def __init__(self, args, out: Path):
+        self.args, self.out, self.stamp = args, out, time.strftime("%Y%m%d-%H%M%S")
+
+    def __call__(self, name: str, *extra: str):
+        from sparsebk.train.config import load_config
+
+        a = self.args
+        return load_config(a.config, [
+            f"run.storage_path={self.out / 'training_runs'}", f"run.name={name}-{self.stamp}",
+            f"optim.max_steps={a.steps}", f"run.eval_every={a.steps}",
+            f"run.log_every={WARMUP}", "run.eval_batches=1", "run.plots=false",
+            *a.overrides, *extra])
+
+
+def ray_runs(configs: _RunConfigs, base) -> tuple[list[dict], dict]:
+    """(a row per Ray Train run of RAY_RUNS, the actor-call micro-benchmark) on a local Ray."""
+    import ray
+
+    # at least 4 CPUs: the 2-worker runs and their Ray Data reads
+    local_ray(max(os.cpu_count() or 1, 4), workers=2)
+    rows = []
+    try:
+        micro = actor_latency(base, base.model.n_layers)
+        for label, extra in RAY_RUNS:
+            rows.append(ray_run(configs(label, *extra), label))
+            print(f"{label}: {rows[-1]['tokens_per_s_median']:.0f} tokens/s", flush=True)
+    finally:
+        ray.shutdown()
+    return rows, micro
+
+
+def goal_figures(rows: list[dict], micro: dict) -> dict:
+    """The figures the goals are about, each labelled with its goal."""
     one = next(r for r in rows if r["run"] == "ray-1w")
     two = next(r for r in rows if r["run"] == "ray-2w")
-    goals = {
+    return {
         "ray_1w_vs_plain median (goal >= 0.95)": one["vs_plain_median"],
         "ray_1w_vs_plain best (goal >= 0.95)": one["vs_plain_best"],
         "schedule_share_pct ray-1w (goal <= 1)": one["schedule_share_pct"],
@@ -176,16 +211,3 @@ def main(argv: list[str] | None = None) -> int:
         "actor call, synchronous (ms)": micro["actor_call_sync_ms"],
         "in-process scheduler step (ms)": micro["inprocess_step_ms"],
     }
-    cols = ["run", "workers", "steps", "tokens_per_s_median", "tokens_per_s_best",
-            "vs_plain_median", "vs_plain_best", "step_ms_median", "data_share_pct",
-            "schedule_share_pct"]
-    print(f"\nconfig {args.config}, {args.steps} steps per run ({warmup} warm-up), "
-          f"{os.cpu_count()} cores")
-    print(format_table(rows, cols))
-    print()
-    print(format_table([{"measure": k, "value": v} for k, v in goals.items()]))
-    path = write_result(out, "training", {"config": args.config, "steps": args.steps,
-                                          "warmup_steps": warmup, "rows": rows,
-                                          "summary": goals, "micro": micro})
-    print(f"\nwrote {path}")
-    return 0

@@ -90,29 +90,36 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
         docs = corpora.split_documents(docs, valid_fraction=valid_fraction, test_fraction=test_fraction,
                                        source=str(text))
     tok = _make_tokenizer(tokenizer, docs, max_vocab)
+    write = lambda d: _write_dataset(d, docs, tok, args, source, block_len, rows_per_file)  # noqa: E731
     if remote:
         with tempfile.TemporaryDirectory(prefix="sparsebk-prepare-") as tmp:
-            manifest = _write_dataset(Path(tmp), docs, tok, args, source, block_len, rows_per_file)
+            manifest = write(Path(tmp))
             open_store(out).upload(tmp, last=MANIFEST_NAME)  # the manifest last: complete
-        log.info("prepared %s (%s, %s, block_len=%d): %s in %.1f s", out, corpus, tok.name,
-                 block_len, {s: manifest["splits"][s]["rows"] for s in SPLITS},
-                 time.perf_counter() - t0)
-        return out
+    else:
+        manifest = _write_local(out, write)
+        if manifest is None:  # another process published the same dataset first
+            return _reuse(out, args, source) or out
+    log.info("prepared %s (%s, %s, block_len=%d): %s in %.1f s", out, corpus, tok.name, block_len,
+             {s: manifest["splits"][s]["rows"] for s in SPLITS}, time.perf_counter() - t0)
+    return out
+
+
+def _write_local(out: Path, write) -> dict | None:
+    """write(tmp) -> manifest into a fresh directory beside `out`, published as `out` at once;
+    None when another process published `out` first (ours is then removed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; other users and Ray nodes must read the dataset
-        manifest = _write_dataset(tmp, docs, tok, args, source, block_len, rows_per_file)
+        manifest = write(tmp)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if tmp.exists():  # another process published the same dataset first; ours is not needed
         shutil.rmtree(tmp, ignore_errors=True)
-        return _reuse(out, args, source) or out
-    log.info("prepared %s (%s, %s, block_len=%d): %s in %.1f s", out, corpus, tok.name, block_len,
-             {s: manifest["splits"][s]["rows"] for s in SPLITS}, time.perf_counter() - t0)
-    return out
+        return None
+    return manifest
 
 
 def _read_corpus(corpus: str, text) -> tuple[dict[str, list[str]] | list[str], dict]:

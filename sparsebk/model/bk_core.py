@@ -35,8 +35,22 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
     """Check the inputs; return (diag, z, k = offdiag^2 as (1|B, N-1) in diag's dtype).
 
     z comes back as a python complex, or as a tensor in diag's complex dtype: 0-dim (one shift)
-    or (B, 1) (one shift per row, broadcasting against (B, N)).
+    or (B, 1) (one shift per row, broadcasting against (B, N)). `validate=False` skips the
+    checks of tensor values (finiteness, Im z > 0 of a tensor z: host syncs), not the others.
     """
+    _check_diag_form(diag)
+    zt = _shift(z, diag, validate)
+    # a NaN or inf makes the sum non-finite (one reduction pass); a finite sum can only be a
+    # false alarm from overflow, which the exact element-wise check then clears
+    if validate and not bool(diag.detach().sum().isfinite()) \
+            and not bool(torch.isfinite(diag).all()):
+        b, i = (~torch.isfinite(diag)).nonzero()[0].tolist()
+        raise ValueError(f"diag must be finite; diag[{b}, {i}] = {diag[b, i].item()}")
+    return diag, zt, _couplings_squared(offdiag, diag, validate)
+
+
+def _check_diag_form(diag) -> None:
+    """diag is a real float32/float64 tensor (B, N) with N >= 1."""
     if not isinstance(diag, torch.Tensor):
         raise ValueError(f"diag must be a torch.Tensor of shape (B, N), got {type(diag).__name__}")
     if diag.dim() != 2:
@@ -44,11 +58,14 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
     if diag.dtype not in _COMPLEX_OF:
         raise ValueError(f"diag must be float32 or float64 (real), got {diag.dtype}; "
                          f"cast it first (e.g. diag.float() under autocast)")
-    B, N = diag.shape
-    if N == 0:
+    if diag.shape[1] == 0:
         raise ValueError("diag has N = 0 positions; the sequence length must be >= 1")
-    cdtype = _COMPLEX_OF[diag.dtype]
 
+
+def _shift(z, diag: torch.Tensor, validate: bool):
+    """The shift z checked against diag (B, N): a python complex, or a tensor in diag's
+    complex dtype, 0-dim or (B, 1)."""
+    B, N = diag.shape
     if isinstance(z, torch.Tensor):
         if z.shape not in ((), (B,), (B, 1)):
             raise ValueError(f"z must be a complex scalar, a 0-dim tensor, or one shift per row "
@@ -59,51 +76,49 @@ def _validate(diag, z, offdiag, *, validate: bool = True):
         if not z.is_complex():
             raise ValueError(f"z must be complex with Im z > 0, got a real tensor ({z.dtype})")
         if validate:
-            bad = (z.imag <= 0) | ~torch.isfinite(z)  # NaN imag fails `> 0` too
-            if bool(bad.any()):  # one host sync, as for a scalar
-                if z.dim() == 0:
-                    raise ValueError(f"z must be finite with Im z > 0, "
-                                     f"got z = {complex(z.detach().cpu())}")
-                b = bad.reshape(-1).nonzero()[0].item()
-                raise ValueError(f"z must be finite with Im z > 0 in every row; "
-                                 f"z[{b}] = {complex(z.detach().reshape(-1)[b].cpu())}")
-        zt = z.to(cdtype) if z.dim() == 0 else z.to(cdtype).reshape(B, 1)
-    elif isinstance(z, numbers.Complex) and not isinstance(z, bool):
+            _check_shift_values(z)
+        cdtype = _COMPLEX_OF[diag.dtype]
+        return z.to(cdtype) if z.dim() == 0 else z.to(cdtype).reshape(B, 1)
+    if isinstance(z, numbers.Complex) and not isinstance(z, bool):
         zc = complex(z)
         if not zc.imag > 0 or zc != zc or abs(zc) == float("inf"):
             raise ValueError(f"z must be finite with Im z > 0, got z = {zc}")
-        zt = zc  # a python scalar: no host-to-device copy, and `diag - zc` is already complex
-    else:
-        raise ValueError(f"z must be a complex number or a complex tensor (0-dim, or (B,) for "
-                         f"one shift per row), got {type(z).__name__}")
+        return zc  # a python scalar: no host-to-device copy, and `diag - zc` is already complex
+    raise ValueError(f"z must be a complex number or a complex tensor (0-dim, or (B,) for "
+                     f"one shift per row), got {type(z).__name__}")
 
-    # a NaN or inf makes the sum non-finite (one reduction pass); a finite sum can only be a
-    # false alarm from overflow, which the exact element-wise check then clears
-    if validate and not bool(diag.detach().sum().isfinite()) \
-            and not bool(torch.isfinite(diag).all()):
-        b, i = (~torch.isfinite(diag)).nonzero()[0].tolist()
-        raise ValueError(f"diag must be finite; diag[{b}, {i}] = {diag[b, i].item()}")
 
+def _check_shift_values(z: torch.Tensor) -> None:
+    """Every shift finite with Im z > 0 (one host sync, as for a scalar)."""
+    bad = (z.imag <= 0) | ~torch.isfinite(z)  # NaN imag fails `> 0` too
+    if bool(bad.any()):
+        if z.dim() == 0:
+            raise ValueError(f"z must be finite with Im z > 0, got z = {complex(z.detach().cpu())}")
+        b = bad.reshape(-1).nonzero()[0].item()
+        raise ValueError(f"z must be finite with Im z > 0 in every row; "
+                         f"z[{b}] = {complex(z.detach().reshape(-1)[b].cpu())}")
+
+
+def _couplings_squared(offdiag, diag: torch.Tensor, validate: bool) -> torch.Tensor:
+    """k = offdiag^2 as (1|B, N-1) in diag's dtype (ones for offdiag None: the Laplacian)."""
+    B, N = diag.shape
     if offdiag is None:
-        k = torch.ones(1, N - 1, dtype=diag.dtype, device=diag.device)
-    else:
-        if not isinstance(offdiag, torch.Tensor):
-            raise ValueError(f"offdiag must be None or a torch.Tensor, "
-                             f"got {type(offdiag).__name__}")
-        if offdiag.is_complex() or not offdiag.is_floating_point():
-            raise ValueError(f"offdiag must be a real floating tensor, got {offdiag.dtype}")
-        if offdiag.device != diag.device:
-            raise ValueError(f"offdiag is on {offdiag.device} but diag is on {diag.device}")
-        if offdiag.dim() == 1:
-            offdiag = offdiag.unsqueeze(0)
-        if offdiag.dim() != 2 or offdiag.shape[-1] != N - 1 or offdiag.shape[0] not in (1, B):
-            raise ValueError(
-                f"offdiag must have shape (N-1,) = ({N - 1},) or (B, N-1) = ({B}, {N - 1}) "
-                f"for diag of shape ({B}, {N}), got shape {tuple(offdiag.shape)}")
-        if validate and not bool(torch.isfinite(offdiag).all()):
-            raise ValueError("offdiag must be finite")
-        k = offdiag.to(diag.dtype).square()
-    return diag, zt, k
+        return torch.ones(1, N - 1, dtype=diag.dtype, device=diag.device)
+    if not isinstance(offdiag, torch.Tensor):
+        raise ValueError(f"offdiag must be None or a torch.Tensor, got {type(offdiag).__name__}")
+    if offdiag.is_complex() or not offdiag.is_floating_point():
+        raise ValueError(f"offdiag must be a real floating tensor, got {offdiag.dtype}")
+    if offdiag.device != diag.device:
+        raise ValueError(f"offdiag is on {offdiag.device} but diag is on {diag.device}")
+    if offdiag.dim() == 1:
+        offdiag = offdiag.unsqueeze(0)
+    if offdiag.dim() != 2 or offdiag.shape[-1] != N - 1 or offdiag.shape[0] not in (1, B):
+        raise ValueError(
+            f"offdiag must have shape (N-1,) = ({N - 1},) or (B, N-1) = ({B}, {N - 1}) "
+            f"for diag of shape ({B}, {N}), got shape {tuple(offdiag.shape)}")
+    if validate and not bool(torch.isfinite(offdiag).all()):
+        raise ValueError("offdiag must be finite")
+    return offdiag.to(diag.dtype).square()
 
 
 def _shift_right(x: torch.Tensor) -> torch.Tensor:

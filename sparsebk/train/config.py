@@ -6,7 +6,8 @@ A YAML preset (ray_jobs/configs/*.yaml) has five sections, each loaded into one 
               to the dataset's vocabulary size
     data:     where the tokenised Parquet blocks are (prepared on first use) and the batch size
     optim:    AdamW, warmup + cosine LR, clipping, step budget, NaN/inf policy
-    schedule: AdaptiveSparsityScheduler keyword arguments (owned by the schedule actor)
+    schedule: SchedulerConfig (sparsebk.scheduler): the AdaptiveSparsityScheduler's arguments,
+              which the schedule actor runs
     run:      name, storage_path, workers, logging/eval/checkpoint intervals, fault injection
 
 Every error is a ValueError naming the file and the field, raised before any worker starts.
@@ -19,10 +20,11 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
+from sparsebk.scheduler import SchedulerConfig
 from sparsebk.storage.run_folder import DEFAULT_STORAGE_PATH, check_run_name
 from sparsebk.storage.store import join_location, redact, resolve_location
 from sparsebk.validation import (check_bool, check_choice, check_float, check_int, check_known,
@@ -277,18 +279,16 @@ class RunConfig:
         return [(m.group(1), int(m.group(2))) for m in map(_FAULT_RE.match, self.inject_faults)]
 
 
-def _validate_schedule(d: dict) -> dict:
-    """The scheduler validates its own arguments (ranges included); here we only check that it
-    accepts them. The per-layer length is checked against the model in TrainConfig."""
-    if not isinstance(d, dict):
-        raise field_error("schedule", d, "must be a mapping of AdaptiveSparsityScheduler arguments")
-    from sparsebk.scheduler import AdaptiveSparsityScheduler
-
-    try:
-        AdaptiveSparsityScheduler(**d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"schedule: {e}") from None
-    return dict(d)
+def _schedule_config(d) -> SchedulerConfig:
+    """The schedule section as a SchedulerConfig (validated there, once; errors name
+    "schedule.<field>"). The per-layer length is checked against the model in TrainConfig."""
+    if isinstance(d, SchedulerConfig):
+        return d
+    if not isinstance(d, Mapping):
+        raise field_error("schedule", d, "must be a mapping of SchedulerConfig fields "
+                          "(AdaptiveSparsityScheduler arguments)")
+    check_known("schedule", d, (f.name for f in fields(SchedulerConfig)))
+    return SchedulerConfig(**d, prefix="schedule.")
 
 
 def _model_config(d) -> "LMConfig":
@@ -319,7 +319,7 @@ class TrainConfig:
     model: Any = field(default_factory=lambda: {"preset": "debug"})  # -> LMConfig
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: dict = field(default_factory=dict)
+    schedule: SchedulerConfig = field(default_factory=SchedulerConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
@@ -330,14 +330,12 @@ class TrainConfig:
             elif not isinstance(value, cls):
                 raise field_error(name, value, f"must be a mapping of {cls.__name__} fields")
         self.model = _model_config(self.model)
-        self.schedule = _validate_schedule(self.schedule)
+        self.schedule = _schedule_config(self.schedule)
         # The one check of the per-layer targets' length: the schedule meets the model here.
-        from sparsebk.scheduler import AdaptiveSparsityScheduler
-
-        per_layer = AdaptiveSparsityScheduler(**self.schedule).config.num_layers
+        per_layer = self.schedule.num_layers
         if per_layer is not None and per_layer != self.model.n_layers:
-            key = "layer_scales" if "layer_scales" in self.schedule else "layer_final_sparsity"
-            raise field_error(f"schedule.{key}", self.schedule[key],
+            key = "layer_scales" if self.schedule.layer_scales is not None else "layer_final_sparsity"
+            raise field_error(f"schedule.{key}", list(getattr(self.schedule, key)),
                               f"{per_layer} per-layer targets for a model with "
                               f"{self.model.n_layers} layers (model.n_layers)")
         if self.run.eval_every > self.optim.max_steps:
@@ -356,6 +354,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["model"] = self.model.to_dict()
+        out["schedule"] = self.schedule.to_dict()
         out["optim"]["betas"] = list(self.optim.betas)
         return out
 

@@ -121,7 +121,18 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path | str]:
         return []
     store = open_store(run_dir)
     paths: list[Path | str] = []
+    _save(_loss_ppl_figure(plt, train, evals), store, "loss_ppl.png", paths)
+    _save(_sparsity_figure(plt, train, evals), store, "sparsity.png", paths)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in train], [r["loss_weight"] for r in train])
+    ax.set(xlabel="step", ylabel="sparsity loss weight", title="weight schedule")
+    fig.tight_layout()
+    _save(fig, store, "weight.png", paths)
+    return paths
 
+
+def _loss_ppl_figure(plt, train: list[dict], evals: list[dict]):
+    """Training and validation loss, and their perplexities."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
     if evals:
@@ -134,8 +145,11 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path | str]:
     ax1.legend()
     ax2.legend()
     fig.tight_layout()
-    _save(fig, store, "loss_ppl.png", paths)
+    return fig
 
+
+def _sparsity_figure(plt, train: list[dict], evals: list[dict]):
+    """Per layer: training-mode sparsity, its target, and the eval-mode sparsity."""
     n_layers = len(train[0]["sparsity_layers"])
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in train]
@@ -151,14 +165,7 @@ def write_plots(run_dir: str | os.PathLike) -> list[Path | str]:
            "eval: deterministic) vs target", ylim=(0, 1))
     ax.legend(fontsize="small", ncol=2)
     fig.tight_layout()
-    _save(fig, store, "sparsity.png", paths)
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["loss_weight"] for r in train])
-    ax.set(xlabel="step", ylabel="sparsity loss weight", title="weight schedule")
-    fig.tight_layout()
-    _save(fig, store, "weight.png", paths)
-    return paths
+    return fig
 
 
 def summary_lines(summary: dict) -> list[str]:

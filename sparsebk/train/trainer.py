@@ -65,15 +65,30 @@ logger = logging.getLogger("sparsebk.train")
 Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, start sample) -> (B, T + 1)
 
 
+def lr_factor(step: int, optim_cfg, progress: float | None = None) -> float:
+    """The LR multiplier at optimizer step `step` (0-based): a linear warmup (step + 1) / W over
+    the first W = optim.warmup_steps steps, times a cosine from 1 down to optim.min_lr_ratio
+    over the decay's `progress` (clipped to [0, 1]):
+
+        warmup(step) * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 (1 + cos(pi progress)))
+
+    `progress` defaults to the steps after warmup over the rest of optim.max_steps (the
+    cosine then starts where the warmup ends); a loop whose budget is not a step count (a
+    benchmark's wall-clock budget) passes the fraction of it spent."""
+    warm = optim_cfg.warmup_steps
+    if progress is None:
+        progress = max(0, step - warm) / max(1, optim_cfg.max_steps - warm)
+    ramp = 1.0 if step >= warm else (step + 1) / warm
+    floor = optim_cfg.min_lr_ratio
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return ramp * (floor + (1.0 - floor) * cosine)
+
+
 def lr_lambda(optim_cfg) -> Callable[[int], float]:
-    """LR multiplier at a step: linear warmup to 1, then cosine decay to min_lr_ratio."""
-    warm, total, floor = optim_cfg.warmup_steps, optim_cfg.max_steps, optim_cfg.min_lr_ratio
+    """`lr_factor` of a training run as a function of the step (torch's LambdaLR)."""
 
     def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr_factor(step, optim_cfg)
 
     return f
 

@@ -196,6 +196,13 @@ class SweepConfig:
     source: str = "<dict>"     # the file this came from, for messages
 
     def __post_init__(self):
+        self._check_names()
+        self._check_space()
+        self._check_points_to_evaluate()
+        self._check_limits()
+
+    def _check_names(self) -> None:
+        """The sweep's name, where its report goes, the training config and its overrides."""
         if (not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)
                 or set(self.name) == {"."}):  # a path separator or ".." would escape storage
             raise ValueError(f"name: {self.name!r} must use letters, digits, '_', '.', '-' "
@@ -211,6 +218,10 @@ class SweepConfig:
         if not isinstance(self.train_overrides, list) or \
                 any(not isinstance(o, str) or "=" not in o for o in self.train_overrides):
             raise ValueError(f"train_overrides: {self.train_overrides!r} must be a list of 'key=value'")
+
+    def _check_space(self) -> None:
+        """At least one varied parameter, each training field set once, each kind fit for the
+        search algorithm."""
         if not self.space:
             raise ValueError("space: empty; give at least one parameter to sweep")
         varied = [p for p in self.space.values() if p.kind != "value"]
@@ -228,6 +239,9 @@ class SweepConfig:
             if alg != "grid" and p.kind == "grid":
                 raise ValueError(f"space.{p.name}: grid is only for search.algorithm 'grid' "
                                  f"(got {alg!r}); use choice: [...]")
+
+    def _check_points_to_evaluate(self) -> None:
+        """Every given starting point names varied parameters, with values inside their range."""
         for i, pt in enumerate(self.search.points_to_evaluate):
             for n, v in pt.items():
                 p = self.space.get(n)
@@ -241,6 +255,9 @@ class SweepConfig:
                         isinstance(v, (int, float)) and p.low <= v <= p.high):
                     raise ValueError(f"search.points_to_evaluate[{i}].{n}: {v!r} is outside "
                                      f"[{p.low}, {p.high}]")
+
+    def _check_limits(self) -> None:
+        """Concurrency, the trial's CPUs, retries and the report's sparsity levels."""
         if self.max_concurrent_trials is not None and (
                 not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1):
             raise ValueError(f"max_concurrent_trials: {self.max_concurrent_trials!r} must be an "

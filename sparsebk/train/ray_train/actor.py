@@ -37,11 +37,12 @@ class ScheduleState:
     """The actor's logic, kept as a plain class so it is testable (and timeable) in-process;
     the plain (non-Ray) training loop uses it directly."""
 
-    def __init__(self, scheduler_kwargs: dict, n_layers: int):
+    def __init__(self, schedule, n_layers: int):
+        """`schedule`: the training config's SchedulerConfig (validated there)."""
         from sparsebk.scheduler import AdaptiveSparsityScheduler
 
         self.n_layers = int(n_layers)
-        self.scheduler = AdaptiveSparsityScheduler(**scheduler_kwargs)
+        self.scheduler = AdaptiveSparsityScheduler.from_config(schedule)
         # per-layer lengths are checked once, at config time (TrainConfig); this is an invariant
         assert self.scheduler.config.num_layers in (None, self.n_layers)
         self.last_val_loss: float | None = None
@@ -100,7 +101,7 @@ class ScheduleState:
 ScheduleActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(ScheduleState)
 
 
-def create_schedule_actor(scheduler_kwargs: dict, n_layers: int, *, name: str | None = None,
+def create_schedule_actor(schedule, n_layers: int, *, name: str | None = None,
                           namespace: str | None = None):
     """Create (or, for a named actor that exists, get) the run's schedule actor."""
     opts = {}
@@ -108,4 +109,4 @@ def create_schedule_actor(scheduler_kwargs: dict, n_layers: int, *, name: str | 
         opts.update(name=name, get_if_exists=True)
         if namespace is not None:
             opts["namespace"] = namespace
-    return ScheduleActor.options(**opts).remote(scheduler_kwargs, n_layers)
+    return ScheduleActor.options(**opts).remote(schedule, n_layers)
