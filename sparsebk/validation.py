@@ -104,3 +104,17 @@ def from_mapping(cls, d: Any, prefix: str):
     if missing:
         raise ValueError(f"{prefix}: missing required field(s) {missing}")
     return cls(**d)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values. An empty section contributes no
+    field (a checkpoint from before the schedule section was typed stores `schedule: {}`
+    for "every field at its default")."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

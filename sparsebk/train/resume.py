@@ -26,6 +26,7 @@ import posixpath
 import torch
 
 from sparsebk.storage.checkpoint import STATE_FILE
+from sparsebk.validation import flatten
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -45,20 +46,6 @@ SAFE = (
 
 class ResumeRefused(ValueError):
     """The new config changes what the checkpoint's weights mean."""
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values. An empty section contributes no
-    field (a checkpoint from before the schedule section was typed stores `schedule: {}`
-    for "every field at its default")."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 _ABSENT = "<absent>"

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Iterable
 
 from sparsebk.storage.store import open_store
+from sparsebk.validation import flatten as dotted
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -57,16 +58,10 @@ def scalars(kind: str, rec: dict) -> dict[str, float]:
     return out
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+def flatten(d: dict) -> dict[str, str]:
     """{"optim": {"lr": 1e-3}} -> {"optim.lr": "0.001"}: MLflow params are flat strings."""
-    out = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
+    return {name: json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+            for name, value in dotted(d).items()}
 
 
 def mlflow_location(run_cfg, run_dir: str | os.PathLike) -> tuple[str, str | None]:
