@@ -16,8 +16,10 @@ with u = 2^-24, float32's unit roundoff, and m the magnitude the operation round
   too): every addition rounds by up to u times its partial sum, and what cancels in the
   result still rounded on the way (for terms of mixed sign, as with weights, the partial
   sums' rms is about sum |terms|);
-- sqrt(n) sum |terms| for sums and means of n terms, which may all have one sign (recursive
-  summation then rounds like u sqrt(n) sum |terms| in rms; blocked and pairwise sums less);
+- sqrt(log2 n + 1) sum |terms| for sums and means of n terms (and the negative log-likelihood
+  loss), whose terms may all have one sign: torch's CPU reductions sum pairwise (cascade
+  summation, whatever the vector width), ceil(log2 n) roundings deep, which in rms grow
+  like their square root;
 - for the fused ops (layer norm, attention, log-softmax, GELU), the terms they cancel (see
   the methods below); exact ops (copies, indexing, comparisons, max, sign) do not round.
 
@@ -74,7 +76,21 @@ _FUSED = {  # op -> the Float32Rounding method that perturbs its outputs
     "_log_softmax": "_log_softmax",
     "nll_loss_forward": "_nll_loss",
     "gelu": "_gelu",
+    "native_layer_norm_backward": "_layer_norm_backward",
+    "_softmax_backward_data": "_softmax_backward",
+    "_log_softmax_backward_data": "_log_softmax_backward",
+    "embedding_dense_backward": "_scatter_sum",
+    "index_add": "_scatter_sum",
+    "index_put": "_scatter_sum",
 }
+
+
+_NAMES: dict = {}  # op -> its name without the namespace
+
+
+def _pairwise(n: int) -> float:
+    """rms growth of a pairwise sum of n same-sign terms, in units of u sum |terms|."""
+    return math.sqrt(math.log2(n) + 1)
 
 
 class Float32Rounding(TorchDispatchMode):
@@ -86,20 +102,31 @@ class Float32Rounding(TorchDispatchMode):
         self.gen = torch.Generator().manual_seed(seed)
 
     def _perturb(self, out: torch.Tensor, mag: torch.Tensor, inplace: bool) -> torch.Tensor:
-        def xi():
-            return torch.rand(out.shape, generator=self.gen, dtype=torch.float64) * 2 - 1
-        noise = torch.complex(xi(), xi()) if out.is_complex() else xi()
-        noise = (noise.to(out.device) * (self.u * mag)).to(out.dtype)
-        return out.add_(noise) if inplace else out + noise
+        """out + u mag xi, xi uniform in [-1, 1] per element (per part when complex)."""
+        real = out.real if out.is_complex() else out
+        xi = torch.empty(real.shape, dtype=real.dtype, device=out.device).uniform_(
+            -self.u, self.u, generator=self.gen)
+        if out.is_complex():
+            xi = torch.complex(xi, torch.empty_like(xi).uniform_(-self.u, self.u,
+                                                                 generator=self.gen))
+        mag = mag.to(real.dtype)
+        return out.addcmul_(mag, xi) if inplace else torch.addcmul(out, mag, xi)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = func._schema.name.split("::")[-1]
+        name = _NAMES.get(func)
+        if name is None:
+            name = _NAMES[func] = func._schema.name.split("::")[-1]
         if name in _EXACT:
             return out
         if name in _FUSED:
             return getattr(self, _FUSED[name])(args, kwargs, out)
+        if name.startswith("_foreach_") and name.endswith("_"):  # in place on a list: args[0]
+            for t in args[0]:
+                if self._rounds(t):
+                    self._perturb(t, t.abs(), True)
+            return out
         if isinstance(out, (tuple, list)):  # other multi-output ops: each output at |r|
             return type(out)(self._perturb(o, o.abs(), False) if self._rounds(o) else o
                              for o in out)
@@ -117,8 +144,7 @@ class Float32Rounding(TorchDispatchMode):
         elif name in _SUMS:
             x = args[0]
             mag = func(x.abs(), *args[1:], **kwargs)
-            n = max(1, x.numel() // max(1, out.numel()))
-            mag = mag * math.sqrt(n)  # same-sign terms: partial sums grow with their count
+            mag = mag * _pairwise(max(1, x.numel() // max(1, out.numel())))
         elif name.rstrip("_") in _FMA:
             mag = out.abs() + _FMA[name.rstrip("_")](*args, **kwargs).abs()
         else:
@@ -160,14 +186,62 @@ class Float32Rounding(TorchDispatchMode):
         return self._perturb(out, out.abs() + (args[0] - out).abs(), False)
 
     def _nll_loss(self, args, kwargs, out):
-        """(loss, total weight): a sum of same-sign terms, sqrt(n) |loss| (see _SUMS)."""
+        """(loss, total weight): a sum of same-sign terms, as _SUMS."""
         loss, total = out
-        n = args[1].numel()
-        return (self._perturb(loss, loss.abs() * math.sqrt(n), False), total)
+        return (self._perturb(loss, loss.abs() * _pairwise(args[1].numel()), False), total)
 
     def _gelu(self, args, kwargs, out):
         """x (1 + erf(x / sqrt 2)) / 2: for x < 0, 1 + erf cancels, leaving u |x|."""
         return self._perturb(out, out.abs() + args[0].abs(), False)
+
+    def _layer_norm_backward(self, args, kwargs, out):
+        """(grad x, grad w, grad b): grad w and grad b sum over the rows; grad x is
+        rstd (w g - mean(w g) - xhat mean(w g xhat)), which cancels."""
+        g, x, _, mu, rstd, w = args[:6]
+        gx, gw, gb = out
+        xhat = (x - mu) * rstd
+        wg = g if w is None else g * w
+        rows = _pairwise(max(1, g.numel() // g.shape[-1]))
+        dims = tuple(range(g.dim() - 1))
+        if gx is not None:
+            mag = rstd * (wg.abs() + wg.abs().mean(-1, keepdim=True)
+                          + xhat.abs() * (wg * xhat).abs().mean(-1, keepdim=True))
+            gx = self._perturb(gx, mag + gx.abs(), False)
+        if gw is not None:
+            gw = self._perturb(gw, (g * xhat).abs().sum(dims) * rows, False)
+        if gb is not None:
+            gb = self._perturb(gb, g.abs().sum(dims) * rows, False)
+        return (gx, gw, gb)
+
+    def _softmax_backward(self, args, kwargs, out):
+        """y (g - sum_j y_j g_j): the difference cancels."""
+        g, y, dim = args[:3]
+        return self._perturb(out, y.abs() * (g.abs() + (y * g).abs().sum(dim, keepdim=True)),
+                             False)
+
+    def _log_softmax_backward(self, args, kwargs, out):
+        """g - exp(out) sum_j g_j: the difference cancels."""
+        g, lp, dim = args[:3]
+        return self._perturb(out, g.abs() + lp.exp() * g.abs().sum(dim, keepdim=True), False)
+
+    def _scatter_sum(self, args, kwargs, out):
+        """Sums of rows into rows (an embedding's gradient, index_add, index_put with
+        accumulate): the same op on |terms|, as _SUMS; index_put without accumulate is exact."""
+        if len(args) == 5 and isinstance(args[2], int):  # embedding_dense_backward
+            g, idx, n, pad, scale = args
+            mag = torch.ops.aten.embedding_dense_backward(g.abs(), idx, n, pad, scale)
+            count = idx.numel()
+        elif len(args) >= 4 and isinstance(args[1], int):  # index_add(self, dim, index, source)
+            x, dim, idx, src = args[:4]
+            mag = torch.ops.aten.index_add(x.abs(), dim, idx, src.abs(), **kwargs)
+            count = idx.numel()
+        else:  # index_put(self, indices, values, accumulate=False)
+            x, indices, values = args[:3]
+            if not (args[3] if len(args) > 3 else kwargs.get("accumulate", False)):
+                return out
+            mag = torch.ops.aten.index_put(x.abs(), indices, values.abs(), True)
+            count = values.numel()
+        return self._perturb(out, mag * _pairwise(count), False)
 
     @staticmethod
     def _rounds(t) -> bool:
