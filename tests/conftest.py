@@ -58,11 +58,23 @@ def ray_local():
             os.environ[k] = v
 
 
+# SPARSEBK_TEST_THREADS=N runs every test with N torch threads (one_torch_thread included):
+# the numerical bounds must hold whatever the threads' blocking of reductions and matmuls.
+TEST_THREADS = int(os.environ.get("SPARSEBK_TEST_THREADS", "0"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    if TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Small ops run fastest single-threaded on a loaded 2-core box; restored afterwards."""
+    """Small ops run fastest single-threaded on a loaded 2-core box; restored afterwards.
+    (SPARSEBK_TEST_THREADS, when set, wins.)"""
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS or 1)
     yield
     torch.set_num_threads(before)
 
