@@ -198,7 +198,7 @@ def s3_bucket(tmp_path_factory):
     try:
         deadline = time.monotonic() + 90
         while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
             m = re.search(r"S3 Endpoint:\s+http://([0-9.]+:\d+)", (root / "weed.log").read_text())
             if m:
                 endpoint = m.group(1)
@@ -231,4 +231,4 @@ def _wait_for_bucket(uri: str, timeout: float = 60.0) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.1)

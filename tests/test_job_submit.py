@@ -106,7 +106,9 @@ def _wait_for_dashboard(head: subprocess.Popen, address: str) -> bool:
 def _stop_head(head: subprocess.Popen) -> None:
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=5)  # `ray start --block` often takes longer: its group is killed then
+        # `ray start --block` usually takes longer than this to stop its processes (it did
+        # take more than 5 s): its group is killed then, the temp dir removed after
+        head.wait(timeout=1)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)
