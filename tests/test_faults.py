@@ -3,7 +3,8 @@ cluster on this machine, with and without elasticity, and SIGTERM to a driver. E
 prints its row (recovery time, steps redone) so `pytest -s` shows the measured matrix.
 
 This module starts its own cluster (ray.cluster_utils.Cluster, its own temp dir) with Ray
-Train's worker-group start timeout at 10 s (60 s by default), so a bounded wait is seconds."""
+Train's worker-group start timeout at 10 s (60 s by default), so a bounded wait is seconds;
+connecting the driver to it ends the session's local Ray, so it runs last (`own_ray_driver`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 
 from sparsebk.train.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray_driver, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -49,10 +51,14 @@ def ray_head(tmp_path_factory):
                    capture_output=True, timeout=60)
     assert (home / ".ray" / "auth_token").is_file()
     log = open(home / "head.log", "w")
+    # its own temp dir: the Jobs server finds the cluster its drivers connect to through the
+    # temp dir's ray_current_cluster, which in the shared /tmp/ray names whichever Ray on the
+    # machine started last (short: Ray's socket paths are limited)
+    temp = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     head = None
     try:
         for _ in range(3):  # a loaded machine can miss Ray's fixed 30 s node startup
-            head, address = _start_head(env, log)
+            head, address = _start_head(env, log, temp)
             if _wait_for_dashboard(head, address):
                 break
             _stop_head(head)
@@ -63,15 +69,17 @@ def ray_head(tmp_path_factory):
         if head is not None:
             _stop_head(head)
         log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
-def _start_head(env: dict, log) -> tuple[subprocess.Popen, str]:
+def _start_head(env: dict, log, temp: str) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` in its own process group, every port chosen free."""
     dash_port = free_port()
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", "--disable-usage-stats",
+         f"--temp-dir={temp}",
          # free ports for the agents too: their defaults (e.g. 52365) may belong to another
          # Ray on this machine, and then no job can be submitted ("No available agent")
          *(f"--{flag}={free_port()}" for flag in (
@@ -98,7 +106,9 @@ def _wait_for_dashboard(head: subprocess.Popen, address: str) -> bool:
 def _stop_head(head: subprocess.Popen) -> None:
     try:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=5)  # `ray start --block` often takes longer: its group is killed then
+        # `ray start --block` usually takes longer than this to stop its processes (it did
+        # take more than 5 s): its group is killed then, the temp dir removed after
+        head.wait(timeout=1)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait(timeout=30)

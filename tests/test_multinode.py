@@ -5,7 +5,8 @@ share (as a shared mount would be). Both nodes also pass the pre-flight check of
 on that shared path. (One run, not one per storage: a 2-node run costs a minute or two.)
 
 This module starts its own cluster (ray.cluster_utils.Cluster, under its own temp dir so no
-other Ray on the machine finds it) and must not use the `ray_local` fixture."""
+other Ray on the machine finds it) and must not use the `ray_local` fixture; connecting the
+driver to it ends the session's local Ray, so it runs last (`own_ray_driver`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from sparsebk.train.config import load_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray_driver, pytest.mark.timeout(900)]
 
 TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
 

@@ -126,8 +126,8 @@ def test_tiny_run_in_a_bucket_writes_nothing_local_and_resumes(s3_bucket, ray_lo
     """`run.storage_path` and `data.dir` as s3:// URIs: the dataset is prepared into the
     bucket, the run's checkpoints, metrics, schedule records, plots and summary land there
     (read back from the bucket, not from a local folder), and running again resumes from the
-    bucket's checkpoint. s3_bucket comes before ray_local: Ray's workers inherit its
-    credentials from the environment, as on a cluster."""
+    bucket's checkpoint. Ray's workers have the bucket's credentials from their environment,
+    as on a cluster (conftest S3_ENV)."""
     from pathlib import Path
 
     from sparsebk.train.config import load_config
