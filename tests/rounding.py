@@ -90,7 +90,7 @@ _NAMES: dict = {}  # op -> its name without the namespace
 
 def _pairwise(n: int) -> float:
     """rms growth of a pairwise sum of n same-sign terms, in units of u sum |terms|."""
-    return math.sqrt(math.log2(max(n, 1)) + 1)  # a sum of no terms rounds at nothing
+    return math.sqrt(math.log2(max(n, 1)) + 1)
 
 
 class Float32Rounding(TorchDispatchMode):
@@ -144,7 +144,7 @@ class Float32Rounding(TorchDispatchMode):
         elif name in _SUMS:
             x = args[0]
             mag = func(x.abs(), *args[1:], **kwargs)
-            mag = mag * _pairwise(max(1, x.numel() // max(1, out.numel())))
+            mag = mag * _pairwise(x.numel() // max(1, out.numel()))
         elif name.rstrip("_") in _FMA:
             mag = out.abs() + _FMA[name.rstrip("_")](*args, **kwargs).abs()
         else:
