@@ -17,8 +17,15 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-import torch
+# OpenMP threads that wait by spinning hold a core each: on a 2-core box shared with Ray's
+# processes a debug-model step took 1.8-3.7 s instead of 0.05-0.07 s (measured: the same step
+# with OMP_WAIT_POLICY=PASSIVE beside two busy processes; tests/test_decode.py 114 s -> 36 s
+# under load). Set before torch loads its OpenMP runtime; Ray's processes, started later from
+# this one, inherit it. (A user's value wins.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
