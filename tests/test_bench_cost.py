@@ -15,6 +15,8 @@ from sparsebk.model.config import LMConfig, SKIP_OUTPUTS
 from sparsebk.model.forcing import forced_gates
 from sparsebk.model.lm import SparseBKLM
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small ops: one thread on a loaded box
+
 
 def _tiny(skip_output: str) -> LMConfig:
     return LMConfig(vocab_size=50, n_seq=8, d_model=16, n_layers=2, num_experts=3, top_k=2,
@@ -65,7 +67,8 @@ def test_counted_work_is_the_work_of_a_real_forward(skip_output):
         want = cost.counted_macs(cfg, skip_per_row / T)
         # not matmuls: the chain's estimate (in bk_mixer), and under "carry" the one projected
         # zero row per layer call that a skipped position copies before any computed one
-        extra = -B * T * L * H * cost.BK_CHAIN_MACS + (L * 2 * H * D if skip_output == "carry" else 0)
+        extra = -B * T * L * H * cost.BK_CHAIN_MACS
+        extra += L * 2 * H * D if skip_output == "carry" else 0
         for part in ("bk_mixer", "experts", "light"):
             expected = B * T * want[part] + (extra if part == "bk_mixer" else 0)
             assert seen[part] == pytest.approx(expected, rel=1e-12), (part, skip_per_row)
@@ -88,7 +91,8 @@ def test_counted_shares_of_the_presets_by_hand():
     computed, skipped = mixer + 512 + 2 * 128 * 512, mixer + 2 * 128 * 32
     assert computed == 135904 and skipped == 12512
     small = cost.counted_share(LMConfig.preset("small"))
-    assert small == pytest.approx(4 * (computed - skipped) / (128 * 10000 + 4 * computed), rel=1e-12)
+    assert small == pytest.approx(4 * (computed - skipped) / (128 * 10000 + 4 * computed),
+                                  rel=1e-12)
     assert 0.27 < small < 0.271
     # large: D 1024, H 8, E 8 top-2, F 4096, light 256, V 50257, 16 layers
     mixer = 1024 + 2 * 8192 + 16384 + 96
@@ -105,11 +109,18 @@ def test_widths_scale_the_experts_as_the_presets_do():
     at = lambda w, recipe="experts", **o: cost.width_config(w, recipe, o)  # noqa: E731
     small, large = LMConfig.preset("small"), LMConfig.preset("large")
     for cfg, want in ((at(128), (128, 4, 1, 4)), (at(512), (512, 6, 2, 4)),
-                      (at(512, "presets"), (512, 6, 2, 10)), (at(1024, "presets"), (1024, 8, 2, 16)),
+                      (at(512, "presets"), (512, 6, 2, 10)),
+                      (at(1024, "presets"), (1024, 8, 2, 16)),
                       (at(64), (64, 4, 1, 4)), (at(2048, "presets"), (2048, 8, 2, 16))):
         assert (cfg.d_model, cfg.num_experts, cfg.top_k, cfg.n_layers) == want
         assert cfg.vocab_size == small.vocab_size and cfg.n_seq == small.n_seq
         assert cfg.skip_output == small.skip_output == large.skip_output
+    # the prepared GPU check measures the large preset itself
+    gpu = cost.GPU_CHECK.split()
+    sets = [gpu[i + 1].split("=") for i, a in enumerate(gpu) if a == "--set"]
+    over = {k: int(v) for k, v in sets}
+    width = int(gpu[gpu.index("--widths") + 1])
+    assert at(width, gpu[gpu.index("--recipe") + 1], **over).to_dict() == large.to_dict()
     assert at(256, n_layers=2, d_ff=64).n_layers == 2 and at(256, d_ff=64).d_ff == 64
     with pytest.raises(ValueError, match="top_k"):
         at(256, num_experts=1, top_k=2)
@@ -122,7 +133,8 @@ def test_speedup_formula_and_the_width_that_reaches_a_target():
     got = cost.width_reaching(pts, 1.3)  # between 256 (1.2) and 512 (1.4): halfway
     assert got["width"] == pytest.approx(384) and got["between"] == [256, 512]
     assert cost.width_reaching(pts, 1.5)["width"] == pytest.approx(640)
-    assert cost.width_reaching(pts, 1.7) == {"width": None, "text": "not within the widths measured"}
+    assert cost.width_reaching(pts, 1.7) == {"width": None,
+                                             "text": "not within the widths measured"}
     first = cost.width_reaching(pts, 1.05)
     assert first["width"] is None and first["at_or_below"] == 128
 
@@ -134,10 +146,10 @@ def test_forced_rates_give_the_measured_sparsity():
     torch.manual_seed(0)
     model = SparseBKLM(cfg)
     cases = [0.0, 0.3, 0.75, 1.0]
-    train = cost.time_training(model, 8, cases, repeats=2, warmup=1, device="cpu")
+    train = cost.time_training(model, 4, cases, repeats=2, warmup=1, device="cpu")
     with torch.no_grad():
         decode = cost.time_decode(model, 16, cases, steps=4, repeats=4, warmup=1, device="cpu")
-    for timed, per_call in ((train, 8 * cfg.n_seq * cfg.n_layers),
+    for timed, per_call in ((train, 4 * cfg.n_seq * cfg.n_layers),
                             (decode, 16 * 4 * 4 * cfg.n_layers)):
         for s in cases:
             n = timed[s]["decisions"]
@@ -159,7 +171,8 @@ def test_quick_run_reports_what_it_measured(tmp_path, capsys):
         raw = rec["raw"][str(r["width"])][r["phase"]]
         key = "median_s" if r["phase"] == "train" else "step_s"
         t = {s: raw[s][key] for s in ("0", "0.5", "0.75", "1")}
-        assert r["open_ms"] == pytest.approx(1e3 * t["0"]) and r["closed_ms"] == pytest.approx(1e3 * t["1"])
+        assert r["open_ms"] == pytest.approx(1e3 * t["0"])
+        assert r["closed_ms"] == pytest.approx(1e3 * t["1"])
         assert r["saved_share"] == pytest.approx((t["0"] - t["1"]) / t["0"])
         assert r["open_tok_s"] == pytest.approx(r["tokens_per_step"] / t["0"])
         assert r["tokens_per_step"] == (2 * 32 if r["phase"] == "train" else 4)
@@ -178,7 +191,8 @@ def test_quick_run_reports_what_it_measured(tmp_path, capsys):
 
 
 def test_bad_options_are_refused_with_the_option_named(capsys):
-    for argv, word in ((["--widths", "128,x"], "--widths"), (["--sparsities", "0.5,1"], "--sparsities"),
+    for argv, word in ((["--widths", "128,x"], "--widths"),
+                       (["--sparsities", "0.5,1"], "--sparsities"),
                        (["--set", "d_model=64"], "--widths"), (["--repeats", "0"], "--repeats")):
         with pytest.raises(SystemExit):
             cost.parse_args(argv)

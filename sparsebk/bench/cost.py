@@ -63,6 +63,10 @@ BK_CHAIN_MACS = 12
 PARTS = ("head", "bk_mixer", "experts", "light")
 TARGETS = (1.3, 1.5)  # the tokens/s speed-ups asked for at 0.5 sparsity
 PREFILL = 16  # tokens prefilled before the timed decode steps
+# the `large` preset on a GPU (width 1024 under the "presets" recipe is the large preset once
+# its vocabulary and context are set): prepared, to run where a GPU is lent
+GPU_CHECK = ("sparsebk bench cost --device cuda --widths 1024 --recipe presets "
+             "--set vocab_size=50257 --set n_seq=1024 --batch 8 --out bench_out/cost-gpu")
 QUICK = dict(widths="32,64", batch=2, decode_batch=4, decode_steps=2, repeats=2, warmup=1,
              probe_rows=128, quick_set=["vocab_size=256", "n_seq=32", "n_layers=2"])
 
@@ -271,8 +275,8 @@ def width_reaching(points: Sequence[tuple[float, float]], target: float) -> dict
                         "text": f"at or below width {w:g}, the narrowest measured ({x:.2f}x)"}
             w0, x0 = pts[i - 1]
             width = w0 + (target - x0) * (w - w0) / (x - x0)
-            return {"width": width, "between": [w0, w],
-                    "text": f"about width {width:.0f} (between {w0:g}: {x0:.2f}x and {w:g}: {x:.2f}x)"}
+            text = f"about width {width:.0f} (between {w0:g}: {x0:.2f}x and {w:g}: {x:.2f}x)"
+            return {"width": width, "between": [w0, w], "text": text}
     return {"width": None, "text": "not within the widths measured"}
 
 
@@ -283,7 +287,7 @@ def large_prediction(train_rows: list[dict], sparsities: Sequence[float]) -> dic
     share = counted_share(cfg)
     widest = max(train_rows, key=lambda r: r["width"])
     ratio = widest["saved_share"] / widest["counted_share"]
-    return {"label": "prediction from the counted multiply-adds, not measured",
+    return {"label": "a prediction from its counted multiply-adds, not measured",
             "preset": "large", "config": cfg.to_dict(), "counted_share": share,
             "ideal": {f"{s:g}": ideal_speedup(share, s) for s in sparsities},
             "measured_over_counted_share": ratio, "at_width": widest["width"],
@@ -312,9 +316,10 @@ def print_summary(summ: dict) -> None:
     big = summ["large"]
     ideal = ", ".join(f"{v:.2f}x at {k}" for k, v in big["ideal"].items())
     scaled = ", ".join(f"{v:.2f}x at {k}" for k, v in big["scaled"].items())
-    print(f"PREDICTION for the `large` preset ({big['label']}): counted share "
+    print(f"PREDICTION for the `large` preset, {big['label']}: counted share "
           f"{big['counted_share']:.3f}, ideal {ideal}; scaled by this machine's measured/counted "
-          f"share at width {big['at_width']} ({big['measured_over_counted_share']:.2f}): {scaled}")
+          f"share at width {big['at_width']} ({big['measured_over_counted_share']:.2f}): {scaled}. "
+          f"To measure it on a GPU: {GPU_CHECK}")
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -359,6 +364,8 @@ def plot(rows: list[dict], sparsities: Sequence[float], path: Path) -> Path:
         for x in TARGETS:
             ax.axhline(x, color="grey", linewidth=0.8, alpha=0.6)
         ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [str(w) for w in widths])
+        ax.minorticks_off()
         ax.set_xlabel("width (d_model)")
         ax.set_title(f"{phase} step: tokens/s against every gate open")
         ax.grid(True, which="both", alpha=0.3)
