@@ -20,6 +20,7 @@ BENCHMARKS = {
     "gates": "sparsebk.bench.gates",
     "decode": "sparsebk.bench.decode",
     "scale": "sparsebk.bench.scale",
+    "cost": "sparsebk.bench.cost",
 }
 
 
