@@ -236,6 +236,40 @@ def test_streams_from_a_bucket_as_from_a_path(shards, s3_bucket):
                 ids(stream_rows(shards, "train", 4, **args))
 
 
+
+def test_bench_data_quick_run_reports_what_it_measured(shards, s3_bucket, tmp_path, capsys):
+    """`sparsebk bench data --quick`'s loader comparison and its time to the first step on a
+    dataset in a bucket: the JSON holds what it printed, and its figures agree with each
+    other (tokens/s from the step time, the ratio from the tokens/s)."""
+    from sparsebk.bench import data as bench_data
+    from sparsebk.bench.common import format_table
+    from sparsebk.storage.store import open_store
+
+    uri = s3_bucket("bench-ds")
+    open_store(uri).upload(shards, last="manifest.json")
+    out = tmp_path / "out"
+    assert bench_data.main(["--out", str(out), "--quick", "--no-prepare", "--train-data",
+                            str(shards), "--bucket-data", uri, "--window", "16",
+                            "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    rec = json.loads((out / "data.json").read_text())
+    train = {r["loader"]: r for r in rec["training"]}
+    assert set(train) == {"local (in memory)", "stream", "stream, no prefetch thread"}
+    for r in train.values():
+        assert r["windows"] == 1 and 0 <= r["data_wait_pct"] <= 100
+        assert r["tokens_per_s"] == pytest.approx(4 * BLOCK_LEN / (r["step_ms"] / 1e3), rel=1e-9)
+        assert r["ratio_to_local"] == pytest.approx(
+            r["tokens_per_s"] / train["local (in memory)"]["tokens_per_s"], rel=1e-9)
+    first = {r["what"]: r for r in rec["first_step"]}
+    assert {"loader stream", "loader stream, resumed mid-epoch",
+            "loader local (whole split)"} <= set(first)
+    for r in first.values():
+        assert r["train_rows"] == sum(SHARDS) and r["first_step_s"] > 0
+        if r["what"].startswith("loader"):  # the first batch comes before the step's end
+            assert 0 < r["first_batch_s"] <= r["first_step_s"]
+    assert format_table(rec["training"]) in printed and format_table(rec["first_step"]) in printed
+
+
 # --- real Ray Train runs -------------------------------------------------------------------------
 TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"
 # 2 workers of 8 rows: 16 samples a step; windows of 40 rows: a window boundary every 2.5 steps
