@@ -34,7 +34,7 @@ VOCAB = 4096
 
 
 def write_shards(root: Path, shard_rows: list[int], *, block_len: int = BLOCK_LEN,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, vocab: int = VOCAB) -> Path:
     """A dataset dir with a train split of `shard_rows` and one-shard valid/test splits; every
     train row's first token is its index in manifest order, the rest random ids."""
     rng = np.random.default_rng(seed)
@@ -43,7 +43,7 @@ def write_shards(root: Path, shard_rows: list[int], *, block_len: int = BLOCK_LE
     for split, sizes in (("train", shard_rows), ("valid", [5]), ("test", [5])):
         files = []
         for i, n in enumerate(sizes):
-            rows = rng.integers(0, VOCAB, (n, block_len + 1), dtype=np.int32)
+            rows = rng.integers(0, vocab, (n, block_len + 1), dtype=np.int32)
             if split == "train":
                 rows[:, 0] = np.arange(first, first + n)
                 first += n
@@ -54,9 +54,9 @@ def write_shards(root: Path, shard_rows: list[int], *, block_len: int = BLOCK_LE
             files.append({"path": name, "rows": n,
                           "sha256": hashlib.sha256((root / name).read_bytes()).hexdigest()})
         splits[split] = {"rows": sum(sizes), "tokens": sum(sizes) * block_len, "files": files}
-    manifest = {"format": "sparsebk-token-blocks", "schema_version": 1, "vocab_size": VOCAB,
+    manifest = {"format": "sparsebk-token-blocks", "schema_version": 1, "vocab_size": vocab,
                 "block_len": block_len, "splits": splits,
-                "tokenizer": {"name": "ids", "vocab_size": VOCAB, "checksum": "-"}}
+                "tokenizer": {"name": "ids", "vocab_size": vocab, "checksum": "-"}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -188,24 +188,27 @@ def test_prefetching_changes_nothing_and_forwards_errors(shards, tmp_path):
 
 
 def test_memory_holds_a_window_not_the_split(tmp_path):
-    """A split of 64 shards of 500 rows of 65 ids (8.3 MB as int32); a window of 1,000 rows
-    (0.26 MB). Python's allocations while one reader streams the whole epoch stay within a
-    few windows and shards, far below the split."""
-    root = write_shards(tmp_path / "big", [500] * 64, block_len=64)
+    """A split of 128 shards of 500 rows of 65 ids (16.6 MB as int32), windows of 700 rows
+    (spanning shards). Python's allocations while one reader streams the whole epoch stay
+    below what the loader may hold at once, far below the split: the window being read and
+    the rank's share of it made from it, one share queued, the caller's current and previous
+    shares (on one worker a share is the whole window), and the file of the shard being read
+    and the one before it. (Python's: the modules it imports are imported before.)"""
+    root = write_shards(tmp_path / "big", [500] * 128, block_len=64, vocab=1 << 16)
     row_bytes = 65 * 4
-    split_bytes, window_bytes, shard_bytes = 32_000 * row_bytes, 1000 * row_bytes, 500 * row_bytes
+    split_bytes, window_bytes = 64_000 * row_bytes, 700 * row_bytes
+    file_bytes = max(f.stat().st_size for f in root.glob("train-*.parquet"))
     n = 0
+    list(stream_rows(root, "train", 1, window=700, start=63_000, rank=0, world=1))  # imports
     tracemalloc.start()
     try:
-        for chunk in stream_rows(root, "train", 1, window=1000, start=0, rank=0, world=1):
+        for chunk in stream_rows(root, "train", 1, window=700, start=0, rank=0, world=1):
             n += len(chunk)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert n == 32_000
-    # the window being built, the one handed over and the one held, the shard read (its file
-    # bytes and its rows): a generous 3 windows + 4 shards, still a tenth of the split
-    bound = 3 * window_bytes + 4 * shard_bytes
+    assert n == 64_000
+    bound = 6 * window_bytes + 2 * file_bytes
     assert bound < split_bytes / 10
     assert peak < bound, (peak, bound)
 

@@ -195,8 +195,9 @@ def _selections(reader: _ShardReader, order: SampleOrder, start: int, rank: int,
         pos = order.positions(j, start, rank, world)
         if len(pos):
             lo, hi = order.span(j)
-            window = reader.rows(lo, hi)
-            yield window[order.permutation(j)[pos - lo]]  # a copy: the window is freed
+            mine = reader.rows(lo, hi)[order.permutation(j)[pos - lo]]  # a copy: the window
+            yield mine                                                  # is freed before it
+            del mine
 
 
 _DONE = object()
