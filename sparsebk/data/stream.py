@@ -22,7 +22,10 @@ ranks consumes a contiguous stretch of the order, so a sample count is the posit
 the worker count. A rank reads only the windows from `start`'s on (a resume reads nothing
 before it) and keeps its 1/world of each. Every shard is checked as it is read: its SHA-256,
 row count, row width and token ids against the manifest. A background thread reads and
-selects the next window while the caller trains on the current one.
+selects the next window while the caller trains on the current one. Memory: the window being
+read and the rank's shares of windows in flight (being made, queued, in use; a share is
+1/world of a window), at most about (1 + 5 / world) windows' rows plus two shard files
+(tests/test_stream.py measures it).
 """
 
 from __future__ import annotations
