@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true",
                    help="skip timing one training step of the small model (for the loader's share)")
     p.add_argument("--no-prepare", action="store_true",
-                   help="skip preparing and loading PTB (needs --train-data)")
+                   help="skip preparing and loading PTB (needs --train-data or --no-train)")
     p.add_argument("--no-train", action="store_true", help="skip the loaders' training tokens/s")
     p.add_argument("--train-data", default=None,
                    help="dataset (path or URI) for the training comparison (default: the PTB above)")
@@ -101,8 +101,8 @@ def main(argv: list[str]) -> int:
     if args.quick:
         args.repeats, args.no_ray, args.train_steps = 1, True, 4
         args.train_preset = "debug" if args.train_preset == "small" else args.train_preset
-    if args.no_prepare and not args.train_data:
-        raise SystemExit("sparsebk bench data: --no-prepare needs --train-data")
+    if args.no_prepare and not args.train_data and not args.no_train:
+        raise SystemExit("sparsebk bench data: --no-prepare needs --train-data (or --no-train)")
     block_len = args.block_len or _small_block_len()
     tmp = tempfile.TemporaryDirectory(prefix="sparsebk-bench-data-") if args.data_dir is None else None
     root = Path(args.data_dir or tmp.name) / f"ptb-word-{block_len}"
