@@ -142,9 +142,13 @@ def test_runs_that_cannot_be_placed_are_refused_with_the_numbers(ray_local):
     assert check_fit(load_config(PTB_CPU, vocab)) == 4  # 2 workers + Ray Data's CPU fit
     with pytest.raises(PreflightError, match=r"5 worker\(s\) of 1 CPU .* hold 4 \("):
         check_fit(load_config(PTB_CPU, vocab + ["run.num_workers=5", "data.loader=local"]))
-    with pytest.raises(PreflightError, match="no CPU is left for Ray Data's read tasks beside 4"):
-        check_fit(load_config(PTB_CPU, vocab + ["run.num_workers=4"]))
-    assert check_fit(load_config(PTB_CPU, vocab + ["run.num_workers=4", "data.loader=local"])) == 4
+    with pytest.raises(PreflightError, match="no CPU is left for Ray Data's read tasks beside 4"
+                       ".* set data.loader=stream"):
+        check_fit(load_config(PTB_CPU, vocab + ["run.num_workers=4", "data.loader=ray"]))
+    # every worker reading its own rows needs no CPU beside the workers: all 4 fit
+    for loader in ("local", "stream"):
+        assert check_fit(load_config(PTB_CPU, vocab + ["run.num_workers=4",
+                                                       f"data.loader={loader}"])) == 4
     with pytest.raises(PreflightError, match=r"~19\.\d\d GiB of training state per worker"):
         check_fit(load_config(PTB_CPU, vocab + ["model.n_seq=10000000"]))
     # an elastic run needs its minimum only

@@ -94,6 +94,8 @@ space:
      ["report_path", "ftp"]),
     (("storage_path: STORE", "storage_path: STORE\ntrain_overrides: [optim.lr=-1]"),
      ["train_config/train_overrides", "optim.lr"]),
+    (("  loss_type:", "  window: {key: data.shuffle_window, choice: [0, 64]}\n  loss_type:"),
+     ["space.window", "data.shuffle_window", "0"]),
 ])
 def test_bad_sweep_config_fails_before_any_trial(tmp_path, edit, match):
     body = GOOD.replace(*edit).replace("STORE", str(tmp_path / "store"))
@@ -354,6 +356,14 @@ def test_max_concurrent_from_resources_and_workers_per_trial(tmp_path):
     assert max_concurrent(prep, {"CPU": 100.0, "GPU": 8.0}) == 2  # GPUs bound it
     prep.cfg.max_concurrent_trials = 5
     assert max_concurrent(prep, {"CPU": 1.0}) == 5  # an explicit limit wins
+
+
+def test_only_trials_reading_through_ray_data_reserve_a_cpu_for_it(tmp_path):
+    """data.loader stream and local read in the workers; ray needs a CPU beside them."""
+    for loader, ray_data in (("ray", True), ("local", False), ("stream", False)):
+        body = GOOD.replace("STORE", str(tmp_path / "store")) + \
+            f"train_overrides: [data.loader={loader}]\n"
+        assert load_and_prepare(write_sweep(tmp_path, loader, body)).ray_data is ray_data
 
 
 def test_optuna_multi_objective_suggests_inside_the_space(tmp_path):

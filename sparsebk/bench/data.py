@@ -7,14 +7,27 @@ Measures, on PTB (word level) at the small preset's block length:
             checksum verification;
   ray       one pass of `ray_datasets(...)["train"].iter_torch_batches(batch_size=B)`, as a
             Ray Train worker consumes it (local Ray), plus the time to its first batch.
+  train     training tokens/s of one process (the Trainer's own train_step, one model and
+            one dataset: --train-data, default the PTB above) fed by data.loader local (the
+            split in memory), stream (shards read a window of --window rows at a time, the
+            next window read by a background thread) and stream without that thread; calls
+            round-robin; the stream / local ratio (goal >= 0.95) and each loader's share of
+            step time spent waiting for its batch;
+  first     with --bucket-data URI (a prepared dataset in a bucket): the time to the first
+            training step, from nothing loaded to a step done, for loader stream (one window
+            read) and local (the whole split read first, skipped above --local-max-rows),
+            and the driver's dataset checks (footers only, as loader stream needs, or every
+            file's SHA-256).
 Rates are blocks/s and tokens/s (block_len input tokens per block). The model's tokens/s
 for the same preset comes from `sparsebk bench training`; the loader must be far faster.
+`--quick` (the test's run): the debug model, few steps, no Ray Data pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 
 from sparsebk.bench.common import Stopwatch, format_table, local_ray, time_call, write_result
@@ -66,31 +79,65 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Data measurement")
     p.add_argument("--no-model", action="store_true",
                    help="skip timing one training step of the small model (for the loader's share)")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="skip preparing and loading PTB (needs --train-data or --no-train)")
+    p.add_argument("--no-train", action="store_true", help="skip the loaders' training tokens/s")
+    p.add_argument("--train-data", default=None,
+                   help="dataset (path or URI) for the training comparison (default: the PTB above)")
+    p.add_argument("--train-preset", default="small", help="model preset of the training comparison")
+    p.add_argument("--train-steps", type=int, default=20, help="timed steps per loader and round")
+    p.add_argument("--window", type=int, default=16384, help="data.shuffle_window of loader stream (rows)")
+    p.add_argument("--bucket-data", default=None,
+                   help="a prepared dataset in a bucket (s3://...): time to the first training step")
+    p.add_argument("--local-max-rows", type=int, default=2_000_000,
+                   help="skip loader local's first step on a bucket split larger than this")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: debug model, 4 steps, 1 repeat, no Ray Data pass")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    if args.quick:
+        args.repeats, args.no_ray, args.train_steps = 1, True, 4
+        args.train_preset = "debug" if args.train_preset == "small" else args.train_preset
+    if args.no_prepare and not args.train_data and not args.no_train:
+        raise SystemExit("sparsebk bench data: --no-prepare needs --train-data (or --no-train)")
     block_len = args.block_len or _small_block_len()
     tmp = tempfile.TemporaryDirectory(prefix="sparsebk-bench-data-") if args.data_dir is None else None
     root = Path(args.data_dir or tmp.name) / f"ptb-word-{block_len}"
-    rows, n_train = prepare_and_load_rows(root, block_len, args.repeats)
-    if not args.no_ray:
+    rows, n_train, shares, train, first = [], 0, [], [], []
+    if not args.no_prepare:
+        rows, n_train = prepare_and_load_rows(root, block_len, args.repeats)
+    if not args.no_ray and not args.no_prepare:
         rows += ray_pass_rows(root, args, n_train, block_len)
-    shares = []
-    if not args.no_model:
+    if not args.no_model and not args.quick:
         step = _model_step_seconds(args.batch_size, block_len, args.repeats)
         rows.append(_row("model train step (small)", step, args.batch_size, block_len,
                          "forward + backward + AdamW, one process"))
         shares = loader_shares(rows, args.batch_size, step)
+    if not args.no_train:
+        train = loader_training_rows(args.train_data or str(root), args)
+    if args.bucket_data:
+        first = first_step_rows(args.bucket_data, args)
 
-    print(f"PTB word level, block_len {block_len} (small preset), {n_train} train blocks")
-    print(format_table(rows, ["path", "seconds", "blocks", "blocks_per_s", "tokens_per_s", "note"]))
+    if rows:
+        print(f"PTB word level, block_len {block_len} (small preset), {n_train} train blocks")
+        print(format_table(rows, ["path", "seconds", "blocks", "blocks_per_s", "tokens_per_s", "note"]))
     if shares:
         print("\nloader time per batch next to one training step of the small model (serial worst case)")
         print(format_table(shares))
+    if train:
+        print(f"\ntraining tokens/s by loader (one process, model {args.train_preset}, "
+              f"batch {args.batch_size}, window {args.window} rows; ratio: against local)")
+        print(format_table(train))
+    if first:
+        print(f"\ntime to the first training step, dataset {args.bucket_data}")
+        print(format_table(first))
     path = write_result(args.out, "data", {"block_len": block_len, "batch_size": args.batch_size,
                                            "train_blocks": n_train, "rows": rows, "shares": shares,
+                                           "training": train, "first_step": first,
+                                           "window": args.window,
                                            "command": "sparsebk bench data " + " ".join(argv)})
     print(f"wrote {path}")
     if tmp is not None:
@@ -167,3 +214,128 @@ def loader_shares(rows: list[dict], batch_size: int, step: float) -> list[dict]:
                            "loader_s_per_batch": per_batch, "model_step_s": step,
                            "share_of_step": per_batch / (per_batch + step)})
     return shares
+
+
+# --- training tokens/s by loader, and the time to the first step ---------------------------------
+def _train_config(dataset: str, args, loader: str):
+    """One worker's training config on `dataset` with model `args.train_preset` (its
+    vocabulary and n_seq from the dataset) and data.loader `loader`."""
+    from sparsebk.data.manifest import load_manifest
+    from sparsebk.train.config import TrainConfig
+
+    m = load_manifest(dataset)
+    return TrainConfig.from_dict({
+        "model": {"preset": args.train_preset, "vocab_size": m["vocab_size"],
+                  "n_seq": m["block_len"]},
+        "data": {"dir": dataset, "block_len": m["block_len"], "batch_size": args.batch_size,
+                 "loader": loader, "shuffle_buffer": 1, "shuffle_window": args.window},
+        "optim": {"max_steps": 10 ** 9, "warmup_steps": 10},
+        "run": {"num_workers": 1, "eval_every": 10 ** 9}})
+
+
+class _LoaderRun:
+    """A Trainer of its own (the same initial weights for every loader) fed by one loader,
+    epoch after epoch; `steps(k)` trains k steps and records the seconds spent waiting for
+    batches."""
+
+    def __init__(self, dataset: str, args, loader: str, prefetch: bool = True):
+        import torch
+
+        from sparsebk.data.loading import load_blocks
+        from sparsebk.model.lm import SparseBKLM
+        from sparsebk.train.ray_train.schedule_client import LocalSchedule
+        from sparsebk.train.trainer import Trainer
+
+        self.cfg = cfg = _train_config(dataset, args, loader)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(0)
+        model = SparseBKLM(cfg.model).to(self.device)
+        self.trainer = Trainer(cfg, model, device=self.device)
+        self.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers)
+        self.rows = load_blocks(dataset, "train") if loader == "local" else None
+        self.dataset, self.loader, self.prefetch = dataset, loader, prefetch
+        self.batches, self.step_no, self.waits = self._epochs(), 0, []
+
+    def _epochs(self):
+        import itertools
+
+        from sparsebk.train.run_state import local_batches, stream_batches
+
+        for epoch in itertools.count():
+            if self.rows is not None:
+                yield from local_batches(self.rows, self.cfg, epoch, 0, 0, 1)
+            else:
+                yield from stream_batches(self.dataset, self.cfg, epoch, 0, 0, 1,
+                                          prefetch=self.prefetch)
+
+    def steps(self, k: int) -> None:
+        wait = 0.0
+        for _ in range(k):
+            t = time.perf_counter()
+            batch = next(self.batches)
+            wait += time.perf_counter() - t
+            self.step_no += 1
+            values = self.schedule.get(self.step_no)
+            self.trainer.net.set_sparsity_schedule(values.targets, values.weight)
+            self.trainer.train_step(batch)
+        self.waits.append(wait)
+
+
+def loader_training_rows(dataset: str, args) -> list[dict]:
+    """Training tokens/s of the same model on the same data with loader local, stream, and
+    stream without its background thread: windows of args.train_steps steps, round-robin
+    (load drifting on a shared machine hits all alike), the first round a warm-up."""
+    from sparsebk.bench.common import time_calls
+
+    runs = {"local (in memory)": _LoaderRun(dataset, args, "local"),
+            "stream": _LoaderRun(dataset, args, "stream"),
+            "stream, no prefetch thread": _LoaderRun(dataset, args, "stream", prefetch=False)}
+    k = args.train_steps
+    timed = time_calls({name: (lambda r=r: r.steps(k)) for name, r in runs.items()},
+                       repeats=args.repeats, warmup=1, device=runs["stream"].device)
+    cfg = runs["stream"].cfg
+    tokens = k * cfg.data.batch_size * cfg.data.block_len
+    base = tokens / timed["local (in memory)"]["median_s"]
+    out = []
+    for name, r in runs.items():
+        t = timed[name]
+        wait = sorted(r.waits[1:])[len(r.waits[1:]) // 2]  # the median timed window's wait
+        out.append({"loader": name, "tokens_per_s": tokens / t["median_s"],
+                    "ratio_to_local": tokens / t["median_s"] / base,
+                    "step_ms": 1e3 * t["median_s"] / k, "data_wait_pct": 100 * wait / t["median_s"],
+                    "windows": t["runs"], "device": str(r.device)})
+    return out
+
+
+def first_step_rows(uri: str, args) -> list[dict]:
+    """From nothing loaded to one training step done on the dataset at `uri`: loader stream
+    (its first window), loader stream resumed mid-epoch, loader local (the whole split; skipped
+    above args.local_max_rows); and the driver's dataset checks."""
+    from sparsebk.data.manifest import check_dataset, load_manifest
+
+    n = load_manifest(uri)["splits"]["train"]["rows"]
+    out = []
+    for label, verify in (("driver check_dataset, footers (loader stream)", False),
+                          ("driver check_dataset, every SHA-256", True)):
+        t0 = time.perf_counter()
+        check_dataset(uri, verify_checksums=verify)
+        out.append({"what": label, "first_batch_s": float("nan"),
+                    "first_step_s": time.perf_counter() - t0, "train_rows": n})
+    cases = [("loader stream", "stream", 0), ("loader stream, resumed mid-epoch", "stream", n // 2)]
+    if n <= args.local_max_rows:
+        cases.append(("loader local (whole split)", "local", 0))
+    for label, loader, start in cases:
+        t0 = time.perf_counter()
+        run = _LoaderRun(uri, args, loader)
+        if start:
+            from sparsebk.train.run_state import stream_batches
+
+            run.batches = stream_batches(uri, run.cfg, 0, start, 0, 1)
+        batch = next(run.batches)
+        first_batch = time.perf_counter() - t0
+        values = run.schedule.get(1)
+        run.trainer.net.set_sparsity_schedule(values.targets, values.weight)
+        run.trainer.train_step(batch)
+        out.append({"what": label, "first_batch_s": first_batch,
+                    "first_step_s": time.perf_counter() - t0, "train_rows": n})
+    return out

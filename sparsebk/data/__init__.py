@@ -1,4 +1,5 @@
-"""Data: corpora -> offline tokenisers -> Parquet token blocks -> torch / Ray Data loaders.
+"""Data: corpora -> offline tokenisers -> Parquet token blocks -> torch, streaming and Ray Data
+loaders.
 
 Names are imported lazily so that `import sparsebk.data` does not pull in pyarrow or Ray.
 """
@@ -14,6 +15,8 @@ _EXPORTS = {
     "MANIFEST_NAME": "sparsebk.data.manifest",
     "load_blocks": "sparsebk.data.loading",
     "ray_datasets": "sparsebk.data.loading",
+    "stream_rows": "sparsebk.data.stream",
+    "SampleOrder": "sparsebk.data.stream",
     "get_tokenizer": "sparsebk.data.tokenizers",
     "load_tokenizer": "sparsebk.data.tokenizers",
     "TOKENIZER_NAMES": "sparsebk.data.tokenizers",

@@ -21,6 +21,26 @@ def _split_files(root: Store, manifest: dict, split: str) -> list[str]:
     return [root.path(entry["path"]) for entry in manifest["splits"][split]["files"]]
 
 
+def shard_rows(col, m: dict, fpath: str, mpath: str) -> np.ndarray:
+    """A shard's tokens column (pyarrow) as int32 ids (rows, block_len + 1), every row checked:
+    exactly block_len + 1 ids, each in [0, vocab_size). Errors name the file (`fpath`) and the
+    manifest field (`mpath`)."""
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    width = m["block_len"] + 1
+    offsets = col.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    bad = np.flatnonzero(lengths != width)
+    if bad.size:
+        raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {bad[0]} has {lengths[bad[0]]} ids, not "
+                         f"block_len + 1 = {width} ({mpath} field block_len)")
+    values = col.values.to_numpy()[offsets[0]:offsets[-1]]
+    if values.size and (values.max() >= m["vocab_size"] or values.min() < 0):
+        row = int(np.flatnonzero(((values >= m["vocab_size"]) | (values < 0)).reshape(-1, width).any(1))[0])
+        raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {row} has a token id outside "
+                         f"[0, vocab_size={m['vocab_size']}) ({mpath} field vocab_size)")
+    return values.reshape(-1, width)
+
+
 def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
                 block_len: int | None = None, verify_checksums: bool = True):
     """All blocks of one split as a torch.LongTensor (R, block_len + 1); row[:-1] -> row[1:].
@@ -35,23 +55,10 @@ def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
                       verify_checksums=verify_checksums)
     width = m["block_len"] + 1
     parts = []
-    mpath = root.location(MANIFEST_NAME)
     for entry in m["splits"][split]["files"]:
-        fpath = root.location(entry["path"])  # what errors name
         col = pq.read_table(root.path(entry["path"]), columns=[TOKENS_COLUMN],
-                            filesystem=root.fs).column(0).combine_chunks()
-        offsets = col.offsets.to_numpy()
-        lengths = np.diff(offsets)
-        bad = np.flatnonzero(lengths != width)
-        if bad.size:
-            raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {bad[0]} has {lengths[bad[0]]} ids, not "
-                             f"block_len + 1 = {width} ({mpath} field block_len)")
-        values = col.values.to_numpy()[offsets[0]:offsets[-1]]
-        if values.size and (values.max() >= m["vocab_size"] or values.min() < 0):
-            row = int(np.flatnonzero(((values >= m["vocab_size"]) | (values < 0)).reshape(-1, width).any(1))[0])
-            raise ValueError(f"{fpath}: column {TOKENS_COLUMN} row {row} has a token id outside "
-                             f"[0, vocab_size={m['vocab_size']}) ({mpath} field vocab_size)")
-        parts.append(values.reshape(-1, width))
+                            filesystem=root.fs).column(0)
+        parts.append(shard_rows(col, m, root.location(entry["path"]), root.location(MANIFEST_NAME)))
     blocks = np.concatenate(parts) if parts else np.empty((0, width), dtype=np.int32)
     return torch.from_numpy(blocks.astype(np.int64))
 

@@ -31,7 +31,7 @@ from sparsebk.validation import (check_bool, check_choice, check_float, check_in
                                  field_error, from_mapping)
 
 TOKENIZERS = ("word", "byte", "gpt2")
-LOADERS = ("ray", "local")
+LOADERS = ("ray", "local", "stream")
 CORPORA = ("ptb", "text")
 FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
 PARALLEL = ("ddp", "fsdp")
@@ -62,7 +62,12 @@ class DataConfig:
     samples (as many rows, not necessarily the same ones). `loader: local` has every worker
     read the train split's Parquet files itself (a seeded permutation per epoch when
     shuffling, the rows left strided by rank): no Ray Data actors to start, and exactly the
-    same rows left after a restart. Both need the dataset on storage every worker can read.
+    same rows left after a restart. `loader: stream` has every worker read the train split's
+    shards from the store a window of `shuffle_window` rows at a time (never the whole split;
+    the next window read in a background thread), in an order that depends only on run.seed,
+    the epoch and the dataset (sparsebk.data.stream): exactly the same rows left after a
+    restart with any worker count, like local, in bounded memory. All three need the dataset
+    on storage every worker can read.
 
     `dir`: a local path or a URI (s3://, gs://, ...; sparsebk.storage.store); a relative path is under
     $SPARSEBK_HOME (default ~/sparsebk), never the launch directory."""
@@ -77,7 +82,8 @@ class DataConfig:
     batch_size: int = 16  # per worker
     prefetch_batches: int = 2
     loader: str = "ray"
-    shuffle_buffer: int = 0  # rows (Ray Data local shuffle); with loader local: > 0 = shuffle
+    shuffle_buffer: int = 0  # rows (Ray Data local shuffle); loader local, stream: > 0 = shuffle
+    shuffle_window: int = 16384  # loader stream: rows mixed together (and held) at a time
     eval_batch_size: int = 32
 
     def __post_init__(self):
@@ -102,6 +108,7 @@ class DataConfig:
         check_int("data.prefetch_batches", self.prefetch_batches, min=0)
         check_choice("data.loader", self.loader, LOADERS)
         check_int("data.shuffle_buffer", self.shuffle_buffer, min=0)
+        check_int("data.shuffle_window", self.shuffle_window, min=1)
         check_int("data.eval_batch_size", self.eval_batch_size, min=1)
 
 

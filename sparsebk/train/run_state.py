@@ -82,3 +82,29 @@ def local_batches(rows: torch.Tensor, cfg: "TrainConfig", epoch: int, start: int
     b = cfg.data.batch_size
     for i in range(0, len(mine) - b + 1, b):
         yield rows[mine[i:i + b]]
+
+
+def stream_batches(dataset_dir, cfg: "TrainConfig", epoch: int, start: int, rank: int,
+                   world: int, *, prefetch: bool = True):
+    """data.loader stream: this rank's batches of one epoch, read shard by shard from the
+    dataset's store (sparsebk.data.stream), from sample `start` of the epoch's order on.
+
+    The order depends only on (run.seed, epoch) and the dataset: windows of
+    data.shuffle_window rows, each permuted (when data.shuffle_buffer > 0 turns shuffling
+    on), after a seeded permutation of the shards. Rank r takes the same positions as in
+    `local_batches`, so the position is a sample count whatever the worker count and batch
+    size; with one window the rows are local_batches' own, batch for batch."""
+    import numpy as np
+
+    from sparsebk.data.stream import stream_rows
+
+    seed = shuffle_seed(cfg.run.seed, epoch) if cfg.data.shuffle_buffer else None
+    b = cfg.data.batch_size
+    buf = None
+    for chunk in stream_rows(dataset_dir, "train", seed, window=cfg.data.shuffle_window,
+                             start=start, rank=rank, world=world, prefetch=prefetch):
+        buf = chunk if buf is None or not len(buf) else np.concatenate([buf, chunk])
+        n = len(buf) // b * b
+        for i in range(0, n, b):
+            yield torch.from_numpy(buf[i:i + b].astype(np.int64))
+        buf = buf[n:]

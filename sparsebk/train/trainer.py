@@ -42,6 +42,7 @@ import math
 import os
 import tempfile
 import time
+import zlib
 from contextlib import nullcontext
 from typing import Callable, Iterator, Sequence
 
@@ -63,6 +64,15 @@ from sparsebk.train.tracking import Tracking
 logger = logging.getLogger("sparsebk.train")
 
 Batches = Callable[[int, int], Iterator[torch.Tensor]]  # (epoch, start sample) -> (B, T + 1)
+
+
+def row_ids(micro: Sequence[torch.Tensor]) -> list[int] | None:
+    """The rows of a step's micro-batches, in order, as CRC-32s of their int64 token ids: which
+    rows a rank trained on at a step (its schedule record keeps them). None for rows already on
+    an accelerator (reading them back would cost a device sync)."""
+    if any(m.device.type != "cpu" for m in micro):
+        return None
+    return [zlib.crc32(r.numpy().tobytes()) for m in micro for r in m.to(torch.int64)]
 
 
 def lr_factor(step: int, optim_cfg, progress: float | None = None) -> float:
@@ -236,7 +246,8 @@ class Trainer:
         self.current_schedule = sched
         if self.sched_file is not None:
             self.sched_file.write(json.dumps({"step": s.step, "targets": list(sched.targets),
-                                              "weight": sched.weight, "pid": os.getpid()}) + "\n")
+                                              "weight": sched.weight, "pid": os.getpid(),
+                                              "rows": row_ids(micro)}) + "\n")
         if self.train_step(micro) is None:
             max_bad = self.cfg.optim.max_bad_steps
             if self.rank == 0:

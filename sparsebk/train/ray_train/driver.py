@@ -101,7 +101,10 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
         raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
                          f"model's n_seq={cfg.model.n_seq}")
     dataset_dir = ensure_dataset(cfg.data)
-    manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len)
+    # loader stream checks each train shard's SHA-256 as it reads it: here its footer only
+    # (a dataset in a bucket is not read whole before the first step)
+    manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len,
+                             verify_checksums=cfg.data.loader != "stream")
     cfg = cfg.resolve_vocab(manifest["vocab_size"])  # the one place the vocabulary is decided
     _check_fit(cfg, manifest, where)
     if schedule_actor is None:

@@ -3,7 +3,8 @@
 Everything about a training step lives in sparsebk.train.trainer; this module adds what only
 a Ray worker has: its rank and device, the parallelism applied to the built model
 (`parallelize`: torch.compile of the experts, then DDP through `prepare_model` or FSDP2's
-`fully_shard`), the dataset shard, the schedule actor (rank 0 asks it, a gloo broadcast
+`fully_shard`), the training rows (data.loader ray: the Ray Data shard; local: the whole
+split; stream: the split's shards a window at a time), the schedule actor (rank 0 asks it, a gloo broadcast
 hands the values to every rank), checkpoints restored from and reported to Ray Train, and
 fault injection for the tests.
 
@@ -34,7 +35,7 @@ from sparsebk.train.config import TrainConfig
 from sparsebk.train.errors import deterministic
 from sparsebk.train.ray_train.restore import restore_with_fallback
 from sparsebk.train.ray_train.schedule_client import BroadcastSchedule, ScheduleClient
-from sparsebk.train.run_state import local_batches, shuffle_seed
+from sparsebk.train.run_state import local_batches, shuffle_seed, stream_batches
 from sparsebk.train.trainer import Trainer
 
 logger = logging.getLogger("sparsebk.train")
@@ -203,6 +204,9 @@ def _train_worker(config: dict) -> None:
     if cfg.data.loader == "ray":
         shard = ray.train.get_dataset_shard("train")  # [ray]
         batches = lambda epoch, start: ray_batches(shard, cfg, epoch, start, world)  # noqa: E731
+    elif cfg.data.loader == "stream":  # a window of the split at a time, read from the store
+        batches = lambda epoch, at: stream_batches(dataset_dir, cfg, epoch, at, rank,  # noqa: E731
+                                                   world)
     else:
         rows = load_blocks(dataset_dir, "train")
         batches = lambda epoch, at: local_batches(rows, cfg, epoch, at, rank, world)  # noqa: E731

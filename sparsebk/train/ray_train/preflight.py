@@ -143,7 +143,8 @@ def check_fit(cfg) -> int:
         raise PreflightError(
             f"no CPU is left for Ray Data's read tasks beside {placed} worker(s) of {ask} "
             f"({have}): the run would wait at step 0 forever. Add a CPU, lower "
-            "run.cpus_per_worker, or set data.loader=local (every worker reads the split)")
+            "run.cpus_per_worker, or set data.loader=stream (every worker streams its rows from "
+            "the store, no Ray Data tasks)")
     return fits
 
 
