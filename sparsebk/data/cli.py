@@ -1,4 +1,5 @@
-"""`sparsebk prepare-data`: tokenise PTB or your text into Parquet blocks (idempotent)."""
+"""`sparsebk prepare-data`: tokenise PTB or your text into Parquet blocks (idempotent, resumable;
+in this process or on Ray Data)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-fraction", type=float, default=0.05, help="--text only")
     p.add_argument("--test-fraction", type=float, default=0.05, help="--text only")
     p.add_argument("--max-vocab", type=int, default=None, help="word tokenizer only")
+    p.add_argument("--engine", choices=["auto", "local", "ray"], default="auto",
+                   help="where the parts run: this process, Ray Data tasks, or auto (Ray when "
+                        "connected to a cluster, RAY_ADDRESS is set or the text is over 256 MB, "
+                        "and it spans more than one part)")
+    p.add_argument("--part-mb", type=float, default=16.0,
+                   help="MB of text per part: the unit of parallel work, resume and block packing "
+                        "(default 16)")
+    p.add_argument("--doc-bytes", type=int, default=4096,
+                   help="--text only: a document ends at the first line end past this many bytes; "
+                        "documents go to splits by the hash of their content (default 4096)")
     p.add_argument("--out", required=True,
                    help="output directory (relative: under $SPARSEBK_HOME, default ~/sparsebk, "
                         "as data.dir), or a URI (s3://bucket/data/ptb-word?region=...)")
@@ -39,7 +50,9 @@ def main(argv: list[str]) -> int:
         out = prepare_dataset(resolve_location(args.out, "--out"), corpus="text" if args.text else args.corpus, text=args.text,
                               tokenizer=args.tokenizer, block_len=args.block_len,
                               rows_per_file=args.rows_per_file, valid_fraction=args.valid_fraction,
-                              test_fraction=args.test_fraction, max_vocab=args.max_vocab)
+                              test_fraction=args.test_fraction, max_vocab=args.max_vocab,
+                              engine=args.engine, part_bytes=max(1, round(args.part_mb * 2**20)),
+                              doc_bytes=args.doc_bytes)
     except ValueError as e:
         print(f"sparsebk prepare-data: {e}", file=sys.stderr)
         return 2

@@ -1,14 +1,29 @@
 """Where the text comes from: Penn Treebank (Mikolov's LM splits) or the user's own files.
 
-Both return `{split: [document, ...]}` for the splits train/valid/test. A document is a
-string; the dataset builder ends each one with the tokeniser's end-of-sequence id.
+A text corpus is read as a stream, never whole. Its files (sorted paths) are cut into
+documents at line ends: a document ends at the first b"\\n" at or past its `doc_bytes`-th byte
+(the last one at the end of its file), so a file of at most `doc_bytes` bytes is one document
+and a longer one is cut into pieces of about `doc_bytes`. The cut depends only on the file's
+bytes and `doc_bytes`. Each document lands in a split by the SHA-256 of its bytes
+(`split_of`): the same document goes to the same split whatever the engine, the plan or the
+part size, and identical documents go to the same split (a duplicate never sits in train
+and in test).
+
+`scan_text` reads every file once, in bounded memory (one read buffer): it checks that each
+document is UTF-8, computes the corpus's source checksum (the same SHA-256 over file names
+and contents the dataset manifest has always recorded) and returns the documents as arrays.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import os
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from sparsebk.data.manifest import SPLITS
 
@@ -17,6 +32,10 @@ CORPORA = ("ptb", "text")
 # Mikolov's PTB: tokens per split counting one <eos> per line, and its vocabulary size.
 PTB_TOKENS = {"train": 929_589, "valid": 73_760, "test": 82_430}
 PTB_VOCAB = 10_000
+
+DOC_BYTES = 4096  # a text document's length before its next line end
+SPLIT_RULE = "document-sha256"  # recorded in a text dataset's manifest args.split_rule
+READ_CHUNK = 1 << 20
 
 
 def ptb_splits() -> dict[str, list[str]]:
@@ -49,56 +68,80 @@ def text_files(spec: str | Path) -> list[Path]:
     return matches
 
 
-def read_documents(files: list[Path]) -> tuple[list[str], str]:
-    """Each file's text (UTF-8) and one SHA-256 over all names and contents, in order."""
-    docs, h = [], hashlib.sha256()
-    for f in files:
-        try:
-            data = f.read_bytes()
-            docs.append(data.decode("utf-8"))
-        except OSError as e:
-            raise ValueError(f"{f}: cannot read text file ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        for part in (f.name.encode(), data):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-    return docs, h.hexdigest()
+def split_of(document: bytes, valid_fraction: float, test_fraction: float) -> int:
+    """The index in SPLITS of a document's split: u = the first 8 bytes of its SHA-256 as a
+    fraction of 2**64; test when u < test_fraction, valid when u < test + valid, else train."""
+    u = int.from_bytes(hashlib.sha256(document).digest()[:8], "big") / 2.0 ** 64
+    return 2 if u < test_fraction else 1 if u < test_fraction + valid_fraction else 0
 
 
-def split_documents(docs: list[str], *, valid_fraction: float, test_fraction: float,
-                    source: str = "text") -> dict[str, list[str]]:
-    """Cut the documents, in order, at line boundaries into train / valid / test.
+def iter_documents(f, doc_bytes: int, chunk: int = READ_CHUNK):
+    """(offset, bytes) of each document of a binary stream, in order (see the module doc).
+    Holds one read chunk plus the longest line."""
+    buf, pos, offset = b"", 0, 0  # offset: the stream position of buf[pos]
+    while True:
+        cut = buf.find(b"\n", pos + doc_bytes - 1)
+        if cut >= 0:
+            yield offset, buf[pos:cut + 1]
+            offset += cut + 1 - pos
+            pos = cut + 1
+            continue
+        data = f.read(chunk)
+        if not data:
+            if pos < len(buf):
+                yield offset, buf[pos:]
+            return
+        buf, pos = buf[pos:] + data, 0
 
-    The cuts fall at the first line ends past (1 - valid - test) and (1 - test) of all
-    characters, so each split is contiguous text. A document cut by a split boundary becomes
-    two documents. Concatenating the three splits' documents gives back the input text.
-    """
-    lines: list[tuple[int, str]] = [(d, line) for d, doc in enumerate(docs)
-                                    for line in doc.splitlines(keepends=True)]
-    total = sum(len(line) for _, line in lines)
-    cuts = [(1.0 - valid_fraction - test_fraction) * total, (1.0 - test_fraction) * total]
-    out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    seen, split_idx, cur_doc, buf = 0, 0, None, []
 
-    def flush():
-        if buf:
-            out[SPLITS[split_idx]].append("".join(buf))
-            buf.clear()
+@dataclass
+class TextScan:
+    """A scanned text corpus: per document its file (index into `files`), byte offset, length
+    and split (index into SPLITS); the source checksum and sizes."""
 
-    for d, line in lines:
-        while split_idx < 2 and seen >= cuts[split_idx]:
-            flush()
-            split_idx += 1
-        if d != cur_doc:
-            flush()
-            cur_doc = d
-        buf.append(line)
-        seen += len(line)
-    flush()
-    for split in SPLITS:
-        if not any(doc.strip() for doc in out[split]):
-            raise ValueError(f"text={source!r}: split {split!r} gets no text ({len(lines)} lines, "
-                             f"{total} characters in all, valid_fraction={valid_fraction}, "
-                             f"test_fraction={test_fraction}); give more lines or change the fractions")
-    return out
+    files: list[Path]
+    file: np.ndarray  # int32
+    offset: np.ndarray  # int64
+    length: np.ndarray  # int64
+    split: np.ndarray  # int8
+    sha256: str
+    bytes: int
+
+
+def scan_text(files: list[Path], *, doc_bytes: int, valid_fraction: float,
+              test_fraction: float) -> TextScan:
+    """Read every file once (streamed): cut documents, check UTF-8, assign splits and hash
+    the source. A ValueError names the file (and byte) that cannot be read."""
+    cols = [array("i"), array("q"), array("q"), array("b")]
+    h, total = hashlib.sha256(), 0
+    for i, path in enumerate(files):
+        total += _scan_file(path, i, cols, h, doc_bytes, valid_fraction, test_fraction)
+    file, offset, length, split = (np.frombuffer(c, dtype=t) if len(c) else np.zeros(0, t)
+                                   for c, t in zip(cols, (np.int32, np.int64, np.int64, np.int8)))
+    return TextScan(files, file, offset, length, split, h.hexdigest(), total)
+
+
+def _scan_file(path: Path, index: int, cols, h, doc_bytes: int, valid_fraction: float,
+               test_fraction: float) -> int:
+    try:
+        size = os.stat(path).st_size
+        name = path.name.encode()
+        for part in (len(name).to_bytes(8, "little"), name, size.to_bytes(8, "little")):
+            h.update(part)  # length-prefixed name and content, as the manifest always hashed them
+        seen = 0
+        with open(path, "rb") as f:
+            for off, doc in iter_documents(f, doc_bytes):
+                h.update(doc)
+                try:
+                    doc.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}: not UTF-8 text (byte {off + e.start}: {e.reason})") from None
+                for col, value in zip(cols, (index, off, len(doc),
+                                             split_of(doc, valid_fraction, test_fraction))):
+                    col.append(value)
+                seen += len(doc)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read text file ({e.strerror})") from None
+    if seen != size:
+        raise ValueError(f"{path}: changed while being read ({size} bytes by its size, {seen} read)")
+    return size

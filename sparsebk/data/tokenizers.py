@@ -16,7 +16,7 @@ import json
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 TOKENIZER_NAMES = ("word", "byte", "gpt2")
 
@@ -103,9 +103,13 @@ class WordTokenizer(Tokenizer):
 
         With `max_size`, only the most frequent words are kept (the rest encode as `<unk>`).
         """
-        counts = Counter(text.split())
-        counts.pop(EOS, None)
-        counts.pop(UNK, None)
+        return cls.from_counts(Counter(text.split()), max_size=max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], *, max_size: int | None = None) -> "WordTokenizer":
+        """`build` from word counts (the merged counts of a corpus's parts give the same
+        vocabulary as the count of the whole text)."""
+        counts = {w: n for w, n in counts.items() if w not in (EOS, UNK)}
         words = sorted(counts, key=lambda w: (-counts[w], w))
         if max_size is not None:
             if max_size < 3:
