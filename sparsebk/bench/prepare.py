@@ -36,13 +36,14 @@ ENGINES = ("local", "ray1", "ray2")
 
 # one preparation in a fresh interpreter: prints its stats as one JSON line
 _RUNNER = """
-import json, resource, sys, time
+import json, sys, time
+from sparsebk.data.parts import peak_rss
 from sparsebk.data.prepare import run_preparation
 kw = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 out, stats = run_preparation(kw.pop("out"), **kw)
 stats["wall_s"] = time.perf_counter() - t0
-stats["driver_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+stats["driver_peak_rss_bytes"] = peak_rss()
 print("RESULT " + json.dumps(stats))
 """
 

@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import resource
-from array import array
 from collections import Counter
 
 import numpy as np
@@ -85,7 +84,17 @@ def iter_documents(paths: list[str], docs: np.ndarray):
             f.close()
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM (Linux; unlike ru_maxrss, which
+    keeps the parent's peak across fork and exec, it starts anew with the program), else
+    ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
@@ -98,7 +107,7 @@ def count_part(item: dict, ctx: dict) -> dict:
         counts.update(text.split())
     counts.pop(EOS, None)
     return {"part": part, "counts": dict(counts), "documents": len(docs), "bytes": int(docs[:, 2].sum()),
-            "tokens": sum(counts.values()), "pid": os.getpid(), "peak_rss_bytes": _peak_rss()}
+            "tokens": sum(counts.values()), "pid": os.getpid(), "peak_rss_bytes": peak_rss()}
 
 
 def make_part(item: dict, ctx: dict) -> dict:
@@ -116,7 +125,7 @@ def make_part(item: dict, ctx: dict) -> dict:
     store.write_text(record_name(part), json.dumps(record, indent=1) + "\n")  # after its shards
     return {**record, "documents": len(docs), "bytes": int(docs[:, 2].sum()),
             "tokens": sum(r["tokens"] for r in record["splits"].values()),
-            "pid": os.getpid(), "peak_rss_bytes": _peak_rss()}
+            "pid": os.getpid(), "peak_rss_bytes": peak_rss()}
 
 
 class _SplitStream:
@@ -125,27 +134,29 @@ class _SplitStream:
     def __init__(self, store, split: str, part: int, block_len: int, rows_per_file: int):
         self.store, self.split, self.part = store, split, part
         self.L, self.rpf = block_len, rows_per_file
-        self.buf = array("i")
-        self.tokens = self.rows = 0
+        self.chunks: list[np.ndarray] = []  # the ids not yet in a shard, in order
+        self.pending = self.tokens = self.rows = 0
         self.files: list[dict] = []
 
     def add(self, ids: list[int]) -> None:
-        self.buf.extend(ids)
+        self.chunks.append(np.array(ids, dtype=np.int32))
+        self.pending += len(ids)
         self.tokens += len(ids)
-        while len(self.buf) >= self.rpf * self.L + 1:
+        while self.pending >= self.rpf * self.L + 1:
             self._write(self.rpf)
 
     def _write(self, rows: int) -> None:
-        ids = np.frombuffer(self.buf[: rows * self.L + 1], dtype=np.int32)  # a copy: buf stays resizable
+        ids = np.concatenate(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
         blocks = ids[np.arange(rows)[:, None] * self.L + np.arange(self.L + 1)]
         name = shard_name(self.split, self.part, len(self.files))
         self.files.append(write_shard(self.store, name, blocks))
-        del self.buf[: rows * self.L]  # the last id starts the next row
+        self.chunks = [ids[rows * self.L:]]  # the last id starts the next row
+        self.pending = len(self.chunks[0])
         self.rows += rows
 
     def finish(self) -> dict:
-        if len(self.buf) > self.L:
-            self._write((len(self.buf) - 1) // self.L)
+        if self.pending > self.L:
+            self._write((self.pending - 1) // self.L)
         used = self.rows * self.L + 1 if self.rows else 0
         return {"rows": self.rows, "tokens": self.tokens, "dropped_tokens": self.tokens - used,
                 "files": self.files}
