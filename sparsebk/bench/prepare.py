@@ -90,7 +90,7 @@ def run_one(corpus: Path, out: Path, args, engine: str, address: str | None) -> 
     kw = {"out": str(out), "corpus": "text", "text": str(corpus), "tokenizer": args.tokenizer,
           "block_len": args.block_len, "rows_per_file": 4096, "valid_fraction": 0.05,
           "test_fraction": 0.05, "max_vocab": None, "engine": "local" if engine == "local" else "ray",
-          "part_bytes": int(args.part_mb * MB), "doc_bytes": 4096}
+          "part_bytes": int(args.part_mb * MB), "doc_bytes": None}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if address:
         env["RAY_ADDRESS"] = address

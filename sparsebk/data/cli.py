@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-mb", type=float, default=16.0,
                    help="MB of text per part: the unit of parallel work, resume and block packing "
                         "(default 16)")
-    p.add_argument("--doc-bytes", type=int, default=4096,
+    p.add_argument("--doc-bytes", type=int, default=None,
                    help="--text only: a document ends at the first line end past this many bytes; "
-                        "documents go to splits by the hash of their content (default 4096)")
+                        "documents go to splits by the hash of their content (default 4096, less "
+                        "for a text under 1 MB: about 256 documents)")
     p.add_argument("--out", required=True,
                    help="output directory (relative: under $SPARSEBK_HOME, default ~/sparsebk, "
                         "as data.dir), or a URI (s3://bucket/data/ptb-word?region=...)")

@@ -4,7 +4,8 @@ A text corpus is read as a stream, never whole. Its files (sorted paths) are cut
 documents at line ends: a document ends at the first b"\\n" at or past its `doc_bytes`-th byte
 (the last one at the end of its file), so a file of at most `doc_bytes` bytes is one document
 and a longer one is cut into pieces of about `doc_bytes`. The cut depends only on the file's
-bytes and `doc_bytes`. Each document lands in a split by the SHA-256 of its bytes
+bytes and `doc_bytes`; by default (`auto_doc_bytes`) doc_bytes is 4096, or less for a text
+under 1 MB so that it still makes about 256 documents. Each document lands in a split by the SHA-256 of its bytes
 (`split_of`): the same document goes to the same split whatever the engine, the plan or the
 part size, and identical documents go to the same split (a duplicate never sits in train
 and in test).
@@ -33,7 +34,8 @@ CORPORA = ("ptb", "text")
 PTB_TOKENS = {"train": 929_589, "valid": 73_760, "test": 82_430}
 PTB_VOCAB = 10_000
 
-DOC_BYTES = 4096  # a text document's length before its next line end
+DOC_BYTES = 4096  # the default length of a text document before its next line end
+MIN_DOCUMENTS = 256  # a smaller text gets shorter documents, so that every split gets some
 SPLIT_RULE = "document-sha256"  # recorded in a text dataset's manifest args.split_rule
 READ_CHUNK = 1 << 20
 
@@ -66,6 +68,11 @@ def text_files(spec: str | Path) -> list[Path]:
     if not matches:
         raise ValueError(f"text={str(spec)!r}: no such file or directory, and no file matches it as a glob")
     return matches
+
+
+def auto_doc_bytes(text_bytes: int) -> int:
+    """The default doc_bytes: DOC_BYTES, or text_bytes / MIN_DOCUMENTS when that is less."""
+    return max(1, min(DOC_BYTES, text_bytes // MIN_DOCUMENTS))
 
 
 def split_of(document: bytes, valid_fraction: float, test_fraction: float) -> int:

