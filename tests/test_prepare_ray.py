@@ -187,7 +187,7 @@ def test_a_killed_ray_driver_resumes_on_ray(ray_local, tmp_path):
     """The driver of a Ray-engine preparation (connected to this session's Ray through
     RAY_ADDRESS: auto picks Ray) killed mid-run; the same call on Ray finishes it."""
     ray_local.data.DataContext.get_current().enable_progress_bars = False
-    text = write_corpus(tmp_path / "text", files=4, lines=12_000, seed=2)  # ~2.2 MB
+    text = write_corpus(tmp_path / "text", files=4, lines=6_000, seed=2)  # ~1.1 MB: 17 parts
     out = tmp_path / "ds"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     cli = ["prepare-data", "--text", str(text / "*.txt"), "--tokenizer", "byte", "--block-len", "64",
