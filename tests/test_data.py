@@ -8,6 +8,7 @@ document and split rule written out plainly here (`reference_documents`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -175,6 +176,12 @@ def test_text_blocks_and_directory_of_files(tmp_path):
         rows = (len(ids) - 1) // 8
         assert torch.equal(load_blocks(out, split), torch.tensor(ids[: rows * 8 + 1]).unfold(0, 9, 8))
         assert m["splits"][split]["dropped_tokens"] == len(ids) - (rows * 8 + 1)
+    # the source checksum, streamed, is the one over all names and contents a dataset always had
+    h = hashlib.sha256()
+    for name, data in ((b"b.txt", b_text), (b"a.txt", a_text)):
+        for part in (len(name).to_bytes(8, "little"), name, len(data).to_bytes(8, "little"), data):
+            h.update(part)
+    assert m["source"]["sha256"] == h.hexdigest()
     # a glob names the same files
     out2 = prepare_dataset(tmp_path / "glob", text=str(d / "**" / "*.txt"), tokenizer="byte", block_len=8,
                            doc_bytes=16, valid_fraction=0.2, test_fraction=0.2)
@@ -205,6 +212,20 @@ def test_idempotent_reuse_and_refusal_to_mix(tmp_path, text_file):
     with pytest.raises(ValueError, match=r"not a prepared dataset"):
         prepare_dataset(text_file.parent, text=text_file, tokenizer="byte", doc_bytes=DOC)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+def test_a_dataset_made_before_the_hash_split_is_reused_as_it_is(tmp_path, text_file, caplog):
+    """A run training on a text dataset of the contiguous-fraction era resumes on the same data:
+    its manifest (no args.split_rule, doc_bytes, part_bytes) is reused with a warning; other
+    arguments still have to match."""
+    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, doc_bytes=DOC)
+    _rewrite_manifest(out, lambda m: [m["args"].pop(k) for k in ("split_rule", "doc_bytes", "part_bytes")])
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert prepare_dataset(out, text=text_file, tokenizer="byte", block_len=16, doc_bytes=DOC) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert "made before text splits were by document hash" in caplog.text
+    with pytest.raises(ValueError, match=r"field args\.block_len is 16 but 32 was asked for"):
+        prepare_dataset(out, text=text_file, tokenizer="byte", block_len=32, doc_bytes=DOC)
 
 
 def test_reuse_refuses_a_damaged_dataset(tmp_path, text_file):

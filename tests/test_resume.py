@@ -251,7 +251,7 @@ def test_preflight_fails_fast_naming_the_node_and_the_path(tmp_path, ray_local):
     from sparsebk.train.ray_train.preflight import PreflightError, check_nodes
 
     text = tmp_path / "corpus.txt"
-    text.write_text("a b c d e f g\n" * 50)
+    text.write_text("".join(f"a b c d e f g {i}\n" for i in range(200)))  # distinct lines: every split gets some
     data = prepare_dataset(tmp_path / "data", corpus="text", text=str(text), tokenizer="word",
                            block_len=4)
     storage = tmp_path / "runs"

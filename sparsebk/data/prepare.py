@@ -186,8 +186,18 @@ def _reuse(store: Store, out, args: dict, source: dict) -> bool:
     return False
 
 
+# arguments that text datasets made before the hash split do not record (their splits are
+# contiguous fractions of the text): such a dataset is reused as it is, with a warning, so a
+# run that trains on it resumes on the same data
+HASH_SPLIT_ARGS = ("split_rule", "doc_bytes", "part_bytes")
+
+
 def _check_same(m: dict, mpath, out, args: dict, source: dict, what: str = "the dataset there") -> None:
     """The existing manifest (or progress file) `m` was made with these arguments and text."""
+    if args["corpus"] == "text" and "split_rule" not in m.get("args", {}):
+        log.warning("%s: made before text splits were by document hash (contiguous fractions of the "
+                    "text); reusing it as it is. Delete %s to prepare it with the hash split", mpath, out)
+        args = {k: v for k, v in args.items() if k not in HASH_SPLIT_ARGS}
     for key, want in args.items():
         have = m.get("args", {}).get(key)
         if have != want:
