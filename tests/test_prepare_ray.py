@@ -138,15 +138,15 @@ def test_hash_split_holds_whatever_the_part_size(corpus, tmp_path):
 
 def test_auto_engine_choice(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        pytest.skip("this process is connected to Ray: auto picks Ray for any text over one part")
-    assert pick_engine("auto", 10 << 20, 16 << 20) == "local"  # one part: nothing to spread
-    assert pick_engine("auto", 100 << 20, 16 << 20) == "local"
-    assert pick_engine("auto", RAY_BYTES + 1, 16 << 20) == "ray"
-    assert pick_engine("local", RAY_BYTES + 1, 16 << 20) == "local"
+    assert pick_engine("auto", 10 << 20, 16 << 20, connected=True) == "local"  # one part: nothing to spread
+    assert pick_engine("auto", 100 << 20, 16 << 20, connected=False) == "local"
+    assert pick_engine("auto", 100 << 20, 16 << 20, connected=True) == "ray"
+    assert pick_engine("auto", RAY_BYTES + 1, 16 << 20, connected=False) == "ray"
+    assert pick_engine("local", RAY_BYTES + 1, 16 << 20, connected=True) == "local"
+    assert pick_engine("ray", 1 << 20, 16 << 20, connected=False) == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    assert pick_engine("auto", 100 << 20, 16 << 20) == "ray"
-    assert pick_engine("auto", 1 << 20, 16 << 20) == "local"
+    assert pick_engine("auto", 100 << 20, 16 << 20, connected=False) == "ray"
+    assert pick_engine("auto", 1 << 20, 16 << 20, connected=False) == "local"
 
 
 # ---------------------------------------------------------------- resume after a kill
@@ -187,7 +187,7 @@ def test_a_killed_ray_driver_resumes_on_ray(ray_local, tmp_path):
     """The driver of a Ray-engine preparation (connected to this session's Ray through
     RAY_ADDRESS: auto picks Ray) killed mid-run; the same call on Ray finishes it."""
     ray_local.data.DataContext.get_current().enable_progress_bars = False
-    text = write_corpus(tmp_path / "text", files=4, lines=6_000, seed=2)  # ~1.1 MB: 17 parts
+    text = write_corpus(tmp_path / "text", files=2, lines=6_000, seed=2)  # ~0.55 MB: 9 parts
     out = tmp_path / "ds"
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     cli = ["prepare-data", "--text", str(text / "*.txt"), "--tokenizer", "byte", "--block-len", "64",

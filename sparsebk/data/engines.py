@@ -23,16 +23,17 @@ ENGINES = ("auto", "local", "ray")
 RAY_BYTES = 256 << 20  # auto picks Ray for a text larger than this, or when a cluster is there
 
 
-def pick_engine(engine: str, text_bytes: int, part_bytes: int) -> str:
+def pick_engine(engine: str, text_bytes: int, part_bytes: int, connected: bool | None = None) -> str:
     """auto: local when the text fits in one part (nothing to spread); else Ray when this
-    process is connected to Ray, RAY_ADDRESS names a cluster, or the text is over RAY_BYTES;
-    else local."""
+    process is connected to Ray (`connected`; None: ask Ray, if it is imported), RAY_ADDRESS
+    names a cluster, or the text is over RAY_BYTES; else local."""
     if engine != "auto":
         return engine
     if text_bytes <= part_bytes:
         return "local"
-    ray = sys.modules.get("ray")
-    connected = ray is not None and ray.is_initialized()
+    if connected is None:
+        ray = sys.modules.get("ray")
+        connected = ray is not None and ray.is_initialized()
     return "ray" if connected or os.environ.get("RAY_ADDRESS") or text_bytes > RAY_BYTES else "local"
 
 
