@@ -63,6 +63,8 @@ def test_overrides_apply_and_parse_yaml_values(tmp_path):
     ("run.name=..", "run.name"),  # would escape run.storage_path
     ("run.inject_faults=[boom@3]", "run.inject_faults"),
     ("run.eval_every=100000", "run.eval_every"),
+    ("run.stop_grace_s=-1", "run.stop_grace_s=-1: must be >= 0"),
+    ("run.stop_grace_s=.inf", "run.stop_grace_s"),
     ("data.tokenizer=chars", "data.tokenizer"),
     ("data.batch_size=0", "data.batch_size"),
     ("data.corpus=text", "data.text"),

@@ -33,11 +33,11 @@ from sparsebk.validation import (check_bool, check_choice, check_float, check_in
 TOKENIZERS = ("word", "byte", "gpt2")
 LOADERS = ("ray", "local", "stream")
 CORPORA = ("ptb", "text")
-FAULT_MODES = ("raise", "exit", "kill_actor", "nan")
+FAULT_MODES = ("raise", "exit", "kill_actor", "nan", "hang")
 PARALLEL = ("ddp", "fsdp")
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 _SCI_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-_FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan)@(\d+)$")
+_FAULT_RE = re.compile(r"^(raise|exit|kill_actor|nan|hang)@(\d+)$")
 
 
 def _location(field: str, value: str) -> str:
@@ -153,8 +153,10 @@ class RunConfig:
 
     `inject_faults` is a TESTING AID: entries "MODE@STEP" with MODE one of raise (the last
     rank raises), exit (the last rank calls os._exit(1)), kill_actor (rank 0 kills the schedule
-    actor, which Ray restarts) or nan (rank 0's loss becomes NaN). raise/exit/kill_actor fire
-    once per run (a marker file in the run dir remembers); nan fires at that step every time.
+    actor, which Ray restarts), nan (rank 0's loss becomes NaN) or hang (the last rank sleeps
+    for an hour before the step: a step that outlasts run.stop_grace_s). raise/exit/
+    kill_actor/hang fire once per run (a marker file in the run dir remembers); nan fires at
+    that step every time.
 
     `parallel`: how workers share the model: "ddp" (a replica per worker, gradients
     all-reduced) or "fsdp" (parameters, gradients and optimizer state sharded across workers
@@ -202,6 +204,11 @@ class RunConfig:
     # waited for (Ray's worker-group start timeout, 60 s each) before the run stops with a
     # message saying how to resume; -1 waits forever (Ray's default)
     placement_retries: int = 3
+    # SIGTERM / SIGINT to the driver: the workers stop at the next step boundary with a
+    # checkpoint of that step; after this many seconds without one (a step or a checkpoint
+    # that takes longer, workers that do not answer) the run is aborted as Ray Train aborts
+    # it, and the steps since the latest checkpoint are redone on resume. 0: abort at once
+    stop_grace_s: float = 90.0
 
     def __post_init__(self):
         check_run_name("run.name", self.name)
@@ -238,6 +245,7 @@ class RunConfig:
                 raise field_error("run.min_workers", self.min_workers, "elastic training is for "
                                   "run.parallel ddp (a sharded run keeps its worker count)")
         check_int("run.placement_retries", self.placement_retries, min=-1)
+        self.stop_grace_s = check_float("run.stop_grace_s", self.stop_grace_s, min=0.0)
         self._check_tracking()
 
     def _check_tracking(self) -> None:

@@ -40,7 +40,7 @@ SAFE = (
     "run.torch_threads", "run.log_every", "run.eval_every", "run.eval_batches",
     "run.keep_checkpoints", "run.max_failures", "run.inject_faults", "run.plots", "run.compile",
     "run.tracking", "run.mlflow_uri", "run.mlflow_experiment", "run.placement_strategy",
-    "run.min_workers", "run.placement_retries",
+    "run.min_workers", "run.placement_retries", "run.stop_grace_s",
 )
 
 

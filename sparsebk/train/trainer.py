@@ -22,7 +22,10 @@ Each `fit` step (`step`) is one optimizer step over optim.grad_accum_steps = N m
        the run.tracking trackers: TensorBoard, MLflow);
     4. every `eval_every` steps (and at the last) `validate_and_save`: the all-reduced
        validation loss and eval-mode sparsity, the loss to the schedule, and the checkpoint
-       handed to `reporter` (Ray Train's report, a barrier every rank calls).
+       handed to `reporter` (Ray Train's report, a barrier every rank calls);
+    5. a step whose Schedule says `stop` (the driver was asked to stop) is the last: its
+       checkpoint is saved (`save_for_stop`, which leaves the run's course unchanged) and
+       `fit` returns.
 
 The one host sync per step is the finiteness check of the gradient norm (step 2): skipping a
 NaN step needs its answer before the optimizer runs. Nothing here imports Ray: the worker
@@ -155,6 +158,7 @@ class Trainer:
         self.last_log: dict = {}
         self.current_schedule = None  # the Schedule of the latest step
         self.trained_steps = 0  # in this process
+        self.stop_requested = False  # a Schedule said stop (the driver's SIGTERM / SIGINT)
         # a path or a URI: every file below goes through sparsebk.storage.store
         self.run_dir = str(run_dir) if run_dir is not None else None
         self.writer = MetricsWriter(self.run_dir) if self.run_dir and rank == 0 else None
@@ -261,6 +265,11 @@ class Trainer:
         if self.is_eval_step(s.step):
             self.validate_and_save()
             self.window.t0 = time.perf_counter()  # evaluation time is not training throughput
+        elif getattr(sched, "stop", False):
+            self.save_for_stop()
+        if getattr(sched, "stop", False):  # every rank got the same answer (broadcast)
+            self.stop_requested = True
+            return f"stopped at step {s.step} on request, with a checkpoint of that step"
         return None
 
     def train_step(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> dict | None:
@@ -371,18 +380,44 @@ class Trainer:
         if s.step == c.optim.max_steps and self.test is not None:
             test_loss, _ = self.evaluate(self.test())
             metrics.update(test_loss=test_loss, test_ppl=safe_ppl(test_loss))
+        self._publish(metrics)
+        return metrics
+
+    def _publish(self, metrics: dict) -> None:
+        """An evaluation's record (rank 0) and the checkpoint of this step, handed to the
+        reporter with it."""
         if self.writer is not None:
-            logger.info(eval_line(metrics, c.optim.max_steps))
+            logger.info(eval_line(metrics, self.cfg.optim.max_steps))
             self.record("eval", metrics)
         if self.reporter is not None:
             with tempfile.TemporaryDirectory(prefix="sparsebk-ckpt-") as tmp:
                 self.save(tmp)
                 self.reporter(metrics, tmp)
+
+    def save_for_stop(self) -> dict:
+        """The checkpoint of a step the driver asked the run to stop at, between evaluations.
+        Its validation loss (Ray ranks checkpoints by it) is measured on a copy of the RNG,
+        and given neither to the schedule nor to the run state, so a run resumed from this
+        checkpoint continues exactly as one that never stopped."""
+        s = self.state
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            val_loss, spars = self.evaluate(self.valid, self._eval_rows())
+        metrics = validation_metrics(s, val_loss, spars, self.current_schedule, self.last_log,
+                                     self.lr_sched.get_last_lr()[0])
+        metrics["stop_requested"] = True
+        self._publish(metrics)
         return metrics
 
     def finish(self, stopped: str | None) -> None:
         """End of fit: a stopped run (or a finished run re-run, which trained nothing) reports
-        its state without a checkpoint, so the last good checkpoint stays the latest."""
+        its state without a checkpoint, so the last good checkpoint stays the latest. A run
+        stopped on request reported the checkpoint of its last step already."""
+        if self.stop_requested:
+            if self.rank == 0:
+                logger.warning(stopped)
+            self.close(stopped=True)
+            return
         if stopped is not None or self.trained_steps == 0:
             val_loss, spars = self.evaluate(self.valid, self._eval_rows())
             metrics = {"step": self.state.step, "val_loss": val_loss,

@@ -9,6 +9,10 @@ of the step and the latest validation loss. So the actor's state is small (the s
 config, step and best loss, plus the latest validation loss), answers carry no state, and a
 step's values can be asked again with the same answer.
 
+Stopping: the driver calls `request_stop` (a SIGTERM or SIGINT); every answer from then on
+carries `stop=True`, and rank 0 broadcasts it with the values, so every rank ends after the
+same step, with a checkpoint of it (sparsebk.train.trainer).
+
 Restarts: the actor is created with `max_restarts=-1`. A restarted actor re-runs `__init__`
 and is not *ready*: it answers `values` with ScheduleNotReady until rank 0 pushes the state
 back with `load_state_dict` (or a fresh run calls `reset`). The state is plain JSON-able
@@ -27,6 +31,7 @@ class Schedule(NamedTuple):
 
     targets: list[float]  # per layer, each in [0, 1)
     weight: float  # sparsity-loss weight
+    stop: bool = False  # the driver asked the run to stop: this step is the last one
 
 
 class ScheduleNotReady(RuntimeError):
@@ -57,7 +62,10 @@ class ScheduleState:
         self.scheduler.current_step = step
         self.served += 1
         targets = out.get("layer_targets") or [out["sparsity_target"]] * self.n_layers
-        return Schedule([float(t) for t in targets], float(out["loss_weight"]))
+        if self.stop_requested and self.stop_step is None:
+            self.stop_step = step
+        return Schedule([float(t) for t in targets], float(out["loss_weight"]),
+                        self.stop_requested)
 
     def report_validation(self, val_loss: float) -> None:
         """The all-reduced validation loss (finite), the scheduler's `current_accuracy`."""
@@ -93,6 +101,15 @@ class ScheduleState:
 
     def fatal_reason(self) -> str | None:
         return self.fatal
+
+    # the driver's stop request (SIGTERM / SIGINT): not part of the checkpointed state, and
+    # kept through reset / load_state_dict (a worker group that starts after the request
+    # stops after its first step)
+    stop_requested: bool = False
+    stop_step: int | None = None  # the first step whose answer carried the request
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
 
 
 # num_cpus=0: the actor idles between calls and must not take a CPU a worker needs.

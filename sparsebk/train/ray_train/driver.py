@@ -14,13 +14,12 @@ sparsebk.storage.store, and the driver reads the metrics and the stop marker bac
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import signal
+import os
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,11 +31,13 @@ from ray.train.torch import TorchTrainer
 from sparsebk.storage.lease import RunLease
 from sparsebk.storage.store import is_uri, open_store
 from sparsebk.train.ray_train.actor import create_schedule_actor
+from sparsebk.train.ray_train.head_watch import HeadWatch, ray_reconnect_s
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.ray_train.loop import train_loop_per_worker
 from sparsebk.train.metrics import read_metrics, safe_ppl, summary_lines, write_plots
 from sparsebk.train.ray_train.preflight import check_fit, check_nodes
 from sparsebk.train.ray_train.restore import private_copy
+from sparsebk.train.ray_train.stopping import RunFailed, StopRequest, Stopped, stop_on_signals
 from sparsebk.train.resume import check_resume
 from sparsebk.train.tracking import log_plots
 
@@ -147,26 +148,17 @@ def _workers(cfg: TrainConfig) -> int | tuple[int, int]:
     return cfg.run.num_workers if lo is None or lo == cfg.run.num_workers else (lo, cfg.run.num_workers)
 
 
-class RunFailed(RuntimeError):
-    """Training stopped for good (retries spent, workers that cannot be placed): the message
-    says why in one line and how to resume."""
-
-
-def _fit(trainer, cfg: TrainConfig, stop: dict):
-    """trainer.fit(), its final failure (or a SIGTERM, recorded in `stop`) turned into a
+def _fit(trainer, cfg: TrainConfig, stop: StopRequest):
+    """trainer.fit(), its final failure (or a stop on request: SIGTERM / SIGINT) turned into a
     RunFailed that names the latest checkpoint and how to resume."""
     from ray.train import ControllerError, TrainingFailedError
 
-    def stopped():
-        return Stopped(f"run {cfg.run.name} stopped by {stop.get('signal', 'a signal')}: "
-                       f"latest checkpoint {latest_checkpoint(cfg) or 'none'}; the same "
-                       "command resumes from it")
-
     try:
-        result = trainer.fit()
+        with stop.watching(trainer):
+            result = trainer.fit()
     except BaseException as e:  # noqa: BLE001 -- after a SIGTERM any way out is the stop
         if stop or isinstance(e, Stopped):
-            raise stopped() from None
+            raise _stopped(cfg, stop, None) from None
         if not isinstance(e, TrainingFailedError):
             raise
         fatal = ray.get(trainer.schedule_actor.fatal_reason.remote())
@@ -185,14 +177,28 @@ def _fit(trainer, cfg: TrainConfig, stop: dict):
         raise RunFailed(
             f"run {cfg.run.name} stopped: {why}. Latest checkpoint: {latest or 'none'}; the "
             f"same command resumes from it. Last error: {cause}") from None
-    if stop:
-        raise stopped()
+    if stop and (result.metrics or {}).get("step") != cfg.optim.max_steps:
+        raise _stopped(cfg, stop, result)
     fatal = ray.get(trainer.schedule_actor.fatal_reason.remote())
     if fatal is not None:
         raise RunFailed(f"run {cfg.run.name} stopped: {fatal}. Not retried: the same error "
                         f"would recur. Latest checkpoint: {latest_checkpoint(cfg) or 'none'}; "
                         "fix the cause, then the same command resumes from it")
     return result
+
+
+def _stopped(cfg: TrainConfig, stop: StopRequest, result) -> Stopped:
+    """The one line of a run stopped on request: at a step boundary with a checkpoint of that
+    step (nothing to redo), or aborted (the steps after the latest checkpoint are redone)."""
+    head = f"run {cfg.run.name} stopped by {stop.signal or 'a signal'}"
+    m = (result.metrics or {}) if result is not None else {}
+    if stop.aborted is None and m.get("stop_requested") and result.checkpoint is not None:
+        at = _location(open_store(cfg.run.storage_path), result.checkpoint)
+        return Stopped(f"{head} after step {m['step']}: latest checkpoint {at} (step "
+                       f"{m['step']}, no step to redo); the same command resumes from it")
+    why = f" ({stop.aborted})" if stop.aborted else ""
+    return Stopped(f"{head}{why}: latest checkpoint {latest_checkpoint(cfg) or 'none'} (the "
+                   "steps after it are redone); the same command resumes from it")
 
 
 def latest_checkpoint(cfg: TrainConfig) -> str | None:
@@ -215,48 +221,35 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     """Fit, then write plots and summary.json in the run directory; returns the summary.
 
     One driver per run: the run folder's lease is taken first (LeaseHeld, a ValueError, when
-    another driver holds it). SIGTERM / SIGINT end the fit with a RunFailed that names the
-    latest checkpoint. Raises RuntimeError when the run stopped on non-finite losses (its last
+    another driver holds it). SIGTERM / SIGINT stop the workers at the next step boundary
+    with a checkpoint of that step (sparsebk.train.ray_train.stopping), then raise Stopped (a
+    RunFailed) naming it. Raises RuntimeError when the run stopped on non-finite losses (its last
     good checkpoint stays the latest one in the run directory)."""
-    with RunLease(open_store(cfg.run.run_dir)) as lease, _stop_on_signals() as stop:
+    with (RunLease(open_store(cfg.run.run_dir)) as lease,
+          stop_on_signals(cfg.run.stop_grace_s) as stop, _watch_head(cfg, lease)):
         return _train(cfg, where, lease, stop)
 
 
-class Stopped(RunFailed):
-    """The driver was asked to stop (SIGTERM from a scheduler or a spot node, or SIGINT)."""
+def _watch_head(cfg: TrainConfig, lease: RunLease) -> HeadWatch:
+    """Ends this driver when the cluster's head stays unreachable (sparsebk.train.ray_train.
+    head_watch): one line on stderr, the lease released, exit 1. Nothing of Ray can be shut
+    down without its head, and Ray itself would end the process shortly after."""
+    address = ray.get_runtime_context().gcs_address
+
+    def lost(waited: float) -> None:
+        msg = (f"run {cfg.run.name} stopped: the Ray head at {address} has not answered for "
+               f"{waited:.0f} s (the cluster lost its head node; Ray's processes give up after "
+               f"{ray_reconnect_s():.0f} s). Latest checkpoint: "
+               f"{latest_checkpoint(cfg) or 'none'}; the same command resumes from it once "
+               "the cluster is back")
+        print(f"sparsebk train: {msg}", file=sys.stderr, flush=True)
+        lease.release()
+        os._exit(1)
+
+    return HeadWatch(address, lost)
 
 
-@contextlib.contextmanager
-def _stop_on_signals():
-    """Yields a dict that records a SIGTERM (a scheduler or a spot node asking the job to
-    stop). The handler hands it to Ray Train's own SIGINT handler while a fit runs (which
-    aborts the run's controller gracefully, so `fit` returns), or raises Stopped outside
-    one; `_fit` then ends the run with Stopped. Main thread only (elsewhere: unchanged)."""
-    stop: dict = {}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    ours = signal.getsignal(signal.SIGINT)
-
-    def on_term(signum, frame):
-        stop["signal"] = signal.Signals(signum).name
-        ray_handler = signal.getsignal(signal.SIGINT)
-        if not callable(ray_handler) or ray_handler is ours:
-            raise Stopped(stop["signal"])
-        try:  # Ray Train's: abort the controller, after which `fit` returns or raises
-            ray_handler(signal.SIGINT, frame)
-        except SystemExit:  # its way out when the controller is already gone: `fit` then
-            pass            # raises on its own; raising here, inside Ray's C code, would not
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, old)
-        signal.signal(signal.SIGINT, ours)
-
-
-def _train(cfg: TrainConfig, where: str, lease: RunLease, stop: dict) -> dict:
+def _train(cfg: TrainConfig, where: str, lease: RunLease, stop: StopRequest) -> dict:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, where=where)
     check_fit(TrainConfig.from_dict(trainer.train_loop_config["cfg"]))  # vocabulary resolved

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -91,10 +92,14 @@ class FaultInjector:
         for mode, at in self.faults:
             if at != step:
                 continue
-            if mode in ("raise", "exit") and self.rank == self.world - 1 and self._once(mode, step):
+            last = self.rank == self.world - 1
+            if mode in ("raise", "exit", "hang") and last and self._once(mode, step):
                 logger.warning("fault injection: %s on rank %d at step %d", mode, self.rank, step)
                 if mode == "raise":
                     raise RuntimeError(f"injected failure at step {step} (run.inject_faults)")
+                if mode == "hang":
+                    time.sleep(3600)
+                    return
                 os._exit(1)
             if mode == "kill_actor" and self.rank == 0 and self._once(mode, step):
                 logger.warning("fault injection: killing the schedule actor at step %d", step)

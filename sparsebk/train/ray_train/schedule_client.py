@@ -12,6 +12,10 @@ after an evaluation step, where they are requested after the validation loss was
 a validation loss at step t reaches the schedule at step t + 1, and a resumed run (which pushes
 the checkpointed state, validation loss included) continues the same timeline.
 
+A stop request (the driver's SIGTERM / SIGINT) travels in the values (`Schedule.stop`), so
+every rank learns it at the same step; the values of a step that carries it are not followed
+by a prefetch.
+
 Recovery: a call that fails with RayActorError (the actor died with it in flight) or
 ScheduleNotReady (a restarted actor without state) makes rank 0 push the state of the last
 checkpoint back, re-send the newest validation loss, and ask again. The values are a pure
@@ -92,7 +96,7 @@ class ScheduleClient:
             return r if r is not None else self.actor.values.remote(step)
 
         out = Schedule(*self._call(issue, f"step {step}"))
-        if prefetch_next:
+        if prefetch_next and not out.stop:  # a stop: this step is the last
             self.pending = (step + 1, self.actor.values.remote(step + 1))
         return out
 
@@ -136,13 +140,14 @@ class BroadcastSchedule:
         values = self.source.get(step, prefetch_next=prefetch_next) if self.source else None
         if self.world == 1:
             return values
-        buf = torch.empty(self.n_layers + 1, dtype=torch.float64)  # (L + 1,): targets, weight
+        buf = torch.empty(self.n_layers + 2, dtype=torch.float64)  # targets, weight, stop
         if values is not None:
             buf[:self.n_layers] = torch.tensor(values.targets, dtype=torch.float64)
             buf[self.n_layers] = values.weight
+            buf[self.n_layers + 1] = float(values.stop)
         torch.distributed.broadcast(buf, src=0, group=self.group)
         out = buf.tolist()
-        return Schedule(out[:self.n_layers], out[self.n_layers])
+        return Schedule(out[:self.n_layers], out[self.n_layers], out[self.n_layers + 1] != 0.0)
 
     def report_validation(self, val_loss: float) -> None:
         if self.source is not None:

@@ -1,0 +1,176 @@
+"""Stopping a run on request (docs/operations.md, the fault matrix): SIGTERM to `sparsebk
+train` stops its workers at the next step boundary with a checkpoint of that step, and the
+same command resumes from it to the weights of a run that never stopped; a step that outlasts
+run.stop_grace_s, or a second signal, aborts the run as Ray Train aborts it.
+
+The stopped and the resumed run are `sparsebk train` subprocesses with a local Ray each, as
+a scheduler runs and signals them; the uninterrupted reference and the aborted runs use the
+session's local Ray (`ray_local`), the latter signalled in this process (the driver's own
+handlers, in its main thread). Each test prints its `ROW` (pytest -s)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsebk.train.config import load_config
+from conftest import RAY_TEST_ENV
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
+
+
+def _sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """tiny, 40 steps, one checkpoint at the end (a stop falls between checkpoints), the
+    exact data loader."""
+    return [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"run.name={name}", "optim.max_steps=40", "run.eval_every=40", "run.log_every=2",
+            "data.loader=local", "run.plots=false", "optim.warmup_steps=1", *extra]
+
+
+def _trained_steps(run_dir: Path, rank: int) -> list[list[int]]:
+    """The steps each worker process of `rank` trained, in order (schedule/rank{r}.jsonl)."""
+    seqs: dict[int, list[int]] = defaultdict(list)
+    for line in (run_dir / "schedule" / f"rank{rank}.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        seqs[r["pid"]].append(r["step"])
+    return list(seqs.values())
+
+
+def _newest_state(run_dir: Path) -> dict:
+    from sparsebk.train.resume import list_checkpoints
+
+    import pyarrow.fs as pafs
+
+    newest = list_checkpoints(pafs.LocalFileSystem(), str(run_dir))[0]
+    return torch.load(Path(newest) / "state.pt", weights_only=True)
+
+
+def _cli(tmp_path: Path, sets: list[str], log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env.update(RAY_TEST_ENV)
+    cmd = [sys.executable, "-m", "sparsebk.cli", "train", "--config", str(TINY),
+           "--num-cpus", "4", *[a for s in sets for a in ("--set", s)]]
+    out = open(log, "w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
+        tmp_path, ray_local):
+    """SIGTERM while `sparsebk train` trains between checkpoints: exit 1, one line naming a
+    checkpoint of the last step trained (no step lost), the lease released; the same command
+    then trains the remaining steps only, and ends with the weights of the reference run."""
+    from sparsebk.train.ray_train.driver import run_training
+
+    ref = run_training(load_config(TINY, _sets(tmp_path, "ref")))
+    assert ref["steps"] == 40
+    run_dir, log = tmp_path / "runs" / "term", tmp_path / "term.log"
+    proc = _cli(tmp_path, _sets(tmp_path, "term"), log)
+    try:
+        t0 = time.time()
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 4,' in metrics.read_text()):  # a few steps in
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() - t0 < 300, "no training step logged"
+            time.sleep(0.2)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        rc = _finish(proc, 120)
+        took = time.time() - sent
+    finally:
+        _finish(proc, 0)
+    out = log.read_text()
+    ours = [line for line in out.splitlines() if line.startswith("sparsebk train:")]
+    print(f"\nROW SIGTERM to the driver: exited {took:.1f} s after the signal: {ours}")
+    assert rc == 1, out[-3000:]
+    assert len(ours) == 1 and "Traceback" not in out, out[-3000:]
+    m = re.search(r"stopped by SIGTERM after step (\d+): latest checkpoint (\S+) \(step \1, "
+                  r"no step to redo\); the same command resumes from it$", ours[0])
+    assert m, ours[0]
+    step = int(m.group(1))
+    assert 4 <= step < 40
+    assert Path(m.group(2)).parent == run_dir and (Path(m.group(2)) / "manifest_rank0.json").is_file()
+    assert _newest_state(run_dir)["step"] == step  # the newest checkpoint holds that step
+    for rank in (0, 1):  # ... and no rank trained past it
+        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1))]
+    assert not (run_dir / "driver.lease.json").exists()
+
+    proc = _cli(tmp_path, _sets(tmp_path, "term"), log)  # the same command
+    assert _finish(proc, 400) == 0, log.read_text()[-3000:]
+    for rank in (0, 1):
+        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)), list(range(step + 1, 41))]
+    got, want = _newest_state(run_dir), _newest_state(tmp_path / "runs" / "ref")
+    assert got["step"] == want["step"] == 40
+    assert got["model"].keys() == want["model"].keys()
+    for k, v in want["model"].items():
+        assert torch.equal(got["model"][k], v), k  # bit-identical: the stop changed nothing
+
+
+def _signal_at_the_hang(run_dir: Path, signals: list[int], out: dict) -> threading.Thread:
+    """Sends `signals` to this process, a second apart, once the hang fault fired."""
+    def go():
+        while not (run_dir / "faults" / "hang@6").exists():
+            time.sleep(0.1)
+        out["sent"] = time.time()
+        for i, s in enumerate(signals):
+            if i:
+                time.sleep(1)
+            os.kill(os.getpid(), s)
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    return th
+
+
+@pytest.mark.parametrize("grace, signals, why", [
+    (2, [signal.SIGINT], "no step ended within run.stop_grace_s=2 s"),
+    (300, [signal.SIGTERM, signal.SIGTERM], "a second SIGTERM"),
+])
+def test_a_stop_that_cannot_reach_a_step_boundary_aborts(tmp_path, ray_local, grace, signals,
+                                                         why):
+    """The last rank hangs before step 6 (a step that never ends): a SIGINT waits
+    run.stop_grace_s, a second SIGTERM does not; either way the run is aborted, and the line
+    names the checkpoint of step 4, the latest one."""
+    from sparsebk.train.ray_train.driver import run_training
+    from sparsebk.train.ray_train.stopping import Stopped
+
+    cfg = load_config(TINY, _sets(tmp_path, "hang", "run.eval_every=4", "run.inject_faults=[hang@6]",
+                                  f"run.stop_grace_s={grace}"))
+    out: dict = {}
+    _signal_at_the_hang(Path(cfg.run.run_dir), signals, out)
+    with pytest.raises(Stopped) as err:
+        run_training(cfg)
+    took = time.time() - out["sent"]
+    msg = str(err.value)
+    print(f"\nROW stop aborted ({why}): ended {took:.1f} s after the first signal: {msg}")
+    name = signal.Signals(signals[0]).name
+    assert f"stopped by {name} ({why}): latest checkpoint " in msg, msg
+    assert "the steps after it are redone" in msg and "the same command resumes" in msg
+    latest = Path(msg.split("latest checkpoint ")[1].split(" ")[0])
+    assert torch.load(latest / "state.pt", weights_only=True)["step"] == 4
+    if len(signals) == 1:
+        assert grace <= took < grace + 60  # the grace period, then the abort (seconds)
+    else:
+        assert took < 60  # the second signal did not wait for the grace period
