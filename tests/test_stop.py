@@ -27,7 +27,7 @@ import torch
 from sparsebk.train.config import load_config
 from conftest import RAY_TEST_ENV
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.timeout(600)]
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
@@ -39,6 +39,82 @@ def _sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
     return [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
             f"run.name={name}", "optim.max_steps=40", "run.eval_every=40", "run.log_every=2",
             "data.loader=local", "run.plots=false", "optim.warmup_steps=1", *extra]
+
+
+# --- one process: the Trainer and the schedule's state, no Ray ------------------------------
+def _small_cfg(tmp_path: Path, max_steps: int = 12):
+    from sparsebk.train.config import TrainConfig
+
+    return TrainConfig.from_dict({
+        "model": {"preset": "debug", "vocab_size": 50},
+        "data": {"batch_size": 4, "block_len": 16, "eval_batch_size": 8, "loader": "local",
+                 "dir": str(tmp_path / "data")},
+        "optim": {"lr": 3e-3, "warmup_steps": 3, "max_steps": max_steps},
+        "schedule": {"initial_sparsity": 0.1, "final_sparsity": 0.4, "warmup_steps": 6},
+        "run": {"log_every": 2, "eval_every": max_steps, "num_workers": 1,
+                "storage_path": str(tmp_path / "runs")}})
+
+
+class _StopBefore:
+    """Trainer hooks: the driver's request reaches the schedule's state before step `at`."""
+
+    def __init__(self, state, at: int | None):
+        self.state, self.at = state, at
+
+    def before_step(self, step: int) -> None:
+        if step == self.at:
+            self.state.request_stop()
+
+    def loss(self, step, loss):
+        return loss
+
+
+def _fit(cfg, rows, valid, tmp_path: Path, stop_at=None, resume_from=None):
+    """A single-process Trainer fit (LocalSchedule); returns it and its checkpoint folders."""
+    import shutil
+
+    from sparsebk.model.lm import SparseBKLM
+    from sparsebk.train.ray_train.schedule_client import LocalSchedule
+    from sparsebk.train.run_state import local_batches
+    from sparsebk.train.trainer import Trainer
+
+    saved = []
+
+    def reporter(metrics, directory):
+        if directory is not None:
+            saved.append(tmp_path / f"ckpt-{len(list(tmp_path.glob('ckpt-*')))}")
+            shutil.copytree(directory, saved[-1])
+
+    torch.manual_seed(0)
+    t = Trainer(cfg, SparseBKLM(cfg.model), device=torch.device("cpu"), valid=valid,
+                reporter=reporter)
+    sched = t.restore(resume_from) if resume_from is not None else None
+    t.schedule = LocalSchedule(cfg.schedule, cfg.model.n_layers, sched)
+    t.hooks = _StopBefore(t.schedule.state, stop_at)
+    stopped = t.fit(lambda epoch, start: local_batches(rows, cfg, epoch, start, 0, 1))
+    t.finish(stopped)
+    return t, stopped, saved
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_stopped_trainer_saves_its_last_step_and_resumes_to_the_same_weights(tmp_path):
+    """The schedule's state asked to stop before step 5: the Trainer trains step 5, saves a
+    checkpoint of it (validation measured, not given to the schedule) and returns; a Trainer
+    restored from it trains steps 6-12 to the weights of a fit that never stopped."""
+    cfg = _small_cfg(tmp_path)
+    rows = torch.randint(0, 50, (96, 17), generator=torch.Generator().manual_seed(1))
+    valid = torch.randint(0, 50, (16, 17), generator=torch.Generator().manual_seed(2))
+    ref, stopped, _ = _fit(cfg, rows, valid, tmp_path / "ref")
+    assert stopped is None and ref.state.step == 12
+    a, stopped, saved = _fit(cfg, rows, valid, tmp_path / "a", stop_at=5)
+    assert stopped == "stopped at step 5 on request, with a checkpoint of that step"
+    assert a.state.step == 5 and len(saved) == 1
+    state = torch.load(saved[0] / "state.pt", weights_only=True)
+    assert state["step"] == 5 and state["schedule_state"]["last_val_loss"] is None
+    b, stopped, _ = _fit(cfg, rows, valid, tmp_path / "b", resume_from=saved[0])
+    assert stopped is None and b.state.step == 12
+    for (k, v), w in zip(ref.net.state_dict().items(), b.net.state_dict().values()):
+        assert torch.equal(v, w), k
 
 
 def _trained_steps(run_dir: Path, rank: int) -> list[list[int]]:
@@ -77,6 +153,7 @@ def _finish(proc: subprocess.Popen, timeout: float) -> int:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.ray
 def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
         tmp_path, ray_local):
     """SIGTERM while `sparsebk train` trains between checkpoints: exit 1, one line naming a
@@ -144,6 +221,7 @@ def _signal_at_the_hang(run_dir: Path, signals: list[int], out: dict) -> threadi
     return th
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("grace, signals, why", [
     (2, [signal.SIGINT], "no step ended within run.stop_grace_s=2 s"),
     (300, [signal.SIGTERM, signal.SIGTERM], "a second SIGTERM"),

@@ -262,13 +262,13 @@ class Trainer:
                         f"steps (optim.max_bad_steps={max_bad})")
         if s.step % self.cfg.run.log_every == 0 or s.step == self.cfg.optim.max_steps:
             self.log()
+        self.stop_requested = getattr(sched, "stop", False)  # the same on every rank
         if self.is_eval_step(s.step):
             self.validate_and_save()
             self.window.t0 = time.perf_counter()  # evaluation time is not training throughput
-        elif getattr(sched, "stop", False):
+        elif self.stop_requested:
             self.save_for_stop()
-        if getattr(sched, "stop", False):  # every rank got the same answer (broadcast)
-            self.stop_requested = True
+        if self.stop_requested:
             return f"stopped at step {s.step} on request, with a checkpoint of that step"
         return None
 
@@ -385,7 +385,9 @@ class Trainer:
 
     def _publish(self, metrics: dict) -> None:
         """An evaluation's record (rank 0) and the checkpoint of this step, handed to the
-        reporter with it."""
+        reporter with it (marked `stop_requested` when the run stops after this step)."""
+        if self.stop_requested:
+            metrics["stop_requested"] = True
         if self.writer is not None:
             logger.info(eval_line(metrics, self.cfg.optim.max_steps))
             self.record("eval", metrics)
@@ -405,7 +407,6 @@ class Trainer:
             val_loss, spars = self.evaluate(self.valid, self._eval_rows())
         metrics = validation_metrics(s, val_loss, spars, self.current_schedule, self.last_log,
                                      self.lr_sched.get_last_lr()[0])
-        metrics["stop_requested"] = True
         self._publish(metrics)
         return metrics
 

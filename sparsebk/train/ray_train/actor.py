@@ -62,8 +62,6 @@ class ScheduleState:
         self.scheduler.current_step = step
         self.served += 1
         targets = out.get("layer_targets") or [out["sparsity_target"]] * self.n_layers
-        if self.stop_requested and self.stop_step is None:
-            self.stop_step = step
         return Schedule([float(t) for t in targets], float(out["loss_weight"]),
                         self.stop_requested)
 
@@ -106,7 +104,6 @@ class ScheduleState:
     # kept through reset / load_state_dict (a worker group that starts after the request
     # stops after its first step)
     stop_requested: bool = False
-    stop_step: int | None = None  # the first step whose answer carried the request
 
     def request_stop(self) -> None:
         self.stop_requested = True
