@@ -3,10 +3,10 @@ train` stops its workers at the next step boundary with a checkpoint of that ste
 same command resumes from it to the weights of a run that never stopped; a step that outlasts
 run.stop_grace_s, or a second signal, aborts the run as Ray Train aborts it.
 
-The stopped and the resumed run are `sparsebk train` subprocesses with a local Ray each, as
-a scheduler runs and signals them; the uninterrupted reference and the aborted runs use the
-session's local Ray (`ray_local`), the latter signalled in this process (the driver's own
-handlers, in its main thread). Each test prints its `ROW` (pytest -s)."""
+The stopped and the resumed run are `sparsebk train --address` subprocesses on the session's
+local Ray (`ray_local`), as a scheduler runs and signals a driver; the uninterrupted reference
+and the aborted runs run in this process on the same Ray, the latter signalled here (the
+driver's own handlers, in its main thread). Each test prints its `ROW` (pytest -s)."""
 
 from __future__ import annotations
 
@@ -135,11 +135,11 @@ def _newest_state(run_dir: Path) -> dict:
     return torch.load(Path(newest) / "state.pt", weights_only=True)
 
 
-def _cli(tmp_path: Path, sets: list[str], log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
-    env.update(RAY_TEST_ENV)
+def _cli(address: str, sets: list[str], log: Path) -> subprocess.Popen:
+    """`sparsebk train --address` (the session's Ray: no Ray start of its own)."""
+    env = dict(os.environ, **RAY_TEST_ENV)
     cmd = [sys.executable, "-m", "sparsebk.cli", "train", "--config", str(TINY),
-           "--num-cpus", "4", *[a for s in sets for a in ("--set", s)]]
+           "--address", address, *[a for s in sets for a in ("--set", s)]]
     out = open(log, "w")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -164,7 +164,8 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
     ref = run_training(load_config(TINY, _sets(tmp_path, "ref")))
     assert ref["steps"] == 40
     run_dir, log = tmp_path / "runs" / "term", tmp_path / "term.log"
-    proc = _cli(tmp_path, _sets(tmp_path, "term"), log)
+    address = ray_local.get_runtime_context().gcs_address
+    proc = _cli(address, _sets(tmp_path, "term"), log)
     try:
         t0 = time.time()
         metrics = run_dir / "metrics.jsonl"
@@ -194,7 +195,7 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
         assert _trained_steps(run_dir, rank) == [list(range(1, step + 1))]
     assert not (run_dir / "driver.lease.json").exists()
 
-    proc = _cli(tmp_path, _sets(tmp_path, "term"), log)  # the same command
+    proc = _cli(address, _sets(tmp_path, "term"), log)  # the same command
     assert _finish(proc, 400) == 0, log.read_text()[-3000:]
     for rank in (0, 1):
         assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)), list(range(step + 1, 41))]
