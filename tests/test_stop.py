@@ -255,3 +255,20 @@ def test_a_stop_that_cannot_reach_a_step_boundary_aborts(tmp_path, ray_local, gr
         assert grace <= took < grace + 60  # the grace period, then the abort (seconds)
     else:
         assert took < 60  # the second signal did not wait for the grace period
+
+
+def test_a_signal_before_the_fit_stops_at_once_and_the_handlers_are_put_back():
+    """Nothing trains yet (data preparation, the checks): the first SIGTERM ends the driver
+    with its one line; the process's own handlers are back afterwards."""
+    from sparsebk.train.ray_train.stopping import Stopped, stop_on_signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    t0 = time.monotonic()
+    with pytest.raises(Stopped) as err:
+        with stop_on_signals(90, "r"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises in here
+    assert time.monotonic() - t0 < 10
+    assert str(err.value) == ("run r stopped by SIGTERM while no worker trained for it; the "
+                              "same command resumes from its latest checkpoint")
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -226,7 +226,7 @@ def run_training(cfg: TrainConfig, *, where: str = "config") -> dict:
     RunFailed) naming it. Raises RuntimeError when the run stopped on non-finite losses (its last
     good checkpoint stays the latest one in the run directory)."""
     with (RunLease(open_store(cfg.run.run_dir)) as lease,
-          stop_on_signals(cfg.run.stop_grace_s) as stop, _watch_head(cfg, lease)):
+          stop_on_signals(cfg.run.stop_grace_s, cfg.run.name) as stop, _watch_head(cfg, lease)):
         return _train(cfg, where, lease, stop)
 
 

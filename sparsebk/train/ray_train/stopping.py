@@ -46,8 +46,8 @@ class StopRequest:
     """The driver's side of a stop: which signal came, and whether the run had to be aborted
     (`aborted`: why) instead of stopping at a step boundary. True once a signal came."""
 
-    def __init__(self, grace_s: float):
-        self.grace_s = grace_s
+    def __init__(self, grace_s: float, run_name: str = "run"):
+        self.grace_s, self.run_name = grace_s, run_name
         self.signal: str | None = None
         self.aborted: str | None = None
         self._actor = None  # the run's schedule actor while a fit runs
@@ -63,7 +63,7 @@ class StopRequest:
         if self.signal is None:
             self.signal = name
             if self._actor is None:  # not training: nothing to save
-                raise Stopped(name)
+                raise self._outside(name)
             if self.grace_s <= 0:
                 self.abort(f"{name} with run.stop_grace_s=0")
                 return
@@ -78,7 +78,11 @@ class StopRequest:
         elif self.aborted is None and self._actor is not None:
             self.abort(f"a second {name}")
         else:  # a third, or one after the fit: leave now
-            raise Stopped(name)
+            raise self._outside(name)
+
+    def _outside(self, name: str) -> Stopped:
+        return Stopped(f"run {self.run_name} stopped by {name} while no worker trained for it; "
+                       "the same command resumes from its latest checkpoint")
 
     def abort(self, why: str) -> None:
         """Ray Train's abort of the running fit (the grace period's end, a second signal)."""
@@ -129,10 +133,10 @@ def _foreign_sigint_handler(ours):
 
 
 @contextlib.contextmanager
-def stop_on_signals(grace_s: float):
+def stop_on_signals(grace_s: float, run_name: str = "run"):
     """A StopRequest whose handler takes SIGTERM and SIGINT (main thread only; elsewhere the
     handlers stay as they are), restored afterwards."""
-    stop = StopRequest(grace_s)
+    stop = StopRequest(grace_s, run_name)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
