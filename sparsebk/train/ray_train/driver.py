@@ -240,8 +240,9 @@ def _watch_head(cfg: TrainConfig, lease: RunLease) -> HeadWatch:
         msg = (f"run {cfg.run.name} stopped: the Ray head at {address} has not answered for "
                f"{waited:.0f} s (the cluster lost its head node; Ray's processes give up after "
                f"{ray_reconnect_s():.0f} s). Latest checkpoint: "
-               f"{latest_checkpoint(cfg) or 'none'}; the same command resumes from it once "
-               "the cluster is back")
+               f"{latest_checkpoint(cfg) or 'none'} (workers on the nodes left may save newer "
+               "ones until Ray gives up); the same command resumes from the newest once the "
+               "cluster is back")
         print(f"sparsebk train: {msg}", file=sys.stderr, flush=True)
         lease.release()
         os._exit(1)
