@@ -241,8 +241,8 @@ def _watch_head(cfg: TrainConfig, lease: RunLease) -> HeadWatch:
                f"{waited:.0f} s (the cluster lost its head node; Ray's processes give up after "
                f"{ray_reconnect_s():.0f} s). Latest checkpoint: "
                f"{latest_checkpoint(cfg) or 'none'} (workers on the nodes left may save newer "
-               "ones until Ray gives up); the same command resumes from the newest once the "
-               "cluster is back")
+               "ones until Ray gives up); once the cluster is back the same command resumes "
+               "from the latest checkpoint Ray Train recorded (the steps after it are redone)")
         print(f"sparsebk train: {msg}", file=sys.stderr, flush=True)
         lease.release()
         os._exit(1)
