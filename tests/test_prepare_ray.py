@@ -63,6 +63,19 @@ def reference_train_text(root: Path, doc_bytes: int, valid: float, test: float) 
                    for s, d in reference_documents(f.read_bytes(), doc_bytes, valid, test) if s == "train")
 
 
+def _kill_after_parts(proc, out, parts: int) -> None:
+    """SIGKILL the preparation `proc` (its whole session) once `parts` parts are recorded in
+    `out`; it must not have finished (no manifest)."""
+    deadline = time.monotonic() + 120
+    while len(list((out / ".prepare").glob("part-*.json"))) < parts and time.monotonic() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (out / "manifest.json").exists()
+
+
 # ---------------------------------------------------------------- the engines agree
 
 
@@ -159,14 +172,7 @@ def test_a_killed_preparation_resumes_and_keeps_its_finished_parts(tmp_path):
            "--engine", "local", "--rows-per-file", "512"]
     proc = subprocess.Popen([sys.executable, "-m", "sparsebk.cli", "prepare-data", *cli, "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(list((out / ".prepare").glob("part-*.json"))) < 3 and time.monotonic() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (out / "manifest.json").exists()
+    _kill_after_parts(proc, out, 3)
     records = [json.loads(p.read_text()) for p in sorted((out / ".prepare").glob("part-*.json"))]
     kept = {f["path"]: ((out / f["path"]).stat().st_ino, (out / f["path"]).stat().st_mtime_ns)
             for r in records for s in SPLIT_NAMES for f in r["splits"][s]["files"]}
@@ -194,14 +200,7 @@ def test_a_killed_ray_driver_resumes_on_ray(ray_local, tmp_path):
            "--part-mb", "0.0625", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "sparsebk.cli", *cli], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(list((out / ".prepare").glob("part-*.json"))) < 2 and time.monotonic() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    assert not (out / "manifest.json").exists()
+    _kill_after_parts(proc, out, 2)
     args = dict(text=str(text / "*.txt"), tokenizer="byte", block_len=64, part_bytes=1 << 16)
     _, stats = run_preparation(out, engine="ray", **args)
     assert stats["engine"] == "ray" and 2 <= stats["parts_kept"] < stats["parts"]
