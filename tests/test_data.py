@@ -214,6 +214,42 @@ def test_idempotent_reuse_and_refusal_to_mix(tmp_path, text_file):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
+def test_unchanged_text_is_not_read_again_and_the_shards_still_are(tmp_path, text_file, monkeypatch):
+    """A finished dataset whose text files keep their sizes and times is reused without reading
+    the text (the manifest's source.stamps); a touched file is read again (same checksum:
+    reused); every shard's SHA-256 is still checked unless verify=False (footers only)."""
+    from sparsebk.data import corpora
+    from sparsebk.data.prepare import run_preparation
+
+    args = dict(text=text_file, tokenizer="byte", block_len=16, rows_per_file=8, doc_bytes=DOC)
+    out = prepare_dataset(tmp_path / "ds", **args)
+    st = text_file.stat()
+    assert load_manifest(out)["source"]["stamps"] == [[str(text_file.resolve()), st.st_size, st.st_mtime_ns]]
+    real_scan = corpora.scan_text
+
+    def no_reading(*a, **k):
+        raise AssertionError("the text was read")
+
+    monkeypatch.setattr(corpora, "scan_text", no_reading)
+    assert run_preparation(out, **args) == (out, {"reused": True, "text_read": False})
+    with pytest.raises(AssertionError, match="the text was read"):  # touched: read again
+        import os
+
+        os.utime(text_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+        run_preparation(out, **args)
+    monkeypatch.setattr(corpora, "scan_text", real_scan)
+    assert run_preparation(out, **args) == (out, {"reused": True, "text_read": True})
+    shard = out / load_manifest(out)["splits"]["train"]["files"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[8] ^= 0xFF  # inside the first page's data: the footer stays readable
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"train-00000-000\.parquet: sha256 .* differs"):
+        prepare_dataset(out, **args)
+    assert prepare_dataset(out, verify=False, **args) == out
+    with pytest.raises(ValueError, match=r"sha256 .* differs"):
+        check_dataset(out)
+
+
 def test_a_dataset_made_before_the_hash_split_is_reused_as_it_is(tmp_path, text_file, caplog):
     """A run training on a text dataset of the contiguous-fraction era resumes on the same data:
     its manifest (no args.split_rule, doc_bytes, part_bytes) is reused with a warning; other

@@ -115,6 +115,40 @@ def test_ray_engine_prepares_into_a_bucket(ray_local, s3_bucket, corpus, tmp_pat
     assert without_time(check_dataset(uri)) == without_time(load_manifest(local))
 
 
+@pytest.mark.ray
+def test_text_in_a_bucket_prepares_as_the_same_text_on_disk(ray_local, s3_bucket, corpus, tmp_path):
+    """Text read from objects (a glob, or every .txt under a prefix) by Ray Data's tasks gives
+    the files the same text gives from a local folder; unchanged objects are not read again;
+    a changed one, a missing prefix or a glob matching nothing is a one-line error."""
+    from sparsebk.storage.store import join_location, open_store
+
+    ray_local.data.DataContext.get_current().enable_progress_bars = False
+    base = s3_bucket("texts")
+    texts = open_store(base)
+    for p in sorted(corpus.glob("*.txt")):
+        texts.write_bytes(f"corpus/{p.name}", p.read_bytes())
+    texts.write_text("corpus/notes.md", "not part of the corpus\n")
+    args = dict(tokenizer="gpt2", block_len=32, rows_per_file=256, part_bytes=96 << 10)
+    local = prepare_dataset(tmp_path / "local", text=str(corpus / "*.txt"), engine="local", **args)
+    on_ray = prepare_dataset(tmp_path / "ray", text=join_location(base, "corpus/*.txt"), engine="ray", **args)
+    assert dataset_files(on_ray) == dataset_files(local)
+    m_local, m_ray = load_manifest(local), load_manifest(on_ray)
+    assert m_ray["source"]["sha256"] == m_local["source"]["sha256"]
+    assert m_ray["splits"] == m_local["splits"] and m_ray["vocab_size"] == m_local["vocab_size"]
+    assert [f.rsplit("?", 1)[0].rsplit("/", 1)[1] for f in m_ray["source"]["files"]] \
+        == sorted(p.name for p in corpus.glob("*.txt"))
+    prefix = join_location(base, "corpus")  # the same objects: .txt under the prefix
+    assert run_preparation(on_ray, text=prefix, engine="local", **args)[1] == {"reused": True, "text_read": False}
+    texts.write_text("corpus/doc-00.txt", "changed\n")
+    with pytest.raises(ValueError, match=r"field source\.sha256 differs"):
+        prepare_dataset(on_ray, text=prefix, engine="local", **args)
+    for spec, message in ((join_location(base, "nothing"), "no such object, and no .txt object under it"),
+                          (join_location(base, "corpus/*.json"), "no object matches it as a glob")):
+        with pytest.raises(ValueError, match=message):
+            prepare_dataset(tmp_path / "never", text=spec, engine="local", **args)
+    assert not (tmp_path / "never").exists()
+
+
 # ---------------------------------------------------------------- the split rule
 
 

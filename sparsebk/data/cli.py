@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--corpus", choices=["ptb"], default="ptb",
                      help="built-in corpus (default: Penn Treebank, Mikolov's LM splits)")
     src.add_argument("--text", metavar="PATH",
-                     help="your text instead: a file, a directory of .txt files, or a glob")
+                     help="your text instead: a file, a directory of .txt files, or a glob; "
+                          "local or in a bucket (s3://bucket/corpus/*.txt?region=...)")
     p.add_argument("--tokenizer", choices=["word", "byte", "gpt2"], default="word")
     p.add_argument("--block-len", type=int, default=128, help="input tokens per block (default 128)")
     p.add_argument("--rows-per-file", type=int, default=4096, help="blocks per Parquet file")

