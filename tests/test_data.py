@@ -250,6 +250,24 @@ def test_unchanged_text_is_not_read_again_and_the_shards_still_are(tmp_path, tex
         check_dataset(out)
 
 
+def test_training_reuses_a_dataset_prepared_with_its_own_part_and_file_sizes(tmp_path, text_file):
+    """`sparsebk prepare-data --part-mb/--rows-per-file/--doc-bytes/...` then a training config
+    naming only the corpus, tokenizer and block length: the dataset is reused as it is; an
+    argument the config does name (block_len) must still match."""
+    from sparsebk.train.config import DataConfig
+    from sparsebk.train.ray_train.driver import ensure_dataset
+
+    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=7,
+                          part_bytes=1000, doc_bytes=DOC, valid_fraction=0.1, test_fraction=0.2)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    data = DataConfig(dir=str(out), corpus="text", text=str(text_file), tokenizer="byte", block_len=16)
+    assert Path(ensure_dataset(data)) == out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    with pytest.raises(ValueError, match=r"field args\.block_len is 16 but 32 was asked for"):
+        ensure_dataset(DataConfig(dir=str(out), corpus="text", text=str(text_file), tokenizer="byte",
+                                  block_len=32))
+
+
 def test_a_dataset_made_before_the_hash_split_is_reused_as_it_is(tmp_path, text_file, caplog):
     """A run training on a text dataset of the contiguous-fraction era resumes on the same data:
     its manifest (no args.split_rule, doc_bytes, part_bytes) is reused with a warning; other

@@ -306,3 +306,22 @@ def test_bench_prepare_quick_reports_what_it_prepared(tmp_path):
     assert row["tokens"] == sum(s["tokens"] for s in load_manifest(ds)["splits"].values())
     assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["seconds"])
     assert row["worker_rss_mb"] == row["driver_rss_mb"] > 0
+
+
+def test_bench_bucket_quick_reports_what_it_measured(s3_bucket, tmp_path, capsys):
+    """`sparsebk bench bucket --quick --no-train`: its preparation row counts the tokens the
+    dataset's manifest holds, and its reuse rows say whether the text was read."""
+    from sparsebk.bench import bucket
+    from sparsebk.bench.common import format_table
+
+    uri = s3_bucket("bench-bucket")
+    out = tmp_path / "out"
+    assert bucket.main(["--out", str(out), "--quick", "--no-train", "--bucket", uri,
+                        "--corpus-dir", str(tmp_path / "corpus")]) == 0
+    rec = json.loads((out / "bucket.json").read_text())
+    m = load_manifest(uri)
+    prep, now, before = rec["rows"]
+    assert prep["tokens"] == sum(s["tokens"] for s in m["splits"].values())
+    assert prep["text_mb"] * (1 << 20) == m["source"]["bytes"] and prep["seconds"] > 0
+    assert (now["text_read"], before["text_read"]) == (False, True) and now["seconds"] > 0
+    assert format_table(rec["rows"], bucket.COLUMNS) in capsys.readouterr().out

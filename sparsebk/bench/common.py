@@ -22,6 +22,7 @@ BENCHMARKS = {
     "decode": "sparsebk.bench.decode",
     "scale": "sparsebk.bench.scale",
     "cost": "sparsebk.bench.cost",
+    "bucket": "sparsebk.bench.bucket",
 }
 
 

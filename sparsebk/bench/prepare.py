@@ -86,7 +86,8 @@ def make_corpus(root: Path, size_mb: float) -> Path:
     return target
 
 
-def run_one(corpus: Path, out: Path, args, engine: str, address: str | None) -> dict:
+def run_one(corpus: Path | str, out: Path | str, args, engine: str, address: str | None,
+            keep: bool = False) -> dict:
     kw = {"out": str(out), "corpus": "text", "text": str(corpus), "tokenizer": args.tokenizer,
           "block_len": args.block_len, "rows_per_file": 4096, "valid_fraction": 0.05,
           "test_fraction": 0.05, "max_vocab": None, "engine": "local" if engine == "local" else "ray",
@@ -96,7 +97,8 @@ def run_one(corpus: Path, out: Path, args, engine: str, address: str | None) -> 
         env["RAY_ADDRESS"] = address
     proc = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(kw)], env=env, capture_output=True,
                           text=True, timeout=args.timeout_s)
-    shutil.rmtree(out, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"sparsebk bench prepare: {engine} on {corpus} failed:\n{proc.stderr[-3000:]}")

