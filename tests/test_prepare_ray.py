@@ -94,7 +94,7 @@ def test_ray_engine_writes_the_same_files_as_the_local_one(ray_local, corpus, tm
     whole = WordTokenizer.build(reference_train_text(corpus, 1024, 0.05, 0.05))
     assert load_tokenizer(ray).vocab == whole.vocab and len(whole.vocab) > len(WORDS) + 2
     # asked again with either engine: reused, nothing made
-    assert run_preparation(tmp_path / "ray", engine="local", **args)[1] == {"reused": True}
+    assert run_preparation(tmp_path / "ray", engine="local", **args)[1] == {"reused": True, "text_read": False}
 
 
 @pytest.mark.ray

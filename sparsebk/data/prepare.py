@@ -110,7 +110,8 @@ def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str =
                     max_vocab: int | None = None, engine: str = "auto", part_bytes: int = PART_BYTES,
                     doc_bytes: int | None = None, verify: bool = True) -> tuple[Path | str, dict]:
     """`prepare_dataset`, returning (its result, what it did: engine, parts made and kept,
-    tokens, seconds, the workers' peak RSS; {"reused": True} for a reused dataset)."""
+    tokens, seconds, the workers' peak RSS; for a reused dataset {"reused": True, "text_read":
+    whether the text was read again to compare its checksum})."""
     corpus = _validate_args(corpus, text, tokenizer, block_len, rows_per_file, valid_fraction,
                             test_fraction, max_vocab, engine, part_bytes, doc_bytes)
     remote = is_uri(str(out_dir))
@@ -132,7 +133,7 @@ def run_preparation(out_dir, *, corpus: str = "ptb", text=None, tokenizer: str =
     engine = engines.pick_engine(engine, plan.bytes, part_bytes)
     with _exclusive(store):
         if _reuse(store, out, args, source, verify):  # another process finished it while we waited
-            return out, {"reused": True}
+            return out, {"reused": True, "text_read": True}
         _start(store, out, args, source)
         stats = _build(store, plan, args, source, engine)
     log.info("prepared %s (%s, %s, block_len=%d, engine %s): %s in %.1f s", out, corpus, tokenizer,
