@@ -425,6 +425,26 @@ def test_loader_checks_what_the_model_takes(small):
         load_blocks(small, "dev")
 
 
+def test_the_first_rows_of_a_split_read_only_the_files_that_hold_them(tmp_path, text_file):
+    """load_blocks(max_rows=N) is the split's first N rows, read from the files that hold them
+    (each checked as it is read); a damaged later file is not read, so not noticed."""
+    out = prepare_dataset(tmp_path / "ds", text=text_file, tokenizer="byte", block_len=16, rows_per_file=8,
+                          doc_bytes=DOC)
+    files = load_manifest(out)["splits"]["train"]["files"]
+    assert len(files) >= 3 and files[0]["rows"] == files[1]["rows"] == 8
+    whole = load_blocks(out, "train")
+    for n in (1, 8, 9, 16, len(whole), len(whole) + 5):
+        assert torch.equal(load_blocks(out, "train", max_rows=n), whole[:n])
+    data = bytearray((out / files[2]["path"]).read_bytes())
+    data[8] ^= 0xFF
+    (out / files[2]["path"]).write_bytes(bytes(data))
+    assert torch.equal(load_blocks(out, "train", max_rows=16), whole[:16])
+    with pytest.raises(ValueError, match=rf"{files[2]['path']}: sha256 .* differs"):
+        load_blocks(out, "train", max_rows=17)
+    with pytest.raises(ValueError, match=rf"{files[2]['path']}: sha256 .* differs"):
+        load_blocks(out, "train")
+
+
 def test_loader_names_changed_and_missing_files(small):
     shard = small / "valid-00000-000.parquet"
     data = shard.read_bytes()

@@ -143,3 +143,25 @@ def test_a_non_finite_validation_loss_never_reaches_the_schedule(tmp_path):
     assert t.schedule.state.last_val_loss == finite  # ... but not given to the schedule
     assert t.state.nonfinite_evals == 1 and t.state.best_val_loss == finite
     assert len(saved) == 2  # the checkpoint was still written and reported
+
+
+@pytest.mark.parametrize("test_batches", [None, 1])
+def test_the_final_test_evaluation_takes_run_test_batches(tmp_path, test_batches):
+    """The last step evaluates the test split: all of it by default, its first
+    run.test_batches x eval_batch_size rows when set (a large corpus's split is hours of CPU)."""
+    from sparsebk.evaluation import evaluate
+
+    cfg = make_cfg(tmp_path, max_steps=10)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "test_batches": test_batches}})
+    train, valid = rows()
+    test = torch.randint(0, 50, (24, 17), generator=torch.Generator().manual_seed(1))
+    saved: list = []
+    t = build(cfg, valid, saved)
+    t.test = lambda: test
+    assert t.fit(lambda e, skip: local_batches(train, cfg, e, skip, 0, 1)) is None
+    final = saved[-1][0]
+    taken = test if test_batches is None else test[:8]  # eval_batch_size 8
+    ref, _ = evaluate(t.model, taken, batch_size=8, device=torch.device("cpu"))
+    assert final["step"] == 10 and final["test_loss"] == ref
+    other, _ = evaluate(t.model, test[8:] if test_batches else test[:8], batch_size=8, device=torch.device("cpu"))
+    assert other != ref  # the rows left out would have changed it

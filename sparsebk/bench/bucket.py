@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from sparsebk.bench.common import format_table, machine_info, machine_probe, wri
 from sparsebk.bench.prepare import MB, make_corpus, run_one
 
 BLOCK_LEN = 256
-COLUMNS = ["step", "seconds", "first_step_s", "text_mb", "tokens", "tokens_per_s", "text_read",
+COLUMNS = ["step", "seconds", "first_step_s", "text_mb", "dataset_mb", "tokens", "tokens_per_s", "text_read",
            "driver_rss_mb", "worker_rss_mb"]
 
 
@@ -62,8 +63,19 @@ def prepare_row(text: str, uri: str, args) -> dict:
     s = run_one(text, uri, args, args.engine, None, keep=True)
     worker = s["worker_peak_rss_bytes"] if args.engine == "ray" else s["driver_peak_rss_bytes"]
     return {"step": f"prepare into the bucket (engine {args.engine})", "seconds": s["wall_s"],
-            "text_mb": s["bytes"] / MB, "tokens": s["tokens"], "tokens_per_s": s["tokens"] / s["wall_s"],
+            "text_mb": s["bytes"] / MB, "dataset_mb": _dataset_bytes(uri) / MB, "tokens": s["tokens"], "tokens_per_s": s["tokens"] / s["wall_s"],
             "driver_rss_mb": s["driver_peak_rss_bytes"] / MB, "worker_rss_mb": worker / MB}
+
+
+def _dataset_bytes(uri: str) -> int:
+    """The bytes of every object of the dataset at `uri`."""
+    import pyarrow.fs as pafs
+
+    from sparsebk.storage.store import open_store
+
+    store = open_store(uri)
+    sel = pafs.FileSelector(store.path(), recursive=True)
+    return sum(i.size for i in store.fs.get_file_info(sel) if i.type == pafs.FileType.File)
 
 
 def reuse_rows(text: str, uri: str, args) -> list[dict]:
@@ -103,7 +115,7 @@ def _train_config(uri: str, text: str, args, storage: str) -> dict:
                      "block_len": BLOCK_LEN, "batch_size": args.batch_size, "loader": "stream"},
             "optim": {"max_steps": args.steps, "warmup_steps": 2},
             "run": {"name": "bucket-bench", "storage_path": storage, "num_workers": 1,
-                    "log_every": 1, "eval_every": args.steps, "eval_batches": 2}}
+                    "log_every": 1, "eval_every": args.steps, "eval_batches": 2, "test_batches": 2}}
 
 
 def train_row(uri: str, text: str, args, tmp: Path) -> dict:
@@ -145,13 +157,16 @@ def main(argv: list[str]) -> int:
     corpus_dir.mkdir(parents=True, exist_ok=True)
     text = args.text or str(make_corpus(corpus_dir, args.size_mb))
     load, probe = os.getloadavg()[0], machine_probe()
-    if args.bucket:
-        rows = _measure(args.bucket.rstrip("/"), text, args, tmp)
-    else:
-        from sparsebk.bench.s3server import local_s3
+    try:
+        if args.bucket:
+            rows = _measure(args.bucket.rstrip("/"), text, args, tmp)
+        else:
+            from sparsebk.bench.s3server import local_s3
 
-        with local_s3(tmp / "s3") as bucket:
-            rows = _measure(bucket(f"bench/{args.tokenizer}-{BLOCK_LEN}"), text, args, tmp)
+            with local_s3(tmp / "s3") as bucket:
+                rows = _measure(bucket(f"bench/{args.tokenizer}-{BLOCK_LEN}"), text, args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the server's data and a generated corpus too
     print(f"a {rows[0]['text_mb']:.0f} MB corpus prepared into a bucket and trained on "
           f"(load {load:.2f} at the start, machine probe {probe:.3f} s)")
     print(format_table(rows, COLUMNS))

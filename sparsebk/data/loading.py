@@ -41,26 +41,62 @@ def shard_rows(col, m: dict, fpath: str, mpath: str) -> np.ndarray:
     return values.reshape(-1, width)
 
 
-def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
-                block_len: int | None = None, verify_checksums: bool = True):
-    """All blocks of one split as a torch.LongTensor (R, block_len + 1); row[:-1] -> row[1:].
+def read_shard(root: Store, m: dict, split: str, i: int, *, verify_checksum: bool = True) -> np.ndarray:
+    """File `i` of a split (its manifest entry) as int32 rows (rows, block_len + 1), read whole
+    once: its SHA-256 checked against the manifest as it is read (unless verify_checksum is
+    False), every row checked (shard_rows) and the row count. Errors name the file and field."""
+    import hashlib
 
-    Reads every row: each row must hold exactly block_len + 1 ids in [0, vocab_size).
-    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
+
+    entry, mpath = m["splits"][split]["files"][i], root.location(MANIFEST_NAME)
+    fpath, field = root.location(entry["path"]), f"splits.{split}.files[{i}]"
+    try:
+        data = root.read_bytes(entry["path"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{fpath}: file listed in {mpath} field {field}.path is missing") from None
+    if verify_checksum:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(f"{fpath}: sha256 {digest} differs from {mpath} field {field}.sha256 "
+                             f"({entry['sha256']}); the file changed after it was written")
+    try:
+        col = pq.read_table(pa.BufferReader(data), columns=[TOKENS_COLUMN]).column(0)
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{fpath}: not a readable Parquet file with a column {TOKENS_COLUMN!r} ({e})") from None
+    rows = shard_rows(col, m, fpath, mpath)
+    if len(rows) != entry["rows"]:
+        raise ValueError(f"{fpath}: holds {len(rows)} rows but {mpath} field {field}.rows says {entry['rows']}")
+    return rows
+
+
+def load_blocks(path: str | Path, split: str, *, vocab_size: int | None = None,
+                block_len: int | None = None, verify_checksums: bool = True,
+                max_rows: int | None = None):
+    """The blocks of one split as a torch.LongTensor (R, block_len + 1); row[:-1] -> row[1:].
+
+    Every row read must hold exactly block_len + 1 ids in [0, vocab_size). `max_rows`: only
+    the split's first max_rows rows, reading only the files that hold them (a validation
+    of run.eval_batches on a large corpus); None: all of them.
+    """
     import torch
 
     root = dataset_store(path)
+    # every file's SHA-256 first; with max_rows, only the files read are (as they are read),
+    # the others' footers
+    whole = max_rows is None
     m = check_dataset(root.uri, vocab_size=vocab_size, block_len=block_len, splits=[split],
-                      verify_checksums=verify_checksums)
+                      verify_checksums=verify_checksums and whole)
     width = m["block_len"] + 1
-    parts = []
-    for entry in m["splits"][split]["files"]:
-        col = pq.read_table(root.path(entry["path"]), columns=[TOKENS_COLUMN],
-                            filesystem=root.fs).column(0)
-        parts.append(shard_rows(col, m, root.location(entry["path"]), root.location(MANIFEST_NAME)))
+    parts, have = [], 0
+    for i in range(len(m["splits"][split]["files"])):
+        if max_rows is not None and have >= max_rows:
+            break
+        parts.append(read_shard(root, m, split, i, verify_checksum=verify_checksums and not whole))
+        have += len(parts[-1])
     blocks = np.concatenate(parts) if parts else np.empty((0, width), dtype=np.int32)
-    return torch.from_numpy(blocks.astype(np.int64))
+    return torch.from_numpy(blocks[:max_rows].astype(np.int64))
 
 
 def ray_datasets(path: str | Path, splits: Sequence[str] = ("train", "valid", "test"), *,

@@ -30,7 +30,6 @@ read and the rank's shares of windows in flight (being made, queued, in use; a s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import queue
 import threading
@@ -38,7 +37,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from sparsebk.data.manifest import MANIFEST_NAME, TOKENS_COLUMN, dataset_store, load_manifest
+from sparsebk.data.manifest import MANIFEST_NAME, dataset_store, load_manifest
 
 
 def _derived_seed(seed: int, *tags: int) -> int:
@@ -116,8 +115,7 @@ class _ShardReader:
 
     def __init__(self, root, manifest: dict, split: str, order: SampleOrder):
         self.root, self.m, self.order = root, manifest, order
-        self.files = manifest["splits"][split]["files"]
-        self.field = f"splits.{split}.files"
+        self.split = split
         self.cached: tuple[int, np.ndarray | None] = (-1, None)
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
@@ -138,33 +136,9 @@ class _ShardReader:
         return self.cached[1]
 
     def _read(self, i: int) -> np.ndarray:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        from sparsebk.data.loading import read_shard
 
-        from sparsebk.data.loading import shard_rows
-
-        entry, mpath = self.files[i], self.root.location(MANIFEST_NAME)
-        fpath, field = self.root.location(entry["path"]), f"{self.field}[{i}]"
-        try:
-            data = self.root.read_bytes(entry["path"])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{fpath}: file listed in {mpath} field {field}.path is "
-                                    "missing") from None
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise ValueError(f"{fpath}: sha256 {digest} differs from {mpath} field "
-                             f"{field}.sha256 ({entry['sha256']}); the file changed after it "
-                             "was written")
-        try:
-            col = pq.read_table(pa.BufferReader(data), columns=[TOKENS_COLUMN]).column(0)
-        except (OSError, pa.ArrowException) as e:
-            raise ValueError(f"{fpath}: not a readable Parquet file with a column "
-                             f"{TOKENS_COLUMN!r} ({e})") from None
-        rows = shard_rows(col, self.m, fpath, mpath)
-        if len(rows) != entry["rows"]:
-            raise ValueError(f"{fpath}: holds {len(rows)} rows but {mpath} field {field}.rows "
-                             f"says {entry['rows']}")
-        return rows
+        return read_shard(self.root, self.m, self.split, i)
 
 
 def split_order(manifest: dict, split: str, window: int, seed: int | None) -> SampleOrder:

@@ -186,6 +186,7 @@ class RunConfig:
     log_every: int = 10
     eval_every: int = 100  # also the checkpoint interval
     eval_batches: int | None = None  # None = the whole validation split
+    test_batches: int | None = None  # the final test evaluation; None = the whole test split
     keep_checkpoints: int = 2  # N best by val_loss; the latest is always kept too
     max_failures: int = 2
     inject_faults: list[str] = field(default_factory=list)
@@ -225,8 +226,9 @@ class RunConfig:
         check_int("run.seed", self.seed, min=0)
         check_int("run.log_every", self.log_every, min=1)
         check_int("run.eval_every", self.eval_every, min=1)
-        if self.eval_batches is not None:
-            check_int("run.eval_batches", self.eval_batches, min=1)
+        for name in ("eval_batches", "test_batches"):
+            if getattr(self, name) is not None:
+                check_int(f"run.{name}", getattr(self, name), min=1)
         check_int("run.keep_checkpoints", self.keep_checkpoints, min=1)
         check_int("run.max_failures", self.max_failures, min=-1)  # -1: retry forever
         if not isinstance(self.inject_faults, (list, tuple)):

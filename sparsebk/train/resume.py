@@ -37,7 +37,7 @@ SAFE = (
     "optim.max_steps", "optim.max_bad_steps", "optim.grad_accum_steps",
     "data.batch_size", "data.prefetch_batches", "data.eval_batch_size",
     "run.name", "run.storage_path", "run.num_workers", "run.use_gpu", "run.cpus_per_worker",
-    "run.torch_threads", "run.log_every", "run.eval_every", "run.eval_batches",
+    "run.torch_threads", "run.log_every", "run.eval_every", "run.eval_batches", "run.test_batches",
     "run.keep_checkpoints", "run.max_failures", "run.inject_faults", "run.plots", "run.compile",
     "run.tracking", "run.mlflow_uri", "run.mlflow_experiment", "run.placement_strategy",
     "run.min_workers", "run.placement_retries", "run.stop_grace_s",

@@ -124,6 +124,11 @@ class _Window:
             self.sums[2:] += layer_sparsity.detach().double()
 
 
+def eval_rows(cfg, batches: int | None, world: int) -> int | None:
+    """Rows an evaluation of `batches` batches takes over all ranks (None: the whole split)."""
+    return None if batches is None else batches * cfg.data.eval_batch_size * max(1, world)
+
+
 class Trainer:
     """Owns the model, optimizer, LR schedule and run state of one worker; see the module doc.
 
@@ -352,10 +357,7 @@ class Trainer:
             self.tracking.log(kind, rec)
 
     def _eval_rows(self) -> int | None:
-        batches = self.cfg.run.eval_batches
-        if batches is None:
-            return None
-        return batches * self.cfg.data.eval_batch_size * max(1, self.world)
+        return eval_rows(self.cfg, self.cfg.run.eval_batches, self.world)
 
     def evaluate(self, blocks: torch.Tensor, max_rows: int | None = None):
         return evaluate(self.model, blocks, batch_size=self.cfg.data.eval_batch_size,
@@ -378,7 +380,7 @@ class Trainer:
         metrics = validation_metrics(s, val_loss, spars, self.current_schedule, self.last_log,
                                      self.lr_sched.get_last_lr()[0])
         if s.step == c.optim.max_steps and self.test is not None:
-            test_loss, _ = self.evaluate(self.test())
+            test_loss, _ = self.evaluate(self.test(), eval_rows(c, c.run.test_batches, self.world))
             metrics.update(test_loss=test_loss, test_ppl=safe_ppl(test_loss))
         self._publish(metrics)
         return metrics

@@ -37,7 +37,7 @@ from sparsebk.train.errors import deterministic
 from sparsebk.train.ray_train.restore import restore_with_fallback
 from sparsebk.train.ray_train.schedule_client import BroadcastSchedule, ScheduleClient
 from sparsebk.train.run_state import local_batches, shuffle_seed, stream_batches
-from sparsebk.train.trainer import Trainer
+from sparsebk.train.trainer import Trainer, eval_rows
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -187,7 +187,9 @@ def _train_worker(config: dict) -> None:
     model = parallelize(model, cfg, world, device)
     trainer = Trainer(
         cfg, model, device=device, rank=rank, world=world,
-        valid=load_blocks(dataset_dir, "valid"), test=lambda: load_blocks(dataset_dir, "test"),
+        # only the rows the evaluations take (a large corpus's splits are not read whole)
+        valid=load_blocks(dataset_dir, "valid", max_rows=eval_rows(cfg, cfg.run.eval_batches, world)),
+        test=lambda: load_blocks(dataset_dir, "test", max_rows=eval_rows(cfg, cfg.run.test_batches, world)),
         reporter=_report, hooks=FaultInjector(cfg, rank, world, actor), run_dir=cfg.run.run_dir,
         autocast=((lambda: torch.autocast("cuda", dtype=torch.bfloat16))
                   if device.type == "cuda" else nullcontext),
