@@ -123,11 +123,13 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
     if cfg.data.block_len > cfg.model.n_seq:
         raise ValueError(f"{where}: data.block_len={cfg.data.block_len} is longer than the "
                          f"model's n_seq={cfg.model.n_seq}")
-    dataset_dir = ensure_dataset(cfg.data)
-    # loader stream checks each train shard's SHA-256 as it reads it: here its footer only
-    # (a dataset in a bucket is not read whole before the first step)
-    manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len,
-                             verify_checksums=cfg.data.loader != "stream")
+    dataset_dir = ensure_dataset(cfg.data)  # its files' footers checked
+    # loaders local and ray: every file's SHA-256 here; loader stream checks each shard's as it
+    # reads it, so only the manifest against the model here (a dataset in a bucket is not read
+    # whole, nor its footers twice, before the first step)
+    stream = cfg.data.loader == "stream"
+    manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len, splits=[] if stream else None,
+                             verify_checksums=not stream)
     cfg = cfg.resolve_vocab(manifest["vocab_size"])  # the one place the vocabulary is decided
     _check_fit(cfg, manifest, where)
     if schedule_actor is None:
