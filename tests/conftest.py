@@ -47,9 +47,16 @@ def sparsebk_home(tmp_path_factory):
 # RAY_TRAIN_*: Ray Train's controller polls workers every 2 s by default, and each
 # ray.train.report waits for that poll; tests report often. Ray Train's preemption watcher (an
 # actor per run, watching for node preemption, which nothing here tests) costs ~3 s of CPU at
-# each run's start on a 2-core box. (tests/test_job_submit.py sets the same for its head.)
+# each run's start on a 2-core box. RAY_DATA_PARQUET_FOOTER_NUM_ACTORS: Ray Data's Parquet
+# reader reads the files' footers in a pool of 32 actors by default, whatever the number of
+# files; each is a new Python process importing Ray Data (~3 s of CPU here). The tests' datasets
+# have a few small files: one actor reads them, and a data.loader=ray run's first batch came
+# after 9 s instead of 29 s (2 workers, 6 footer actors started). (The Jobs head of
+# tests/test_job_submit.py and the clusters of test_faults.py and test_multinode.py take the
+# same environment.)
 RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 # The credentials of the s3_bucket fixture's server, fixed values: set before Ray starts
 # whichever comes first, Ray's workers reach the bucket as a cluster's nodes would, through
 # their environment.

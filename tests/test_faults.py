@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RAY_TEST_ENV
 
 from sparsebk.train.config import load_config
 
@@ -28,8 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.own_ray_driver, pytest.mark.timeout(9
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
-ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
-       "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+ENV = {**RAY_TEST_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import RAY_TEST_ENV
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
@@ -39,11 +40,10 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    # RAY_TRAIN_*: as the ray_local fixture's (conftest RAY_TEST_ENV), here for every process
-    # the head starts, the jobs' drivers and Ray Train controllers among them
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
+    # RAY_TEST_ENV: as the ray_local fixture's, here for every process the head starts, the
+    # jobs' drivers and Ray Train controllers among them
+    env = dict(os.environ, **RAY_TEST_ENV, HOME=str(home), RAY_AUTH_MODE="token",
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
     # the head (and so every job's driver) runs with the default home: ~/sparsebk of this HOME
     env.pop("SPARSEBK_HOME", None)

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import RAY_TEST_ENV
 
 from sparsebk.train.config import load_config
 
@@ -36,8 +37,8 @@ def two_nodes(request):
         pass
     if ray.is_initialized():
         ray.shutdown()
-    old = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.2"  # read by the nodes' processes
+    old = {k: os.environ.get(k) for k in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)  # read by the nodes' processes
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths are limited
     cluster = None
     try:
@@ -49,10 +50,11 @@ def two_nodes(request):
         if cluster is not None:
             cluster.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
-        if old is None:
-            os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-        else:
-            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def start_cluster(temp: str, attempts: int = 3):
