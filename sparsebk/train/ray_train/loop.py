@@ -16,6 +16,7 @@ pieces a test or benchmark needs live below (sparsebk.parallel, sparsebk.train.r
 from __future__ import annotations
 
 import logging
+import json
 import os
 import time
 from contextlib import nullcontext
@@ -80,6 +81,26 @@ class FaultInjector:
         self.faults = cfg.run.faults()
         self.store = open_store(cfg.run.run_dir)  # a path or a URI
         self.rank, self.world, self.actor = rank, world, actor
+        self.eval_every = cfg.run.eval_every
+
+    def _wait_until_recorded(self, step: int, timeout_s: float = 30.0) -> None:
+        """Until Ray Train has recorded the last checkpoint saved before `step` in the run's
+        snapshot. Its controller records a reported checkpoint asynchronously, at its next
+        poll of the workers: a worker that dies within that interval of the report loses the
+        checkpoint, and the run resumes from an earlier one (a race real faults have too, and
+        that the fault tests, which assert where a run resumes, would otherwise hit at random
+        on a fast machine)."""
+        saved = (step - 1) // self.eval_every * self.eval_every
+        deadline = time.monotonic() + timeout_s
+        while saved > 0 and time.monotonic() < deadline:
+            try:
+                snap = json.loads(self.store.read_text("checkpoint_manager_snapshot.json"))
+                latest = (snap.get("latest_checkpoint_result") or {}).get("metrics", {}).get("step", 0)
+            except (FileNotFoundError, ValueError):
+                latest = 0
+            if latest >= saved:
+                return
+            time.sleep(0.1)
 
     def _once(self, mode: str, step: int) -> bool:
         marker = f"faults/{mode}@{step}"
@@ -95,6 +116,8 @@ class FaultInjector:
             last = self.rank == self.world - 1
             if mode in ("raise", "exit", "hang") and last and self._once(mode, step):
                 logger.warning("fault injection: %s on rank %d at step %d", mode, self.rank, step)
+                if mode in ("raise", "exit"):
+                    self._wait_until_recorded(step)
                 if mode == "raise":
                     raise RuntimeError(f"injected failure at step {step} (run.inject_faults)")
                 if mode == "hang":
