@@ -156,7 +156,8 @@ class RunConfig:
     actor, which Ray restarts), nan (rank 0's loss becomes NaN) or hang (the last rank sleeps
     for an hour before the step: a step that outlasts run.stop_grace_s). raise/exit/
     kill_actor/hang fire once per run (a marker file in the run dir remembers); nan fires at
-    that step every time.
+    that step every time. raise and exit first wait (up to 30 s) until Ray Train has recorded
+    the last checkpoint saved before that step, so the run resumes from it.
 
     `parallel`: how workers share the model: "ddp" (a replica per worker, gradients
     all-reduced) or "fsdp" (parameters, gradients and optimizer state sharded across workers
