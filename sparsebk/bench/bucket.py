@@ -59,7 +59,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare_row(text: str, uri: str, args) -> dict:
     """One preparation into the bucket, in a fresh process (bench prepare's runner)."""
-    args.block_len = BLOCK_LEN
     s = run_one(text, uri, args, args.engine, None, keep=True)
     worker = s["worker_peak_rss_bytes"] if args.engine == "ray" else s["driver_peak_rss_bytes"]
     return {"step": f"prepare into the bucket (engine {args.engine})", "seconds": s["wall_s"],
@@ -150,6 +149,7 @@ def train_row(uri: str, text: str, args, tmp: Path) -> dict:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    args.block_len = BLOCK_LEN  # what bench prepare's runner reads
     if args.quick:
         args.size_mb, args.preset, args.steps, args.part_mb, args.engine = 2.0, "debug", 3, 0.5, "local"
     tmp = Path(tempfile.mkdtemp(prefix="sparsebk-bench-bucket-"))

@@ -51,7 +51,7 @@ def ensure_dataset(data: DataConfig) -> Path | str:
     A finished dataset is reused after a check of its manifest and files' footers, without
     reading its text again when the text files are unchanged (sizes and times): the callers
     check the data next as their loader needs (build_trainer: every SHA-256 for loaders local
-    and ray, footers only for stream, which checks each shard as it reads it)."""
+    and ray; nothing more for stream, which checks each shard as it reads it)."""
     from sparsebk.data.prepare import prepare_dataset
 
     common = dict(tokenizer=data.tokenizer, block_len=data.block_len, max_vocab=data.max_vocab,

@@ -15,8 +15,8 @@ pieces a test or benchmark needs live below (sparsebk.parallel, sparsebk.train.r
 
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import os
 import time
 from contextlib import nullcontext
