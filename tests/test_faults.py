@@ -29,7 +29,15 @@ pytestmark = [pytest.mark.ray, pytest.mark.own_ray_driver, pytest.mark.timeout(9
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
-ENV = {**RAY_TEST_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
+# The GCS's health checks of the nodes: every 0.5 s, a node declared dead after 4 failed in a
+# row (Ray's defaults: 3 s and 5, 15 s before a killed node's resources leave the cluster, while
+# an elastic run sizes its next worker group by them). A check fails on an error or after
+# health_check_timeout_ms (10 s, unchanged): a loaded but live node is not declared dead.
+ENV = {**RAY_TEST_ENV, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10",
+       "RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "4"}
+# Ray's processes give up on a lost head after this many seconds (default 60); the driver's
+# watch after three quarters of it.
+RECONNECT_S = 12
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +254,10 @@ def _attempts(run_dir: Path) -> list[list[int]]:
 def test_a_lost_head_ends_the_driver_in_bounded_time_and_the_run_resumes(tmp_path, monkeypatch):
     """The head's processes killed mid-run, the driver on the other node: the driver ends
     (exit 1) with one line naming the latest checkpoint before Ray's own give-up (its
-    processes wait RAY_gcs_rpc_server_reconnect_timeout_s, 20 s here; the driver's watch
-    three quarters of that) and releases the lease; with a head back on the same address the
+    processes wait RAY_gcs_rpc_server_reconnect_timeout_s, RECONNECT_S here; the driver's
+    watch three quarters of that) and releases the lease; with a head back on the same address the
     same command resumes from that checkpoint and finishes."""
-    for k, v in {**ENV, "RAY_gcs_rpc_server_reconnect_timeout_s": "20"}.items():
+    for k, v in {**ENV, "RAY_gcs_rpc_server_reconnect_timeout_s": str(RECONNECT_S)}.items():
         monkeypatch.setenv(k, v)  # read by the nodes' processes and the driver
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port, temp = _free_port(), tempfile.mkdtemp(prefix="rhl", dir="/tmp")
@@ -288,12 +296,12 @@ def test_a_lost_head_ends_the_driver_in_bounded_time_and_the_run_resumes(tmp_pat
         named = Path(ours[0].split("Latest checkpoint: ")[1].split(" ")[0])
         assert named.parent == run_dir and (named / "manifest_rank0.json").is_file()
         named_step = torch.load(named / "state.pt", weights_only=True)["step"]
-        assert 15 <= took < 20 + 5  # the watch's 15 s, before Ray's own 20 s
+        assert 0.75 * RECONNECT_S <= took < RECONNECT_S + 5  # the watch's, before Ray's own
         assert not (run_dir / "driver.lease.json").exists()
         _remove_all(c)  # the rest of the old cluster (its processes give up by themselves)
 
         # the workers on the node left may have trained on (Ray's processes there outlive the
-        # head by 20 s, the driver by 5) and saved checkpoints Ray Train never recorded (its
+        # head by RECONNECT_S, the driver by a quarter of it) and saved checkpoints Ray Train never recorded (its
         # controller gone with the head): the run resumes from a recorded one, at most the newest
         from sparsebk.train.resume import list_checkpoints
 
