@@ -31,6 +31,7 @@ from ray.train.torch import TorchTrainer
 from sparsebk.storage.lease import RunLease
 from sparsebk.storage.store import is_uri, open_store
 from sparsebk.train.ray_train.actor import create_schedule_actor
+from sparsebk.train.ray_train.backend import TorchProcessGroupConfig
 from sparsebk.train.ray_train.head_watch import HeadWatch, ray_reconnect_s
 from sparsebk.train.config import DataConfig, TrainConfig
 from sparsebk.train.ray_train.loop import train_loop_per_worker
@@ -108,12 +109,18 @@ def _check_fit(cfg: TrainConfig, manifest: dict, where: str) -> None:
 
 
 class SparseBKTrainer(TorchTrainer):
-    """A TorchTrainer that starts no Ray Data actor for a run without Ray Datasets.
+    """A TorchTrainer that starts fewer and lighter processes before its first step.
 
-    Ray Train (2.60) starts a DatasetManager actor for every run, datasets or not: a process
-    importing Ray Data, about 2 s of CPU at each start (measured on 2 cores, one per run across
-    the test suite). With data.loader local or stream the workers read the Parquet files
-    themselves, so the run leaves that callback out; with loader ray it is kept."""
+    - No Ray Data actor for a run without Ray Datasets. Ray Train (2.60) starts a DatasetManager
+      actor for every run, datasets or not: a process importing Ray Data, about 2 s of CPU at
+      each start (measured on 2 cores, one per run across the test suite). With data.loader
+      local or stream the workers read the Parquet files themselves, so the run leaves that
+      callback out; with loader ray it is kept.
+    - A controller that does not import torch: the process group is set up through
+      `TorchProcessGroupConfig` (sparsebk.train.ray_train.backend), not Ray's TorchConfig."""
+
+    def __init__(self, *args, torch_config=None, **kwargs):
+        super().__init__(*args, torch_config=torch_config or TorchProcessGroupConfig(), **kwargs)
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
