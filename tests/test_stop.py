@@ -33,11 +33,20 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
 
 
+# Steps of the stopped run: enough that a SIGTERM sent after step 4 reaches the workers before
+# the last step on a fast machine too. The driver handles a signal when Ray's blocking get in
+# `fit` next checks for signals (get_check_signal_interval_milliseconds, a second by default);
+# tiny's steps took 36 ms on one machine of this kind, where 40 steps ended before the stop
+# arrived (a clean-clone run); with 120 the stop came after step 21 there.
+STEPS = 120
+
+
 def _sets(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    """tiny, 40 steps, one checkpoint at the end (a stop falls between checkpoints), the
+    """tiny, STEPS steps, one checkpoint at the end (a stop falls between checkpoints), the
     exact data loader."""
     return [f"data.dir={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}",
-            f"run.name={name}", "optim.max_steps=40", "run.eval_every=40", "run.log_every=2",
+            f"run.name={name}", f"optim.max_steps={STEPS}", f"run.eval_every={STEPS}",
+            "run.log_every=2",
             "data.loader=local", "run.plots=false", "optim.warmup_steps=1", *extra]
 
 
@@ -162,7 +171,7 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
     from sparsebk.train.ray_train.driver import run_training
 
     ref = run_training(load_config(TINY, _sets(tmp_path, "ref")))
-    assert ref["steps"] == 40
+    assert ref["steps"] == STEPS
     run_dir, log = tmp_path / "runs" / "term", tmp_path / "term.log"
     address = ray_local.get_runtime_context().gcs_address
     proc = _cli(address, _sets(tmp_path, "term"), log)
@@ -190,7 +199,7 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
                   r"no step to redo\); the same command resumes from it$", ours[0])
     assert m, ours[0]
     step = int(m.group(1))
-    assert 4 <= step < 40
+    assert 4 <= step < STEPS
     assert Path(m.group(2)).parent == run_dir and (Path(m.group(2)) / "manifest_rank0.json").is_file()
     assert _newest_state(run_dir)["step"] == step  # the newest checkpoint holds that step
     for rank in (0, 1):  # ... and no rank trained past it
@@ -200,9 +209,9 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
     proc = _cli(address, _sets(tmp_path, "term"), log)  # the same command
     assert _finish(proc, 400) == 0, log.read_text()[-3000:]
     for rank in (0, 1):
-        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)), list(range(step + 1, 41))]
+        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)), list(range(step + 1, STEPS + 1))]
     got, want = _newest_state(run_dir), _newest_state(tmp_path / "runs" / "ref")
-    assert got["step"] == want["step"] == 40
+    assert got["step"] == want["step"] == STEPS
     assert got["model"].keys() == want["model"].keys()
     for k, v in want["model"].items():
         assert torch.equal(got["model"][k], v), k  # bit-identical: the stop changed nothing
