@@ -34,10 +34,10 @@ TINY = ROOT / "ray_jobs" / "configs" / "tiny.yaml"
 
 
 # Steps of the stopped run: enough that a SIGTERM sent after step 4 reaches the workers before
-# the last step on a fast machine too. The driver handles a signal when Ray's blocking get in
-# `fit` next checks for signals (get_check_signal_interval_milliseconds, a second by default);
-# tiny's steps took 36 ms on one machine of this kind, where 40 steps ended before the stop
-# arrived (a clean-clone run); with 120 the stop came after step 21 there.
+# the last step on a fast machine too. The driver handles a signal only when Ray's blocking
+# get in `fit` next checks for signals, not at once; tiny's steps took 36 ms on one machine of
+# this kind, where 40 steps ended before the stop arrived (a clean-clone run); with 120 the
+# stop came after steps 21 and 31 there.
 STEPS = 120
 
 
@@ -209,7 +209,8 @@ def test_sigterm_stops_at_a_step_boundary_and_the_same_command_resumes_exactly(
     proc = _cli(address, _sets(tmp_path, "term"), log)  # the same command
     assert _finish(proc, 400) == 0, log.read_text()[-3000:]
     for rank in (0, 1):
-        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)), list(range(step + 1, STEPS + 1))]
+        assert _trained_steps(run_dir, rank) == [list(range(1, step + 1)),
+                                                 list(range(step + 1, STEPS + 1))]
     got, want = _newest_state(run_dir), _newest_state(tmp_path / "runs" / "ref")
     assert got["step"] == want["step"] == STEPS
     assert got["model"].keys() == want["model"].keys()
