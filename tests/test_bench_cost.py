@@ -197,3 +197,22 @@ def test_bad_options_are_refused_with_the_option_named(capsys):
         with pytest.raises(SystemExit):
             cost.parse_args(argv)
         assert word in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("autocast,want", [("none", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_option_times_the_steps_in_that_precision(autocast, want):
+    """--autocast bf16 runs the timed training and decode steps under bf16 autocast (how the
+    training loop runs on a GPU); none keeps them float32. Read off the experts' matmuls."""
+    torch.manual_seed(0)
+    model = SparseBKLM(_tiny("light"))
+    seen = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".moe." in n]
+    cost.time_training(model, 2, [0.0, 0.5], repeats=1, warmup=0, device="cpu", autocast=autocast)
+    assert seen == {want}
+    seen.clear()
+    with torch.no_grad():
+        cost.time_decode(model, 2, [0.0], steps=2, repeats=1, warmup=0, device="cpu",
+                         autocast=autocast)
+    assert seen == {want}
+    assert cost.parse_args(["--autocast", autocast])[0].autocast == autocast

@@ -34,7 +34,7 @@ from sparsebk.storage.store import open_store
 from sparsebk.data.manifest import tokenizer_files
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.run_state import local_batches
-from sparsebk.train.ray_train.schedule_client import LocalSchedule
+from sparsebk.train.schedule import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -675,6 +675,48 @@ def test_cuda_layer_matches_cpu(opts):
     assert torch.allclose(got.cpu(), ref, atol=1e-10)
 
 
+class _StrictIndexCopy(torch.overrides.TorchFunctionMode):
+    """Counts Tensor.index_copy calls and fails one whose rows' dtype is not the tensor's:
+    CUDA refuses those, while CPU autocast promotes them, so a CPU run alone would not see
+    what broke bf16 training on a GPU (found on an H200: every sparse step raised)."""
+
+    calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.index_copy, torch.Tensor.index_copy_):
+            source = args[3] if len(args) > 3 else kwargs["source"]
+            assert source.dtype == args[0].dtype, (
+                f"index_copy of {source.dtype} rows into a {args[0].dtype} tensor")
+            type(self).calls += 1
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("skip_output", ["carry", "own", "zero", "mix", "light"])
+def test_bf16_autocast_writes_rows_in_one_dtype(skip_output):
+    """Training (forward, backward) and decoding (prefill, step) of a sparse model under bf16
+    autocast, in every skip_output mode with input couplings: each index_copy writes rows of
+    its tensor's own dtype (what CUDA's index_copy demands), and the loss is finite."""
+    from sparsebk.model.lm import LMConfig, SparseBKLM
+
+    torch.manual_seed(0)
+    cfg = LMConfig.preset("debug", skip_output=skip_output, bk_heads=2, bk_input_couplings=True)
+    model = SparseBKLM(cfg).train()
+    model.set_sparsity_schedule(0.5, 0.5)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.n_seq + 1), generator=torch.Generator().manual_seed(1))
+    _StrictIndexCopy.calls = 0
+    with torch.autocast("cpu", dtype=torch.bfloat16), _StrictIndexCopy():
+        out = model(x[:, :-1], targets=x[:, 1:])
+        out["loss"].backward()
+        model.eval()
+        logits, state = model.prefill(x[:, :8])
+        for t in range(8, 11):
+            logits, state = model.step(x[:, t], state)
+    assert 0 < out["layer_sparsity"].min() and out["layer_sparsity"].max() < 1  # sparse path
+    assert torch.isfinite(out["loss"]) and torch.isfinite(logits).all()
+    assert _StrictIndexCopy.calls > 0
+
+
 def test_benchmark_forced_masks_skip_exactly_the_asked_fraction():
     from sparsebk.bench.layer import forced_mask
 

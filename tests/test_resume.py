@@ -17,7 +17,7 @@ from sparsebk.train.config import TrainConfig, load_config
 from sparsebk.train.run_state import local_batches
 from sparsebk.train.resume import (ResumeRefused, classify, compare, config_changes,
                                    list_checkpoints, read_state, restoring_overrides)
-from sparsebk.train.ray_train.schedule_client import LocalSchedule
+from sparsebk.train.schedule import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "ray_jobs" / "configs" / "tiny.yaml"

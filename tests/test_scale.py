@@ -175,7 +175,7 @@ def test_fit_takes_n_batches_per_step_and_counts_optimizer_steps(tmp_path):
 
     class Fixed:  # a constant schedule, no Ray
         def get(self, step, prefetch_next=True):
-            from sparsebk.train.ray_train.actor import Schedule
+            from sparsebk.train.schedule import Schedule
             return Schedule([0.3] * cfg.model.n_layers, 0.1)
 
         def report_validation(self, loss):
@@ -345,7 +345,7 @@ def _train_run(rank: int, world: int, tmp: str, parallel: str, name: str, restor
 
     from sparsebk.parallel import shard
     from sparsebk.train.run_state import local_batches
-    from sparsebk.train.ray_train.schedule_client import LocalSchedule
+    from sparsebk.train.schedule import LocalSchedule
 
     cfg = fsdp_cfg(Path(tmp), parallel, name)
     torch.manual_seed(1000 + rank)

@@ -83,7 +83,7 @@ def _fit(cfg, rows, valid, tmp_path: Path, stop_at=None, resume_from=None):
     import shutil
 
     from sparsebk.model.lm import SparseBKLM
-    from sparsebk.train.ray_train.schedule_client import LocalSchedule
+    from sparsebk.train.schedule import LocalSchedule
     from sparsebk.train.run_state import local_batches
     from sparsebk.train.trainer import Trainer
 

@@ -16,7 +16,7 @@ from sparsebk.model.lm import SparseBKLM
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.run_state import local_batches
 from sparsebk.train.metrics import read_metrics, write_plots
-from sparsebk.train.ray_train.schedule_client import LocalSchedule
+from sparsebk.train.schedule import LocalSchedule
 from sparsebk.train.tracking import flatten, log_plots, mlflow_location, mlflow_run_id, scalars
 from sparsebk.train.trainer import Trainer
 

@@ -13,7 +13,7 @@ import yaml
 
 from sparsebk.model.lm import LMConfig
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
-from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
+from sparsebk.train.schedule import Schedule, ScheduleNotReady, ScheduleState
 from sparsebk.storage.checkpoint import load_checkpoint, save_checkpoint
 from sparsebk.train.config import TrainConfig, apply_override, load_config
 from sparsebk.train.trainer import lr_factor, lr_lambda

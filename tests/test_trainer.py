@@ -13,7 +13,7 @@ from sparsebk.model.lm import SparseBKLM
 from sparsebk.scheduler import AdaptiveSparsityScheduler
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.run_state import local_batches
-from sparsebk.train.ray_train.schedule_client import LocalSchedule
+from sparsebk.train.schedule import LocalSchedule
 from sparsebk.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

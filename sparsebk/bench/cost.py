@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -142,8 +142,16 @@ def _gates(model, sparsity: float, generator: torch.Generator):
 
 # --- timing ------------------------------------------------------------------------------------
 
+def _precision(device, autocast: str):
+    """The context a timed call runs in: bf16 autocast (how the training loop runs on a GPU)
+    or none (float32)."""
+    if autocast == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def time_training(model, batch: int, cases: Sequence[float], *, repeats: int, warmup: int,
-                  device, seed: int = 0) -> dict[float, dict]:
+                  device, seed: int = 0, autocast: str = "none") -> dict[float, dict]:
     """Per sparsity s of `cases` (0: every gate open, 1: every gate closed): `time_calls`'s
     timing of one training step (forward, backward, AdamW), round-robin, plus "sparsity" (the
     fraction of the step's gate decisions that skipped, over every call) and "decisions"."""
@@ -156,7 +164,8 @@ def time_training(model, batch: int, cases: Sequence[float], *, repeats: int, wa
 
     def step(s: float) -> None:
         with _gates(model, s, gen):
-            out = model(tokens[:, :-1], tokens[:, 1:])
+            with _precision(device, autocast):
+                out = model(tokens[:, :-1], tokens[:, 1:])
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -192,7 +201,7 @@ def kept_decisions(model, kept: list) -> Iterator[None]:
 
 
 def time_decode(model, batch: int, cases: Sequence[float], *, steps: int, repeats: int,
-                warmup: int, device, seed: int = 0) -> dict[float, dict]:
+                warmup: int, device, seed: int = 0, autocast: str = "none") -> dict[float, dict]:
     """Per sparsity s of `cases`: `time_calls`'s timing of `steps` decode steps (eval mode, one
     token per sequence, every call from the same state after a PREFILL-token prompt),
     round-robin, with "step_s" (the median per step); "sparsity" and "decisions" counted over
@@ -202,10 +211,11 @@ def time_decode(model, batch: int, cases: Sequence[float], *, steps: int, repeat
     model.eval()
     prompt = torch.randint(0, cfg.vocab_size, (batch, min(PREFILL, cfg.n_seq - 1)), generator=gen)
     tok = torch.randint(0, cfg.vocab_size, (batch,), generator=gen).to(device)
-    _, state = model.prefill(prompt.to(device))
+    with _precision(device, autocast):
+        _, state = model.prefill(prompt.to(device))
 
     def run(s: float) -> None:
-        with _gates(model, s, gen):
+        with _gates(model, s, gen), _precision(device, autocast):
             for _ in range(steps):
                 model.step(tok, state)
 
@@ -214,7 +224,7 @@ def time_decode(model, batch: int, cases: Sequence[float], *, steps: int, repeat
     out = {}
     for s in cases:
         kept: list = []
-        with _gates(model, s, gen), kept_decisions(model, kept):
+        with _gates(model, s, gen), kept_decisions(model, kept), _precision(device, autocast):
             for _ in range(steps * repeats):
                 model.step(tok, state)
         kept_all = torch.cat([k.reshape(-1) for k in kept])
@@ -334,12 +344,13 @@ def measure_width(cfg: LMConfig, args, sparsities: list[float], device) -> tuple
         load0, probe_s = os.getloadavg()[0], machine_probe(rows=args.probe_rows)
         if phase == "train":
             timed = time_training(model, args.batch, cases, repeats=args.repeats,
-                                  warmup=args.warmup, device=device)
+                                  warmup=args.warmup, device=device, autocast=args.autocast)
             key, tokens = "median_s", args.batch * cfg.n_seq
         else:
             with torch.no_grad():
                 timed = time_decode(model, args.decode_batch, cases, steps=args.decode_steps,
-                                    repeats=args.repeats, warmup=args.warmup, device=device)
+                                    repeats=args.repeats, warmup=args.warmup, device=device,
+                                    autocast=args.autocast)
             key, tokens = "step_s", args.decode_batch
         rows.append(phase_row(cfg, phase, timed, key, tokens, sparsities, probe_s,
                               (load0, os.getloadavg()[0])))
@@ -396,6 +407,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="LMConfig override at every width, e.g. --set n_layers=8 (repeatable)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--autocast", choices=("none", "bf16"), default="none",
+                   help="bf16: forward passes under bf16 autocast, as training runs on a GPU "
+                        "(default none: float32)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return p
@@ -443,8 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     summ = summary(rows, s, sparsities)
     split = [split_row(c, f"width {c.d_model}") for c in configs]
     split.append(split_row(LMConfig.preset("large"), "large preset (counted only)"))
-    print(f"\ncost of a step: recipe {args.recipe}, {args.device}, {torch.get_num_threads()} "
-          f"threads; train batch {args.batch} x n_seq, decode batch {args.decode_batch}; "
+    precision = "bf16 autocast" if args.autocast == "bf16" else "float32"
+    print(f"\ncost of a step: recipe {args.recipe}, {args.device}, {precision}, "
+          f"{torch.get_num_threads()} threads; train batch {args.batch} x n_seq, decode batch {args.decode_batch}; "
           f"median of {args.repeats} rounds; speed-ups against every gate open")
     cols = ["width", "layers", "experts", "phase", "tokens_per_step", "open_ms", "closed_ms",
             "open_tok_s", "saved_share", "counted_share",

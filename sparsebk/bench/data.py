@@ -243,7 +243,7 @@ class _LoaderRun:
 
         from sparsebk.data.loading import load_blocks
         from sparsebk.model.lm import SparseBKLM
-        from sparsebk.train.ray_train.schedule_client import LocalSchedule
+        from sparsebk.train.schedule import LocalSchedule
         from sparsebk.train.trainer import Trainer
 
         self.cfg = cfg = _train_config(dataset, args, loader)

@@ -41,7 +41,7 @@ def plain_run(cfg, dataset_dir, steps: int, window: int) -> dict:
     from sparsebk.data.loading import load_blocks
     from sparsebk.model.lm import SparseBKLM
     from sparsebk.train.run_state import local_batches
-    from sparsebk.train.ray_train.schedule_client import LocalSchedule
+    from sparsebk.train.schedule import LocalSchedule
     from sparsebk.train.trainer import Trainer
 
     torch.manual_seed(cfg.run.seed * 1000)
@@ -94,7 +94,8 @@ def ray_run(cfg, label: str) -> dict:
 def actor_latency(cfg, n_layers: int) -> dict:
     import ray
 
-    from sparsebk.train.ray_train.actor import ScheduleState, create_schedule_actor
+    from sparsebk.train.ray_train.actor import create_schedule_actor
+    from sparsebk.train.schedule import ScheduleState
 
     actor = create_schedule_actor(cfg.schedule, n_layers)
     ray.get(actor.reset.remote())

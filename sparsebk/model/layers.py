@@ -106,6 +106,15 @@ __all__ = ["LayerOutput", "SparseBKCore", "SparseMoEResNetBKLayer", "get_sparsit
            "get_balanced_loss", "get_sparsity_stats"]
 
 
+def _put_rows(base: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """base (R, ...) with rows (M, ...) written at the indices idx (M,), in the dtype both
+    promote to: what the dense path's `torch.where(keep, rows, base)` gives. Under CUDA
+    autocast a projection's rows are bfloat16 while a base of zeros or ones is float32, and
+    CUDA's index_copy, unlike the CPU's under autocast, refuses mixed dtypes."""
+    dtype = torch.promote_types(base.dtype, rows.dtype)
+    return base.to(dtype).index_copy(0, idx, rows.to(dtype))
+
+
 @dataclass
 class LayerState:
     """What a layer remembers to continue its causal outputs (eval mode): constant in the
@@ -268,7 +277,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         h, aux = self.experts(x.reshape(B * N, D).index_select(0, idx),
                               logits.reshape(-1).index_select(0, idx))  # (M, D)
         v_c = self.v_proj(h)  # (M, H)
-        v = self.skipped_potentials(x.reshape(B * N, D)).index_copy(0, idx, v_c).view(B, N, H)
+        v = _put_rows(self.skipped_potentials(x.reshape(B * N, D)), idx, v_c).view(B, N, H)
         b = None
         if self.coupling_proj is not None:  # coupling 1 (the Laplacian's) where skipped
             b_c = self.couplings(h)  # (M, H)
@@ -322,7 +331,7 @@ class SparseMoEResNetBKLayer(nn.Module):
         feats = self.sparse_bk_core.bk_features(self.v_proj(h_all).view(B, N, -1), b)
         y = h_all + self.output_proj(feats.reshape(B * N, -1)).to(h_all.dtype)
         m = mask.reshape(-1).index_select(0, idx).unsqueeze(-1)  # (M, 1) live
-        return y.index_copy(0, idx, m * y.index_select(0, idx)).view(B, N, D), aux
+        return _put_rows(y, idx, m * y.index_select(0, idx)).view(B, N, D), aux
 
     def _dense_forward(self, x: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor):
         """Every position computed, the mask applied by selection: the sparse path's reference."""
@@ -404,9 +413,9 @@ class SparseMoEResNetBKLayer(nn.Module):
         if idx.numel() == 0:  # every row skipped: no expert call
             return x.new_zeros(0, x.shape[1]), v, b
         h, _ = self.experts(x.index_select(0, idx), logits.index_select(0, idx))  # (M, D)
-        v = v.index_copy(0, idx, self.v_proj(h))
+        v = _put_rows(v, idx, self.v_proj(h))
         if b is not None:
-            b = b.index_copy(0, idx, self.couplings(h))
+            b = _put_rows(b, idx, self.couplings(h))
         return h, v, b
 
     def _continue_outputs(self, h: torch.Tensor, feats: torch.Tensor, keep: torch.Tensor,
@@ -417,7 +426,7 @@ class SparseMoEResNetBKLayer(nn.Module):
             return h + self.output_proj(feats), carry
         if self.skip_output in ("own", "mix"):  # every position projects its own features
             spec = self.output_proj(feats)  # (B T, D)
-            return spec.index_copy(0, idx, h + spec.index_select(0, idx)), carry
+            return _put_rows(spec, idx, h + spec.index_select(0, idx)), carry
         if idx.numel() == 0 and self.skip_output == "carry":  # no expert, no projection
             B, T = keep.shape
             return carry.repeat_interleave(T, 0), carry

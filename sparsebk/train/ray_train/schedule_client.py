@@ -1,5 +1,6 @@
 """Where a training step gets its Schedule: the actor (rank 0, prefetched, broadcast) or an
-in-process scheduler (plain single-process loops and benchmarks).
+in-process scheduler (plain single-process loops and benchmarks: `LocalSchedule`, in
+sparsebk.train.schedule, which imports no Ray).
 
 Both sources have the same three calls, in this order per evaluation:
 
@@ -31,7 +32,8 @@ import time
 import ray
 import torch
 
-from sparsebk.train.ray_train.actor import Schedule, ScheduleNotReady, ScheduleState
+# LocalSchedule, the in-process source, lives on the Ray-free floor; re-exported here
+from sparsebk.train.schedule import LocalSchedule, Schedule, ScheduleNotReady  # noqa: F401
 
 logger = logging.getLogger("sparsebk.train")
 
@@ -107,26 +109,6 @@ class ScheduleClient:
     def checkpoint_state(self) -> dict:
         self.saved = self._call(lambda: self.actor.state_dict.remote(), "checkpoint state")
         return self.saved
-
-
-class LocalSchedule:
-    """The same calls on an in-process ScheduleState (no Ray, no broadcast)."""
-
-    def __init__(self, scheduler_kwargs: dict, n_layers: int, state: dict | None = None):
-        self.state = ScheduleState(scheduler_kwargs, n_layers)
-        if state is None:
-            self.state.reset()
-        else:
-            self.state.load_state_dict(state)
-
-    def get(self, step: int, *, prefetch_next: bool = True) -> Schedule:
-        return self.state.values(step)
-
-    def report_validation(self, val_loss: float) -> None:
-        self.state.report_validation(val_loss)
-
-    def checkpoint_state(self) -> dict:
-        return self.state.state_dict()
 
 
 class BroadcastSchedule:
