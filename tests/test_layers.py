@@ -680,7 +680,9 @@ class _StrictIndexCopy(torch.overrides.TorchFunctionMode):
     CUDA refuses those, while CPU autocast promotes them, so a CPU run alone would not see
     what broke bf16 training on a GPU (found on an H200: every sparse step raised)."""
 
-    calls = 0
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -688,7 +690,7 @@ class _StrictIndexCopy(torch.overrides.TorchFunctionMode):
             source = args[3] if len(args) > 3 else kwargs["source"]
             assert source.dtype == args[0].dtype, (
                 f"index_copy of {source.dtype} rows into a {args[0].dtype} tensor")
-            type(self).calls += 1
+            self.calls += 1
         return func(*args, **kwargs)
 
 
@@ -704,8 +706,8 @@ def test_bf16_autocast_writes_rows_in_one_dtype(skip_output):
     model = SparseBKLM(cfg).train()
     model.set_sparsity_schedule(0.5, 0.5)
     x = torch.randint(0, cfg.vocab_size, (4, cfg.n_seq + 1), generator=torch.Generator().manual_seed(1))
-    _StrictIndexCopy.calls = 0
-    with torch.autocast("cpu", dtype=torch.bfloat16), _StrictIndexCopy():
+    strict = _StrictIndexCopy()
+    with torch.autocast("cpu", dtype=torch.bfloat16), strict:
         out = model(x[:, :-1], targets=x[:, 1:])
         out["loss"].backward()
         model.eval()
@@ -714,7 +716,7 @@ def test_bf16_autocast_writes_rows_in_one_dtype(skip_output):
             logits, state = model.step(x[:, t], state)
     assert 0 < out["layer_sparsity"].min() and out["layer_sparsity"].max() < 1  # sparse path
     assert torch.isfinite(out["loss"]) and torch.isfinite(logits).all()
-    assert _StrictIndexCopy.calls > 0
+    assert strict.calls > 0
 
 
 def test_benchmark_forced_masks_skip_exactly_the_asked_fraction():

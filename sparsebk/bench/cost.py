@@ -459,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     split.append(split_row(LMConfig.preset("large"), "large preset (counted only)"))
     precision = "bf16 autocast" if args.autocast == "bf16" else "float32"
     print(f"\ncost of a step: recipe {args.recipe}, {args.device}, {precision}, "
-          f"{torch.get_num_threads()} threads; train batch {args.batch} x n_seq, decode batch {args.decode_batch}; "
-          f"median of {args.repeats} rounds; speed-ups against every gate open")
+          f"{torch.get_num_threads()} threads; train batch {args.batch} x n_seq, decode batch "
+          f"{args.decode_batch}; median of {args.repeats} rounds; speed-ups against every gate open")
     cols = ["width", "layers", "experts", "phase", "tokens_per_step", "open_ms", "closed_ms",
             "open_tok_s", "saved_share", "counted_share",
             *[f"{k}@{x:g}" for x in sparsities for k in ("ideal", "measured", "sparsity")],

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import ray
 
-# the actor's logic and its answers live on the Ray-free training floor; re-exported here
-from sparsebk.train.schedule import Schedule, ScheduleNotReady, ScheduleState  # noqa: F401
+# the actor's logic lives on the Ray-free training floor (sparsebk.train.schedule)
+from sparsebk.train.schedule import ScheduleState
 
 # num_cpus=0: the actor idles between calls and must not take a CPU a worker needs.
 # max_task_retries=0: a call in flight when the actor dies raises RayActorError at once, and

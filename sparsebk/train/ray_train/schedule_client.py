@@ -32,8 +32,7 @@ import time
 import ray
 import torch
 
-# LocalSchedule, the in-process source, lives on the Ray-free floor; re-exported here
-from sparsebk.train.schedule import LocalSchedule, Schedule, ScheduleNotReady  # noqa: F401
+from sparsebk.train.schedule import Schedule, ScheduleNotReady
 
 logger = logging.getLogger("sparsebk.train")
 
