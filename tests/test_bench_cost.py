@@ -216,3 +216,27 @@ def test_autocast_option_times_the_steps_in_that_precision(autocast, want):
                          autocast=autocast)
     assert seen == {want}
     assert cost.parse_args(["--autocast", autocast])[0].autocast == autocast
+
+
+def test_an_adaptive_head_is_counted_where_it_is_read_and_tokens_follow_zipf():
+    """With head_cutoff c the head costs its first level, D (c + 1), and the second, D D +
+    D (V - c), for the targets past c: in training the share Zipf's law puts there, in decoding
+    every position (every log-probability is formed). `zipf_tokens` draws that share."""
+    cfg = LMConfig.preset("small", head_cutoff=2000)
+    D, V, c = 128, 10000, 2000
+    q = 1 - sum(1 / k for k in range(1, c + 1)) / sum(1 / k for k in range(1, V + 1))
+    assert cost.zipf_rest_share(V, c) == pytest.approx(q, rel=1e-12)
+    assert 0.16 < q < 0.17  # under the law; PTB's own share past 2,000 ids is 0.13
+    assert cost.position_macs(cfg)["computed"]["head"] == pytest.approx(
+        D * (c + 1) + q * (D * D + D * (V - c)), rel=1e-12)
+    assert cost.position_macs(cfg, "decode")["skipped"]["head"] == D * (c + 1) + D * D + D * (V - c)
+    full = LMConfig.preset("small")
+    assert cost.position_macs(full, "decode") == cost.position_macs(full)
+    assert cost.counted_share(cfg) > cost.counted_share(full)  # a cheaper head: experts weigh more
+    n = 200_000
+    ids = cost.zipf_tokens((n,), V, torch.Generator().manual_seed(0))
+    assert ids.dtype == torch.int64 and 0 <= int(ids.min()) and int(ids.max()) < V
+    past = (ids >= c).double().mean().item()
+    assert abs(past - q) < 5 * math.sqrt(q * (1 - q) / n)  # five binomial standard deviations
+    assert (ids == 0).double().mean().item() == pytest.approx(
+        1 / sum(1 / k for k in range(1, V + 1)), abs=5 * math.sqrt(0.1 / n))

@@ -61,6 +61,8 @@ VARIANTS = {
     "gate-weight": dict(gate_weight=True, bk_heads=2, bk_input_couplings=True),
     "light": dict(skip_output="light", gate_weight=True, bk_heads=2, bk_input_couplings=True,
                   gate_eval_mode="threshold"),
+    # the two-level adaptive head: ids below 20 in the first level
+    "adaptive-head": dict(head_cutoff=20, bk_heads=2),
 }
 
 

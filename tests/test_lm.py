@@ -73,6 +73,9 @@ def test_presets_and_dict_round_trip():
     ("bk_learn_z", "yes", "LMConfig.bk_learn_z='yes': must be true or false"),
     ("bk_input_couplings", 1, "LMConfig.bk_input_couplings=1: must be true or false"),
     ("d_ff", 0, "LMConfig.d_ff=0: must be >= 1"),
+    ("head_cutoff", -1, "LMConfig.head_cutoff=-1: must be >= 0"),
+    ("head_cutoff", 64, "LMConfig.head_cutoff=64 must be below vocab_size=64"),
+    ("head_cutoff", 2.0, "LMConfig.head_cutoff=2.0: must be an integer"),
 ])
 def test_bad_config_values_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -357,3 +360,93 @@ def test_gate_eval_mode_is_a_validated_config_field():
     assert all(layer.sparse_bk_core.gate.eval_mode == "threshold" for layer in model.layers)
     with pytest.raises(ValueError, match="gate_eval_mode='noisy'"):
         LMConfig.preset("debug", gate_eval_mode="noisy")
+
+
+# ----------------------------------------------------------------------------- adaptive head
+def _adaptive_probs_by_definition(model: SparseBKLM, tokens: torch.Tensor) -> torch.Tensor:
+    """p (B, T, V) of the two-level head written out in probability space, from the model's
+    final-norm outputs and its weights: p(i) = softmax(a)_i for i < c, softmax(a)_c *
+    softmax(r)_(i - c) above (lm.py's docstring), without the model's head code."""
+    seen = {}
+    hook = model.norm_f.register_forward_hook(lambda mod, inp, out: seen.setdefault("u", out))
+    model(tokens)
+    hook.remove()
+    u, E, c = seen["u"], model.tok_emb.weight, model.config.head_cutoff
+    a = torch.cat([u @ E[:c].t(), u @ model.rest_logit.weight.t() + model.rest_logit.bias], -1)
+    r = (u @ model.rest_proj.weight.t()) @ E[c:].t()
+    pa, pr = torch.softmax(a, -1), torch.softmax(r, -1)
+    return torch.cat([pa[..., :c], pa[..., c:] * pr], -1)
+
+
+def _trained_looking_adaptive(cutoff: int = 10) -> SparseBKLM:
+    torch.manual_seed(11)
+    model = debug_model(torch.float64, dropout_p=0.0, head_cutoff=cutoff).eval()
+    with torch.no_grad():  # off the init (P = identity, w = 0), logits spread out
+        for p in (model.rest_proj.weight, model.rest_logit.weight, model.tok_emb.weight):
+            p.normal_(std=0.5)
+    return model
+
+
+def test_adaptive_head_is_the_two_level_distribution_and_its_loss_the_full_cross_entropy():
+    """float64: the model's log-probabilities are those of the definition and sum to 1; its
+    loss, which reads the second level at the tail targets only, is the mean -log p(target)
+    of the whole distribution, and so is its gradient, ignored targets (-100) left out."""
+    model = _trained_looking_adaptive()
+    tokens = torch.randint(0, 64, (3, 20))
+    targets = torch.randint(0, 64, (3, 20))
+    targets[0, :4] = -100
+    assert (targets >= 10).any() and ((targets >= 0) & (targets < 10)).any()
+    lp = model(tokens)["logits"]
+    p_def = _adaptive_probs_by_definition(model, tokens)
+    eps = torch.finfo(torch.float64).eps
+    assert (lp.exp() - p_def).abs().max() < 64 * 1e3 * eps
+    assert (lp.exp().sum(-1) - 1).abs().max() < 64 * 1e2 * eps
+
+    out = model(tokens, targets)
+    assert "logits" not in out  # not formed: the head's saving
+    keep = targets != -100
+    want = -torch.log(p_def[keep].gather(-1, targets[keep][:, None])).mean()
+    assert abs(out["ce_loss"].item() - want.item()) < 1e3 * eps * abs(want.item())
+    grads = torch.autograd.grad(out["ce_loss"], list(model.parameters()), allow_unused=True)
+    wants = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    for (name, _), g, w in zip(model.named_parameters(), grads, wants):
+        if w is None:  # the gates' own parameters: no path to the cross-entropy
+            assert g is None or g.abs().max() == 0, name
+            continue
+        assert (g - w).abs().max() <= 1e6 * eps * (w.abs().max() + 1e-300), name
+
+
+def test_adaptive_head_without_tail_targets_keeps_its_parameters_in_the_graph():
+    """A batch whose targets are all frequent ids still gives the rest's projection a (zero)
+    gradient, as an expert with no tokens: DDP needs every parameter in the graph."""
+    model = _trained_looking_adaptive()
+    tokens = torch.randint(0, 64, (2, 16))
+    model(tokens, torch.randint(0, 10, (2, 16)))["loss"].backward()
+    assert model.rest_proj.weight.grad is not None
+    assert model.rest_proj.weight.grad.abs().max() == 0
+    assert model.rest_logit.weight.grad.abs().max() > 0
+
+
+def test_adaptive_head_starts_as_the_full_softmax_gives_the_rest_its_share():
+    """At init (P = identity, w = 0, b = log(V - c)) the first level gives the rest the mass a
+    full softmax of near-equal logits gives V - c ids: (V - c) / V, up to the logits' spread."""
+    torch.manual_seed(2)
+    model = debug_model(head_cutoff=16).eval()
+    p_rest = model(torch.randint(0, 64, (4, 32)))["logits"][..., 16:].exp().sum(-1)
+    assert (p_rest - 48 / 64).abs().max() < 0.02
+
+
+def test_debug_lm_with_an_adaptive_head_learns():
+    torch.manual_seed(4)
+    model = debug_model(dropout_p=0.0, head_cutoff=16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ce = []
+    for _ in range(150):
+        x, y = progression_batch(16, 32, 64)
+        out = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        ce.append(out["ce_loss"].item())
+    assert ce[0] == pytest.approx(math.log(64), abs=0.1)
+    assert sum(ce[-20:]) / 20 < 0.3 * ce[0], (ce[0], ce[-20:])

@@ -338,6 +338,9 @@ def run_quality(s: QualitySettings) -> dict:
     if s.transformer:
         torch.manual_seed(s.seed)
         tcfg = TransformerConfig.matching(cfg)
+        if cfg.head_cutoff:
+            log.warning("the Transformer row keeps a full softmax head (head_cutoff=%d is the BK "
+                        "model's): its speed is not the same head's", cfg.head_cutoff)
         log.info("training %s for %s", TRANSFORMER, budget_words(s))
         results.append(train_one(TRANSFORMER, TransformerLM(tcfg), blocks, s, target=None,
                                  train_cfg=train_cfg, schedule=None))

@@ -127,6 +127,12 @@ class LMConfig:
     # target; "model" pulls the sparsity of all layers' masks together to the mean target, so
     # the gates choose which layers skip more (as Mixture-of-Depths routes some blocks only)
     sparsity_budget: str = "layer"
+    # the output head: 0 = a full softmax over the vocabulary (tied to the embedding); c > 0 =
+    # a two-level adaptive softmax (Grave et al. 2017), still tied: ids below c (the frequent
+    # words, when ids are ordered by frequency as the word tokenizer orders them) in the first
+    # level with one more entry for "the rest", the rest in a second softmax read only for the
+    # targets that fall there. An exact distribution over the whole vocabulary (sparsebk.model.lm)
+    head_cutoff: int = 0
 
     def __post_init__(self):
         if self.vocab_size is not None:
@@ -172,6 +178,10 @@ class LMConfig:
             self.light_d_ff = check_int("LMConfig.light_d_ff", self.light_d_ff, min=1)
         check_gate_grad("LMConfig.", self.skip_output, self.gate_grad)
         check_choice("LMConfig.sparsity_budget", self.sparsity_budget, SPARSITY_BUDGETS)
+        self.head_cutoff = check_int("LMConfig.head_cutoff", self.head_cutoff, min=0)
+        if self.vocab_size is not None and self.head_cutoff >= self.vocab_size:
+            raise ValueError(f"LMConfig.head_cutoff={self.head_cutoff} must be below "
+                             f"vocab_size={self.vocab_size} (0: a full softmax)")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "LMConfig":

@@ -5,6 +5,21 @@
     h_l = h_{l-1} + y_l                             (pre-norm residual blocks)
     logits = LayerNorm(h_L) @ E^T                   (B, T, V)  (output head tied to E)
 
+With `head_cutoff` c > 0 the head is a two-level adaptive softmax (Grave et al. 2017), tied
+to E as well. With u = LayerNorm(h_L):
+
+    first level   a = [u @ E[:c]^T, w . u + b]      (c + 1): the ids below c and "the rest"
+    second level  r = (P u) @ E[c:]^T               (V - c)
+    log p(i) = log_softmax(a)_i                     i < c
+    log p(i) = log_softmax(a)_c + log_softmax(r)_(i - c)    i >= c
+
+an exact distribution over the vocabulary (its probabilities sum to 1). The loss reads the
+second level only at the targets that fall there, so with ids ordered by frequency (the word
+tokenizer's order; on PTB the 2,000 most frequent ids are 87% of the tokens) a training step
+does a fraction of the full head's work. The model's logits are then these log-probabilities.
+P starts as the identity and b at log(V - c), so that at initialisation the rest's share
+matches what a full softmax of the same E gives to V - c near-equal logits.
+
 Each block returns h_l together with its layer's live mask m_l and MoE balance loss a_l; the
 model builds every output from those returned values:
 
@@ -25,6 +40,7 @@ positions copy features from the left only. Architecture only: no Ray, no distri
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -48,6 +64,11 @@ def adamw_with_decay_groups(model: nn.Module, weight_decay: float, lr: float,
     return torch.optim.AdamW(
         [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
          {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr, betas=betas)
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 when it is (a half-precision softmax rounds the probabilities)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 @dataclass
@@ -101,6 +122,13 @@ class SparseBKLM(nn.Module):
         self.drop = nn.Dropout(config.dropout_p)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm_f = nn.LayerNorm(config.d_model)
+        c = config.head_cutoff
+        if c:  # the adaptive head's own parameters (module docstring)
+            self.rest_logit = nn.Linear(config.d_model, 1)  # w, b
+            self.rest_proj = nn.Linear(config.d_model, config.d_model, bias=False)  # P
+            nn.init.zeros_(self.rest_logit.weight)
+            nn.init.constant_(self.rest_logit.bias, math.log(config.vocab_size - c))
+            nn.init.eye_(self.rest_proj.weight)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         if self.pos_emb is not None:
             nn.init.normal_(self.pos_emb, std=0.02)
@@ -200,15 +228,15 @@ class SparseBKLM(nn.Module):
                 y, st = block.layer.prefill(block.norm(h), st, pos)
             h = h + y
             layers.append(st)
-        logits = self.norm_f(h) @ self.tok_emb.weight.t()  # (B, T, V)
-        return logits, DecodeState(layers, pos + T)
+        return self.logits(self.norm_f(h)), DecodeState(layers, pos + T)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> dict:
         """tokens (B, T) int64 with T <= n_seq (any T with pos_emb="none"); targets (B, T)
         (-100 = ignored) or None.
 
         Returns "logits" (B, T, V) and "layer_sparsity" (L,) (detached 1 - mean(mask) per layer,
-        no host sync); with targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
+        no host sync); "logits" is left out when targets are given to a model with an adaptive
+        head (`head_cutoff` > 0: not forming them is that head's saving). With targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
         moe_aux_weight * aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by
         its layer's sparsity_loss_weight, differentiable) and "aux_loss" (sum of the layers' MoE
         balance losses).
@@ -232,21 +260,56 @@ class SparseBKLM(nn.Module):
                 h, mask, aux = block(h)
             masks.append(mask)
             aux_losses.append(aux)
-        logits = self.norm_f(h) @ self.tok_emb.weight.t()  # (B, T, V)
+        u = self.norm_f(h)  # (B, T, D)
         layers = self.layers
         for layer, mask, aux in zip(layers, masks, aux_losses):
             layer.remember(mask, aux)  # for the seed getters only; nothing below reads it
-        out = {"logits": logits,
-               "layer_sparsity": torch.stack([1.0 - m.detach().float().mean() for m in masks])}
+        out = {}
+        if targets is None or not self.config.head_cutoff:
+            out["logits"] = logits = self.logits(u)
+        out["layer_sparsity"] = torch.stack([1.0 - m.detach().float().mean() for m in masks])
         if targets is not None:
             if targets.shape != tokens.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} != tokens shape {tuple(tokens.shape)}")
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
+            if self.config.head_cutoff:
+                ce = self._adaptive_ce(u.reshape(-1, u.shape[-1]), targets.reshape(-1).long())
+            else:
+                ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                     targets.reshape(-1).long())
             sp = self._sparsity_loss(masks)
             aux = sum(aux_losses)
             out.update(loss=self.config.accuracy_weight * ce + sp + self.config.moe_aux_weight * aux,
                        ce_loss=ce, sparsity_loss=sp, aux_loss=aux)
         return out
+
+    def logits(self, u: torch.Tensor) -> torch.Tensor:
+        """The head on final-norm outputs u (..., D): logits (..., V); with an adaptive head the
+        log-probabilities over the whole vocabulary (module docstring), in float32 at least."""
+        E, c = self.tok_emb.weight, self.config.head_cutoff
+        if not c:
+            return u @ E.t()
+        first = torch.log_softmax(_at_least_f32(self._first_level(u)), dim=-1)  # (..., c + 1)
+        rest = torch.log_softmax(_at_least_f32(self.rest_proj(u) @ E[c:].t()), dim=-1)  # (..., V - c)
+        return torch.cat([first[..., :c], first[..., c:] + rest], dim=-1)
+
+    def _first_level(self, u: torch.Tensor) -> torch.Tensor:
+        """(..., c + 1): the frequent ids' logits and the rest's."""
+        return torch.cat([u @ self.tok_emb.weight[:self.config.head_cutoff].t(),
+                          self.rest_logit(u)], dim=-1)
+
+    def _adaptive_ce(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean -log p(t) over the targets t (M,) that are not -100, for u (M, D), as
+        F.cross_entropy of the full log-probabilities gives it; the second level only at the
+        rows whose target is in it (one host sync: their count)."""
+        E, c = self.tok_emb.weight, self.config.head_cutoff
+        rest = t >= c
+        first_t = torch.where(rest, torch.full_like(t, c), t)  # -100 stays ignored
+        total = F.cross_entropy(_at_least_f32(self._first_level(u)), first_t, reduction="sum")
+        idx = rest.nonzero().squeeze(1)  # (R,): R = 0 keeps P and E[c:] in the graph, grad 0
+        second = self.rest_proj(u.index_select(0, idx)) @ E[c:].t()  # (R, V - c)
+        total = total + F.cross_entropy(_at_least_f32(second), t.index_select(0, idx) - c,
+                                        reduction="sum")
+        return total / (t != -100).sum()
 
     def _sparsity_loss(self, masks: list[torch.Tensor]) -> torch.Tensor:
         """The weighted sparsity loss of the layers' live masks (B, T): per layer, or of all
