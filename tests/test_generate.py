@@ -157,6 +157,25 @@ def test_cli_generates_past_n_seq_without_positions(tmp_path, capsys):
     assert rc == 0 and out.startswith("héllo")
 
 
+def test_an_adaptive_head_exports_loads_and_generates(tmp_path, capsys):
+    """A model with a two-level head (head_cutoff) goes through export and load_pretrained with
+    its head's own weights, the same log-probabilities, and generates from the command line."""
+    from sparsebk.inference.export import load_pretrained
+
+    folder = _exported(tmp_path, ByteTokenizer(), head_cutoff=64)
+    loaded = load_pretrained(folder)
+    original = _model(ByteTokenizer().vocab_size, head_cutoff=64)
+    assert loaded.model.config.head_cutoff == 64
+    tokens = torch.tensor([list(b"the company said")])
+    with torch.no_grad():
+        want, got = original(tokens)["logits"], loaded.model(tokens)["logits"]
+    assert torch.equal(got, want)
+    assert (want.exp().sum(-1) - 1).abs().max() < 257 * torch.finfo(torch.float32).eps
+    rc, out, _ = _run(capsys, "--model", folder, "--prompt", "the", "--max-new-tokens", "6",
+                      "--seed", "1")
+    assert rc == 0 and out.startswith("the")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "the zebra said"], "not in the model's vocabulary of 11: 'zebra'"),

@@ -248,7 +248,12 @@ def test_bad_configs_fail_before_workers_start(ray_local, workdir):
     with pytest.raises(ValueError, match="data.block_len=64 is longer than the model's n_seq=32"):
         build_trainer(tiny(workdir, "bad3", "data.block_len=64",
                            f"data.dir={workdir / 'data' / 'tiny64'}"), where="tiny.yaml")
+    # an adaptive head's cutoff must lie inside the dataset's vocabulary (257 byte ids)
+    with pytest.raises(ValueError, match=r"tiny.yaml: the model does not fit the dataset .*"
+                                         r"head_cutoff=300 must be below vocab_size=257"):
+        build_trainer(tiny(workdir, "bad4", "model.head_cutoff=300"), where="tiny.yaml")
     assert not (workdir / "runs" / "bad1").exists()
+    assert not (workdir / "runs" / "bad4").exists()
 
 
 # --- Ray Train runs of other modules' features: here for this module's one local Ray

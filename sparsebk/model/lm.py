@@ -236,8 +236,9 @@ class SparseBKLM(nn.Module):
 
         Returns "logits" (B, T, V) and "layer_sparsity" (L,) (detached 1 - mean(mask) per layer,
         no host sync); "logits" is left out when targets are given to a model with an adaptive
-        head (`head_cutoff` > 0: not forming them is that head's saving). With targets also "loss" = accuracy_weight * ce_loss + sparsity_loss +
-        moe_aux_weight * aux_loss, "ce_loss", "sparsity_loss" (sum over layers, each weighted by
+        head (`head_cutoff` > 0: not forming them is that head's saving). With targets also
+        "loss" = accuracy_weight * ce_loss + sparsity_loss + moe_aux_weight * aux_loss,
+        "ce_loss", "sparsity_loss" (sum over layers, each weighted by
         its layer's sparsity_loss_weight, differentiable) and "aux_loss" (sum of the layers' MoE
         balance losses).
         """

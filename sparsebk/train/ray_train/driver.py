@@ -154,7 +154,10 @@ def build_trainer(cfg: TrainConfig, *, schedule_actor=None, callbacks=None,
     stream = cfg.data.loader == "stream"
     manifest = check_dataset(dataset_dir, block_len=cfg.data.block_len, splits=[] if stream else None,
                              verify_checksums=not stream)
-    cfg = cfg.resolve_vocab(manifest["vocab_size"])  # the one place the vocabulary is decided
+    try:  # the one place the vocabulary is decided (e.g. model.head_cutoff must be below it)
+        cfg = cfg.resolve_vocab(manifest["vocab_size"])
+    except ValueError as e:
+        raise ValueError(f"{where}: the model does not fit the dataset {dataset_dir}: {e}") from None
     _check_fit(cfg, manifest, where)
     if schedule_actor is None:
         schedule_actor = create_schedule_actor(cfg.schedule, cfg.model.n_layers)
