@@ -294,9 +294,11 @@ class SparseBKLM(nn.Module):
         return torch.cat([first[..., :c], first[..., c:] + rest], dim=-1)
 
     def _first_level(self, u: torch.Tensor) -> torch.Tensor:
-        """(..., c + 1): the frequent ids' logits and the rest's."""
-        return torch.cat([u @ self.tok_emb.weight[:self.config.head_cutoff].t(),
-                          self.rest_logit(u)], dim=-1)
+        """(..., c + 1): the frequent ids' logits and the rest's, one matmul (the weights are
+        joined, (c + 1, D), not the (..., c + 1) outputs)."""
+        c = self.config.head_cutoff
+        weight = torch.cat([self.tok_emb.weight[:c], self.rest_logit.weight])
+        return F.linear(u, weight, F.pad(self.rest_logit.bias, (c, 0)))  # bias 0 but the rest's
 
     def _adaptive_ce(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Mean -log p(t) over the targets t (M,) that are not -100, for u (M, D), as
