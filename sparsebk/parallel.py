@@ -12,16 +12,39 @@ here, so the training step reads the same for all three:
     memory_stats(model, optim)    what this worker holds (its shards under FSDP)
     shard(model, world, device)   FSDP2 over the default process group, block by block
     compile_blocks(model)         torch.compile of each expert FFN, in place
+    leave_worker()                end a spawned worker whose results are saved, skipping the
+                                  interpreter's teardown (where gloo's threads can abort it)
 
 Nothing here imports Ray: sparsebk.train.ray_train.loop applies the wrapping from outside.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
+
+
+def leave_worker() -> NoReturn:
+    """End a worker process started by torch.multiprocessing (the benchmarks' and the tests'
+    gloo workers) once its work is done and written: destroy its process group if it still
+    has one, flush its output and exit with status 0 at once.
+
+    Why not return: `destroy_process_group` drops only torch's own references to the group;
+    one still held elsewhere (a fully_shard model's device mesh, a pending work object) is
+    freed during the interpreter's finalization, where a gloo thread still joinable aborts
+    the process (std::terminate, "terminate called without an active exception", SIGABRT:
+    seen once in CI, in `sparsebk bench scale`'s FSDP worker). Exiting here skips that teardown; on an error, let the
+    exception propagate instead, so the spawner reports its traceback."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -295,6 +295,7 @@ def _agree_worker(rank: int, world: int, init_file: str, cases: list, out: str):
     import torch.distributed as dist
     from ray.train import Checkpoint
 
+    from sparsebk.parallel import leave_worker
     from sparsebk.train.ray_train.restore import restore_with_fallback
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -308,6 +309,7 @@ def _agree_worker(rank: int, world: int, init_file: str, cases: list, out: str):
             Path(out, f"case{i}-rank{rank}.json").write_text(json.dumps(got))
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 AGREE_CASES = [

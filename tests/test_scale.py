@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 
 from rounding import LAMBDA, SAMPLES, Float32Rounding, rms_deviation
 from sparsebk.model.lm import SparseBKLM
+from sparsebk.parallel import leave_worker
 from sparsebk.train.config import TrainConfig
 from sparsebk.train.trainer import Trainer
 
@@ -322,7 +323,7 @@ def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
                     dist.destroy_process_group()
                     size = 0
                 if rank >= run_world:
-                    return
+                    break
                 dist.init_process_group("nccl" if cuda else "gloo",
                                         init_method=f"file://{init_file}-{i}", rank=rank,
                                         world_size=run_world)
@@ -336,6 +337,7 @@ def _train_worker(rank: int, world: int, init_file: str, tmp: str, runs: list,
     finally:
         if size:
             dist.destroy_process_group()
+    leave_worker()
 
 
 def _train_run(rank: int, world: int, tmp: str, parallel: str, name: str, restore: str | None,

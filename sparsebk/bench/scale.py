@@ -88,6 +88,7 @@ def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batc
     OUT/rank<r>.pt."""
     import torch.distributed as dist
 
+    from sparsebk.parallel import leave_worker
     from sparsebk.train.trainer import memory_stats
 
     cuda = torch.cuda.is_available()
@@ -114,6 +115,7 @@ def _worker(rank: int, world: int, init_file: str, size: str, variant: str, batc
                     "block_act_mb": blocks / 2**20, **mem}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    leave_worker()
 
 
 def _trainer(cfg, rank: int, world: int, device: torch.device):
