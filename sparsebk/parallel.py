@@ -38,8 +38,9 @@ def leave_worker() -> NoReturn:
     one still held elsewhere (a fully_shard model's device mesh, a pending work object) is
     freed during the interpreter's finalization, where a gloo thread still joinable aborts
     the process (std::terminate, "terminate called without an active exception", SIGABRT:
-    seen once in CI, in `sparsebk bench scale`'s FSDP worker). Exiting here skips that teardown; on an error, let the
-    exception propagate instead, so the spawner reports its traceback."""
+    seen once in CI, in `sparsebk bench scale`'s FSDP worker). Exiting here skips that
+    teardown; on an error, let the exception propagate instead, so the spawner reports its
+    traceback."""
     if dist.is_initialized():
         dist.destroy_process_group()
     sys.stdout.flush()
