@@ -35,9 +35,14 @@ def test_presets_load_and_round_trip(name):
     assert again == cfg
     assert Path(cfg.run.storage_path).is_absolute()
     assert cfg.model.vocab_size is None  # the presets leave it to the dataset
-    resolved = cfg.resolve_vocab(300)
-    assert resolved.model.vocab_size == 300 and resolved.model.d_model == cfg.model.d_model
-    assert resolved.resolve_vocab(500).model.vocab_size == 300  # decided once
+    vocab = cfg.model.head_cutoff + 300  # an adaptive head's first level lies inside it
+    resolved = cfg.resolve_vocab(vocab)
+    assert resolved.model.vocab_size == vocab and resolved.model.d_model == cfg.model.d_model
+    assert resolved.resolve_vocab(vocab + 200).model.vocab_size == vocab  # decided once
+    if cfg.model.head_cutoff:  # a vocabulary the first level does not fit in is refused
+        with pytest.raises(ValueError, match=rf"head_cutoff={cfg.model.head_cutoff} must be "
+                                             rf"below vocab_size={cfg.model.head_cutoff}"):
+            cfg.resolve_vocab(cfg.model.head_cutoff)
 
 
 def test_overrides_apply_and_parse_yaml_values(tmp_path):
