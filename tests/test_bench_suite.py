@@ -170,6 +170,27 @@ def test_evaluate_matches_token_by_token_cross_entropy():
     assert res["layer_sparsity"] is None and res["tokens_per_s"] > 0
 
 
+def test_quality_weight_decay_reaches_the_optimizer_matrices_only(tiny_dataset):
+    """`bench quality --weight-decay`: AdamW decays the weight matrices by it and leaves the
+    vectors (norms, biases) alone, as a training run's optimizer does; a bad value is named."""
+    from sparsebk.bench import quality
+    from sparsebk.model.lm import SparseBKLM
+
+    s = quality.QualitySettings(preset="debug", dataset=str(tiny_dataset), weight_decay=0.25,
+                                batch_size=4, lr=1e-3)
+    cfg, _, blocks, train_cfg = quality.setup(s)
+    assert train_cfg.optim.weight_decay == 0.25
+    model = SparseBKLM(cfg)
+    run = quality._BudgetRun("bk-dense", model, blocks, s, train_cfg, None)
+    groups = run.trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.25, 0.0]
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim < 2 for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    for bad in (-0.1, float("nan"), "0.1"):
+        with pytest.raises(ValueError, match=r"weight_decay=.* must be a non-negative number"):
+            quality.QualitySettings(weight_decay=bad)
+
+
 def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monkeypatch):
     from sparsebk.bench import quality
     from sparsebk.data.loading import load_blocks
@@ -181,9 +202,11 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     monkeypatch.setattr(quality, "machine_probe", lambda: probe(rows=128))
     out = tmp_path / "q"
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
-                       "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4"])
+                       "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
+                       "--weight-decay", "0.05"])
     assert rc == 0
     rec = json.loads((out / "quality.json").read_text())
+    assert rec["settings"]["weight_decay"] == 0.05
     dbg = LMConfig.preset("debug")
     block_len = rec["dataset"]["block_len"]
     assert block_len == dbg.n_seq and rec["model_config"]["vocab_size"] == rec["dataset"]["vocab_size"]

@@ -75,6 +75,7 @@ class QualitySettings:
     seed: int = 0
     batch_size: int = 32
     lr: float = 2e-3
+    weight_decay: float = 0.01  # AdamW's, on the matrices (OptimConfig's default)
     warmup_steps: int = 100  # linear LR warmup (OptimConfig's default), then cosine over the budget
     ramp_frac: float = 0.3  # sparsity target ramps from 0 to its final value over this budget fraction
     curve_points: int = 10  # validation-subset evaluations during training (clock paused)
@@ -100,6 +101,9 @@ class QualitySettings:
                 raise ValueError(f"{name}={v!r} must be a positive number")
         if self.ramp_frac > 1:
             raise ValueError(f"ramp_frac={self.ramp_frac} must be in (0, 1]")
+        wd = self.weight_decay
+        if not (isinstance(wd, (int, float)) and math.isfinite(wd) and wd >= 0):
+            raise ValueError(f"weight_decay={wd!r} must be a non-negative number")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         for name in ("batch_size", "curve_points", "curve_eval_blocks"):
@@ -304,7 +308,8 @@ def setup(s: QualitySettings):
     manifest, blocks = load_data(s, base.n_seq)
     cfg = LMConfig.from_dict({**base.to_dict(), "vocab_size": manifest["vocab_size"]})
     # the training package's optimizer settings (AdamW, warmup, clipping) at this lr
-    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps},
+    train_cfg = TrainConfig(model=cfg, optim={"lr": s.lr, "warmup_steps": s.warmup_steps,
+                                              "weight_decay": s.weight_decay},
                             data={"batch_size": s.batch_size})
     return cfg, manifest, blocks, train_cfg
 
@@ -363,6 +368,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=100, help="linear LR warmup steps (default 100)")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="AdamW weight decay of the weight matrices (default 0.01, as the training presets)")
     p.add_argument("--data-dir", default=None, help="where PTB is prepared and reused (default data/ptb-word-<n_seq>)")
     p.add_argument("--dataset", default=None, help="an already prepared dataset dir instead of PTB")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -384,7 +391,7 @@ def main(argv: list[str]) -> int:
     s = QualitySettings(
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
-        lr=a.lr, warmup_steps=a.warmup_steps, budget_steps=a.budget_steps, data_dir=a.data_dir,
+        lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, budget_steps=a.budget_steps, data_dir=a.data_dir,
         dataset=a.dataset, transformer=not a.no_transformer,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
