@@ -61,3 +61,65 @@ def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int 
         net.train()
     tokens = max(acc[1].item(), 1.0)
     return acc[0].item() / tokens, (acc[2:] / tokens).tolist() if sparse else None
+
+
+def token_stream(blocks: torch.Tensor) -> torch.Tensor:
+    """The id stream a split's blocks (R, L + 1) were cut from: consecutive rows overlap by
+    one id (sparsebk.data.prepare), so the stream is row 0 then every later row past its first
+    id. Refuses blocks that are not consecutive windows of one stream."""
+    if blocks.dim() != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (R, L + 1) with L >= 1, got {tuple(blocks.shape)}")
+    if len(blocks) > 1 and not torch.equal(blocks[:-1, -1], blocks[1:, 0]):
+        raise ValueError("blocks are not consecutive windows of one stream: each row's last id "
+                         "must be the next row's first")
+    return torch.cat([blocks[0], blocks[1:, 1:].reshape(-1)])
+
+
+def strided_windows(n_targets: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(start, first scored) per window for a stream of `n_targets` targets (target t is id
+    t + 1 given ids 0..t): windows of `window` inputs start every `stride` ids, plus one ending
+    at the stream's end, and each target is scored once, in the window that holds it with the
+    most context before it (the earliest). `first scored` is relative to the window's start:
+    0 for the first window, window - stride for a full step."""
+    if not (isinstance(window, int) and isinstance(stride, int) and 1 <= stride <= window):
+        raise ValueError(f"stride={stride!r} must be an integer in [1, window={window!r}]")
+    if n_targets < 1:
+        return []
+    window = min(window, n_targets)
+    out, covered, start = [], 0, 0  # covered: targets [0, covered) already scored
+    while covered < n_targets:
+        start = min(start, n_targets - window)
+        out.append((start, covered - start))
+        covered = start + window
+        start += stride
+    return out
+
+
+@torch.no_grad()
+def evaluate_strided(model, stream: torch.Tensor, *, window: int, stride: int, batch_size: int,
+                     device) -> tuple[float, int]:
+    """(mean cross-entropy, targets scored) of every target of `stream` (ids (N + 1,)), in
+    windows of `window` ids that start every `stride` ids (`strided_windows`): a target past
+    the first window is predicted from at least window - stride ids before it. stride = window
+    is `evaluate`'s independent windows; a smaller stride is the sliding-window protocol, nearer
+    to a recurrent model that carries its state through the whole split. One process, eval mode;
+    costs about window / stride times `evaluate`."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    spans = strided_windows(len(stream) - 1, window, stride)
+    width = min(window, len(stream) - 1)
+    total, scored = torch.zeros((), dtype=torch.float64), 0
+    for i in range(0, len(spans), batch_size):
+        chunk = spans[i:i + batch_size]
+        rows = torch.stack([stream[s:s + width + 1] for s, _ in chunk])
+        targets = rows[:, 1:].clone()
+        for j, (_, first) in enumerate(chunk):
+            targets[j, :first] = -100  # scored in an earlier window, with more context
+        n = int((targets != -100).sum())
+        out = net(rows[:, :-1].to(device), targets=targets.to(device))
+        total += out["ce_loss"].double().cpu() * n
+        scored += n
+    if was_training:
+        net.train()
+    return total.item() / max(scored, 1), scored

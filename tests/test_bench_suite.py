@@ -203,10 +203,11 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     out = tmp_path / "q"
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
-                       "--weight-decay", "0.05"])
+                       "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets"])
     assert rc == 0
     rec = json.loads((out / "quality.json").read_text())
     assert rec["settings"]["weight_decay"] == 0.05
+    assert rec["settings"]["eval_stride"] == 8 and rec["settings"]["random_offsets"] is True
     dbg = LMConfig.preset("debug")
     block_len = rec["dataset"]["block_len"]
     assert block_len == dbg.n_seq and rec["model_config"]["vocab_size"] == rec["dataset"]["vocab_size"]
@@ -218,6 +219,11 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
         assert r["valid_ppl"] == pytest.approx(math.exp(r["valid_loss"]), rel=1e-12)
         assert r["test_ppl"] == pytest.approx(math.exp(r["test_loss"]), rel=1e-12)
         assert r["test_tokens"] == rows["test"] * block_len
+        # sliding windows every 8 ids score the same tokens, each with more context
+        assert r["eval_stride"] == 8
+        for k in ("valid", "test"):
+            assert r[f"{k}_ppl_strided"] == pytest.approx(math.exp(r[f"{k}_loss_strided"]), rel=1e-12)
+            assert r[f"{k}_loss_strided"] != r[f"{k}_loss"]
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
         assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0
@@ -250,6 +256,7 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     norm = round(r["train_tokens_per_s"] * statistics.median(r["probe_s"]))
     dense_line = next(line for line in tables(rec).splitlines() if line.startswith("| bk-dense"))
     assert "tok/s x probe s" in tables(rec)
+    assert "test ppl, stride 8" in tables(rec)
     assert str(norm) in [cell.strip() for cell in dense_line.split("|")]
     # a record from before the probe still renders, without those columns
     for row in rec["results"]:

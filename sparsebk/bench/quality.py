@@ -33,7 +33,15 @@ median probe seconds.
 
 Evaluation (`sparsebk.evaluation.evaluate`, the training runs' own) scores every token of the
 split once, in independent windows of `block_len` tokens (no state carried across windows), in
-eval mode (no gate noise, no dropout).
+eval mode (no gate noise, no dropout). With `--eval-stride S` each row is also scored the
+sliding-window way (`sparsebk.evaluation.evaluate_strided`: windows of `block_len` every S ids,
+each token scored once with at least block_len - S tokens before it), recorded beside the
+independent-window figures as `valid_ppl_strided` / `test_ppl_strided`: the protocol nearer to
+the literature's recurrent models, which carry their state through the whole split.
+
+With `--random-offsets` every epoch cuts the training stream into windows at a new random
+offset (one per epoch, from the seed), so a window boundary does not fall on the same tokens in
+every epoch; without it every epoch shuffles the prepared blocks, as before.
 
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
@@ -55,7 +63,7 @@ import torch
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
-from sparsebk.evaluation import evaluate, safe_ppl
+from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl, token_stream
 from sparsebk.model.forcing import forced_gates
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
@@ -81,6 +89,8 @@ class QualitySettings:
     curve_points: int = 10  # validation-subset evaluations during training (clock paused)
     curve_eval_blocks: int = 32
     eval_blocks: int | None = None  # None = whole valid/test split
+    eval_stride: int | None = None  # also score with windows every this many ids (None: not)
+    random_offsets: bool = False  # each epoch's training windows at a new random offset
     transformer: bool = True
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
@@ -117,6 +127,12 @@ class QualitySettings:
             raise ValueError(f"budget_steps={self.budget_steps!r} must be a positive integer or None")
         if self.eval_blocks is not None and self.eval_blocks < 1:
             raise ValueError(f"eval_blocks={self.eval_blocks!r} must be a positive integer or None")
+        if self.eval_stride is not None and (not isinstance(self.eval_stride, int)
+                                             or isinstance(self.eval_stride, bool)
+                                             or self.eval_stride < 1):
+            raise ValueError(f"eval_stride={self.eval_stride!r} must be a positive integer or None")
+        if not isinstance(self.random_offsets, bool):
+            raise ValueError(f"random_offsets={self.random_offsets!r} must be true or false")
 
 
 def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
@@ -162,17 +178,32 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
 
 
 class _Order:
-    """The fixed data order: one generator's permutation per epoch, the same for every row."""
+    """The fixed data order: one generator's permutation per epoch, the same for every row.
+    With `random_offsets` each epoch first draws an offset in [0, block_len) from the same
+    generator and cuts the training stream into windows from there (the tail shorter than a
+    window is left out of that epoch)."""
 
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, random_offsets: bool = False):
         self.rows, self.batch_size = rows, batch_size
+        self.block_len = rows.shape[1] - 1
+        self.stream = token_stream(rows) if random_offsets else None
         self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(len(rows), generator=self.gen), 0
+        self.offsets = []  # each epoch's, with random_offsets
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        if self.stream is not None:
+            L = self.block_len
+            r = int(torch.randint(L, (1,), generator=self.gen))
+            n = (len(self.stream) - 1 - r) // L
+            self.rows = self.stream[r:r + n * L + 1].unfold(0, L + 1, L)
+            self.offsets.append(r)
+        self.perm, self.pos = torch.randperm(len(self.rows), generator=self.gen), 0
 
     def next(self) -> torch.Tensor:
         """The next batch (B, block_len + 1); a new epoch's order when this one runs out."""
         if self.pos + self.batch_size > len(self.perm):
-            self.perm, self.pos = torch.randperm(len(self.rows), generator=self.gen), 0
+            self._new_epoch()
         batch = self.rows[self.perm[self.pos:self.pos + self.batch_size]]
         self.pos += self.batch_size
         return batch
@@ -205,7 +236,7 @@ class _BudgetRun:
         from sparsebk.train.trainer import Trainer, lr_factor
 
         self.name, self.model, self.blocks, self.s = name, model, blocks, s
-        self.order = _Order(blocks["train"], s.batch_size, s.seed)
+        self.order = _Order(blocks["train"], s.batch_size, s.seed, s.random_offsets)
         self.frac = 0.0  # of the budget spent at this step: the LR's decay progress
         optim = train_cfg.optim
         self.trainer = Trainer(train_cfg, model, device=torch.device("cpu"),
@@ -280,6 +311,18 @@ class _BudgetRun:
         valid, test = (evaluate_timed(model, self.blocks[k][: s.eval_blocks] if s.eval_blocks
                                       else self.blocks[k], s.batch_size) for k in ("valid", "test"))
         layer_sp, tokens_seen = test["layer_sparsity"], self.tokens_seen()
+        strided = {}
+        if s.eval_stride is not None:
+            window = self.blocks["test"].shape[1] - 1
+            stride = min(s.eval_stride, window)
+            strided["eval_stride"] = stride
+            for k in ("valid", "test"):
+                rows = self.blocks[k][: s.eval_blocks] if s.eval_blocks else self.blocks[k]
+                loss, n = evaluate_strided(model, token_stream(rows), window=window, stride=stride,
+                                           batch_size=s.batch_size, device=torch.device("cpu"))
+                strided.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
+            log.info("%s test ppl %.2f in independent windows, %.2f with stride %d", self.name,
+                     test["ppl"], strided["test_ppl_strided"], stride)
         return {
             "model": self.name, "target_sparsity": target,
             "params": sum(p.numel() for p in model.parameters()),
@@ -294,7 +337,7 @@ class _BudgetRun:
             "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
             # with gate noise, over the last curve interval (eval above is noise-free)
             "train_layer_sparsity": self.curve[-1].get("train_layer_sparsity") if self.curve else None,
-            "layer_sparsity": layer_sp, "curve": self.curve,
+            "layer_sparsity": layer_sp, "curve": self.curve, **strided,
         }
 
 
@@ -379,6 +422,11 @@ def main(argv: list[str]) -> int:
                    help="final sparsity loss weight of the ramp (default 1.0, as the training presets)")
     p.add_argument("--dense-mode", choices=DENSE_MODES, default="pinned",
                    help="target 0 as the model with gates pinned open (default) or the learned gate at target 0")
+    p.add_argument("--eval-stride", type=int, default=None, metavar="S",
+                   help="also score valid/test in sliding windows every S ids (each token once, with "
+                        "at least block_len - S tokens of context); recorded as *_ppl_strided")
+    p.add_argument("--random-offsets", action="store_true",
+                   help="cut each epoch's training windows at a new random offset (default: the prepared blocks)")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
                    help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
@@ -391,8 +439,9 @@ def main(argv: list[str]) -> int:
     s = QualitySettings(
         preset=a.preset, targets=tuple(float(t) for t in a.targets.split(",")),
         budget_s=a.budget_s or (10.0 if a.quick else 300.0), seed=a.seed, batch_size=a.batch_size,
-        lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps, budget_steps=a.budget_steps, data_dir=a.data_dir,
-        dataset=a.dataset, transformer=not a.no_transformer,
+        lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
+        budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset,
+        transformer=not a.no_transformer, eval_stride=a.eval_stride, random_offsets=a.random_offsets,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
