@@ -6,6 +6,11 @@
 step, what `sparsebk eval` runs on one process, and what the benchmarks score with. Its sums
 are all-reduced, so every rank gets the same numbers and the schedule actor sees one
 validation loss. It imports nothing above the model and the Ray-free parallel helpers.
+
+    loss, scored = evaluate_strided(model, blocks, stride=16, batch_size=...)
+
+scores the same tokens in sliding windows (`sparsebk eval --stride`, `bench quality
+--eval-stride`): each token once, with at least block_len - stride tokens of context.
 """
 
 from __future__ import annotations
@@ -63,16 +68,19 @@ def evaluate(model, blocks: torch.Tensor, *, batch_size: int, device, rank: int 
     return acc[0].item() / tokens, (acc[2:] / tokens).tolist() if sparse else None
 
 
-def token_stream(blocks: torch.Tensor) -> torch.Tensor:
-    """The id stream a split's blocks (R, L + 1) were cut from: consecutive rows overlap by
-    one id (sparsebk.data.prepare), so the stream is row 0 then every later row past its first
-    id. Refuses blocks that are not consecutive windows of one stream."""
+def token_streams(blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The id streams a split's blocks (R, L + 1) were cut from. Consecutive rows of one stream
+    overlap by one id (sparsebk.data.prepare); a row whose first id is not the previous row's
+    last starts a new stream (a new part of the corpus, whose short tail was dropped). Two
+    parts whose boundary ids happen to agree read as one stream: a few tokens then see
+    context from the other part, and every token is still scored once."""
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be (R, L + 1) with L >= 1, got {tuple(blocks.shape)}")
-    if len(blocks) > 1 and not torch.equal(blocks[:-1, -1], blocks[1:, 0]):
-        raise ValueError("blocks are not consecutive windows of one stream: each row's last id "
-                         "must be the next row's first")
-    return torch.cat([blocks[0], blocks[1:, 1:].reshape(-1)])
+    if len(blocks) == 0:
+        return []
+    breaks = (torch.nonzero(blocks[:-1, -1] != blocks[1:, 0]).flatten() + 1).tolist()
+    return [torch.cat([b[0], b[1:, 1:].reshape(-1)])
+            for b in torch.tensor_split(blocks, breaks) if len(b)]
 
 
 def strided_windows(n_targets: int, window: int, stride: int) -> list[tuple[int, int]]:
@@ -96,28 +104,32 @@ def strided_windows(n_targets: int, window: int, stride: int) -> list[tuple[int,
 
 
 @torch.no_grad()
-def evaluate_strided(model, stream: torch.Tensor, *, window: int, stride: int, batch_size: int,
-                     device) -> tuple[float, int]:
-    """(mean cross-entropy, targets scored) of every target of `stream` (ids (N + 1,)), in
-    windows of `window` ids that start every `stride` ids (`strided_windows`): a target past
-    the first window is predicted from at least window - stride ids before it. stride = window
-    is `evaluate`'s independent windows; a smaller stride is the sliding-window protocol, nearer
-    to a recurrent model that carries its state through the whole split. One process, eval mode;
-    costs about window / stride times `evaluate`."""
+def evaluate_strided(model, blocks: torch.Tensor, *, stride: int, batch_size: int, device
+                     ) -> tuple[float, int]:
+    """(mean cross-entropy, targets scored) over every token `blocks` (R, L + 1) predict, in
+    windows of L ids that start every `stride` ids along the stream(s) the blocks were cut
+    from (`token_streams`, `strided_windows`): a token past a stream's first window is
+    predicted from at least L - stride ids before it. stride = L is `evaluate`'s independent
+    windows; a smaller one is the sliding-window protocol, nearer to a recurrent model that
+    carries its state through the whole split. One process, eval mode; costs about L / stride
+    times `evaluate`."""
     net = unwrap(model)
     was_training = net.training
     net.eval()
-    spans = strided_windows(len(stream) - 1, window, stride)
-    width = min(window, len(stream) - 1)
+    window = blocks.shape[1] - 1 if blocks.dim() == 2 else 0
+    rows, firsts = [], []  # every window of every stream, and its first scored position
+    for stream in token_streams(blocks):
+        for s, first in strided_windows(len(stream) - 1, window, stride):
+            rows.append(stream[s:s + window + 1])
+            firsts.append(first)
     total, scored = torch.zeros((), dtype=torch.float64), 0
-    for i in range(0, len(spans), batch_size):
-        chunk = spans[i:i + batch_size]
-        rows = torch.stack([stream[s:s + width + 1] for s, _ in chunk])
-        targets = rows[:, 1:].clone()
-        for j, (_, first) in enumerate(chunk):
+    for i in range(0, len(rows), batch_size):
+        batch = torch.stack(rows[i:i + batch_size])
+        targets = batch[:, 1:].clone()
+        for j, first in enumerate(firsts[i:i + batch_size]):
             targets[j, :first] = -100  # scored in an earlier window, with more context
         n = int((targets != -100).sum())
-        out = net(rows[:, :-1].to(device), targets=targets.to(device))
+        out = net(batch[:, :-1].to(device), targets=targets.to(device))
         total += out["ce_loss"].double().cpu() * n
         scored += n
     if was_training:

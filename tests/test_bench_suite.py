@@ -203,11 +203,13 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     out = tmp_path / "q"
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
-                       "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets"])
+                       "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets",
+                       "--ema-decay", "0.9"])
     assert rc == 0
     rec = json.loads((out / "quality.json").read_text())
     assert rec["settings"]["weight_decay"] == 0.05
     assert rec["settings"]["eval_stride"] == 8 and rec["settings"]["random_offsets"] is True
+    assert rec["settings"]["ema_decay"] == 0.9
     dbg = LMConfig.preset("debug")
     block_len = rec["dataset"]["block_len"]
     assert block_len == dbg.n_seq and rec["model_config"]["vocab_size"] == rec["dataset"]["vocab_size"]
@@ -224,6 +226,10 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
         for k in ("valid", "test"):
             assert r[f"{k}_ppl_strided"] == pytest.approx(math.exp(r[f"{k}_loss_strided"]), rel=1e-12)
             assert r[f"{k}_loss_strided"] != r[f"{k}_loss"]
+            # the weights' moving average, scored both ways too
+            assert r[f"ema_{k}_ppl"] == pytest.approx(math.exp(r[f"ema_{k}_loss"]), rel=1e-12)
+            assert r[f"ema_{k}_ppl_strided"] == pytest.approx(math.exp(r[f"ema_{k}_loss_strided"]),
+                                                              rel=1e-12)
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
         assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0
@@ -256,7 +262,7 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     norm = round(r["train_tokens_per_s"] * statistics.median(r["probe_s"]))
     dense_line = next(line for line in tables(rec).splitlines() if line.startswith("| bk-dense"))
     assert "tok/s x probe s" in tables(rec)
-    assert "test ppl, stride 8" in tables(rec)
+    assert "test ppl, stride 8" in tables(rec) and "EMA test ppl" in tables(rec)
     assert str(norm) in [cell.strip() for cell in dense_line.split("|")]
     # a record from before the probe still renders, without those columns
     for row in rec["results"]:
@@ -333,3 +339,47 @@ def test_lm_step_rate_times_each_preset_with_its_own_skip_output():
     assert lm_step_rate("small", 1, cpu, 1, "carry")["skip_output"] == "carry"
     assert lm_step_rate("debug", 2, cpu, 1)["skip_output"] == "carry"
     assert own["skippable_share_wall"] < 1.0 and own["all_skipped_wall_ms"] > 0
+
+
+def test_quality_ema_averages_the_weights_of_every_step_and_scores_them(tiny_dataset):
+    """`bench quality --ema-decay d`: the average after step t is the definition's recurrence
+    over the weights each step left (decay min(d, (1 + t) / (10 + t))), the row scores it on
+    valid and test, and the model keeps its own final weights for the row's usual figures."""
+    import copy
+
+    from sparsebk.bench import quality
+    from sparsebk.evaluation import evaluate
+    from sparsebk.model.lm import SparseBKLM
+
+    s = quality.QualitySettings(preset="debug", dataset=str(tiny_dataset), budget_steps=6,
+                                ema_decay=0.7, batch_size=4, lr=3e-3, curve_points=1,
+                                curve_eval_blocks=2, eval_blocks=4)
+    cfg, _, blocks, train_cfg = quality.setup(s)
+    torch.manual_seed(0)
+    model = SparseBKLM(cfg)
+    run = quality._BudgetRun("bk-dense", model, blocks, s, train_cfg, None)
+    ref = [p.detach().double().clone() for p in model.parameters()]  # the definition, in float64
+    for t in range(6):
+        run.train_step()
+        d = min(0.7, (1 + t) / (10 + t))
+        ref = [d * a + (1 - d) * p.detach().double() for a, p in zip(ref, model.parameters())]
+    final = [p.detach().clone() for p in model.parameters()]
+    assert not all(torch.equal(a.float(), f) for a, f in zip(ref, final))
+    for a, r in zip(run.ema.avg, ref):  # float32 updates: ~1e-7 relative rounding per step
+        torch.testing.assert_close(a.double(), r, rtol=1e-6, atol=1e-7)
+    rec = run.record(0.0)
+    for p, f in zip(model.parameters(), final):  # the row's own weights are back
+        assert torch.equal(p, f)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, r in zip(twin.parameters(), ref):
+            p.copy_(r.float())
+    for k in ("valid", "test"):
+        loss, _ = evaluate(twin, blocks[k][:4], batch_size=4, device=torch.device("cpu"))
+        # the twin's weights are the average to float32 rounding: the loss to ~1e-6
+        assert rec[f"ema_{k}_loss"] == pytest.approx(loss, rel=1e-5)
+        assert rec[f"ema_{k}_ppl"] == pytest.approx(math.exp(rec[f"ema_{k}_loss"]), rel=1e-12)
+        assert rec[f"ema_{k}_loss"] != rec[f"{k}_loss"]
+    for bad in (0.0, 1.0, -0.5, "0.9", True):
+        with pytest.raises(ValueError, match=r"ema_decay=.* must be a number in \(0, 1\) or None"):
+            quality.QualitySettings(ema_decay=bad)

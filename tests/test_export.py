@@ -185,10 +185,18 @@ def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsy
     assert main(argv + ["--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["loss"] == best["metrics"]["val_loss"] and r["step"] == best["metrics"]["step"]
+    assert "stride" not in r  # only asked for
     assert r["source"] == str(trained["run_dir"] / best["checkpoint_dir_name"])
     assert main(argv + ["--split", "test", "--batch-size", "5"]) == 0
     table = capsys.readouterr().out
     assert "split test" in table and "perplexity" in table and "batch 5" in table
+    # --stride: the sliding-window perplexity beside it; at the window (n_seq 16) the same forwards
+    assert main(argv + ["--json", "--stride", "16"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["stride"] == 16 and r["loss_strided"] == pytest.approx(r["loss"], rel=1e-12)
+    assert main(argv + ["--stride", "4"]) == 0
+    table = capsys.readouterr().out
+    assert "sliding" in table and "windows every 4 tokens" in table
 
 
 def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_path):
@@ -263,6 +271,8 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
            str(trained["data"]), "not a training checkpoint (no state.pt) nor a run folder")
     _fails(capsys, ["eval", "--run", "no-such-run", "--storage-path", str(tmp_path)],
            str(tmp_path / "no-such-run"), "no run folder here")
+    _fails(capsys, ["eval", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
+                    "--stride", "17"], "--stride=17: must be an integer in [1, n_seq=16]")
     _fails(capsys, ["export", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
                     "--out", str(trained["data"])], str(trained["data"]), "is not an empty folder")
 

@@ -43,6 +43,12 @@ With `--random-offsets` every epoch cuts the training stream into windows at a n
 offset (one per epoch, from the seed), so a window boundary does not fall on the same tokens in
 every epoch; without it every epoch shuffles the prepared blocks, as before.
 
+With `--ema-decay d` the loop also keeps an exponential moving average of the weights (decay
+min(d, (1 + t) / (10 + t)) at step t, so the first steps' weights fade fast), updated after
+every step inside the timed budget, and each row is scored twice: its final weights (the
+row's usual figures) and the average (`ema_valid_ppl`, `ema_test_ppl`, and strided when asked):
+two models of one training run, a comparison the machine's speed cannot bias.
+
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
 
@@ -56,14 +62,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
-from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl, token_stream
+from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl, token_streams
 from sparsebk.model.forcing import forced_gates
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
@@ -91,6 +97,7 @@ class QualitySettings:
     eval_blocks: int | None = None  # None = whole valid/test split
     eval_stride: int | None = None  # also score with windows every this many ids (None: not)
     random_offsets: bool = False  # each epoch's training windows at a new random offset
+    ema_decay: float | None = None  # also score an exponential moving average of the weights
     transformer: bool = True
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
@@ -131,6 +138,10 @@ class QualitySettings:
                                              or isinstance(self.eval_stride, bool)
                                              or self.eval_stride < 1):
             raise ValueError(f"eval_stride={self.eval_stride!r} must be a positive integer or None")
+        d = self.ema_decay
+        if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool)
+                                  and 0.0 < d < 1.0):
+            raise ValueError(f"ema_decay={d!r} must be a number in (0, 1) or None")
         if not isinstance(self.random_offsets, bool):
             raise ValueError(f"random_offsets={self.random_offsets!r} must be true or false")
 
@@ -180,23 +191,24 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
 class _Order:
     """The fixed data order: one generator's permutation per epoch, the same for every row.
     With `random_offsets` each epoch first draws an offset in [0, block_len) from the same
-    generator and cuts the training stream into windows from there (the tail shorter than a
-    window is left out of that epoch)."""
+    generator and cuts the training stream (each part's, `token_streams`) into windows from
+    there (a tail shorter than a window is left out of that epoch)."""
 
     def __init__(self, rows: torch.Tensor, batch_size: int, seed: int, random_offsets: bool = False):
-        self.rows, self.batch_size = rows, batch_size
+        self.blocks, self.rows, self.batch_size = rows, rows, batch_size
         self.block_len = rows.shape[1] - 1
-        self.stream = token_stream(rows) if random_offsets else None
+        self.streams = token_streams(rows) if random_offsets else None
         self.gen = torch.Generator().manual_seed(seed)
         self.offsets = []  # each epoch's, with random_offsets
         self._new_epoch()
 
     def _new_epoch(self) -> None:
-        if self.stream is not None:
+        if self.streams is not None:
             L = self.block_len
             r = int(torch.randint(L, (1,), generator=self.gen))
-            n = (len(self.stream) - 1 - r) // L
-            self.rows = self.stream[r:r + n * L + 1].unfold(0, L + 1, L)
+            cut = [st[r:r + (len(st) - 1 - r) // L * L + 1].unfold(0, L + 1, L)
+                   for st in self.streams if len(st) - 1 - r >= L]
+            self.rows = torch.cat(cut) if cut else self.blocks  # no stream is long enough
             self.offsets.append(r)
         self.perm, self.pos = torch.randperm(len(self.rows), generator=self.gen), 0
 
@@ -207,6 +219,36 @@ class _Order:
         batch = self.rows[self.perm[self.pos:self.pos + self.batch_size]]
         self.pos += self.batch_size
         return batch
+
+
+class _Ema:
+    """An exponential moving average of a model's parameters: after update t (0-based) each
+    average moves to decay_t * avg + (1 - decay_t) * p with decay_t = min(decay, (1 + t) /
+    (10 + t)). `swapped_in(model)` lends the averages to the model and restores its own."""
+
+    def __init__(self, model, decay: float):
+        self.params = list(model.parameters())
+        self.avg = [p.detach().clone() for p in self.params]
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 - d)
+        self.updates += 1
+
+    @contextmanager
+    def swapped_in(self):
+        own = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, a in zip(self.params, self.avg):
+                p.copy_(a)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, o in zip(self.params, own):
+                    p.copy_(o)
 
 
 class _Window:
@@ -242,6 +284,7 @@ class _BudgetRun:
         self.trainer = Trainer(train_cfg, model, device=torch.device("cpu"),
                                lr_fn=lambda step: lr_factor(step, optim, self.frac))
         self.scheduler = AdaptiveSparsityScheduler.from_config(schedule) if schedule else None
+        self.ema = _Ema(model, s.ema_decay) if s.ema_decay is not None else None
         self.state = {"sparsity_target": 0.0, "loss_weight": 0.0}
         self.step, self.spent, self.cpu_spent = 0, 0.0, 0.0
         self.window, self.curve, self.next_point = _Window(), [], 1
@@ -278,6 +321,8 @@ class _BudgetRun:
             self.model.set_sparsity_schedule(self.state["sparsity_target"], self.state["loss_weight"])
         lr = self.trainer.optimizer.param_groups[0]["lr"]
         out = self.trainer.train_step(self.order.next())
+        if self.ema is not None:
+            self.ema.update()
         self.step += 1
         if out is not None:
             self.window.add(out)
@@ -308,21 +353,19 @@ class _BudgetRun:
     def record(self, target: float | None) -> dict:
         """The row: training figures, the valid and test evaluations, the curve."""
         s, model = self.s, self.model
-        valid, test = (evaluate_timed(model, self.blocks[k][: s.eval_blocks] if s.eval_blocks
-                                      else self.blocks[k], s.batch_size) for k in ("valid", "test"))
+        valid, test = (evaluate_timed(model, self.split(k), s.batch_size) for k in ("valid", "test"))
         layer_sp, tokens_seen = test["layer_sparsity"], self.tokens_seen()
-        strided = {}
-        if s.eval_stride is not None:
-            window = self.blocks["test"].shape[1] - 1
-            stride = min(s.eval_stride, window)
-            strided["eval_stride"] = stride
-            for k in ("valid", "test"):
-                rows = self.blocks[k][: s.eval_blocks] if s.eval_blocks else self.blocks[k]
-                loss, n = evaluate_strided(model, token_stream(rows), window=window, stride=stride,
-                                           batch_size=s.batch_size, device=torch.device("cpu"))
-                strided.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
-            log.info("%s test ppl %.2f in independent windows, %.2f with stride %d", self.name,
-                     test["ppl"], strided["test_ppl_strided"], stride)
+        extra = self.strided_scores()
+        if self.ema is not None:  # the averaged weights, scored the same ways
+            with self.ema.swapped_in():
+                for k in ("valid", "test"):
+                    loss, _ = evaluate(model, self.split(k), batch_size=s.batch_size,
+                                       device=torch.device("cpu"))
+                    extra.update({f"ema_{k}_loss": loss, f"ema_{k}_ppl": safe_ppl(loss)})
+                extra.update({f"ema_{k}": v for k, v in self.strided_scores().items()
+                              if k != "eval_stride"})
+            log.info("%s test ppl %.2f, of the weights' moving average (decay %g) %.2f",
+                     self.name, test["ppl"], s.ema_decay, extra["ema_test_ppl"])
         return {
             "model": self.name, "target_sparsity": target,
             "params": sum(p.numel() for p in model.parameters()),
@@ -337,8 +380,25 @@ class _BudgetRun:
             "achieved_sparsity": None if layer_sp is None else sum(layer_sp) / len(layer_sp),
             # with gate noise, over the last curve interval (eval above is noise-free)
             "train_layer_sparsity": self.curve[-1].get("train_layer_sparsity") if self.curve else None,
-            "layer_sparsity": layer_sp, "curve": self.curve, **strided,
+            "layer_sparsity": layer_sp, "curve": self.curve, **extra,
         }
+
+    def split(self, k: str) -> torch.Tensor:
+        """The rows a final evaluation scores: the whole split, or its first eval_blocks."""
+        return self.blocks[k][: self.s.eval_blocks] if self.s.eval_blocks else self.blocks[k]
+
+    def strided_scores(self) -> dict:
+        """With eval_stride: the model's sliding-window loss and ppl on valid and test."""
+        s, out = self.s, {}
+        if s.eval_stride is None:
+            return out
+        out["eval_stride"] = stride = min(s.eval_stride, self.blocks["test"].shape[1] - 1)
+        for k in ("valid", "test"):
+            loss, _ = evaluate_strided(self.model, self.split(k), stride=stride,
+                                       batch_size=s.batch_size, device=torch.device("cpu"))
+            out.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
+        log.info("%s test ppl with stride %d: %.2f", self.name, stride, out["test_ppl_strided"])
+        return out
 
 
 def setup(s: QualitySettings):
@@ -427,6 +487,9 @@ def main(argv: list[str]) -> int:
                         "at least block_len - S tokens of context); recorded as *_ppl_strided")
     p.add_argument("--random-offsets", action="store_true",
                    help="cut each epoch's training windows at a new random offset (default: the prepared blocks)")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="also score an exponential moving average of the weights (e.g. 0.999), "
+                        "recorded as ema_*_ppl beside the final weights' figures")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
                    help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
@@ -442,6 +505,7 @@ def main(argv: list[str]) -> int:
         lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset,
         transformer=not a.no_transformer, eval_stride=a.eval_stride, random_offsets=a.random_offsets,
+        ema_decay=a.ema_decay,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))

@@ -73,6 +73,7 @@ def tables(record: dict) -> str:
             "test vs dense": "-" if dense is None else f"{r['test_ppl'] / dense['test_ppl']:.3f}",
             **({f"test ppl, stride {r['eval_stride']}": r["test_ppl_strided"]}
                if "test_ppl_strided" in r else {}),
+            **({"EMA test ppl": r["ema_test_ppl"]} if "ema_test_ppl" in r else {}),
             "train tok/s": round(r["train_tokens_per_s"]), "eval tok/s": round(r["eval_tokens_per_s"]),
             "tokens seen": r["tokens_seen"], "steps": r["steps"], "params": r["params"],
             "cpu s / wall s": f"{r['train_cpu_s'] / r['train_s']:.2f}",

@@ -4,7 +4,7 @@ sparsebk.inference.export and sparsebk.inference.generate.
     sparsebk eval --run tiny [--storage-path s3://bucket/runs?endpoint_override=...] --split test
     sparsebk eval --checkpoint s3://bucket/runs/tiny/checkpoint_...?endpoint_override=...
     sparsebk export --run tiny --out models/tiny
-    sparsebk eval --model models/tiny [--data DATASET_DIR_OR_URI] --json
+    sparsebk eval --model models/tiny [--data DATASET_DIR_OR_URI] [--stride 16] --json
 
 `add_source_args` gives `sparsebk generate` the same ways to name a model. A bad input exits
 with code 2 and one line naming the path or URI at fault.
@@ -59,7 +59,9 @@ def eval_table(r: dict) -> str:
         f"model       {r['source']} (run {r['run_name']}, step {r['step']})",
         f"data        {r['dataset_dir']} split {r['split']}: {r['rows']} rows, {r['tokens']} "
         f"predicted tokens (of {r['split_tokens']} in the split)",
-        f"loss        {r['loss']:.4f}   perplexity {r['ppl']:.2f}",
+        f"loss        {r['loss']:.4f}   perplexity {r['ppl']:.2f} (independent windows)",
+        *([f"sliding     {r['loss_strided']:.4f}   perplexity {r['ppl_strided']:.2f} (windows every "
+           f"{r['stride']} tokens)"] if "stride" in r else []),
         f"sparsity    {r['sparsity']:.3f} (eval mode; per layer {layers})",
         f"speed       {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s, batch "
         f"{r['batch_size']}, {r['device']})"])
@@ -96,14 +98,19 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--data", default=None, help="dataset folder or URI (default: the one the "
                    "model was trained on)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="also the sliding-window perplexity: windows every S tokens, each token "
+                        "scored once with at least n_seq - S before it (about n_seq / S times the work)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size}: must be >= 1")
+    if args.stride is not None and args.stride < 1:
+        p.error(f"--stride={args.stride}: must be >= 1")
     try:
         m = load_source(args)
         r = evaluate_split(m, args.split, batch_size=args.batch_size, data_dir=args.data,
-                           device=args.device)
+                           device=args.device, stride=args.stride)
     except (ValueError, OSError) as e:
         print(f"sparsebk eval: {e}", file=sys.stderr)
         return 2

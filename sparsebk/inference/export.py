@@ -46,7 +46,7 @@ from sparsebk.storage.run_folder import (EXPORT_CONFIG, best_checkpoint, local_d
 from sparsebk.storage.store import Store, is_uri, open_store, resolve_location
 from sparsebk.storage.checkpoint import (SHARDS_DIR, STATE_FILE, load_sharded_weights,
                                          verify_checkpoint)
-from sparsebk.evaluation import evaluate, safe_ppl
+from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = EXPORT_CONFIG, "model.safetensors", "README.md"
@@ -309,11 +309,18 @@ def export(m: Pretrained, out: str | os.PathLike) -> Path:
 
 # --- evaluation ----------------------------------------------------------------------------
 def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | None = None,
-                   data_dir: str | os.PathLike | None = None, device="cpu") -> dict:
+                   data_dir: str | os.PathLike | None = None, device="cpu",
+                   stride: int | None = None) -> dict:
     """Perplexity over every row of a split of the model's dataset (or `data_dir`, which
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
     The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
-    single process, float32."""
+    single process, float32. With `stride` S also the sliding-window perplexity
+    (`evaluate_strided`: windows of n_seq ids every S ids, each token scored once with at
+    least n_seq - S tokens before it) as `loss_strided` / `ppl_strided`."""
+    c = m.model.config
+    if stride is not None and not (isinstance(stride, int) and 1 <= stride <= c.n_seq):
+        raise ValueError(f"--stride={stride}: must be an integer in [1, n_seq={c.n_seq}] (the "
+                         "model's window)")
     from sparsebk.data.manifest import check_dataset
     from sparsebk.data.loading import load_blocks
 
@@ -323,7 +330,6 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     if data_dir is None and not open_store(root).exists():
         raise ValueError(f"{root}: the dataset the model was trained on is not here; give "
                          "another copy of it (--data DIR, made with the same tokenizer)")
-    c = m.model.config
     manifest = check_dataset(root, vocab_size=c.vocab_size, block_len=c.n_seq, splits=[split])
     if manifest["tokenizer"]["checksum"] != m.tokenizer.checksum:
         raise ValueError(f"{root}: made with the tokenizer {manifest['tokenizer']['name']!r} "
@@ -339,9 +345,14 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     loss, spars = evaluate(m.model, blocks, batch_size=batch_size, device=device)  # ends in a sync
     seconds = time.perf_counter() - t0
     tokens = blocks[:, 1:].numel()
+    strided = {}
+    if stride is not None:
+        loss_s, _ = evaluate_strided(m.model, blocks, stride=stride, batch_size=batch_size,
+                                     device=device)
+        strided = {"stride": stride, "loss_strided": loss_s, "ppl_strided": safe_ppl(loss_s)}
     return {"source": str(m.source), "run_name": m.record.get("run_name"),
             "step": m.record.get("step"), "dataset_dir": root, "split": split,
             "rows": len(blocks), "tokens": tokens, "split_tokens": manifest["splits"][split]["tokens"],
             "loss": loss, "ppl": safe_ppl(loss), "sparsity": sum(spars) / len(spars),
             "sparsity_layers": spars, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "seconds": seconds, "batch_size": batch_size, "device": str(device)}
+            "seconds": seconds, "batch_size": batch_size, "device": str(device), **strided}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.evaluation import evaluate, evaluate_strided, strided_windows, token_stream
+from sparsebk.evaluation import evaluate, evaluate_strided, strided_windows, token_streams
 from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,15 +24,15 @@ def _blocks(stream: torch.Tensor, L: int) -> torch.Tensor:
     return stream[: n * L + 1].unfold(0, L + 1, L).clone()
 
 
-def test_token_stream_inverts_the_blocks_and_refuses_others():
-    stream = torch.randint(0, 50, (61,))
-    blocks = _blocks(stream, 6)  # 10 rows
-    assert torch.equal(token_stream(blocks), stream)
-    assert torch.equal(token_stream(blocks[:1]), stream[:7])
-    with pytest.raises(ValueError, match="not consecutive windows"):
-        token_stream(blocks[[0, 2, 1]])
+def test_token_streams_invert_the_blocks_part_by_part():
+    one, two = torch.arange(0, 61), torch.arange(100, 140)  # two parts: 10 and 6 rows of 7
+    blocks = torch.cat([_blocks(one, 6), _blocks(two, 6)])
+    got = token_streams(blocks)
+    assert len(got) == 2 and torch.equal(got[0], one) and torch.equal(got[1], two[:37])
+    assert [len(s) for s in token_streams(blocks[:1])] == [7]
+    assert token_streams(blocks[:0]) == []
     with pytest.raises(ValueError, match=r"\(R, L \+ 1\)"):
-        token_stream(stream)
+        token_streams(one)
 
 
 @pytest.mark.parametrize("n,window,stride", [(40, 8, 8), (40, 8, 3), (41, 8, 1), (37, 8, 5),
@@ -79,34 +79,36 @@ def _model(head_cutoff: int) -> SparseBKLM:
 def test_strided_loss_is_the_mean_of_each_targets_log_prob_in_its_window(head_cutoff, stride):
     model = _model(head_cutoff)
     model.train()  # evaluation switches to eval mode and back
-    stream = torch.randint(0, 40, (43,))  # 42 targets: 5 full windows of 8 and a tail
-    loss, scored = evaluate_strided(model, stream, window=8, stride=stride, batch_size=3,
+    # two parts of a split (5 and 3 rows of 8 targets): windows never cross between them
+    streams = [torch.randint(0, 40, (41,)), torch.randint(0, 40, (25,))]
+    streams[1][0] = (streams[0][-1] + 1) % 40  # the parts' boundary ids differ
+    blocks = torch.cat([_blocks(st, 8) for st in streams])
+    loss, scored = evaluate_strided(model, blocks, stride=stride, batch_size=3,
                                     device=torch.device("cpu"))
-    assert model.training and scored == 42
+    assert model.training and scored == 64
     model.eval()
-    nll = []
+    nll = []  # the reference: each target's log-prob in its window, from the full logits
     with torch.no_grad():
-        for s, first in strided_windows(42, 8, stride):
-            logp = torch.log_softmax(model(stream[None, s:s + 8])["logits"][0], dim=-1)
-            nll += [-logp[j, stream[s + j + 1]].item() for j in range(first, 8)]
-    assert len(nll) == 42
+        for st in streams:
+            for s, first in strided_windows(len(st) - 1, 8, stride):
+                logp = torch.log_softmax(model(st[None, s:s + 8])["logits"][0], dim=-1)
+                nll += [-logp[j, st[s + j + 1]].item() for j in range(first, 8)]
+    assert len(nll) == 64
     # the full head's cross-entropy is taken in float32 by design (lm.py: `.float()`), ~1e-7
     # relative per term; the adaptive head's stays in the model's float64
-    assert loss == pytest.approx(sum(nll) / 42, rel=1e-6 if head_cutoff == 0 else 1e-12)
+    assert loss == pytest.approx(sum(nll) / 64, rel=1e-6 if head_cutoff == 0 else 1e-12)
 
 
 def test_stride_equal_to_the_window_is_the_independent_windows_of_evaluate():
     model = _model(0)
     stream = torch.randint(0, 40, (41,))
     blocks = _blocks(stream, 8)
-    loss, scored = evaluate_strided(model, token_stream(blocks), window=8, stride=8, batch_size=2,
-                                    device=torch.device("cpu"))
+    loss, scored = evaluate_strided(model, blocks, stride=8, batch_size=2, device=torch.device("cpu"))
     ref, _ = evaluate(model, blocks, batch_size=2, device=torch.device("cpu"))
     assert scored == 40 and loss == pytest.approx(ref, rel=1e-12)  # the same forwards
-    # and a shorter stride gives each late target more context: a different (here lower) loss
-    # for a model whose predictions depend on it is not asserted; only that it is not the same
-    other, _ = evaluate_strided(model, token_stream(blocks), window=8, stride=2, batch_size=2,
-                                device=torch.device("cpu"))
+    # a shorter stride scores late targets with more context: another loss (which way it
+    # moves depends on the model; only that it moves is asserted)
+    other, _ = evaluate_strided(model, blocks, stride=2, batch_size=2, device=torch.device("cpu"))
     assert other != pytest.approx(ref, rel=1e-9)
 
 
@@ -114,8 +116,8 @@ def test_random_offsets_cut_each_epoch_at_its_own_offset():
     from sparsebk.bench.quality import QualitySettings, _Order
 
     L = 6
-    stream = torch.arange(200)  # an id tells its position in the stream
-    blocks = _blocks(stream, L)  # 33 rows
+    parts = [torch.arange(200), torch.arange(300, 350)]  # an id tells its part and position
+    blocks = torch.cat([_blocks(p, L) for p in parts])  # 33 + 8 rows
     plain = _Order(blocks, 4, seed=5)
     gen = torch.Generator().manual_seed(5)  # the plain order: the blocks in one permutation per epoch
     perm = torch.randperm(len(blocks), generator=gen)
@@ -123,17 +125,19 @@ def test_random_offsets_cut_each_epoch_at_its_own_offset():
 
     order = _Order(blocks, 4, seed=5, random_offsets=True)
     seen = []  # (epoch, start of each row in the stream)
-    for _ in range(8 * 4):  # 8 batches per epoch of 32-33 rows: about 4 epochs
+    for _ in range(10 * 4):  # 10 batches per epoch of 40-41 rows: about 4 epochs
         batch = order.next()
         epoch = len(order.offsets) - 1  # an exhausted epoch draws the next offset in next()
         for row in batch:
-            starts = [i for i in range(len(stream) - L) if torch.equal(stream[i:i + L + 1], row)]
-            assert len(starts) == 1, "every row is a window of the training stream"
+            starts = [(k, i) for k, p in enumerate(parts) for i in range(len(p) - L)
+                      if torch.equal(p[i:i + L + 1], row)]
+            assert len(starts) == 1, "every row is a window of one part's stream"
             seen.append((epoch, starts[0]))
     assert len(order.offsets) >= 4 and len(set(order.offsets)) > 1
     assert all(0 <= r < L for r in order.offsets)
-    for epoch, start in seen:  # each epoch's windows start at its own offset, every L ids
+    for epoch, (_, start) in seen:  # each epoch's windows start at its own offset, every L ids
         assert start % L == order.offsets[epoch]
+    assert {k for _, (k, _) in seen} == {0, 1}
     first_epoch = [s for e, s in seen if e == 0]
     assert len(first_epoch) == len(set(first_epoch))  # no window twice within an epoch
     with pytest.raises(ValueError, match="random_offsets=.* must be true or false"):
