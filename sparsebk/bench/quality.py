@@ -224,7 +224,8 @@ class _Order:
 class _Ema:
     """An exponential moving average of a model's parameters: after update t (0-based) each
     average moves to decay_t * avg + (1 - decay_t) * p with decay_t = min(decay, (1 + t) /
-    (10 + t)). `swapped_in(model)` lends the averages to the model and restores its own."""
+    (10 + t)). Inside `with ema.swapped_in():` the model holds the averages; its own weights
+    come back on leaving, exception or not."""
 
     def __init__(self, model, decay: float):
         self.params = list(model.parameters())
