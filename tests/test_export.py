@@ -190,7 +190,7 @@ def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsy
     assert main(argv + ["--split", "test", "--batch-size", "5"]) == 0
     table = capsys.readouterr().out
     assert "split test" in table and "perplexity" in table and "batch 5" in table
-    # --stride: the sliding-window perplexity beside it; at the window (n_seq 16) the same forwards
+    # --stride: the sliding-window perplexity beside it; at the window (block_len 16) the same forwards
     assert main(argv + ["--json", "--stride", "16"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["stride"] == 16 and r["loss_strided"] == pytest.approx(r["loss"], rel=1e-12)
@@ -272,7 +272,7 @@ def test_bad_inputs_exit_2_with_the_path_named(trained, tmp_path, capsys):
     _fails(capsys, ["eval", "--run", "no-such-run", "--storage-path", str(tmp_path)],
            str(tmp_path / "no-such-run"), "no run folder here")
     _fails(capsys, ["eval", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
-                    "--stride", "17"], "--stride=17: must be an integer in [1, n_seq=16]")
+                    "--stride", "17"], "--stride=17: must be at most the dataset's block_len=16")
     _fails(capsys, ["export", "--run", RUN, "--storage-path", str(trained["run_dir"].parent),
                     "--out", str(trained["data"])], str(trained["data"]), "is not an empty folder")
 

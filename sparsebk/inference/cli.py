@@ -100,7 +100,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--stride", type=int, default=None, metavar="S",
                    help="also the sliding-window perplexity: windows every S tokens, each token "
-                        "scored once with at least n_seq - S before it (about n_seq / S times the work)")
+                        "scored once with at least block_len - S before it (about block_len / S "
+                        "times the work)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:

@@ -315,12 +315,11 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
     The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
     single process, float32. With `stride` S also the sliding-window perplexity
-    (`evaluate_strided`: windows of n_seq ids every S ids, each token scored once with at
-    least n_seq - S tokens before it) as `loss_strided` / `ppl_strided`."""
+    (`evaluate_strided`: windows of the dataset's block_len L every S ids, each token scored
+    once with at least L - S tokens before it) as `loss_strided` / `ppl_strided`."""
     c = m.model.config
-    if stride is not None and not (isinstance(stride, int) and 1 <= stride <= c.n_seq):
-        raise ValueError(f"--stride={stride}: must be an integer in [1, n_seq={c.n_seq}] (the "
-                         "model's window)")
+    if stride is not None and not (isinstance(stride, int) and stride >= 1):
+        raise ValueError(f"--stride={stride}: must be a positive integer")
     from sparsebk.data.manifest import check_dataset
     from sparsebk.data.loading import load_blocks
 
@@ -335,6 +334,10 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
         raise ValueError(f"{root}: made with the tokenizer {manifest['tokenizer']['name']!r} "
                          f"of checksum {manifest['tokenizer']['checksum'][:16]}..., not the "
                          f"model's ({m.tokenizer.name!r}, {m.tokenizer.checksum[:16]}...)")
+    L = manifest["block_len"]
+    if stride is not None and stride > L:
+        raise ValueError(f"--stride={stride}: must be at most the dataset's block_len={L} (its "
+                         f"window; {root})")
     blocks = load_blocks(root, split, verify_checksums=False)  # checked just above
     batch_size = batch_size or m.record.get("eval_batch_size") or 32
     device = torch.device(device)
