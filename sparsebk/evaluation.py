@@ -11,6 +11,12 @@ validation loss. It imports nothing above the model and the Ray-free parallel he
 
 scores the same tokens in sliding windows (`sparsebk eval --stride`, `bench quality
 --eval-stride`): each token once, with at least block_len - stride tokens of context.
+
+    by_pos = loss_by_position(model, blocks, batch_size=...)   # (block_len,) float64
+
+the mean loss at each position of the window (`sparsebk eval --by-position`, `bench quality
+--by-position`): how much a prediction gains from each further token of context, so where
+the model's usable memory ends.
 """
 
 from __future__ import annotations
@@ -135,3 +141,40 @@ def evaluate_strided(model, blocks: torch.Tensor, *, stride: int, batch_size: in
     if was_training:
         net.train()
     return total.item() / max(scored, 1), scored
+
+
+@torch.no_grad()
+def loss_by_position(model, blocks: torch.Tensor, *, batch_size: int, device="cpu"
+                     ) -> torch.Tensor:
+    """(L,) float64: the mean cross-entropy at each position of the independent windows
+    `blocks` (R, L + 1): entry t is the loss of predicting id t + 1 from the t + 1 ids 0..t,
+    averaged over the rows. Its mean is `evaluate`'s loss over the same rows (every window is
+    full). One process, eval mode; forms each batch's full log-probabilities (B, L, V)."""
+    if blocks.dim() != 2 or blocks.shape[1] < 2 or len(blocks) == 0:
+        raise ValueError(f"blocks must be (R, L + 1) with R >= 1, L >= 1, got {tuple(blocks.shape)}")
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    total = torch.zeros(blocks.shape[1] - 1, dtype=torch.float64)
+    for i in range(0, len(blocks), batch_size):
+        b = blocks[i:i + batch_size].to(device)
+        logits = net(b[:, :-1])["logits"]  # (B, L, V); the adaptive head's are log-probs
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        nll = -logp.gather(-1, b[:, 1:, None].long()).squeeze(-1)  # (B, L)
+        total += nll.sum(0).cpu()
+    if was_training:
+        net.train()
+    return total / len(blocks)
+
+
+def position_table(by_pos) -> list[tuple[int, int, float]]:
+    """(first, last, mean loss) over contexts of 1, 2-3, 4-7, ... ids (position t sees t + 1
+    ids), the last bucket ending at the window's length: `loss_by_position` in a few rows."""
+    by_pos = [float(x) for x in by_pos]
+    rows, lo = [], 1
+    while lo <= len(by_pos):
+        hi = min(2 * lo - 1, len(by_pos))
+        part = by_pos[lo - 1:hi]
+        rows.append((lo, hi, sum(part) / len(part)))
+        lo = hi + 1
+    return rows

@@ -191,7 +191,7 @@ def test_quality_weight_decay_reaches_the_optimizer_matrices_only(tiny_dataset):
             quality.QualitySettings(weight_decay=bad)
 
 
-def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monkeypatch):
+def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monkeypatch, capsys):
     from sparsebk.bench import quality
     from sparsebk.data.loading import load_blocks
     from sparsebk.model.lm import LMConfig
@@ -204,8 +204,9 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
                        "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets",
-                       "--ema-decay", "0.9"])
+                       "--ema-decay", "0.9", "--by-position"])
     assert rc == 0
+    assert "Test perplexity by the context a prediction had" in capsys.readouterr().out
     rec = json.loads((out / "quality.json").read_text())
     assert rec["settings"]["weight_decay"] == 0.05
     assert rec["settings"]["eval_stride"] == 8 and rec["settings"]["random_offsets"] is True
@@ -230,6 +231,12 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
             assert r[f"ema_{k}_ppl"] == pytest.approx(math.exp(r[f"ema_{k}_loss"]), rel=1e-12)
             assert r[f"ema_{k}_ppl_strided"] == pytest.approx(math.exp(r[f"ema_{k}_loss_strided"]),
                                                               rel=1e-12)
+        # --by-position: the test loss at each position; the windows are full, so the mean
+        # over positions is the row's test loss (float32 logits summed in float64: ~1e-7)
+        for pre in ("", "ema_"):
+            by_pos = r[f"{pre}test_loss_by_position"]
+            assert len(by_pos) == block_len
+            assert sum(by_pos) / block_len == pytest.approx(r[f"{pre}test_loss"], rel=1e-5)
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
         assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.evaluation import evaluate, evaluate_strided, strided_windows, token_streams
+from sparsebk.evaluation import (evaluate, evaluate_strided, loss_by_position, position_table,
+                                 strided_windows, token_streams)
 from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,6 +111,40 @@ def test_stride_equal_to_the_window_is_the_independent_windows_of_evaluate():
     # moves depends on the model; only that it moves is asserted)
     other, _ = evaluate_strided(model, blocks, stride=2, batch_size=2, device=torch.device("cpu"))
     assert other != pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("head_cutoff", [0, 20], ids=["full-head", "adaptive-head"])
+def test_loss_by_position_is_each_targets_log_prob_given_only_its_prefix(head_cutoff):
+    model = _model(head_cutoff)
+    model.train()  # evaluation switches to eval mode and back
+    blocks = _blocks(torch.randint(0, 40, (41,)), 8)  # 5 rows of 8 targets
+    got = loss_by_position(model, blocks, batch_size=2)
+    assert model.training and got.dtype == torch.float64 and got.shape == (8,)
+    model.eval()
+    ref = torch.zeros(8, dtype=torch.float64)  # a forward over ids 0..t alone predicts id t + 1
+    with torch.no_grad():
+        for row in blocks:
+            for t in range(8):
+                logp = torch.log_softmax(model(row[None, :t + 1])["logits"][0, -1], dim=-1)
+                ref[t] -= logp[row[t + 1]] / len(blocks)
+    # float64 throughout; a prefix's forward and the window's differ only in the order of
+    # rounding (a few ulps of values ~4: far below 1e-12)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, got[0].expand(8))  # the positions differ: context is used
+    # the mean over the positions is evaluate's loss over the same (full) windows
+    mean, _ = evaluate(model, blocks, batch_size=2, device=torch.device("cpu"))
+    assert got.mean().item() == pytest.approx(mean, rel=1e-6 if head_cutoff == 0 else 1e-12)
+    with pytest.raises(ValueError, match=r"\(R, L \+ 1\)"):
+        loss_by_position(model, blocks[:0], batch_size=2)
+
+
+def test_position_table_doubles_the_context_per_row():
+    assert position_table([1.0, 2.0, 4.0, 3.0, 5.0, 6.0, 7.0, 8.0]) == [
+        (1, 1, 1.0), (2, 3, 3.0), (4, 7, 5.25), (8, 8, 8.0)]
+    rows = position_table([0.0] * 128)
+    assert [(lo, hi) for lo, hi, _ in rows] == [(1, 1), (2, 3), (4, 7), (8, 15), (16, 31),
+                                                (32, 63), (64, 127), (128, 128)]
+    assert position_table([2.5, 0.5, 1.0]) == [(1, 1, 2.5), (2, 3, 0.75)]
 
 
 def test_random_offsets_cut_each_epoch_at_its_own_offset():

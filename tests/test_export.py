@@ -197,6 +197,15 @@ def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsy
     assert main(argv + ["--stride", "4"]) == 0
     table = capsys.readouterr().out
     assert "sliding" in table and "windows every 4 tokens" in table
+    # --by-position: the loss at each of the 16 positions; every window is full, so their mean
+    # is the independent windows' loss (float32 logits: ~1e-7 relative per term, summed in float64)
+    assert main(argv + ["--json", "--by-position"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["loss_by_position"]) == 16
+    assert sum(r["loss_by_position"]) / 16 == pytest.approx(r["loss"], rel=1e-5)
+    assert main(argv + ["--by-position"]) == 0
+    table = capsys.readouterr().out
+    assert "by context  1: " in table and "8-15: " in table and "   16: " in table
 
 
 def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_path):

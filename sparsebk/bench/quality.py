@@ -49,6 +49,10 @@ every step inside the timed budget, and each row is scored twice: its final weig
 row's usual figures) and the average (`ema_valid_ppl`, `ema_test_ppl`, and strided when asked):
 two models of one training run, a comparison the machine's speed cannot bias.
 
+With `--by-position` each row also records its test loss at each position of the window
+(`test_loss_by_position`, entry t predicted from t + 1 ids; `sparsebk.evaluation.
+loss_by_position`): where more context stops helping, the model's usable memory.
+
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
 
@@ -69,7 +73,8 @@ import torch
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
-from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl, token_streams
+from sparsebk.evaluation import (evaluate, evaluate_strided, loss_by_position, safe_ppl,
+                                 token_streams)
 from sparsebk.model.forcing import forced_gates
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
@@ -98,6 +103,7 @@ class QualitySettings:
     eval_stride: int | None = None  # also score with windows every this many ids (None: not)
     random_offsets: bool = False  # each epoch's training windows at a new random offset
     ema_decay: float | None = None  # also score an exponential moving average of the weights
+    by_position: bool = False  # also record the test loss at each position of the window
     transformer: bool = True
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
@@ -142,8 +148,9 @@ class QualitySettings:
         if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool)
                                   and 0.0 < d < 1.0):
             raise ValueError(f"ema_decay={d!r} must be a number in (0, 1) or None")
-        if not isinstance(self.random_offsets, bool):
-            raise ValueError(f"random_offsets={self.random_offsets!r} must be true or false")
+        for name in ("random_offsets", "by_position"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
 
 def load_data(s: QualitySettings, block_len: int) -> tuple[dict, dict]:
@@ -356,14 +363,14 @@ class _BudgetRun:
         s, model = self.s, self.model
         valid, test = (evaluate_timed(model, self.split(k), s.batch_size) for k in ("valid", "test"))
         layer_sp, tokens_seen = test["layer_sparsity"], self.tokens_seen()
-        extra = self.strided_scores()
+        extra = self.extra_scores()
         if self.ema is not None:  # the averaged weights, scored the same ways
             with self.ema.swapped_in():
                 for k in ("valid", "test"):
                     loss, _ = evaluate(model, self.split(k), batch_size=s.batch_size,
                                        device=torch.device("cpu"))
                     extra.update({f"ema_{k}_loss": loss, f"ema_{k}_ppl": safe_ppl(loss)})
-                extra.update({f"ema_{k}": v for k, v in self.strided_scores().items()
+                extra.update({f"ema_{k}": v for k, v in self.extra_scores().items()
                               if k != "eval_stride"})
             log.info("%s test ppl %.2f, of the weights' moving average (decay %g) %.2f",
                      self.name, test["ppl"], s.ema_decay, extra["ema_test_ppl"])
@@ -388,9 +395,13 @@ class _BudgetRun:
         """The rows a final evaluation scores: the whole split, or its first eval_blocks."""
         return self.blocks[k][: self.s.eval_blocks] if self.s.eval_blocks else self.blocks[k]
 
-    def strided_scores(self) -> dict:
-        """With eval_stride: the model's sliding-window loss and ppl on valid and test."""
+    def extra_scores(self) -> dict:
+        """With eval_stride: the model's sliding-window loss and ppl on valid and test; with
+        by_position: its test loss at each position of the window."""
         s, out = self.s, {}
+        if s.by_position:
+            out["test_loss_by_position"] = loss_by_position(
+                self.model, self.split("test"), batch_size=s.batch_size).tolist()
         if s.eval_stride is None:
             return out
         out["eval_stride"] = stride = min(s.eval_stride, self.blocks["test"].shape[1] - 1)
@@ -491,6 +502,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ema-decay", type=float, default=None, metavar="D",
                    help="also score an exponential moving average of the weights (e.g. 0.999), "
                         "recorded as ema_*_ppl beside the final weights' figures")
+    p.add_argument("--by-position", action="store_true",
+                   help="also record the test loss at each position of the window (the context "
+                        "a prediction had) as test_loss_by_position")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
                    help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
@@ -506,7 +520,7 @@ def main(argv: list[str]) -> int:
         lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset,
         transformer=not a.no_transformer, eval_stride=a.eval_stride, random_offsets=a.random_offsets,
-        ema_decay=a.ema_decay,
+        ema_decay=a.ema_decay, by_position=a.by_position,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))

@@ -84,6 +84,13 @@ def tables(record: dict) -> str:
            f"batch {s['batch_size']}x{record['dataset']['block_len']}):", format_table(rows), "",
            "Literature anchors (PTB test perplexity):",
            format_table([{"model": k, "test ppl": v} for k, v in ANCHORS.items()])]
+    by_pos = [r for r in record["results"] if "test_loss_by_position" in r]
+    if by_pos:
+        out += ["", "Test perplexity by the context a prediction had (ids seen):",
+                format_table([_position_row(r["model"], r["test_loss_by_position"])
+                              for r in by_pos]
+                             + [_position_row(f"{r['model']} (EMA)", r["ema_test_loss_by_position"])
+                                for r in by_pos if "ema_test_loss_by_position" in r])]
     g = record["goal"]
     if g:
         out += ["", "Goal at target 0.5 (test ppl within 3% of dense; faster per token):",
@@ -93,6 +100,13 @@ def tables(record: dict) -> str:
                                "eval speed-up": f"{g['eval_speedup']:.2f}x",
                                "achieved sparsity": g["achieved_sparsity"]}])]
     return "\n".join(out)
+
+
+def _position_row(model: str, by_pos: list[float]) -> dict:
+    from sparsebk.evaluation import position_table, safe_ppl
+
+    return {"model": model, **{(str(lo) if lo == hi else f"{lo}-{hi}"): round(safe_ppl(x), 1)
+                               for lo, hi, x in position_table(by_pos)}}
 
 
 def plots(record: dict, out_dir: Path) -> list[Path]:

@@ -62,9 +62,21 @@ def eval_table(r: dict) -> str:
         f"loss        {r['loss']:.4f}   perplexity {r['ppl']:.2f} (independent windows)",
         *([f"sliding     {r['loss_strided']:.4f}   perplexity {r['ppl_strided']:.2f} (windows every "
            f"{r['stride']} tokens)"] if "stride" in r else []),
+        *_position_lines(r),
         f"sparsity    {r['sparsity']:.3f} (eval mode; per layer {layers})",
         f"speed       {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s, batch "
         f"{r['batch_size']}, {r['device']})"])
+
+
+def _position_lines(r: dict) -> list[str]:
+    """`--by-position`: the perplexity by the context a prediction had, in doubling buckets."""
+    if "loss_by_position" not in r:
+        return []
+    from sparsebk.evaluation import position_table, safe_ppl
+
+    return ["by context  " + "   ".join(
+        f"{lo}{'' if lo == hi else f'-{hi}'}: {safe_ppl(loss):.1f}"
+        for lo, hi, loss in position_table(r["loss_by_position"])) + "  (ids seen: perplexity)"]
 
 
 def export_main(argv: list[str]) -> int:
@@ -102,6 +114,9 @@ def eval_main(argv: list[str]) -> int:
                    help="also the sliding-window perplexity: windows every S tokens, each token "
                         "scored once with at least block_len - S before it (about block_len / S "
                         "times the work)")
+    p.add_argument("--by-position", action="store_true",
+                   help="also the loss at each position of the window (the context a prediction "
+                        "had), printed as perplexity over 1, 2-3, 4-7, ... ids of context")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
@@ -111,7 +126,8 @@ def eval_main(argv: list[str]) -> int:
     try:
         m = load_source(args)
         r = evaluate_split(m, args.split, batch_size=args.batch_size, data_dir=args.data,
-                           device=args.device, stride=args.stride)
+                           device=args.device, stride=args.stride,
+                           by_position=args.by_position)
     except (ValueError, OSError) as e:
         print(f"sparsebk eval: {e}", file=sys.stderr)
         return 2

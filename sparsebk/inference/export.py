@@ -46,7 +46,7 @@ from sparsebk.storage.run_folder import (EXPORT_CONFIG, best_checkpoint, local_d
 from sparsebk.storage.store import Store, is_uri, open_store, resolve_location
 from sparsebk.storage.checkpoint import (SHARDS_DIR, STATE_FILE, load_sharded_weights,
                                          verify_checkpoint)
-from sparsebk.evaluation import evaluate, evaluate_strided, safe_ppl
+from sparsebk.evaluation import evaluate, evaluate_strided, loss_by_position, safe_ppl
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = EXPORT_CONFIG, "model.safetensors", "README.md"
@@ -310,13 +310,15 @@ def export(m: Pretrained, out: str | os.PathLike) -> Path:
 # --- evaluation ----------------------------------------------------------------------------
 def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | None = None,
                    data_dir: str | os.PathLike | None = None, device="cpu",
-                   stride: int | None = None) -> dict:
+                   stride: int | None = None, by_position: bool = False) -> dict:
     """Perplexity over every row of a split of the model's dataset (or `data_dir`, which
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
     The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
     single process, float32. With `stride` S also the sliding-window perplexity
     (`evaluate_strided`: windows of the dataset's block_len L every S ids, each token scored
-    once with at least L - S tokens before it) as `loss_strided` / `ppl_strided`."""
+    once with at least L - S tokens before it) as `loss_strided` / `ppl_strided`. With
+    `by_position` also the mean loss at each position of the window (`loss_by_position`:
+    entry t predicts from t + 1 ids of context) as `loss_by_position`."""
     c = m.model.config
     if stride is not None and not (isinstance(stride, int) and stride >= 1):
         raise ValueError(f"--stride={stride}: must be a positive integer")
@@ -348,14 +350,17 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     loss, spars = evaluate(m.model, blocks, batch_size=batch_size, device=device)  # ends in a sync
     seconds = time.perf_counter() - t0
     tokens = blocks[:, 1:].numel()
-    strided = {}
+    extra = {}
     if stride is not None:
         loss_s, _ = evaluate_strided(m.model, blocks, stride=stride, batch_size=batch_size,
                                      device=device)
-        strided = {"stride": stride, "loss_strided": loss_s, "ppl_strided": safe_ppl(loss_s)}
+        extra = {"stride": stride, "loss_strided": loss_s, "ppl_strided": safe_ppl(loss_s)}
+    if by_position:
+        extra["loss_by_position"] = loss_by_position(m.model, blocks, batch_size=batch_size,
+                                                       device=device).tolist()
     return {"source": str(m.source), "run_name": m.record.get("run_name"),
             "step": m.record.get("step"), "dataset_dir": root, "split": split,
             "rows": len(blocks), "tokens": tokens, "split_tokens": manifest["splits"][split]["tokens"],
             "loss": loss, "ppl": safe_ppl(loss), "sparsity": sum(spars) / len(spars),
             "sparsity_layers": spars, "tokens_per_s": tokens / max(seconds, 1e-9),
-            "seconds": seconds, "batch_size": batch_size, "device": str(device), **strided}
+            "seconds": seconds, "batch_size": batch_size, "device": str(device), **extra}
