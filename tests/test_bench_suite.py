@@ -396,3 +396,48 @@ def test_quality_ema_averages_the_weights_of_every_step_and_scores_them(tiny_dat
     for bad in (0.0, 1.0, -0.5, "0.9", True):
         with pytest.raises(ValueError, match=r"ema_decay=.* must be a number in \(0, 1\) or None"):
             quality.QualitySettings(ema_decay=bad)
+
+
+def test_quality_row_records_the_learnt_shifts_the_training_left(tiny_dataset):
+    """A model with learnt BK shifts: the row's `bk_shifts` are each layer's [Re z, Im z] per
+    head, read back from the parameters z = z_re + i exp(z_log_im) after the last step (they
+    moved from the init), and the report prints 1 / Im z; fixed shifts record nothing."""
+    from sparsebk.bench import quality
+    from sparsebk.bench.quality_report import tables
+    from sparsebk.model.lm import SparseBKLM
+
+    s = quality.QualitySettings(preset="debug", dataset=str(tiny_dataset), budget_steps=3,
+                                batch_size=4, lr=3e-2, curve_points=1, curve_eval_blocks=2,
+                                eval_blocks=2, model_overrides={
+                                    "bk_heads": 3, "bk_learn_z": True, "bk_z_im_min": 0.01,
+                                    "bk_z_im_max": 1.0})
+    cfg, _, blocks, train_cfg = quality.setup(s)
+    torch.manual_seed(0)
+    model = SparseBKLM(cfg)
+    init = [layer.sparse_bk_core.z_log_im.detach().clone() for layer in model.layers]
+    # the init: Im z log-spaced over [0.01, 1] at the bin centres (h + 1/2) / H
+    for il in init:
+        torch.testing.assert_close(il.double().exp(), torch.tensor(
+            [0.01 * 100 ** ((h + 0.5) / 3) for h in range(3)], dtype=torch.float64),
+            rtol=1e-6, atol=0)
+    run = quality._BudgetRun("bk-dense", model, blocks, s, train_cfg, None)
+    for _ in range(3):
+        run.train_step()
+    rec = run.record(0.0)
+    assert len(rec["bk_shifts"]) == cfg.n_layers
+    for layer, il, got in zip(model.layers, init, rec["bk_shifts"]):
+        core = layer.sparse_bk_core
+        assert not torch.equal(core.z_log_im.detach(), il)  # the training moved them
+        assert got == [[core.z_re[h].item(), core.z_log_im[h].exp().item()] for h in range(3)]
+    text = tables({"settings": vars(s), "dataset": {"block_len": cfg.n_seq},
+                   "goal": None, "results": [rec]})
+    line = next(x for x in text.splitlines() if x.startswith("| bk-dense") and ".." in x)
+    im = [z[1] for z in rec["bk_shifts"][0]]
+    assert f"{1 / min(im):.1f} .. {1 / max(im):.2f}" in line
+    fixed = quality.QualitySettings(preset="debug", dataset=str(tiny_dataset), budget_steps=1,
+                                    batch_size=4, curve_points=1, curve_eval_blocks=2,
+                                    eval_blocks=2)
+    cfg, _, blocks, train_cfg = quality.setup(fixed)
+    run = quality._BudgetRun("bk-dense", SparseBKLM(cfg), blocks, fixed, train_cfg, None)
+    run.train_step()
+    assert "bk_shifts" not in run.record(0.0)

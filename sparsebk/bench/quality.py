@@ -51,7 +51,10 @@ two models of one training run, a comparison the machine's speed cannot bias.
 
 With `--by-position` each row also records its test loss at each position of the window
 (`test_loss_by_position`, entry t predicted from t + 1 ids; `sparsebk.evaluation.
-loss_by_position`): where more context stops helping, the model's usable memory.
+loss_by_position`): where more context stops helping, the model's usable memory. A model
+with learnt BK shifts (`bk_learn_z`) also records them as `bk_shifts` (each layer's
+[Re z, Im z] per head after training; memory lengths of about 1 / Im z positions), which the
+report prints as each layer's longest and shortest memory: the memory the training chose.
 
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
@@ -389,6 +392,7 @@ class _BudgetRun:
             # with gate noise, over the last curve interval (eval above is noise-free)
             "train_layer_sparsity": self.curve[-1].get("train_layer_sparsity") if self.curve else None,
             "layer_sparsity": layer_sp, "curve": self.curve, **extra,
+            **_shift_fields(model),
         }
 
     def split(self, k: str) -> torch.Tensor:
@@ -411,6 +415,14 @@ class _BudgetRun:
             out.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
         log.info("%s test ppl with stride %d: %.2f", self.name, stride, out["test_ppl_strided"])
         return out
+
+
+def _shift_fields(model) -> dict:
+    """`bk_shifts`: each layer's learnt BK shifts as [Re z, Im z] per head (memory lengths of
+    about 1 / Im z positions), for a BK model with `bk_learn_z`; nothing otherwise."""
+    shifts = model.bk_shifts() if hasattr(model, "bk_shifts") else None
+    return {} if shifts is None else {"bk_shifts": [[[z.real, z.imag] for z in layer]
+                                                    for layer in shifts]}
 
 
 def setup(s: QualitySettings):

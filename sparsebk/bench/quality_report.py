@@ -91,6 +91,14 @@ def tables(record: dict) -> str:
                               for r in by_pos]
                              + [_position_row(f"{r['model']} (EMA)", r["ema_test_loss_by_position"])
                                 for r in by_pos if "ema_test_loss_by_position" in r])]
+    shifts = [r for r in record["results"] if "bk_shifts" in r]
+    if shifts:
+        out += ["", "BK memory lengths after training (1 / Im z of each layer's heads, positions: "
+                "longest and shortest):",
+                format_table([{"model": r["model"], **{
+                    f"layer {i}": f"{1 / min(im for _, im in layer):.1f} .. "
+                                  f"{1 / max(im for _, im in layer):.2f}"
+                    for i, layer in enumerate(r["bk_shifts"])}} for r in shifts])]
     g = record["goal"]
     if g:
         out += ["", "Goal at target 0.5 (test ppl within 3% of dense; faster per token):",

@@ -153,6 +153,15 @@ class SparseBKLM(nn.Module):
             layer.sparse_bk_core.target_sparsity = t
             layer.sparsity_loss_weight = loss_weight
 
+    def bk_shifts(self) -> list[list[complex]] | None:
+        """Each layer's BK shifts z_h (one complex per head), when they are learnt
+        (`bk_learn_z`); None for the fixed z = 1j. Im z_h sets head h's memory length, about
+        1 / Im z_h positions (docs/math.md): what the training made of the init range."""
+        if not self.config.bk_learn_z:
+            return None
+        return [[complex(z) for z in layer.sparse_bk_core.shifts().detach().cdouble().tolist()]
+                for layer in self.layers]
+
     def set_tau(self, tau: float) -> None:
         """Gate temperature of every layer (annealing)."""
         for layer in self.layers:
