@@ -17,6 +17,11 @@ scores the same tokens in sliding windows (`sparsebk eval --stride`, `bench qual
 the mean loss at each position of the window (`sparsebk eval --by-position`, `bench quality
 --by-position`): how much a prediction gains from each further token of context, so where
 the model's usable memory ends.
+
+    losses = loss_by_context(model, blocks, contexts=[1, 2, 4, 8], every=16, batch_size=...)
+
+the same targets scored from exactly c ids of context for each c (a paired comparison: the
+gain of c ids over c' on the same tokens, with its standard error).
 """
 
 from __future__ import annotations
@@ -165,6 +170,65 @@ def loss_by_position(model, blocks: torch.Tensor, *, batch_size: int, device="cp
     if was_training:
         net.train()
     return total / len(blocks)
+
+
+@torch.no_grad()
+def loss_by_context(model, blocks: torch.Tensor, *, contexts, batch_size: int, every: int = 1,
+                    device="cpu") -> torch.Tensor:
+    """(len(contexts), T) float64: the cross-entropy of the same T targets predicted from
+    exactly c ids before each, for each c in `contexts` (each at most the window, block_len).
+    The targets are every `every`-th id of the stream(s) the blocks were cut from
+    (`token_streams`) that has max(contexts) ids before it in its stream; the window for
+    context c is those c ids alone (a fresh state), so row c - row c' is what c ids gain over
+    c' on the same tokens, a paired comparison free of `loss_by_position`'s mix of tokens
+    (each of whose positions scores different ones). One process, eval mode; costs about
+    sum(contexts) / every forwards per target id, e.g. 255 / 16 ~ 16 evaluations for contexts
+    1, 2, 4, ..., 128 and every 16."""
+    if blocks.dim() != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be (R, L + 1) with L >= 1, got {tuple(blocks.shape)}")
+    if len(blocks) == 0:
+        raise ValueError("blocks has no rows: nothing to score")
+    window = blocks.shape[1] - 1
+    contexts = [int(c) for c in contexts]
+    if not contexts or any(not 1 <= c <= window for c in contexts):
+        raise ValueError(f"contexts={contexts!r} must be a non-empty list of integers in "
+                         f"[1, block_len={window}]")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every={every!r} must be an integer >= 1")
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    longest = max(contexts)
+    ends = [(stream, j) for stream in token_streams(blocks)
+            for j in range(longest, len(stream), every)]  # target id j of `stream`
+    out = torch.empty(len(contexts), len(ends), dtype=torch.float64)
+    for k, c in enumerate(contexts):
+        for i in range(0, len(ends), batch_size):
+            batch = torch.stack([stream[j - c:j + 1] for stream, j in ends[i:i + batch_size]])
+            logits = net(batch[:, :-1].to(device))["logits"][:, -1]  # (B, V): the last position
+            logp = torch.log_softmax(logits.double(), dim=-1)  # the adaptive head's: log-probs
+            out[k, i:i + len(batch)] = -logp.gather(-1, batch[:, -1:].to(device).long()
+                                                    ).squeeze(-1).cpu()
+    if was_training:
+        net.train()
+    return out
+
+
+def context_table(contexts, losses) -> list[dict]:
+    """`loss_by_context`'s (len(contexts), T) losses as rows, in the order of `contexts`:
+    the context c, the mean loss over the T targets, and the gain over the row before
+    (its mean loss minus this one's, in nats, > 0 when the extra ids help) with the paired
+    standard error of that gain (the sample sd of the per-target differences / sqrt(T))."""
+    losses = torch.as_tensor(losses, dtype=torch.float64)
+    rows = []
+    for k, c in enumerate(contexts):
+        row = {"context": int(c), "loss": losses[k].mean().item(), "gain": None, "gain_se": None}
+        if k:
+            d = losses[k - 1] - losses[k]
+            row["gain"] = d.mean().item()
+            row["gain_se"] = (d.std().item() / math.sqrt(len(d))) if len(d) > 1 else None
+        rows.append(row)
+    return rows
 
 
 def position_table(by_pos) -> list[tuple[int, int, float]]:

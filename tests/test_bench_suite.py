@@ -204,9 +204,11 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
                        "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets",
-                       "--ema-decay", "0.9", "--by-position"])
+                       "--ema-decay", "0.9", "--by-position", "--by-context", "4"])
     assert rc == 0
-    assert "Test perplexity by the context a prediction had" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Test perplexity by the context a prediction had" in printed
+    assert "from exactly c ids of context" in printed
     rec = json.loads((out / "quality.json").read_text())
     assert rec["settings"]["weight_decay"] == 0.05
     assert rec["settings"]["eval_stride"] == 8 and rec["settings"]["random_offsets"] is True
@@ -237,6 +239,14 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
             by_pos = r[f"{pre}test_loss_by_position"]
             assert len(by_pos) == block_len
             assert sum(by_pos) / block_len == pytest.approx(r[f"{pre}test_loss"], rel=1e-5)
+            # --by-context 4: every 4th test id with block_len ids before it, from 1, 2, 4, ...
+            ctx = r[f"{pre}test_loss_by_context"]
+            assert ctx["contexts"] == [1, 2, 4, 8, 16, 32] == [1, 2, 4, 8, 16, block_len]
+            assert ctx["every"] == 4 and ctx["targets"] > 1 and ctx["gain"][0] is None
+            for k in range(1, 6):
+                assert ctx["gain"][k] == pytest.approx(ctx["loss"][k - 1] - ctx["loss"][k],
+                                                       abs=1e-12)
+                assert ctx["gain_se"][k] > 0
         assert r["tokens_seen"] == r["steps"] * 4 * block_len
         assert r["train_s"] >= 1.5 and r["train_tokens_per_s"] == pytest.approx(r["tokens_seen"] / r["train_s"])
         assert r["train_cpu_s"] > 0 and r["load_avg_1m_start"] >= 0 and r["load_avg_1m_end"] >= 0

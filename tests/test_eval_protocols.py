@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsebk.evaluation import (evaluate, evaluate_strided, loss_by_position, position_table,
-                                 strided_windows, token_streams)
+from sparsebk.evaluation import (context_table, evaluate, evaluate_strided, loss_by_context,
+                                 loss_by_position, position_table, strided_windows, token_streams)
 from sparsebk.model.lm import LMConfig, SparseBKLM
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,6 +136,45 @@ def test_loss_by_position_is_each_targets_log_prob_given_only_its_prefix(head_cu
     assert got.mean().item() == pytest.approx(mean, rel=1e-6 if head_cutoff == 0 else 1e-12)
     with pytest.raises(ValueError, match=r"\(R, L \+ 1\)"):
         loss_by_position(model, blocks[:0], batch_size=2)
+
+
+@pytest.mark.parametrize("head_cutoff", [0, 20], ids=["full-head", "adaptive-head"])
+def test_loss_by_context_scores_the_same_targets_from_exactly_c_ids(head_cutoff):
+    model = _model(head_cutoff)
+    model.train()
+    # two parts of a split: a target's context never reaches into the other part
+    streams = [torch.randint(0, 40, (41,)), torch.randint(0, 40, (25,))]
+    streams[1][0] = (streams[0][-1] + 1) % 40
+    blocks = torch.cat([_blocks(st, 8) for st in streams])
+    contexts = [1, 2, 4, 8]
+    got = loss_by_context(model, blocks, contexts=contexts, batch_size=3, every=3)
+    assert model.training and got.dtype == torch.float64
+    # targets: ids 8, 11, 14, ... of each part (8 ids before each), the same for every c
+    ends = [(st, j) for st in streams for j in range(8, len(st), 3)]
+    assert got.shape == (4, len(ends)) == (4, 11 + 6)
+    model.eval()
+    ref = torch.zeros(4, len(ends), dtype=torch.float64)
+    with torch.no_grad():  # one forward per target and context, over its c ids alone
+        for k, c in enumerate(contexts):
+            for i, (st, j) in enumerate(ends):
+                logp = torch.log_softmax(model(st[None, j - c:j])["logits"][0, -1], dim=-1)
+                ref[k, i] = -logp[st[j]]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)  # float64: the same forwards
+    assert not torch.equal(got[0], got[-1])  # the context changes the predictions
+    table = context_table(contexts, got)
+    assert [r["context"] for r in table] == contexts and table[0]["gain"] is None
+    for k in range(1, 4):  # the gain and its paired standard error, from the definition
+        d = got[k - 1] - got[k]
+        assert table[k]["gain"] == pytest.approx(d.mean().item(), rel=1e-12)
+        assert table[k]["gain_se"] == pytest.approx(
+            (((d - d.mean()) ** 2).sum() / (len(d) - 1)).sqrt().item() / len(d) ** 0.5, rel=1e-9)
+        assert table[k]["loss"] == pytest.approx(got[k].mean().item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"contexts=\[0, 9\].*block_len=8"):
+        loss_by_context(model, blocks, contexts=[0, 9], batch_size=2)
+    with pytest.raises(ValueError, match="every=0"):
+        loss_by_context(model, blocks, contexts=[1], batch_size=2, every=0)
+    with pytest.raises(ValueError, match="no rows"):
+        loss_by_context(model, blocks[:0], contexts=[8], batch_size=2)
 
 
 def test_position_table_doubles_the_context_per_row():

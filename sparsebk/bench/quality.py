@@ -55,6 +55,10 @@ loss_by_position`): where more context stops helping, the model's usable memory.
 with learnt BK shifts (`bk_learn_z`) also records them as `bk_shifts` (each layer's
 [Re z, Im z] per head after training; memory lengths of about 1 / Im z positions), which the
 report prints as each layer's longest and shortest memory: the memory the training chose.
+With `--by-context EVERY` the same test targets (every EVERY-th id) are scored from exactly
+1, 2, 4, ..., block_len ids of context (`test_loss_by_context`: the mean loss at each and the
+gain of each over the one before, with its paired standard error): the context a model uses,
+measured on the same tokens at every length.
 
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
@@ -76,8 +80,8 @@ import torch
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
-from sparsebk.evaluation import (evaluate, evaluate_strided, loss_by_position, safe_ppl,
-                                 token_streams)
+from sparsebk.evaluation import (context_table, evaluate, evaluate_strided, loss_by_context,
+                                 loss_by_position, safe_ppl, token_streams)
 from sparsebk.model.forcing import forced_gates
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
@@ -107,6 +111,8 @@ class QualitySettings:
     random_offsets: bool = False  # each epoch's training windows at a new random offset
     ema_decay: float | None = None  # also score an exponential moving average of the weights
     by_position: bool = False  # also record the test loss at each position of the window
+    # also score every this-many-th test id from exactly 1, 2, 4, ..., block_len ids (None: not)
+    by_context_every: int | None = None
     transformer: bool = True
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
@@ -143,10 +149,10 @@ class QualitySettings:
             raise ValueError(f"budget_steps={self.budget_steps!r} must be a positive integer or None")
         if self.eval_blocks is not None and self.eval_blocks < 1:
             raise ValueError(f"eval_blocks={self.eval_blocks!r} must be a positive integer or None")
-        if self.eval_stride is not None and (not isinstance(self.eval_stride, int)
-                                             or isinstance(self.eval_stride, bool)
-                                             or self.eval_stride < 1):
-            raise ValueError(f"eval_stride={self.eval_stride!r} must be a positive integer or None")
+        for name in ("eval_stride", "by_context_every"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive integer or None")
         d = self.ema_decay
         if d is not None and not (isinstance(d, (int, float)) and not isinstance(d, bool)
                                   and 0.0 < d < 1.0):
@@ -401,11 +407,15 @@ class _BudgetRun:
 
     def extra_scores(self) -> dict:
         """With eval_stride: the model's sliding-window loss and ppl on valid and test; with
-        by_position: its test loss at each position of the window."""
+        by_position: its test loss at each position of the window; with by_context_every:
+        the same test targets scored from 1, 2, 4, ... ids of context (`context_scores`)."""
         s, out = self.s, {}
         if s.by_position:
             out["test_loss_by_position"] = loss_by_position(
                 self.model, self.split("test"), batch_size=s.batch_size).tolist()
+        if s.by_context_every is not None:
+            out["test_loss_by_context"] = context_scores(self.model, self.split("test"),
+                                                         s.by_context_every, s.batch_size)
         if s.eval_stride is None:
             return out
         out["eval_stride"] = stride = min(s.eval_stride, self.blocks["test"].shape[1] - 1)
@@ -415,6 +425,19 @@ class _BudgetRun:
             out.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
         log.info("%s test ppl with stride %d: %.2f", self.name, stride, out["test_ppl_strided"])
         return out
+
+
+def context_scores(model, blocks: torch.Tensor, every: int, batch_size: int) -> dict:
+    """Every `every`-th test target (with block_len ids before it) scored from exactly
+    c = 1, 2, 4, ..., block_len ids (`sparsebk.evaluation.loss_by_context`): the contexts,
+    the mean loss at each, each's gain over the one before and its paired standard error."""
+    window = blocks.shape[1] - 1
+    contexts = [1 << k for k in range(window.bit_length()) if 1 << k < window] + [window]
+    losses = loss_by_context(model, blocks, contexts=contexts, batch_size=batch_size, every=every)
+    table = context_table(contexts, losses)
+    return {"every": every, "targets": losses.shape[1], "contexts": contexts,
+            "loss": [r["loss"] for r in table], "gain": [r["gain"] for r in table],
+            "gain_se": [r["gain_se"] for r in table]}
 
 
 def _shift_fields(model) -> dict:
@@ -517,6 +540,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--by-position", action="store_true",
                    help="also record the test loss at each position of the window (the context "
                         "a prediction had) as test_loss_by_position")
+    p.add_argument("--by-context", type=int, default=None, metavar="EVERY",
+                   help="also score every EVERY-th test id from exactly 1, 2, 4, ..., block_len ids "
+                        "of context (the same targets at each), as test_loss_by_context")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
                    help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
@@ -532,7 +558,7 @@ def main(argv: list[str]) -> int:
         lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset,
         transformer=not a.no_transformer, eval_stride=a.eval_stride, random_offsets=a.random_offsets,
-        ema_decay=a.ema_decay, by_position=a.by_position,
+        ema_decay=a.ema_decay, by_position=a.by_position, by_context_every=a.by_context,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))

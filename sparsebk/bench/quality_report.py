@@ -91,6 +91,21 @@ def tables(record: dict) -> str:
                               for r in by_pos]
                              + [_position_row(f"{r['model']} (EMA)", r["ema_test_loss_by_position"])
                                 for r in by_pos if "ema_test_loss_by_position" in r])]
+    by_ctx = [(name, r[key]) for r in record["results"]
+              for name, key in ((r["model"], "test_loss_by_context"),
+                                (f"{r['model']} (EMA)", "ema_test_loss_by_context")) if key in r]
+    if by_ctx:
+        c0 = by_ctx[0][1]
+        out += ["", f"Test perplexity of the same {c0['targets']} targets (every {c0['every']}-th "
+                "id) from exactly c ids of context, and the gain of each c over the c before "
+                "(millinats, +- its paired standard error):",
+                format_table([{"model": name, **{str(c): round(math.exp(min(x, 700.0)), 1)
+                                                 for c, x in zip(t["contexts"], t["loss"])}}
+                              for name, t in by_ctx]),
+                format_table([{"model": name, **{
+                    str(c): f"{1000 * g:.0f} +- " + ("-" if se is None else f"{1000 * se:.0f}")
+                    for c, g, se in zip(t["contexts"][1:], t["gain"][1:], t["gain_se"][1:])}}
+                    for name, t in by_ctx])]
     shifts = [r for r in record["results"] if "bk_shifts" in r]
     if shifts:
         out += ["", "BK memory lengths after training (1 / Im z of each layer's heads, positions: "
