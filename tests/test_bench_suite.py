@@ -204,7 +204,7 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
     rc = quality.main(["--out", str(out), "--dataset", str(tiny_dataset), "--preset", "debug",
                        "--budget-s", "1.5", "--targets", "0,0.5", "--quick", "--batch-size", "4",
                        "--weight-decay", "0.05", "--eval-stride", "8", "--random-offsets",
-                       "--ema-decay", "0.9", "--by-position", "--by-context", "4"])
+                       "--ema-decay", "0.9", "--by-position", "--by-context", "4", "--save-weights"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "Test perplexity by the context a prediction had" in printed
@@ -258,6 +258,16 @@ def test_quality_quick_run_reports_what_it_measured(tmp_path, tiny_dataset, monk
         assert all(a["train_s"] < b["train_s"] for a, b in zip(c, c[1:]))
         for p in c:
             assert p["valid_subset_ppl"] == pytest.approx(math.exp(p["valid_subset_loss"]), rel=1e-12)
+    # --save-weights: each row's model, final and averaged, scores the row's own test loss again
+    from sparsebk.evaluation import evaluate
+    test_rows = load_blocks(tiny_dataset, "test")[:16]
+    for name, r in res.items():
+        assert r["weights_file"] == str(out / "weights" / f"{name}.pt")
+        for pre, ema in (("", False), ("ema_", True)):
+            model = quality.load_weights(r["weights_file"], ema=ema)
+            loss, _ = evaluate(model, test_rows, batch_size=4, device=torch.device("cpu"))
+            assert loss == pytest.approx(r[f"{pre}test_loss"], rel=1e-12)  # the same forwards
+    assert not list((out / "weights").glob("*.tmp"))
     assert res["transformer"]["layer_sparsity"] is None
     # the dense point has its gates pinned open: nothing skipped, in training or in eval
     assert res["bk-dense"]["layer_sparsity"] == [0.0] * dbg.n_layers

@@ -58,7 +58,9 @@ report prints as each layer's longest and shortest memory: the memory the traini
 With `--by-context EVERY` the same test targets (every EVERY-th id) are scored from exactly
 1, 2, 4, ..., block_len ids of context (`test_loss_by_context`: the mean loss at each and the
 gain of each over the one before, with its paired standard error): the context a model uses,
-measured on the same tokens at every length.
+measured on the same tokens at every length. `--save-weights` keeps each row's trained
+model (final and EMA weights) as OUT/weights/NAME.pt (`load_weights`), for analyses after the
+budget.
 
 The report (tables, plots, the goal check, `--tradeoff`) is sparsebk.bench.quality_report.
 """
@@ -113,6 +115,7 @@ class QualitySettings:
     by_position: bool = False  # also record the test loss at each position of the window
     # also score every this-many-th test id from exactly 1, 2, 4, ..., block_len ids (None: not)
     by_context_every: int | None = None
+    save_weights: str | None = None  # a directory: each row's trained model as NAME.pt
     transformer: bool = True
     data_dir: str | None = None  # where PTB is prepared; None -> data/ptb-word-<block_len>
     dataset: str | None = None  # an already prepared dataset dir (skips preparing PTB)
@@ -201,7 +204,50 @@ def train_one(name: str, model, blocks: dict, s: QualitySettings, *, target: flo
     torch.manual_seed(s.seed + 1)  # gate noise and dropout: the same stream for every variant
     run = _BudgetRun(name, model, blocks, s, train_cfg, schedule)
     run.train()
-    return run.record(target)
+    row = run.record(target)
+    if s.save_weights is not None:
+        row["weights_file"] = str(save_weights(run, Path(s.save_weights) / f"{name}.pt"))
+    return row
+
+
+def save_weights(run: "_BudgetRun", path: Path) -> Path:
+    """The row's trained model to `path` (written whole, then renamed): its config
+    (`config`: the LMConfig or TransformerConfig as a dict, `kind`: which), its final weights
+    (`state_dict`) and, with `--ema-decay`, the average (`ema_state_dict`), for analyses after
+    the budget (`load_weights`). A dense row's gates are saved pinned open, as it trained."""
+    from dataclasses import asdict as _asdict
+
+    model = run.model
+    cfg = model.config
+    blob = {"kind": type(model).__name__, "name": run.name,
+            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else _asdict(cfg),
+            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            blob["ema_state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_weights(path: str | os.PathLike, ema: bool = False):
+    """The model `save_weights` wrote (eval mode), with its final weights or (`ema`) the
+    average."""
+    from sparsebk.model.baselines import TransformerConfig, TransformerLM
+    from sparsebk.model.lm import LMConfig, SparseBKLM
+
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    key = "ema_state_dict" if ema else "state_dict"
+    if key not in blob:
+        raise ValueError(f"{path}: has no {key} (saved without --ema-decay?)")
+    if blob["kind"] == "SparseBKLM":
+        model = SparseBKLM(LMConfig.from_dict(blob["config"]))
+    else:
+        model = TransformerLM(TransformerConfig(**blob["config"]))
+    model.load_state_dict(blob[key])
+    return model.eval()
 
 
 class _Order:
@@ -543,6 +589,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--by-context", type=int, default=None, metavar="EVERY",
                    help="also score every EVERY-th test id from exactly 1, 2, 4, ..., block_len ids "
                         "of context (the same targets at each), as test_loss_by_context")
+    p.add_argument("--save-weights", action="store_true",
+                   help="also save each row's trained model (and its EMA) as OUT/weights/NAME.pt")
     p.add_argument("--quick", action="store_true", help="smoke run: 10 s per model, 16 eval blocks")
     p.add_argument("--tradeoff", nargs="+", metavar="QUALITY_JSON",
                    help="only plot these runs' test ppl against tokens/s into OUT/quality_tradeoff.png")
@@ -559,6 +607,7 @@ def main(argv: list[str]) -> int:
         budget_steps=a.budget_steps, data_dir=a.data_dir, dataset=a.dataset,
         transformer=not a.no_transformer, eval_stride=a.eval_stride, random_offsets=a.random_offsets,
         ema_decay=a.ema_decay, by_position=a.by_position, by_context_every=a.by_context,
+        save_weights=str(Path(a.out) / "weights") if a.save_weights else None,
         dense_mode=a.dense_mode, sparsity_weight=a.sparsity_weight,
         model_overrides=overrides, **(dict(curve_points=3, curve_eval_blocks=4, eval_blocks=16)
                                       if a.quick else {}))
