@@ -215,12 +215,10 @@ def save_weights(run: "_BudgetRun", path: Path) -> Path:
     (`config`: the LMConfig or TransformerConfig as a dict, `kind`: which), its final weights
     (`state_dict`) and, with `--ema-decay`, the average (`ema_state_dict`), for analyses after
     the budget (`load_weights`). A dense row's gates are saved pinned open, as it trained."""
-    from dataclasses import asdict as _asdict
-
     model = run.model
     cfg = model.config
     blob = {"kind": type(model).__name__, "name": run.name,
-            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else _asdict(cfg),
+            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     if run.ema is not None:
         with run.ema.swapped_in():
