@@ -231,6 +231,22 @@ def context_table(contexts, losses) -> list[dict]:
     return rows
 
 
+def context_scores(model, blocks: torch.Tensor, *, every: int, batch_size: int, device="cpu"
+                   ) -> dict:
+    """`loss_by_context` at c = 1, 2, 4, ..., block_len (every `every`-th target), summed up
+    by `context_table`: {"every", "targets", "contexts", "loss" (mean per c), "gain" (each
+    c's over the c before, None first), "gain_se"} (what `sparsebk eval --by-context` and
+    `bench quality --by-context` record)."""
+    window = blocks.shape[1] - 1 if blocks.dim() == 2 else 0
+    contexts = [1 << k for k in range(window.bit_length()) if 1 << k < window] + [window]
+    losses = loss_by_context(model, blocks, contexts=contexts, batch_size=batch_size,
+                             every=every, device=device)
+    table = context_table(contexts, losses)
+    return {"every": every, "targets": losses.shape[1], "contexts": contexts,
+            "loss": [r["loss"] for r in table], "gain": [r["gain"] for r in table],
+            "gain_se": [r["gain_se"] for r in table]}
+
+
 def position_table(by_pos) -> list[tuple[int, int, float]]:
     """(first, last, mean loss) over contexts of 1, 2-3, 4-7, ... ids (position t sees t + 1
     ids), the last bucket ending at the window's length: `loss_by_position` in a few rows."""

@@ -27,6 +27,7 @@ from sparsebk.cli import main
 from sparsebk.data.loading import load_blocks
 from sparsebk.data.manifest import load_manifest
 from sparsebk.data.prepare import prepare_dataset
+from sparsebk.evaluation import token_streams
 from sparsebk.inference.export import (best_checkpoint, evaluate_split, export, load_checkpoint_model,
                              load_pretrained)
 from sparsebk.model.lm import LMConfig, SparseBKLM
@@ -206,6 +207,22 @@ def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsy
     assert main(argv + ["--by-position"]) == 0
     table = capsys.readouterr().out
     assert "by context  1: " in table and "8-15: " in table and "   16: " in table
+    # --by-context 3: every 3rd target with 16 ids before it, from exactly 1, 2, 4, 8, 16 ids
+    assert main(argv + ["--json", "--split", "test", "--by-context", "3"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    t = r["by_context"]
+    streams = token_streams(load_blocks(trained["data"], "test"))
+    assert t["contexts"] == [1, 2, 4, 8, 16] and t["every"] == 3
+    assert t["targets"] == sum(len(range(16, len(st), 3)) for st in streams)
+    for k in range(1, 5):
+        assert t["gain"][k] == pytest.approx(t["loss"][k - 1] - t["loss"][k], abs=1e-12)
+    assert main(argv + ["--by-context", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "exactly c   1: " in table and "   16: " in table and f"same {t['targets']} targets" in table
+    assert "  gain      2: " in table
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--by-context", "0"])
+    assert e.value.code == 2 and "--by-context=0: must be >= 1" in capsys.readouterr().err
 
 
 def test_best_checkpoint_is_the_lowest_val_loss_then_the_summary(trained, tmp_path):

@@ -82,8 +82,8 @@ import torch
 from sparsebk.bench.common import machine_probe, model_overrides, write_result
 from sparsebk.bench.quality_report import (ANCHORS, DENSE, TRANSFORMER, budget_words, goal_check,
                                            plots, tables, tradeoff_plot)
-from sparsebk.evaluation import (context_table, evaluate, evaluate_strided, loss_by_context,
-                                 loss_by_position, safe_ppl, token_streams)
+from sparsebk.evaluation import (context_scores, evaluate, evaluate_strided, loss_by_position,
+                                 safe_ppl, token_streams)
 from sparsebk.model.forcing import forced_gates
 from sparsebk.scheduler import AdaptiveSparsityScheduler, SchedulerConfig
 
@@ -458,8 +458,8 @@ class _BudgetRun:
             out["test_loss_by_position"] = loss_by_position(
                 self.model, self.split("test"), batch_size=s.batch_size).tolist()
         if s.by_context_every is not None:
-            out["test_loss_by_context"] = context_scores(self.model, self.split("test"),
-                                                         s.by_context_every, s.batch_size)
+            out["test_loss_by_context"] = context_scores(
+                self.model, self.split("test"), every=s.by_context_every, batch_size=s.batch_size)
         if s.eval_stride is None:
             return out
         out["eval_stride"] = stride = min(s.eval_stride, self.blocks["test"].shape[1] - 1)
@@ -469,19 +469,6 @@ class _BudgetRun:
             out.update({f"{k}_loss_strided": loss, f"{k}_ppl_strided": safe_ppl(loss)})
         log.info("%s test ppl with stride %d: %.2f", self.name, stride, out["test_ppl_strided"])
         return out
-
-
-def context_scores(model, blocks: torch.Tensor, every: int, batch_size: int) -> dict:
-    """Every `every`-th test target (with block_len ids before it) scored from exactly
-    c = 1, 2, 4, ..., block_len ids (`sparsebk.evaluation.loss_by_context`): the contexts,
-    the mean loss at each, each's gain over the one before and its paired standard error."""
-    window = blocks.shape[1] - 1
-    contexts = [1 << k for k in range(window.bit_length()) if 1 << k < window] + [window]
-    losses = loss_by_context(model, blocks, contexts=contexts, batch_size=batch_size, every=every)
-    table = context_table(contexts, losses)
-    return {"every": every, "targets": losses.shape[1], "contexts": contexts,
-            "loss": [r["loss"] for r in table], "gain": [r["gain"] for r in table],
-            "gain_se": [r["gain_se"] for r in table]}
 
 
 def _shift_fields(model) -> dict:

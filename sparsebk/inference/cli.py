@@ -63,6 +63,7 @@ def eval_table(r: dict) -> str:
         *([f"sliding     {r['loss_strided']:.4f}   perplexity {r['ppl_strided']:.2f} (windows every "
            f"{r['stride']} tokens)"] if "stride" in r else []),
         *_position_lines(r),
+        *_context_lines(r),
         f"sparsity    {r['sparsity']:.3f} (eval mode; per layer {layers})",
         f"speed       {r['tokens_per_s']:.0f} tokens/s ({r['seconds']:.2f} s, batch "
         f"{r['batch_size']}, {r['device']})"])
@@ -77,6 +78,23 @@ def _position_lines(r: dict) -> list[str]:
     return ["by context  " + "   ".join(
         f"{lo}{'' if lo == hi else f'-{hi}'}: {safe_ppl(loss):.1f}"
         for lo, hi, loss in position_table(r["loss_by_position"])) + "  (ids seen: perplexity)"]
+
+
+def _context_lines(r: dict) -> list[str]:
+    """`--by-context N`: the same targets' perplexity from exactly c ids, and each doubling's
+    gain in millinats with its paired standard error."""
+    if "by_context" not in r:
+        return []
+    import math
+
+    t = r["by_context"]
+    return ["exactly c   " + "   ".join(f"{c}: {math.exp(min(x, 700.0)):.1f}"
+                                        for c, x in zip(t["contexts"], t["loss"]))
+            + f"  (ids: perplexity of the same {t['targets']} targets, every {t['every']}-th)",
+            "  gain      " + "   ".join(
+                f"{c}: {1000 * g:+.0f}" + ("" if se is None else f" +- {1000 * se:.0f}")
+                for c, g, se in zip(t["contexts"][1:], t["gain"][1:], t["gain_se"][1:]))
+            + "  (millinats over half the ids, +- standard error)"]
 
 
 def export_main(argv: list[str]) -> int:
@@ -117,8 +135,14 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--by-position", action="store_true",
                    help="also the loss at each position of the window (the context a prediction "
                         "had), printed as perplexity over 1, 2-3, 4-7, ... ids of context")
+    p.add_argument("--by-context", type=int, default=None, metavar="N",
+                   help="also every N-th target scored from exactly 1, 2, 4, ..., block_len ids "
+                        "of context (the same targets at each; about 255 / N evaluations at "
+                        "block_len 128)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    if args.by_context is not None and args.by_context < 1:
+        p.error(f"--by-context={args.by_context}: must be >= 1")
     if args.batch_size is not None and args.batch_size < 1:
         p.error(f"--batch-size={args.batch_size}: must be >= 1")
     if args.stride is not None and args.stride < 1:
@@ -127,7 +151,7 @@ def eval_main(argv: list[str]) -> int:
         m = load_source(args)
         r = evaluate_split(m, args.split, batch_size=args.batch_size, data_dir=args.data,
                            device=args.device, stride=args.stride,
-                           by_position=args.by_position)
+                           by_position=args.by_position, by_context_every=args.by_context)
     except (ValueError, OSError) as e:
         print(f"sparsebk eval: {e}", file=sys.stderr)
         return 2

@@ -46,7 +46,8 @@ from sparsebk.storage.run_folder import (EXPORT_CONFIG, best_checkpoint, local_d
 from sparsebk.storage.store import Store, is_uri, open_store, resolve_location
 from sparsebk.storage.checkpoint import (SHARDS_DIR, STATE_FILE, load_sharded_weights,
                                          verify_checkpoint)
-from sparsebk.evaluation import evaluate, evaluate_strided, loss_by_position, safe_ppl
+from sparsebk.evaluation import (context_scores, evaluate, evaluate_strided, loss_by_position,
+                                 safe_ppl)
 
 FORMAT, FORMAT_VERSION = "sparsebk-model", 1
 CONFIG_FILE, WEIGHTS_FILE, README_FILE = EXPORT_CONFIG, "model.safetensors", "README.md"
@@ -310,7 +311,8 @@ def export(m: Pretrained, out: str | os.PathLike) -> Path:
 # --- evaluation ----------------------------------------------------------------------------
 def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | None = None,
                    data_dir: str | os.PathLike | None = None, device="cpu",
-                   stride: int | None = None, by_position: bool = False) -> dict:
+                   stride: int | None = None, by_position: bool = False,
+                   by_context_every: int | None = None) -> dict:
     """Perplexity over every row of a split of the model's dataset (or `data_dir`, which
     must have been made with the model's tokenizer), eval-mode sparsity per layer, tokens/s.
     The dataset is a local path or a URI. One evaluation function: the trainer's `evaluate`,
@@ -318,10 +320,16 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
     (`evaluate_strided`: windows of the dataset's block_len L every S ids, each token scored
     once with at least L - S tokens before it) as `loss_strided` / `ppl_strided`. With
     `by_position` also the mean loss at each position of the window (`loss_by_position`:
-    entry t predicts from t + 1 ids of context) as `loss_by_position`."""
+    entry t predicts from t + 1 ids of context) as `loss_by_position`. With
+    `by_context_every` N also every N-th target scored from exactly 1, 2, 4, ..., block_len
+    ids (`context_scores`: the same targets at each context, with each doubling's gain and its
+    paired standard error) as `by_context`."""
     c = m.model.config
     if stride is not None and not (isinstance(stride, int) and stride >= 1):
         raise ValueError(f"--stride={stride}: must be a positive integer")
+    if by_context_every is not None and (isinstance(by_context_every, bool) or not isinstance(
+            by_context_every, int) or by_context_every < 1):
+        raise ValueError(f"--by-context={by_context_every}: must be a positive integer")
     from sparsebk.data.manifest import check_dataset
     from sparsebk.data.loading import load_blocks
 
@@ -355,6 +363,9 @@ def evaluate_split(m: Pretrained, split: str = "valid", *, batch_size: int | Non
         loss_s, _ = evaluate_strided(m.model, blocks, stride=stride, batch_size=batch_size,
                                      device=device)
         extra = {"stride": stride, "loss_strided": loss_s, "ppl_strided": safe_ppl(loss_s)}
+    if by_context_every is not None:
+        extra["by_context"] = context_scores(m.model, blocks, every=by_context_every,
+                                             batch_size=batch_size, device=device)
     if by_position:
         extra["loss_by_position"] = loss_by_position(m.model, blocks, batch_size=batch_size,
                                                        device=device).tolist()
