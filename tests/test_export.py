@@ -216,7 +216,7 @@ def test_eval_of_a_checkpoint_equals_the_reported_validation_loss(trained, capsy
     assert t["targets"] == sum(len(range(16, len(st), 3)) for st in streams)
     for k in range(1, 5):
         assert t["gain"][k] == pytest.approx(t["loss"][k - 1] - t["loss"][k], abs=1e-12)
-    assert main(argv + ["--by-context", "3"]) == 0
+    assert main(argv + ["--split", "test", "--by-context", "3"]) == 0
     table = capsys.readouterr().out
     assert "exactly c   1: " in table and "   16: " in table and f"same {t['targets']} targets" in table
     assert "  gain      2: " in table

@@ -277,8 +277,10 @@ def test_a_lost_head_ends_the_driver_in_bounded_time_and_the_run_resumes(tmp_pat
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.time() - t0 < 300, "no checkpoint"
             time.sleep(0.2)
-        c.remove_node(c.head_node, allow_graceful=False)  # SIGKILL of the head's processes
+        # the clock starts before the removal: the head stops answering during remove_node,
+        # which can take a second or more to return, and the watch counts from then
         killed = time.time()
+        c.remove_node(c.head_node, allow_graceful=False)  # SIGKILL of the head's processes
         try:
             rc = proc.wait(timeout=120)
         finally:
