@@ -95,11 +95,13 @@ def tables(record: dict) -> str:
               for name, key in ((r["model"], "test_loss_by_context"),
                                 (f"{r['model']} (EMA)", "ema_test_loss_by_context")) if key in r]
     if by_ctx:
+        from sparsebk.evaluation import safe_ppl
+
         c0 = by_ctx[0][1]
         out += ["", f"Test perplexity of the same {c0['targets']} targets (every {c0['every']}-th "
                 "id) from exactly c ids of context, and the gain of each c over the c before "
                 "(millinats, +- its paired standard error):",
-                format_table([{"model": name, **{str(c): round(math.exp(min(x, 700.0)), 1)
+                format_table([{"model": name, **{str(c): round(safe_ppl(x), 1)
                                                  for c, x in zip(t["contexts"], t["loss"])}}
                               for name, t in by_ctx]),
                 format_table([{"model": name, **{

@@ -85,10 +85,10 @@ def _context_lines(r: dict) -> list[str]:
     gain in millinats with its paired standard error."""
     if "by_context" not in r:
         return []
-    import math
+    from sparsebk.evaluation import safe_ppl
 
     t = r["by_context"]
-    return ["exactly c   " + "   ".join(f"{c}: {math.exp(min(x, 700.0)):.1f}"
+    return ["exactly c   " + "   ".join(f"{c}: {safe_ppl(x):.1f}"
                                         for c, x in zip(t["contexts"], t["loss"]))
             + f"  (ids: perplexity of the same {t['targets']} targets, every {t['every']}-th)",
             "  gain      " + "   ".join(
