@@ -189,8 +189,9 @@ def loss_by_context(model, blocks: torch.Tensor, *, contexts, batch_size: int, e
     if len(blocks) == 0:
         raise ValueError("blocks has no rows: nothing to score")
     window = blocks.shape[1] - 1
-    contexts = [int(c) for c in contexts]
-    if not contexts or any(not 1 <= c <= window for c in contexts):
+    contexts = list(contexts)
+    if (not contexts or any(isinstance(c, bool) or not isinstance(c, int) for c in contexts)
+            or any(not 1 <= c <= window for c in contexts)):
         raise ValueError(f"contexts={contexts!r} must be a non-empty list of integers in "
                          f"[1, block_len={window}]")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:

@@ -159,7 +159,7 @@ def decode_noise(model: SparseBKLM, tokens: torch.Tensor) -> dict:
         exact = _states(prefilled, name).transpose(0, 1)  # (B, L, ...): rows first
         var = (_sigma(_states(p_rep, name).transpose(0, 1), exact, SAMPLES)
                + _sigma(_states(s_rep, name).transpose(0, 1), exact, SAMPLES))
-        out[name] = float(var.sqrt().max())
+        out[name] = float(var.sqrt().max()) if var.numel() else 0.0  # carry is empty but under "carry"
     return out
 
 
@@ -303,7 +303,12 @@ def test_state_is_constant_size_and_functional():
     state = model.init_state(B)
     size = state.nbytes()
     c = model.config
+    assert c.skip_output == "carry"  # a skipped token copies the last computed output row
     assert size == c.n_layers * B * (8 * c.bk_heads + 4 * c.bk_heads + 4 * c.d_model)
+    light = _model("light")  # skipped tokens run the light FFN: no output row to carry
+    assert light.init_state(B).nbytes() == light.config.n_layers * B * 12 * light.config.bk_heads
+    assert light.state_nbytes_per_sequence() * B == light.init_state(B).nbytes()
+    assert light.init_state(B).batch_size == B
     _, state = model.prefill(tokens[:, :15])
     assert state.nbytes() == size
     # stepping does not touch the state it was given: branching from it gives equal results

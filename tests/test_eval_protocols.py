@@ -171,6 +171,8 @@ def test_loss_by_context_scores_the_same_targets_from_exactly_c_ids(head_cutoff)
         assert table[k]["loss"] == pytest.approx(got[k].mean().item(), rel=1e-12)
     with pytest.raises(ValueError, match=r"contexts=\[0, 9\].*block_len=8"):
         loss_by_context(model, blocks, contexts=[0, 9], batch_size=2)
+    with pytest.raises(ValueError, match=r"contexts=\[2.5\].*integers"):  # not rounded to 2
+        loss_by_context(model, blocks, contexts=[2.5], batch_size=2)
     with pytest.raises(ValueError, match="every=0"):
         loss_by_context(model, blocks, contexts=[1], batch_size=2, every=0)
     with pytest.raises(ValueError, match="no rows"):

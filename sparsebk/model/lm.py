@@ -202,7 +202,7 @@ class SparseBKLM(nn.Module):
 
     def state_nbytes_per_sequence(self) -> int:
         """Bytes of decoding state per sequence (any position): per layer 8H (alpha,
-        complex64), 4H (k_prev) and 4D (carry) at float32."""
+        complex64), 4H (k_prev) and, under skip_output "carry" only, 4D (carry) at float32."""
         return self.init_state(1).nbytes()
 
     def _continue(self, tokens: torch.Tensor, state: DecodeState, how: str
