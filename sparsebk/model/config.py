@@ -33,10 +33,10 @@ SPARSITY_BUDGETS = ("layer", "model")
 # an idle machine) at the small size: test ppl 200.2 against 215.7 for the single-channel layer,
 # at 0.95x its tokens/s; the layer's forward + backward at d_model 256 costs 0.99x. (The large
 # size's quality is not measured here: it inherits the small size's choice.) "debug" keeps the
-# single-channel layer of the seed spec. At an hour of PTB, 32 heads reach test ppl 110.0 against
-# 117.2 for 8 (two seeds; BENCHMARKS.md, "32 BK heads"), and `make train` (300 steps, 0.5
-# sparsity, one seed) 255.7 against 262.2 at 1.02x its wall time; the presets keep 8 until 32 is
-# measured at their 600 s budgets with two seeds and with sparsity.
+# single-channel layer of the seed spec. At an hour of PTB, 32 heads reach test ppl 110.0 and
+# 109.6 (two seeds) against 117.2 for 8 (one seed; BENCHMARKS.md, "32 BK heads"), and
+# `make train` (300 steps, 0.5 sparsity, one seed) 255.7 against 262.2 at 1.02x its wall time;
+# the presets keep 8 until 32 is measured at their 600 s budgets with two seeds and with sparsity.
 MULTI_CHANNEL = dict(bk_heads=8, bk_learn_z=True, bk_input_couplings=True)
 # Both also gate the way the measurements chose (BENCHMARKS.md, "Do the gates learn which tokens
 # to skip?" and "What does a skipped token cost?"): the gate's probability weighs the expert output, the training mask
