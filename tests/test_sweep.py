@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -152,6 +153,13 @@ def _train_evals(sweep_dir: Path, trial_id: str) -> list[dict]:
     return [recs[k] for k in sorted(recs)]
 
 
+def _error_trace(sweep_dir: Path, trial_id: str) -> str:
+    """The text trace Tune stored for the trial's last failed attempt ('' when none failed)."""
+    found = [f.read_text(errors="replace")
+             for f in sweep_dir.glob(f"run_trial_{trial_id}_*/error.txt")]
+    return "\n".join(found)
+
+
 def test_asha_sweep_finishes_and_stops_a_trial_early(asha_sweep):
     summary, df, by_key = asha_sweep
     sweep_dir = Path(summary["sweep_dir"])
@@ -213,8 +221,20 @@ def test_failing_trial_is_retried_then_recorded(asha_sweep):
     assert len(attempts_file(summary["sweep_dir"], bad.trial_id).read_text().splitlines()) == 2
     good = by_key[(3e-3, "l2")]  # failed once at step 7, after its step-5 evaluation
     assert good.failures == 1 and good.attempts == 2 and good.stop_reason == "completed"
-    assert all(r.failures == 0 and r.attempts == 1 for r in df.itertuples()
-               if r.trial_id not in (bad.trial_id, good.trial_id))
+    # No injected fault reached another trial. One of them may still have been retried for a
+    # cause outside this test (CI once saw one retried on a loaded machine): that is what
+    # max_retries is for, so it warns with the cause rather than failing, provided the
+    # attempts log and Tune's count agree and the trial finished.
+    for r in df.itertuples():
+        if r.trial_id in (bad.trial_id, good.trial_id):
+            continue
+        trace = _error_trace(Path(summary["sweep_dir"]), r.trial_id)
+        assert "injected failure" not in trace, (r.trial_id, trace[-2000:])
+        assert r.attempts == r.failures + 1 and r.status == "TERMINATED", \
+            (r.trial_id, r.status, r.attempts, r.failures, trace[-2000:])
+        if r.failures:
+            warnings.warn(f"trial {r.trial_id} (lr {r.lr}, {r.loss_type}) was retried "
+                          f"{r.failures} time(s), not by this test: {trace[-1500:]}")
     assert summary["trials"] == {"OK": 4, "ERROR": 1}  # the sweep went on and finished
 
 
