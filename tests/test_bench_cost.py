@@ -86,21 +86,21 @@ def test_counted_shares_of_the_presets_by_hand():
     computed, skipped = 32 + 32 + 64 + 12 + 128 + 2 * 32 * 128, 32 + 12
     assert cost.counted_share(LMConfig.preset("debug")) == pytest.approx(
         2 * (computed - skipped) / (32 * 64 + 2 * computed), rel=1e-12)
-    # small: D 128, H 8, couplings, "light" (32 wide), E 4 top-1, F 512, V 10000, 4 layers
-    mixer = 128 + 2 * 1024 + 2048 + 96
+    # small: D 128, H 32, couplings, "light" (32 wide), E 4 top-1, F 512, V 10000, 4 layers
+    mixer = 128 + 2 * 4096 + 8192 + 384
     computed, skipped = mixer + 512 + 2 * 128 * 512, mixer + 2 * 128 * 32
-    assert computed == 135904 and skipped == 12512
+    assert computed == 148480 and skipped == 25088
     small = cost.counted_share(LMConfig.preset("small"))
     assert small == pytest.approx(4 * (computed - skipped) / (128 * 10000 + 4 * computed),
                                   rel=1e-12)
-    assert 0.27 < small < 0.271
-    # large: D 1024, H 8, E 8 top-2, F 4096, light 256, V 50257, 16 layers
-    mixer = 1024 + 2 * 8192 + 16384 + 96
+    assert 0.263 < small < 0.264
+    # large: D 1024, H 32, E 8 top-2, F 4096, light 256, V 50257, 16 layers
+    mixer = 1024 + 2 * 32768 + 65536 + 384
     computed, skipped = mixer + 8192 + 2 * 2 * 1024 * 4096, mixer + 2 * 1024 * 256
     assert cost.counted_share(LMConfig.preset("large")) == pytest.approx(
         16 * (computed - skipped) / (1024 * 50257 + 16 * computed), rel=1e-12)
     split = cost.split_row(LMConfig.preset("small"), "small")
-    assert split["head_%"] == pytest.approx(100 * 1.28e6 / (1.28e6 + 4 * 135904), rel=1e-12)
+    assert split["head_%"] == pytest.approx(100 * 1.28e6 / (1.28e6 + 4 * 148480), rel=1e-12)
 
 
 def test_widths_scale_the_experts_as_the_presets_do():

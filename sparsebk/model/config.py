@@ -29,15 +29,14 @@ SPARSITY_BUDGETS = ("layer", "model")
 
 # Named sizes. "small" is PTB-sized (10k word vocabulary) and trains at a useful rate on a few
 # CPU cores; "large" is for multi-GPU nodes (GPT-2 BPE vocabulary, 1k context). Both mix with
-# 8 BK heads, learnt shifts and input couplings: measured on PTB (BENCHMARKS.md, 600 s rows on
-# an idle machine) at the small size: test ppl 200.2 against 215.7 for the single-channel layer,
-# at 0.95x its tokens/s; the layer's forward + backward at d_model 256 costs 0.99x. (The large
+# 32 BK heads, learnt shifts and input couplings. Measured on PTB at the small size, alone on an
+# idle machine (BENCHMARKS.md): the multi-channel layer (then 8 heads) against the single-channel
+# one, 600 s, test ppl 200.2 against 215.7 at 0.95x its tokens/s; 32 heads against 8, 600 s, two
+# seeds: 145.5 and 145.8 against 151.7 and 151.1 dense, 149.1 against 156.0 at 0.5 sparsity (one
+# seed), at 0.93-0.97x the tokens/s; an hour (its best recipe): 110.0 and 109.6 against 117.2. (The large
 # size's quality is not measured here: it inherits the small size's choice.) "debug" keeps the
-# single-channel layer of the seed spec. At an hour of PTB, 32 heads reach test ppl 110.0 and
-# 109.6 (two seeds) against 117.2 for 8 (one seed; BENCHMARKS.md, "32 BK heads"), and
-# `make train` (300 steps, 0.5 sparsity, one seed) 255.7 against 262.2 at 1.02x its wall time;
-# the presets keep 8 until 32 is measured at their 600 s budgets with two seeds and with sparsity.
-MULTI_CHANNEL = dict(bk_heads=8, bk_learn_z=True, bk_input_couplings=True)
+# single-channel layer of the seed spec.
+MULTI_CHANNEL = dict(bk_heads=32, bk_learn_z=True, bk_input_couplings=True)
 # Both also gate the way the measurements chose (BENCHMARKS.md, "Do the gates learn which tokens
 # to skip?" and "What does a skipped token cost?"): the gate's probability weighs the expert output, the training mask
 # is the deterministic logit > 0, and a skipped position runs a light FFN (width D / 4) in
