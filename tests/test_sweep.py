@@ -222,7 +222,7 @@ def test_failing_trial_is_retried_then_recorded(asha_sweep):
     good = by_key[(3e-3, "l2")]  # failed once at step 7, after its step-5 evaluation
     assert good.failures == 1 and good.attempts == 2 and good.stop_reason == "completed"
     # No injected fault reached another trial. One of them may still have been retried for a
-    # cause outside this test (CI once saw one retried on a loaded machine): that is what
+    # cause outside this test (CI once saw one retried, cause not recorded): that is what
     # max_retries is for, so it warns with the cause rather than failing, provided the
     # attempts log and Tune's count agree and the trial finished.
     for r in df.itertuples():

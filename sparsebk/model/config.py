@@ -33,9 +33,9 @@ SPARSITY_BUDGETS = ("layer", "model")
 # idle machine (BENCHMARKS.md): the multi-channel layer (then 8 heads) against the single-channel
 # one, 600 s, test ppl 200.2 against 215.7 at 0.95x its tokens/s; 32 heads against 8, 600 s, two
 # seeds: 145.5 and 145.8 against 151.7 and 151.1 dense, 149.1 against 156.0 at 0.5 sparsity (one
-# seed), at 0.93-0.97x the tokens/s; an hour (its best recipe): 110.0 and 109.6 against 117.2. (The large
-# size's quality is not measured here: it inherits the small size's choice.) "debug" keeps the
-# single-channel layer of the seed spec.
+# seed), at 0.93-0.97x the tokens/s; an hour (its best recipe): 110.0 and 109.6 against 117.2.
+# (The large size's quality is not measured here: it inherits the small size's choice.) "debug"
+# keeps the single-channel layer of the seed spec.
 MULTI_CHANNEL = dict(bk_heads=32, bk_learn_z=True, bk_input_couplings=True)
 # Both also gate the way the measurements chose (BENCHMARKS.md, "Do the gates learn which tokens
 # to skip?" and "What does a skipped token cost?"): the gate's probability weighs the expert output, the training mask
