@@ -10,7 +10,9 @@ themselves, sparsebk.tune.cleanup, tests/test_sweep.py checks that none is left,
 `ray_local` checks it again before every module.) Modules that need a Ray of their own keep
 it: tests/test_job_submit.py's token-auth head runs beside it; tests/test_multinode.py
 connects the driver to its two-node cluster, so it runs last (marker `own_ray_driver`) and
-the session's Ray ends there."""
+the session's Ray ends there. Under `make test`'s two pytest-xdist workers, "the session" is
+a worker's: each worker starts its own local Ray for the modules it runs
+(pytest_collection_modifyitems says how they are shared out)."""
 
 from __future__ import annotations
 
@@ -51,12 +53,16 @@ def sparsebk_home(tmp_path_factory):
 # reader reads the files' footers in a pool of 32 actors by default, whatever the number of
 # files; each is a new Python process importing Ray Data (~3 s of CPU here). The tests' datasets
 # have a few small files: one actor reads them, and a data.loader=ray run's first batch came
-# after 9 s instead of 29 s (2 workers, 6 footer actors started). (The Jobs head of
+# after 9 s instead of 29 s (2 workers, 6 footer actors started). RAY_prestart_worker_first_
+# driver: Ray starts a worker per CPU when the first driver connects, for tasks without a
+# runtime environment; Ray Train's actors carry one (env_vars), so those workers sat idle (36,
+# 55 CPU-s, in a sampled run of the whole suite: BENCHMARKS.md). (The Jobs head of
 # tests/test_job_submit.py and the clusters of test_faults.py and test_multinode.py take the
 # same environment.)
 RAY_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
+                "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+                "RAY_prestart_worker_first_driver": "0"}
 # The credentials of the s3_bucket fixture's server, fixed values: set before Ray starts
 # whichever comes first, Ray's workers reach the bucket as a cluster's nodes would, through
 # their environment.
@@ -78,10 +84,48 @@ def _restore_env(old: dict) -> None:
             os.environ[k] = v
 
 
+def _parallel(config) -> bool:
+    """True in a pytest-xdist worker (`make test` runs `-n 2`), where the order is made."""
+    return hasattr(config, "workerinput")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Modules that connect the driver to a Ray of their own run after every other test (a
-    driver talks to one cluster: connecting elsewhere ends the session's local Ray)."""
-    items.sort(key=lambda item: item.get_closest_marker("own_ray_driver") is not None)
+    """The order of the tests: one process, or `make test`'s two pytest-xdist workers.
+
+    In one process, the modules that connect the driver to a Ray of their own run after every
+    other test (a driver talks to one cluster: connecting elsewhere ends the session's local
+    Ray; `ray_local` starts it again for a module that needs it after one of them).
+
+    Under `make test` (`-n 2 --dist loadfile --no-loadscope-reorder`) each module runs whole
+    on one worker, each worker with its own session Ray, and a worker takes the next module in
+    this order when it is almost done with its last: the modules with a Ray of their own first
+    (marks `own_ray_driver`, `own_ray`), then the other Ray modules, then plain torch, the
+    longest work first so that the short modules fill the end. The suite waits on Ray
+    start-ups and Ray Train's polling about a third of its time on one worker: two overlap.
+    Each Ray the suite starts pins its own address for its processes (`ray_local`; the
+    clusters of test_faults, test_multinode and test_job_submit), so that nothing in one
+    worker resolves the other's Ray through the machine-wide /tmp/ray/ray_current_cluster."""
+    def own(item) -> bool:
+        return (item.get_closest_marker("own_ray_driver") is not None
+                or item.get_closest_marker("own_ray") is not None)
+
+    if not _parallel(config):
+        items.sort(key=lambda item: item.get_closest_marker("own_ray_driver") is not None)
+        return
+    rank: dict = {}  # module -> 0 own Ray, 1 session Ray, 2 neither
+    for item in items:
+        r = 0 if own(item) else 1 if item.get_closest_marker("ray") is not None else 2
+        rank[item.module] = min(r, rank.get(item.module, 2))
+    items.sort(key=lambda item: rank[item.module])
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _ray_up() -> bool:
@@ -122,9 +166,19 @@ def ray_local(_session_ray):
     if not ours:
         if ray.is_initialized():
             ray.shutdown()
-        # More logical CPUs than cores is fine: workers are mostly idle between steps.
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, address="local")
+        # Its address pinned for its processes (as `sparsebk train` does for a local Ray):
+        # Ray Train's placement-group cleaner, in a worker, resolves the cluster by itself
+        # (RAY_ADDRESS, else /tmp/ray/ray_current_cluster, which names whichever Ray on the
+        # machine started last); set while Ray starts only, so that the CLI runs the tests
+        # make still start Rays of their own.
+        port = free_port()
+        old = _set_env({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        try:
+            # More logical CPUs than cores is fine: workers are mostly idle between steps.
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, address="local")
+        finally:
+            _restore_env(old)
         _session_ray["address"] = ray.get_runtime_context().gcs_address
     _wait_until_idle(ray)
     yield ray
@@ -156,8 +210,12 @@ TEST_THREADS = int(os.environ.get("SPARSEBK_TEST_THREADS", "0"))
 
 @pytest.fixture(scope="session", autouse=True)
 def torch_threads():
+    """SPARSEBK_TEST_THREADS when set; one thread in each of `make test`'s two xdist workers
+    (two workers on two cores: more threads only wait on each other)."""
     if TEST_THREADS:
         torch.set_num_threads(TEST_THREADS)
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -50,12 +50,15 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    old = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)  # read by the nodes' processes
+    port = _free_port()
+    # read by the nodes' processes; the address pinned (conftest.pytest_collection_modifyitems)
+    env = {**ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     temp = tempfile.mkdtemp(prefix="rft", dir="/tmp")
     c = Cluster(initialize_head=False)
     try:
-        c.add_node(num_cpus=1, include_dashboard=False, temp_dir=temp)
+        c.add_node(num_cpus=1, include_dashboard=False, temp_dir=temp, gcs_server_port=port)
         c.temp = temp
         ray.init(address=c.address, log_to_driver=False, configure_logging=False)
         yield c
@@ -259,8 +262,9 @@ def test_a_lost_head_ends_the_driver_in_bounded_time_and_the_run_resumes(tmp_pat
     same command resumes from that checkpoint and finishes."""
     for k, v in {**ENV, "RAY_gcs_rpc_server_reconnect_timeout_s": str(RECONNECT_S)}.items():
         monkeypatch.setenv(k, v)  # read by the nodes' processes and the driver
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     port, temp = _free_port(), tempfile.mkdtemp(prefix="rhl", dir="/tmp")
+    # the nodes' processes (and the driver) pinned to this cluster's address
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     run_dir, log = tmp_path / "runs" / "hl", tmp_path / "driver.log"
     c, address = _head_and_node(port, temp)
     cmd = [sys.executable, "-c", DRIVER_ON_NODE, address, f"{temp}/n", "--config", str(TINY),

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import RAY_TEST_ENV
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -74,10 +74,13 @@ def ray_head(tmp_path_factory):
 
 def _start_head(env: dict, log, temp: str) -> tuple[subprocess.Popen, str]:
     """`ray start --head --block` in its own process group, every port chosen free."""
-    dash_port = free_port()
+    dash_port, port = free_port(), free_port()
+    # the head's processes pinned to its address (conftest.pytest_collection_modifyitems); the
+    # clients here keep env as it is (RAY_ADDRESS would override `ray job submit --address`)
+    head_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{port}")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--num-cpus={HEAD_CPUS}", "--include-dashboard=true", "--disable-usage-stats",
          f"--temp-dir={temp}",
          # free ports for the agents too: their defaults (e.g. 52365) may belong to another
@@ -85,7 +88,7 @@ def _start_head(env: dict, log, temp: str) -> tuple[subprocess.Popen, str]:
          *(f"--{flag}={free_port()}" for flag in (
              "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
              "runtime-env-agent-port", "ray-client-server-port"))],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env=head_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return head, f"http://127.0.0.1:{dash_port}"
 
 

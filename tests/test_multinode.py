@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import RAY_TEST_ENV
+from conftest import RAY_TEST_ENV, free_port
 
 from sparsebk.train.config import load_config
 
@@ -37,12 +37,15 @@ def two_nodes(request):
         pass
     if ray.is_initialized():
         ray.shutdown()
-    old = {k: os.environ.get(k) for k in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)  # read by the nodes' processes
+    port = free_port()
+    # read by the nodes' processes; the address pinned (conftest.pytest_collection_modifyitems)
+    env = {**RAY_TEST_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     temp = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths are limited
     cluster = None
     try:
-        cluster = start_cluster(temp)
+        cluster = start_cluster(temp, port)
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         yield cluster
     finally:
@@ -57,7 +60,7 @@ def two_nodes(request):
                 os.environ[k] = v
 
 
-def start_cluster(temp: str, attempts: int = 3):
+def start_cluster(temp: str, port: int, attempts: int = 3):
     """Head + one node. Ray gives a starting node 30 s to register, which a loaded machine
     can miss; a failed attempt is shut down and tried again."""
     from ray.cluster_utils import Cluster
@@ -65,7 +68,8 @@ def start_cluster(temp: str, attempts: int = 3):
     for attempt in range(attempts):
         cluster = Cluster(initialize_head=False)
         try:
-            cluster.add_node(num_cpus=2, include_dashboard=False, temp_dir=temp)
+            cluster.add_node(num_cpus=2, include_dashboard=False, temp_dir=temp,
+                             gcs_server_port=port)
             cluster.add_node(num_cpus=2, temp_dir=temp)
             cluster.wait_for_nodes(timeout=120)
             return cluster

@@ -106,6 +106,7 @@ def test_num_workers_zero_is_refused():
 
 
 @pytest.mark.ray
+@pytest.mark.own_ray
 def test_a_local_ray_listens_on_the_loopback_only(tmp_path):
     """`connect_ray` as `sparsebk train` calls it, in its own process: every listening socket
     of every Ray process it starts is on 127.0.0.1."""
