@@ -100,8 +100,8 @@ def pytest_collection_modifyitems(config, items):
     on one worker, each worker with its own session Ray, and a worker takes the next module in
     this order when it is almost done with its last: the modules with a Ray of their own first
     (marks `own_ray_driver`, `own_ray`), then the other Ray modules, then plain torch, the
-    longest work first so that the short modules fill the end. The suite waits on Ray
-    start-ups and Ray Train's polling about a third of its time on one worker: two overlap.
+    longest work first so that the short modules fill the end. One process leaves about 40%
+    of the two cores idle, waiting on Ray start-ups and Ray Train's polling: two fill them.
     Each Ray the suite starts pins its own address for its processes (`ray_local`; the
     clusters of test_faults, test_multinode and test_job_submit), so that nothing in one
     worker resolves the other's Ray through the machine-wide /tmp/ray/ray_current_cluster."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RAY_TEST_ENV
+from conftest import RAY_TEST_ENV, free_port
 
 from sparsebk.train.config import load_config
 
@@ -50,7 +50,7 @@ def cluster():
 
     if ray.is_initialized():
         ray.shutdown()
-    port = _free_port()
+    port = free_port()
     # read by the nodes' processes; the address pinned (conftest.pytest_collection_modifyitems)
     env = {**ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     old = {k: os.environ.get(k) for k in env}
@@ -237,14 +237,6 @@ def _remove_all(c) -> None:
             c.remove_node(node, allow_graceful=False)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _attempts(run_dir: Path) -> list[list[int]]:
     """The steps rank 0 trained, per worker process, in order."""
     seqs: dict[int, list[int]] = {}
@@ -262,7 +254,7 @@ def test_a_lost_head_ends_the_driver_in_bounded_time_and_the_run_resumes(tmp_pat
     same command resumes from that checkpoint and finishes."""
     for k, v in {**ENV, "RAY_gcs_rpc_server_reconnect_timeout_s": str(RECONNECT_S)}.items():
         monkeypatch.setenv(k, v)  # read by the nodes' processes and the driver
-    port, temp = _free_port(), tempfile.mkdtemp(prefix="rhl", dir="/tmp")
+    port, temp = free_port(), tempfile.mkdtemp(prefix="rhl", dir="/tmp")
     # the nodes' processes (and the driver) pinned to this cluster's address
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     run_dir, log = tmp_path / "runs" / "hl", tmp_path / "driver.log"

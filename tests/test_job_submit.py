@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,13 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import RAY_TEST_ENV
+from conftest import RAY_TEST_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.own_ray, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HEAD_CPUS = 2  # fewer than the sweep test's trials x workers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
