@@ -22,7 +22,7 @@ train: $(STAMP)
 	$(VENV)/bin/sparsebk train --config $(CONFIG)
 
 # Two pytest-xdist workers, a module whole on one of them, in the order tests/conftest.py
-# gives (the modules with Rays of their own first, the short ones last): 1.2x one process.
+# gives (the modules with Rays of their own first, the short ones last): 1.15-1.2x one process.
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 

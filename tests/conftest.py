@@ -99,8 +99,8 @@ def pytest_collection_modifyitems(config, items):
     Under `make test` (`-n 2 --dist loadfile --no-loadscope-reorder`) each module runs whole
     on one worker, each worker with its own session Ray, and a worker takes the next module in
     this order when it is almost done with its last: the modules with a Ray of their own first
-    (marks `own_ray_driver`, `own_ray`), then the other Ray modules, then plain torch, the
-    longest work first so that the short modules fill the end. One process leaves about 40%
+    (marks `own_ray_driver`, `own_ray`), then the other Ray modules, then plain torch: the
+    long modules are the Ray ones, so the short ones fill the end. One process leaves about 40%
     of the two cores idle, waiting on Ray start-ups and Ray Train's polling: two fill them.
     Each Ray the suite starts pins its own address for its processes (`ray_local`; the
     clusters of test_faults, test_multinode and test_job_submit), so that nothing in one
@@ -169,8 +169,8 @@ def ray_local(_session_ray):
         # Its address pinned for its processes (as `sparsebk train` does for a local Ray):
         # Ray Train's placement-group cleaner, in a worker, resolves the cluster by itself
         # (RAY_ADDRESS, else /tmp/ray/ray_current_cluster, which names whichever Ray on the
-        # machine started last); set while Ray starts only, so that the CLI runs the tests
-        # make still start Rays of their own.
+        # machine started last). Set while Ray starts only: the CLI runs that tests make from
+        # this process must still start Rays of their own.
         port = free_port()
         old = _set_env({"RAY_GCS_SERVER_PORT": str(port), "RAY_ADDRESS": f"127.0.0.1:{port}"})
         try:
