@@ -86,14 +86,17 @@ def test_counted_shares_of_the_presets_by_hand():
     computed, skipped = 32 + 32 + 64 + 12 + 128 + 2 * 32 * 128, 32 + 12
     assert cost.counted_share(LMConfig.preset("debug")) == pytest.approx(
         2 * (computed - skipped) / (32 * 64 + 2 * computed), rel=1e-12)
-    # small: D 128, H 32, couplings, "light" (32 wide), E 4 top-1, F 512, V 10000, 4 layers
+    # small: D 128, H 32, couplings, "light" (128 wide), E 4 top-1, F 512, V 10000, 4 layers
     mixer = 128 + 2 * 4096 + 8192 + 384
-    computed, skipped = mixer + 512 + 2 * 128 * 512, mixer + 2 * 128 * 32
-    assert computed == 148480 and skipped == 25088
+    computed, skipped = mixer + 512 + 2 * 128 * 512, mixer + 2 * 128 * 128
+    assert computed == 148480 and skipped == 49664
     small = cost.counted_share(LMConfig.preset("small"))
     assert small == pytest.approx(4 * (computed - skipped) / (128 * 10000 + 4 * computed),
                                   rel=1e-12)
-    assert 0.263 < small < 0.264
+    assert 0.210 < small < 0.211
+    # with the default D / 4 light FFN a skipped position saves more
+    assert cost.counted_share(LMConfig.preset("small", light_d_ff=None)) == pytest.approx(
+        4 * (computed - mixer - 2 * 128 * 32) / (128 * 10000 + 4 * computed), rel=1e-12)
     # large: D 1024, H 32, E 8 top-2, F 4096, light 256, V 50257, 16 layers
     mixer = 1024 + 2 * 32768 + 65536 + 384
     computed, skipped = mixer + 8192 + 2 * 2 * 1024 * 4096, mixer + 2 * 1024 * 256
@@ -115,6 +118,15 @@ def test_widths_scale_the_experts_as_the_presets_do():
         assert (cfg.d_model, cfg.num_experts, cfg.top_k, cfg.n_layers) == want
         assert cfg.vocab_size == small.vocab_size and cfg.n_seq == small.n_seq
         assert cfg.skip_output == small.skip_output == large.skip_output
+    # the light FFN's share of d_model, geometric from small's 128 / 128 to large's D / 4
+    # (None: the default D / 4); below small, small's share, above large, large's
+    for width, light in ((64, 64), (128, 128), (256, round(256 * 0.25 ** (1 / 3))),
+                         (512, round(512 * 0.25 ** (2 / 3))), (1024, None), (2048, None)):
+        assert at(width).light_d_ff == light
+    assert (at(256).light_d_ff, at(512).light_d_ff) == (161, 203)
+    assert small.light_d_ff == 128 and large.light_d_ff is None
+    assert cost._experts(small) == "4x512 top-1, light 128"
+    assert cost._experts(LMConfig.preset("debug")) == "4x128 top-1"  # "carry": no light FFN
     # the prepared GPU check measures the large preset itself
     gpu = cost.GPU_CHECK.split()
     sets = [gpu[i + 1].split("=") for i, a in enumerate(gpu) if a == "--set"]

@@ -82,21 +82,21 @@ def test_another_tokenizer_vocabulary_is_refused(tmp_path):
 
 
 def test_the_refusal_flags_put_the_checkpoint_values_back():
-    """A run of ptb-cpu.yaml trained before the `small` preset's gates changed and before the
-    file took the adaptive head (docs/resume.md's example): the refused fields' restoring
+    """A run of ptb-cpu.yaml trained before the `small` preset's gates changed, before the
+    file took the adaptive head and before the light FFN widened (docs/resume.md's example): the refused fields' restoring
     `--set` flags, applied to the same config, give a run that resumes."""
     ptb = TINY.with_name("ptb-cpu.yaml")
     old_gates = ["model.gate_weight=false", "model.gate_train_noise=random",
                  "model.gate_eval_mode=quasi", "model.skip_output=carry",
-                 "model.head_cutoff=0", "model.moe_aux_weight=0.01"]
+                 "model.head_cutoff=0", "model.moe_aux_weight=0.01", "model.light_d_ff=null"]
     old = load_config(ptb, old_gates).to_dict()
     now = load_config(ptb).to_dict()
     safe, refused = classify(compare({"train_config": old}, now, None, None))
     assert safe == [] and {k for k, _, _ in refused} == {
         "model.gate_weight", "model.gate_train_noise", "model.gate_eval_mode", "model.skip_output",
-        "model.head_cutoff", "model.moe_aux_weight"}
+        "model.head_cutoff", "model.moe_aux_weight", "model.light_d_ff"}
     flags = restoring_overrides(refused).split()
-    assert flags[::2] == ["--set"] * 6
+    assert flags[::2] == ["--set"] * 7 and "model.light_d_ff=null" in flags
     resumed = load_config(ptb, flags[1::2]).to_dict()
     assert compare({"train_config": old}, resumed, None, None) == []
 

@@ -29,7 +29,8 @@ and end.
 The recipe (`--recipe`) scales a width as the presets do: experts 4 d_model wide (the
 presets' default), their count and top-k interpolated geometrically on log2(width) between
 the `small` (d_model 128: 4 experts, top-1) and `large` (1024: 8 experts, top-2) presets,
-rounded ("experts", the default: depth, vocabulary and context stay the small preset's, this
+rounded, and so the light FFN's width over d_model (small: 128 of 128, large: D / 4)
+("experts", the default: depth, vocabulary and context stay the small preset's, this
 machine's PTB setting); "presets" interpolates the depth too (4 to 16 layers). `--set
 FIELD=VALUE` overrides a field at every width (e.g. `--set vocab_size=50257 --set
 n_seq=1024` for the large preset's head and context on a GPU).
@@ -142,6 +143,11 @@ def _geometric(a: int, b: int, t: float) -> int:
     return max(1, round(a * (b / a) ** t))
 
 
+def _light_share(preset: dict) -> float:
+    """A preset's light FFN width over its d_model (D / 4 when it names none)."""
+    return (preset.get("light_d_ff") or max(1, preset["d_model"] // 4)) / preset["d_model"]
+
+
 def width_config(width: int, recipe: str = "experts", overrides: dict | None = None) -> LMConfig:
     """The small preset at d_model `width`, experts scaled as the presets scale them (module
     docstring); "presets" scales the depth too; `overrides` last."""
@@ -151,6 +157,11 @@ def width_config(width: int, recipe: str = "experts", overrides: dict | None = N
     fields = {"d_model": width, "num_experts": _geometric(small["num_experts"],
                                                           large["num_experts"], t)}
     fields["top_k"] = min(fields["num_experts"], _geometric(small["top_k"], large["top_k"], t))
+    # the light FFN's width as a share of d_model, geometric between the presets' (small: 128
+    # of 128, large: D / 4); None where it comes out at the default D / 4
+    ratio = _light_share(small) * (_light_share(large) / _light_share(small)) ** t
+    light = max(1, round(width * ratio))
+    fields["light_d_ff"] = None if light == max(1, width // 4) else light
     if recipe == "presets":
         fields["n_layers"] = _geometric(small["n_layers"], large["n_layers"], t)
     return LMConfig.preset("small", **{**fields, **(overrides or {})})
@@ -260,7 +271,9 @@ def time_decode(model, batch: int, cases: Sequence[float], *, steps: int, repeat
 # --- rows and summary --------------------------------------------------------------------------
 
 def _experts(cfg: LMConfig) -> str:
-    return f"{cfg.num_experts}x{cfg.d_ff or 4 * cfg.d_model} top-{cfg.top_k}"
+    light = (f", light {cfg.light_d_ff or max(1, cfg.d_model // 4)}"
+             if cfg.skip_output == "light" else "")
+    return f"{cfg.num_experts}x{cfg.d_ff or 4 * cfg.d_model} top-{cfg.top_k}{light}"
 
 
 def phase_row(cfg: LMConfig, phase: str, timed: dict, step_key: str, tokens: int,
