@@ -83,8 +83,9 @@ def test_another_tokenizer_vocabulary_is_refused(tmp_path):
 
 def test_the_refusal_flags_put_the_checkpoint_values_back():
     """A run of ptb-cpu.yaml trained before the `small` preset's gates changed, before the
-    file took the adaptive head and before the light FFN widened (docs/resume.md's example): the refused fields' restoring
-    `--set` flags, applied to the same config, give a run that resumes."""
+    file took the adaptive head and before the light FFN widened (docs/resume.md's example):
+    the refused fields' restoring `--set` flags, applied to the same config, give a run that
+    resumes."""
     ptb = TINY.with_name("ptb-cpu.yaml")
     old_gates = ["model.gate_weight=false", "model.gate_train_noise=random",
                  "model.gate_eval_mode=quasi", "model.skip_output=carry",
