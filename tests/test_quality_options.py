@@ -326,6 +326,11 @@ def test_light_is_checked():
     model = SparseBKLM(LMConfig.preset("debug", skip_output="light", light_d_ff=5))
     assert {layer.light.fc1.out_features for layer in model.layers} == {5}
     assert all(layer.light is None for layer in SparseBKLM(LMConfig.preset("debug")).layers)
+    # the small preset's light FFN is 128 wide (its d_model), not the default D / 4 = 32
+    small = SparseBKLM(LMConfig.preset("small", n_layers=1))
+    assert small.layers[0].light.fc1.out_features == 128
+    assert SparseBKLM(LMConfig.preset("small", n_layers=1, light_d_ff=None)
+                      ).layers[0].light.fc1.out_features == 32
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])

@@ -55,7 +55,7 @@ import torch
 
 from sparsebk.bench.common import (format_table, machine_probe, model_overrides, time_calls,
                                    write_result)
-from sparsebk.model.config import PRESETS, LMConfig
+from sparsebk.model.config import PRESETS, LMConfig, light_width
 from sparsebk.model.forcing import forced_gates
 from sparsebk.model.lm import SparseBKLM
 
@@ -87,7 +87,7 @@ def position_macs(cfg: LMConfig, phase: str = "train") -> dict[str, dict[str, in
     every log-probability in "decode"."""
     D, H, L = cfg.d_model, cfg.bk_heads, cfg.n_layers
     d_ff = cfg.d_ff or 4 * D
-    light_ff = cfg.light_d_ff or max(1, D // 4)
+    light_ff = light_width(D, cfg.light_d_ff)
     potentials = D * H + (D * H if cfg.bk_input_couplings else 0)  # v_proj, coupling_proj
     project = 2 * H * D  # output_proj of the features
     every = D + BK_CHAIN_MACS * H + (D * H if cfg.skip_output == "mix" else 0)  # gate, chain, W_s
@@ -145,7 +145,7 @@ def _geometric(a: int, b: int, t: float) -> int:
 
 def _light_share(preset: dict) -> float:
     """A preset's light FFN width over its d_model (D / 4 when it names none)."""
-    return (preset.get("light_d_ff") or max(1, preset["d_model"] // 4)) / preset["d_model"]
+    return light_width(preset["d_model"], preset.get("light_d_ff")) / preset["d_model"]
 
 
 def width_config(width: int, recipe: str = "experts", overrides: dict | None = None) -> LMConfig:
@@ -161,7 +161,7 @@ def width_config(width: int, recipe: str = "experts", overrides: dict | None = N
     # of 128, large: D / 4); None where it comes out at the default D / 4
     ratio = _light_share(small) * (_light_share(large) / _light_share(small)) ** t
     light = max(1, round(width * ratio))
-    fields["light_d_ff"] = None if light == max(1, width // 4) else light
+    fields["light_d_ff"] = None if light == light_width(width, None) else light
     if recipe == "presets":
         fields["n_layers"] = _geometric(small["n_layers"], large["n_layers"], t)
     return LMConfig.preset("small", **{**fields, **(overrides or {})})
@@ -271,7 +271,7 @@ def time_decode(model, batch: int, cases: Sequence[float], *, steps: int, repeat
 # --- rows and summary --------------------------------------------------------------------------
 
 def _experts(cfg: LMConfig) -> str:
-    light = (f", light {cfg.light_d_ff or max(1, cfg.d_model // 4)}"
+    light = (f", light {light_width(cfg.d_model, cfg.light_d_ff)}"
              if cfg.skip_output == "light" else "")
     return f"{cfg.num_experts}x{cfg.d_ff or 4 * cfg.d_model} top-{cfg.top_k}{light}"
 

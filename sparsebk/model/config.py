@@ -58,6 +58,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def light_width(d_model: int, light_d_ff: int | None) -> int:
+    """The hidden width of the light FFN a skipped position runs: `light_d_ff`, or d_model // 4
+    (at least 1) when it is None."""
+    return max(1, d_model // 4) if light_d_ff is None else light_d_ff
+
+
 def check_gate_grad(prefix: str, skip_output: str, gate_grad: str) -> None:
     """gate_grad "contrast" needs what a computed position would output if skipped; with
     skip_output "light" that is its light FFN's output, which a computed position never runs."""

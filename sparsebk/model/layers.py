@@ -95,7 +95,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from sparsebk.model.config import GATE_GRADS, SKIP_OUTPUTS, LMConfig, check_gate_grad
+from sparsebk.model.config import (GATE_GRADS, SKIP_OUTPUTS, LMConfig, check_gate_grad,
+                                   light_width)
 from sparsebk.model.moe import ExpertFFN, MoEFFN
 from sparsebk.model.sparse_bk_core import Z_IM_RANGE, SparseBKCore
 from sparsebk.model.sparsity import LOSS_TYPES, balanced_sparsity_loss, sparsity_loss
@@ -178,8 +179,8 @@ class SparseMoEResNetBKLayer(nn.Module):
         # "light": the skipped positions' stand-in for the experts (sparsebk.model.layers doc)
         self.light = None
         if self.skip_output == "light":
-            width = max(1, d_model // 4) if light_d_ff is None else light_d_ff
-            self.light = ExpertFFN(d_model, check_int("light_d_ff", width, min=1))
+            self.light = ExpertFFN(d_model, check_int("light_d_ff", light_width(d_model, light_d_ff),
+                                                      min=1))
         self.coupling_proj = None
         if self.bk_input_couplings:
             # zero init: every coupling starts at 2 sigmoid(0) = 1, the Laplacian's
