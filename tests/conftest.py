@@ -128,6 +128,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def ray_address_dir() -> None:
+    """Make the folder of Ray's machine-wide address file. `Cluster.add_node` writes that file
+    (<system temp>/ray/ray_current_cluster) for a head even when the node has a temp dir of its
+    own, and does not make the folder: on a machine where no Ray has run yet the first head
+    fails with FileNotFoundError (a fresh CI machine, 2026-12-06)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+        folder = os.path.dirname(get_ray_address_file(None))
+    except ImportError:  # another Ray's layout: where Ray 2.60 puts it on Linux
+        folder = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
+    os.makedirs(folder, exist_ok=True)
+
+
 def _ray_up() -> bool:
     ray = sys.modules.get("ray")
     return ray is not None and ray.is_initialized()

@@ -297,7 +297,10 @@ def test_reuse_refuses_a_damaged_dataset(tmp_path, text_file):
 def test_failure_mid_run_leaves_no_dataset_and_resumes(tmp_path, text_file, monkeypatch, exc):
     """A part that fails: no manifest (no loader takes the folder), the finished parts stay; the
     same call again makes only the rest, and the result equals an uninterrupted run's."""
-    args = dict(text=text_file, tokenizer="byte", block_len=16, rows_per_file=8, doc_bytes=DOC, part_bytes=1500)
+    # engine local: the patched write_shard is this process's (with "auto" a Ray left up by an
+    # earlier module in this worker would run the parts in Ray's workers, unpatched)
+    args = dict(text=text_file, tokenizer="byte", block_len=16, rows_per_file=8, doc_bytes=DOC, part_bytes=1500,
+                engine="local")
     whole = prepare_dataset(tmp_path / "whole", **args)
     real, calls = parts_mod.write_shard, []
 

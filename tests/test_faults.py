@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RAY_TEST_ENV, free_port
+from conftest import RAY_TEST_ENV, free_port, ray_address_dir
 
 from sparsebk.train.config import load_config
 
@@ -56,6 +56,7 @@ def cluster():
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     temp = tempfile.mkdtemp(prefix="rft", dir="/tmp")
+    ray_address_dir()
     c = Cluster(initialize_head=False)
     try:
         c.add_node(num_cpus=1, include_dashboard=False, temp_dir=temp, gcs_server_port=port)
@@ -223,6 +224,7 @@ def _head_and_node(port: int, temp: str):
     head's loss would end this process's Ray). Returns the Cluster and the GCS address."""
     from ray.cluster_utils import Cluster
 
+    ray_address_dir()
     c = Cluster(initialize_head=False)
     head = c.add_node(num_cpus=0, gcs_server_port=port, include_dashboard=False,
                       temp_dir=f"{temp}/h")

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import RAY_TEST_ENV, free_port
+from conftest import RAY_TEST_ENV, free_port, ray_address_dir
 
 from sparsebk.train.config import load_config
 
@@ -65,6 +65,7 @@ def start_cluster(temp: str, port: int, attempts: int = 3):
     can miss; a failed attempt is shut down and tried again."""
     from ray.cluster_utils import Cluster
 
+    ray_address_dir()
     for attempt in range(attempts):
         cluster = Cluster(initialize_head=False)
         try:
