@@ -16,6 +16,7 @@ a worker's: each worker starts its own local Ray for the modules it runs
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -139,6 +140,33 @@ def ray_address_dir() -> None:
     except ImportError:  # another Ray's layout: where Ray 2.60 puts it on Linux
         folder = os.path.join(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp", "ray")
     os.makedirs(folder, exist_ok=True)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size_bytes: int):
+    """A tmpfs of `size_bytes` (rounded up to pages) mounted on a fresh folder: a disk that
+    fills for real. Needs the right to mount (root); the test is skipped where it is missing."""
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="sparsebk-tmpfs-")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={-(-size_bytes // 4096) * 4}k", "tmpfs", d],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        os.rmdir(d)
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", d], check=False)
+        os.rmdir(d)
+
+
+def grow_tmpfs(d: str, size_bytes: int) -> None:
+    """Give the tmpfs mounted on `d` room for `size_bytes` (its files stay)."""
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,size={-(-size_bytes // 4096) * 4}k", d], check=True)
 
 
 def _ray_up() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import RAY_TEST_ENV, free_port, ray_address_dir
+from conftest import RAY_TEST_ENV, free_port, mounted_tmpfs, ray_address_dir
 
 from sparsebk.train.config import load_config
 
@@ -177,17 +177,9 @@ def test_a_node_lost_without_elasticity_stops_in_bounded_time(tmp_path, two_node
 
 @pytest.fixture
 def full_disk():
-    """A 1.5 MB tmpfs: room for the first checkpoint of `tiny`, not the second. Needs the
-    right to mount (root); skipped where it is missing."""
-    d = Path(tempfile.mkdtemp(prefix="sparsebk-tmpfs-"))
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(d)],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        d.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
-    d.rmdir()
+    """A 1.5 MB tmpfs: room for the first checkpoint of `tiny`, not the second."""
+    with mounted_tmpfs(1500 << 10) as d:
+        yield Path(d)
 
 
 def test_a_full_disk_stops_the_run_after_one_restart(tmp_path, two_nodes, full_disk):

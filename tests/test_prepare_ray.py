@@ -27,6 +27,7 @@ from sparsebk.data.engines import RAY_BYTES, pick_engine
 from sparsebk.data.manifest import sha256_file
 from sparsebk.data.prepare import run_preparation
 from sparsebk.data.tokenizers import WordTokenizer
+from conftest import grow_tmpfs, mounted_tmpfs
 from text_reference import SPLIT_NAMES, reference_documents
 
 WORDS = ("the a red big small cat dog bird runs sits flies on under over quickly slowly . , ; "
@@ -241,6 +242,42 @@ def test_a_killed_ray_driver_resumes_on_ray(ray_local, tmp_path):
     whole = prepare_dataset(tmp_path / "whole", engine="local", **args)
     assert dataset_files(out) == dataset_files(whole)
     assert without_time(load_manifest(out)) == without_time(load_manifest(whole))
+
+
+@pytest.mark.ray
+def test_a_disk_that_fills_on_ray_stops_with_the_reason_and_resumes(ray_local, tmp_path):
+    """A Ray-engine preparation (the CLI, which picks Ray from RAY_ADDRESS) onto a tmpfs with
+    room for about a third of the dataset: a worker's write fails with ENOSPC, and the driver
+    says so in one line (exit 1, no traceback, not Ray's task error), leaves no manifest and no
+    partial file, and keeps the parts it recorded; with room made, the same preparation on Ray
+    keeps them untouched and ends with the files of an uninterrupted local run."""
+    ray_local.data.DataContext.get_current().enable_progress_bars = False
+    text = write_corpus(tmp_path / "text", files=2, lines=6_000, seed=3)  # ~0.55 MB: 9 parts
+    args = dict(text=str(text / "*.txt"), tokenizer="byte", block_len=64, part_bytes=1 << 16)
+    whole = prepare_dataset(tmp_path / "whole", engine="local", **args)
+    size = sum(p.stat().st_size for p in whole.iterdir())
+    with mounted_tmpfs(size // 3) as disk:
+        out = Path(disk) / "ds"
+        env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+        proc = subprocess.run([sys.executable, "-m", "sparsebk.cli", "prepare-data", "--text", args["text"],
+                               "--tokenizer", "byte", "--block-len", "64", "--part-mb", "0.0625", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert last.startswith(f"sparsebk prepare-data: {out}: ") and "No space left on device" in last, last
+        assert last.endswith("the same command resumes from them")
+        assert not (out / "manifest.json").exists() and not list(out.rglob("*.tmp"))
+        records = [json.loads(p.read_text()) for p in sorted((out / ".prepare").glob("part-*.json"))]
+        kept = {f["path"]: ((out / f["path"]).stat().st_ino, (out / f["path"]).stat().st_mtime_ns)
+                for r in records for s in SPLIT_NAMES for f in r["splits"][s]["files"]}
+        assert records and kept
+        grow_tmpfs(disk, 3 * size)
+        _, stats = run_preparation(out, engine="ray", **args)
+        assert stats["engine"] == "ray" and stats["parts_kept"] == len(records) < stats["parts"]
+        assert {p: ((out / p).stat().st_ino, (out / p).stat().st_mtime_ns) for p in kept} == kept  # untouched
+        assert dataset_files(out) == dataset_files(whole)
+        assert without_time(load_manifest(out)) == without_time(load_manifest(whole))
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in whole.iterdir())  # no leftovers
 
 
 # ---------------------------------------------------------------- memory

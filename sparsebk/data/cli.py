@@ -58,6 +58,10 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"sparsebk prepare-data: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a store that refuses: the finished parts stay
+        print(f"sparsebk prepare-data: {args.out}: {e}; the parts finished so far are kept and the "
+              f"same command resumes from them", file=sys.stderr)
+        return 1
     m = load_manifest(out)
     print(f"{out}: tokenizer {m['tokenizer']['name']} (vocab {m['vocab_size']}), block_len {m['block_len']}")
     for split, info in m["splits"].items():

@@ -58,6 +58,10 @@ def run_ray(task: str, items: list[dict], ctx: dict, on_result) -> None:
             result = json.loads(row["result"])
             if "error" in result:
                 raise ValueError(result["error"])
+            if "oserror" in result:
+                err = OSError(result["oserror"][1])  # the worker's message as it was
+                err.errno = result["oserror"][0]
+                raise err
             on_result(result)
     finally:
         data_ctx.enable_progress_bars = bars

@@ -183,11 +183,15 @@ TASKS = {"count": count_part, "make": make_part}
 
 
 def ray_row(row: dict, task: str, ctx: dict) -> dict:
-    """A Ray Data map function: the task's result as one JSON column; a ValueError (bad input
-    met in the part) travels back as {"error": message} for the driver to raise."""
+    """A Ray Data map function: the task's result as one JSON column. A ValueError (bad input
+    met in the part) travels back as {"error": message} and an OSError (a full disk, a store
+    that refuses) as {"oserror": [errno, message]}, for the driver to raise as the
+    local engine would, not wrapped in Ray's task error."""
     item = {"part": row["part"], "paths": row["paths"], "docs": bytes(row["docs"])}
     try:
         result = TASKS[task](item, ctx)
     except ValueError as e:
         result = {"error": str(e)}
+    except OSError as e:
+        result = {"oserror": [e.errno, str(e)]}  # pyarrow's carry no errno, only the message
     return {"result": json.dumps(result)}
