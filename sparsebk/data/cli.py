@@ -47,9 +47,11 @@ def main(argv: list[str]) -> int:
 
     from sparsebk.storage.store import resolve_location
 
+    where = args.out
     try:
         # a relative --out is where data.dir would find it: under $SPARSEBK_HOME, not the cwd
-        out = prepare_dataset(resolve_location(args.out, "--out"), corpus="text" if args.text else args.corpus, text=args.text,
+        where = resolve_location(args.out, "--out")
+        out = prepare_dataset(where, corpus="text" if args.text else args.corpus, text=args.text,
                               tokenizer=args.tokenizer, block_len=args.block_len,
                               rows_per_file=args.rows_per_file, valid_fraction=args.valid_fraction,
                               test_fraction=args.test_fraction, max_vocab=args.max_vocab,
@@ -59,7 +61,7 @@ def main(argv: list[str]) -> int:
         print(f"sparsebk prepare-data: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a store that refuses: the finished parts stay
-        print(f"sparsebk prepare-data: {args.out}: {e}; the parts finished so far are kept and the "
+        print(f"sparsebk prepare-data: {where}: {e}; the parts finished so far are kept and the "
               f"same command resumes from them", file=sys.stderr)
         return 1
     m = load_manifest(out)
